@@ -1,0 +1,127 @@
+"""Accounts: open, change tier, read balances."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from accounting.catalog import cost_of, known_operation, tier_of
+from accounting.errors import negative_balance, user_not_found
+from accounting.idempotency import insert_ignoring_conflicts
+from models.schemas import BalanceOut, CanAffordOut, OpenAccountOut
+from models.tables import Account, LedgerEntry, utcnow
+from worker.signals import note_balance_change
+
+
+def balance_of(account: Account) -> BalanceOut:
+    return BalanceOut(
+        user_id=account.user_id,
+        tokens_balance=account.tokens_balance,
+        tokens_reserved=account.tokens_reserved,
+        tokens_available=account.tokens_balance - account.tokens_reserved,
+        tokens_spent=account.tokens_spent,
+        tier=account.tier,
+        last_renewal_at=account.last_renewal_at,
+        subscription_expires_at=account.subscription_expires_at,
+    )
+
+
+def load_account(session: Session, user_id: str, *, lock: bool = False) -> Account:
+    stmt = (
+        select(Account).where(Account.user_id == user_id).execution_options(populate_existing=True)
+    )
+    if lock:
+        stmt = stmt.with_for_update()
+    account = session.scalars(stmt).one_or_none()
+    if account is None:
+        raise user_not_found()
+    return account
+
+
+def open_account(
+    session: Session,
+    user_id: str,
+    tier: str = "Gift",
+    initial_balance: int = 0,
+    subscription_expires_at: datetime | None = None,
+    last_renewal_at: datetime | None = None,
+) -> OpenAccountOut:
+    """Create an account; an existing one is returned unchanged with ``created: false``."""
+    tier_of(tier)
+    if initial_balance < 0:
+        raise negative_balance()
+    now = utcnow()
+    inserted = session.execute(
+        insert_ignoring_conflicts(session, Account)
+        .values(
+            user_id=user_id,
+            tier=tier,
+            tokens_balance=initial_balance,
+            tokens_reserved=0,
+            tokens_spent=0,
+            last_renewal_at=last_renewal_at,
+            subscription_expires_at=subscription_expires_at,
+            created_at=now,
+            updated_at=now,
+        )
+        .returning(Account.user_id)
+    ).first()
+    created = inserted is not None
+    if created and initial_balance:
+        session.add(
+            LedgerEntry(
+                user_id=user_id,
+                kind="adjustment",
+                operation_type=known_operation("adjustment"),
+                tokens_amount=initial_balance,
+                balance_before=0,
+                balance_after=initial_balance,
+                meta={"reason": "initial_balance"},
+                created_at=now,
+            )
+        )
+        session.flush()
+        note_balance_change(
+            session,
+            user_id=user_id,
+            balance=initial_balance,
+            tokens_reserved=0,
+            operation="open_account",
+        )
+    account = load_account(session, user_id)
+    return OpenAccountOut(**balance_of(account).model_dump(), created=created)
+
+
+def set_tier(
+    session: Session, user_id: str, tier: str, subscription_expires_at: datetime | None = None
+) -> BalanceOut:
+    """Move a user to ``tier``; ``subscription_expires_at`` (None: never) replaces the old one."""
+    tier_of(tier)
+    row = session.execute(
+        update(Account)
+        .where(Account.user_id == user_id)
+        .values(tier=tier, subscription_expires_at=subscription_expires_at, updated_at=utcnow())
+        .returning(Account.user_id)
+        .execution_options(synchronize_session=False)
+    ).first()
+    if row is None:
+        raise user_not_found()
+    return balance_of(load_account(session, user_id))
+
+
+def get_balance(session: Session, user_id: str) -> BalanceOut:
+    return balance_of(load_account(session, user_id))
+
+
+def can_afford(session: Session, user_id: str, operation_type: str) -> CanAffordOut:
+    cost = cost_of(operation_type)
+    account = load_account(session, user_id)
+    available = account.tokens_balance - account.tokens_reserved
+    return CanAffordOut(
+        can_afford=available >= cost,
+        cost=cost,
+        balance=available,
+        deficit=max(0, cost - available),
+    )

@@ -1,0 +1,81 @@
+"""Business refusals: each has a stable code and the exact message of the contract."""
+
+from __future__ import annotations
+
+
+class DomainError(Exception):
+    """A refusal that changes nothing. The task returns it as ``success: false``."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def validation_error(message: str) -> DomainError:
+    return DomainError("VALIDATION_ERROR", message)
+
+
+def user_not_found() -> DomainError:
+    return DomainError("USER_NOT_FOUND", "User not found")
+
+
+def insufficient_tokens(required: int, available: int) -> DomainError:
+    return DomainError(
+        "INSUFFICIENT_TOKENS", f"Insufficient tokens. Required: {required}, Available: {available}"
+    )
+
+
+def invalid_amount(what: str) -> DomainError:
+    """``what`` is Debit, Credit, Refund, Reserve or Capture."""
+    return DomainError("INVALID_AMOUNT", f"{what} amount must be positive")
+
+
+def negative_balance() -> DomainError:
+    return DomainError("NEGATIVE_BALANCE", "Balance cannot be negative")
+
+
+def unknown_operation_type(name: str) -> DomainError:
+    return DomainError("UNKNOWN_OPERATION_TYPE", f"Unknown operation type: {name}")
+
+
+def not_chargeable(name: str) -> DomainError:
+    return DomainError("NOT_CHARGEABLE", f"Operation type {name} has no cost")
+
+
+def idempotency_conflict() -> DomainError:
+    return DomainError("IDEMPOTENCY_CONFLICT", "Idempotency key reused with different parameters")
+
+
+def refund_exceeds_original(charged: int, refunded: int) -> DomainError:
+    return DomainError(
+        "REFUND_EXCEEDS_ORIGINAL",
+        f"Refund exceeds original charge. Charged: {charged}, Refunded: {refunded}",
+    )
+
+
+def entry_not_found() -> DomainError:
+    return DomainError("ENTRY_NOT_FOUND", "Original entry not found")
+
+
+def reservation_not_found() -> DomainError:
+    return DomainError("RESERVATION_NOT_FOUND", "Reservation not found")
+
+
+def reservation_not_active(status: str) -> DomainError:
+    return DomainError("RESERVATION_NOT_ACTIVE", f"Reservation is {status}")
+
+
+def capture_exceeds_reservation(reserved: int, requested: int) -> DomainError:
+    return DomainError(
+        "CAPTURE_EXCEEDS_RESERVATION",
+        f"Capture exceeds reservation. Reserved: {reserved}, Requested: {requested}",
+    )
+
+
+def not_due(days: int) -> DomainError:
+    return DomainError("NOT_DUE", f"Next renewal in {days} days")
+
+
+def subscription_expired() -> DomainError:
+    return DomainError("SUBSCRIPTION_EXPIRED", "Subscription expired")

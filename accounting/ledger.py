@@ -1,0 +1,248 @@
+"""Ledger queries, pruning and reconciliation."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, cast
+
+from sqlalchemy import (
+    ColumnElement,
+    Select,
+    case,
+    delete,
+    func,
+    insert,
+    select,
+    text,
+)
+from sqlalchemy.engine import CursorResult
+from sqlalchemy.orm import Session
+
+from models.schemas import (
+    DeletedOut,
+    EntriesOut,
+    EntryOut,
+    Mismatch,
+    ReconcileOut,
+    StatisticsOut,
+    TotalOut,
+    TypeStats,
+)
+from models.tables import Account, LedgerEntry
+
+CARRIED_FORWARD = "carried_forward"
+MAX_MISMATCHES_LISTED = 1000
+
+
+def entry_out(entry: LedgerEntry) -> EntryOut:
+    return EntryOut(
+        id=str(entry.id),
+        user_id=entry.user_id,
+        operation_type=entry.operation_type,
+        tokens_amount=entry.tokens_amount,
+        balance_before=entry.balance_before,
+        balance_after=entry.balance_after,
+        idempotency_key=entry.idempotency_key,
+        original_entry_id=None if entry.original_entry_id is None else str(entry.original_entry_id),
+        metadata=entry.meta,
+        created_at=entry.created_at,
+    )
+
+
+def _period(start_date: datetime | None, end_date: datetime | None) -> list[ColumnElement[bool]]:
+    """``start_date`` inclusive, ``end_date`` exclusive, so adjacent periods never overlap."""
+    conditions: list[ColumnElement[bool]] = []
+    if start_date is not None:
+        conditions.append(LedgerEntry.created_at >= start_date)
+    if end_date is not None:
+        conditions.append(LedgerEntry.created_at < end_date)
+    return conditions
+
+
+def _page(session: Session, stmt: Select[LedgerEntry], limit: int, offset: int) -> EntriesOut:
+    stmt = stmt.order_by(LedgerEntry.created_at.desc(), LedgerEntry.id.desc())
+    rows = session.scalars(stmt.limit(limit).offset(offset)).all()
+    return EntriesOut(entries=[entry_out(e) for e in rows])
+
+
+def user_entries(
+    session: Session,
+    user_id: str,
+    operation_type: str | None = None,
+    start_date: datetime | None = None,
+    end_date: datetime | None = None,
+    limit: int = 50,
+    offset: int = 0,
+) -> EntriesOut:
+    stmt = select(LedgerEntry).where(LedgerEntry.user_id == user_id, *_period(start_date, end_date))
+    if operation_type is not None:
+        stmt = stmt.where(LedgerEntry.operation_type == operation_type)
+    return _page(session, stmt, limit, offset)
+
+
+def entries_by_type(
+    session: Session,
+    operation_type: str,
+    start_date: datetime | None = None,
+    end_date: datetime | None = None,
+    limit: int = 50,
+    offset: int = 0,
+) -> EntriesOut:
+    stmt = select(LedgerEntry).where(
+        LedgerEntry.operation_type == operation_type, *_period(start_date, end_date)
+    )
+    return _page(session, stmt, limit, offset)
+
+
+def _sums(
+    session: Session, user_id: str, start_date: datetime | None, end_date: datetime | None
+) -> tuple[int, int, int]:
+    """(spent, earned, count): spent sums the negative entries, earned the positive ones."""
+    amount = LedgerEntry.tokens_amount
+    row = session.execute(
+        select(
+            func.coalesce(func.sum(case((amount < 0, -amount), else_=0)), 0),
+            func.coalesce(func.sum(case((amount > 0, amount), else_=0)), 0),
+            func.count(),
+        ).where(LedgerEntry.user_id == user_id, *_period(start_date, end_date))
+    ).one()
+    return int(row[0]), int(row[1]), int(row[2])
+
+
+def total_spent(
+    session: Session,
+    user_id: str,
+    start_date: datetime | None = None,
+    end_date: datetime | None = None,
+) -> TotalOut:
+    return TotalOut(total=_sums(session, user_id, start_date, end_date)[0])
+
+
+def total_earned(
+    session: Session,
+    user_id: str,
+    start_date: datetime | None = None,
+    end_date: datetime | None = None,
+) -> TotalOut:
+    return TotalOut(total=_sums(session, user_id, start_date, end_date)[1])
+
+
+def statistics(
+    session: Session,
+    user_id: str,
+    start_date: datetime | None = None,
+    end_date: datetime | None = None,
+) -> StatisticsOut:
+    spent, earned, count = _sums(session, user_id, start_date, end_date)
+    by_type = session.execute(
+        select(LedgerEntry.operation_type, func.count(), func.sum(LedgerEntry.tokens_amount))
+        .where(LedgerEntry.user_id == user_id, *_period(start_date, end_date))
+        .group_by(LedgerEntry.operation_type)
+        .order_by(LedgerEntry.operation_type)
+    ).all()
+    return StatisticsOut(
+        total_spent=spent,
+        total_earned=earned,
+        net_change=earned - spent,
+        operation_count=count,
+        by_type={name: TypeStats(count=n, total=int(total)) for name, n, total in by_type},
+    )
+
+
+def delete_old_entries(session: Session, older_than: datetime) -> DeletedOut:
+    """Delete entries created before ``older_than``; each affected user keeps one
+    ``carried_forward`` entry holding the sum removed, so balance == sum of ledger still holds.
+    """
+    if session.get_bind().dialect.name == "postgresql":
+        return DeletedOut(deleted=_delete_old_entries_pg(session, older_than))
+    return DeletedOut(deleted=_delete_old_entries_portable(session, older_than))
+
+
+_PG_CARRY_FORWARD = text(
+    """
+    WITH gone AS (
+        DELETE FROM ledger_entries WHERE created_at < :cutoff
+        RETURNING user_id, tokens_amount, created_at
+    ), carried AS (
+        INSERT INTO ledger_entries (user_id, kind, operation_type, tokens_amount,
+                                    balance_before, balance_after, metadata, created_at)
+        SELECT user_id, 'carried_forward', 'carried_forward', SUM(tokens_amount),
+               0, SUM(tokens_amount),
+               jsonb_build_object('entries', COUNT(*), 'older_than', CAST(:cutoff_text AS text)),
+               MAX(created_at)
+        FROM gone GROUP BY user_id
+        RETURNING 1
+    )
+    SELECT (SELECT COUNT(*) FROM gone), (SELECT COUNT(*) FROM carried)
+    """
+)
+
+
+def _delete_old_entries_pg(session: Session, older_than: datetime) -> int:
+    # One statement: the rows deleted are exactly the rows summed, even while new entries land.
+    deleted, _carried = session.execute(
+        _PG_CARRY_FORWARD, {"cutoff": older_than, "cutoff_text": older_than.isoformat()}
+    ).one()
+    return int(deleted)
+
+
+def _delete_old_entries_portable(session: Session, older_than: datetime) -> int:
+    # SQLite has no data-modifying CTE; its writers are serialised (BEGIN IMMEDIATE), so the
+    # sum and the delete below see the same rows.
+    old = LedgerEntry.created_at < older_than
+    carried: list[dict[str, Any]] = [
+        {
+            "user_id": user_id,
+            "kind": CARRIED_FORWARD,
+            "operation_type": CARRIED_FORWARD,
+            "tokens_amount": int(total),
+            "balance_before": 0,
+            "balance_after": int(total),
+            "meta": {"entries": int(count), "older_than": older_than.isoformat()},
+            "created_at": latest,
+        }
+        for user_id, total, count, latest in session.execute(
+            select(
+                LedgerEntry.user_id,
+                func.sum(LedgerEntry.tokens_amount),
+                func.count(),
+                func.max(LedgerEntry.created_at),
+            )
+            .where(old)
+            .group_by(LedgerEntry.user_id)
+        )
+    ]
+    deleted = cast(CursorResult[Any], session.execute(delete(LedgerEntry).where(old))).rowcount
+    if carried:
+        session.execute(insert(LedgerEntry), carried)
+    return int(deleted)
+
+
+def reconcile(session: Session, user_id: str | None = None) -> ReconcileOut:
+    """Every user whose balance differs from the sum of their ledger (at most 1000 listed)."""
+    sums = select(LedgerEntry.user_id, func.sum(LedgerEntry.tokens_amount).label("total")).group_by(
+        LedgerEntry.user_id
+    )
+    accounts = select(Account.user_id, Account.tokens_balance)
+    if user_id is not None:
+        sums = sums.where(LedgerEntry.user_id == user_id)
+        accounts = accounts.where(Account.user_id == user_id)
+    sums_sq = sums.subquery()
+    accounts_sq = accounts.subquery()
+    ledger_sum = func.coalesce(sums_sq.c.total, 0)
+    rows = session.execute(
+        select(
+            accounts_sq.c.user_id,
+            accounts_sq.c.tokens_balance,
+            ledger_sum,
+        )
+        .select_from(accounts_sq.outerjoin(sums_sq, sums_sq.c.user_id == accounts_sq.c.user_id))
+        .where(accounts_sq.c.tokens_balance != ledger_sum)
+        .order_by(accounts_sq.c.user_id)
+        .limit(MAX_MISMATCHES_LISTED)
+    ).all()
+    checked = session.execute(select(func.count()).select_from(accounts_sq)).scalar_one()
+    return ReconcileOut(
+        checked=int(checked),
+        mismatches=[Mismatch(user_id=u, balance=b, ledger_sum=int(s)) for u, b, s in rows],
+    )

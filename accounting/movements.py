@@ -1,0 +1,310 @@
+"""Balance movements: each is one guarded UPDATE plus its ledger entry, in one transaction.
+
+Nothing here commits; the caller (a task, the CLI, a test) owns the transaction.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import case, func, insert, select, update
+from sqlalchemy.orm import Session
+
+from accounting import idempotency
+from accounting.accounts import load_account
+from accounting.catalog import known_operation, price_of
+from accounting.errors import (
+    entry_not_found,
+    insufficient_tokens,
+    invalid_amount,
+    negative_balance,
+    refund_exceeds_original,
+)
+from models.schemas import MovementOut
+from models.tables import Account, LedgerEntry, utcnow
+from worker.signals import note_balance_change
+
+# Entries a refund may point at: what took tokens for a service.
+REFUNDABLE_KINDS = ("debit", "charge", "capture")
+
+
+def apply_movement(
+    session: Session,
+    *,
+    user_id: str,
+    kind: str,
+    operation_type: str,
+    delta: int,
+    spent_delta: int = 0,
+    require_available: int | None = None,
+    release_reserved: int = 0,
+    metadata: dict[str, Any] | None = None,
+    idempotency_key: str | None = None,
+    original_entry_id: int | None = None,
+) -> MovementOut:
+    """Move ``delta`` tokens and write the ledger entry, atomically.
+
+    The UPDATE itself carries the guard (``balance - reserved >= required``), so concurrent
+    movements serialise on the row and none is lost or overspent; no value is read and written
+    back. ``release_reserved`` frees held tokens in the same statement (a reservation capture).
+    """
+    reserved_after = Account.tokens_reserved - release_reserved
+    spent_after = Account.tokens_spent + spent_delta
+    stmt = (
+        update(Account)
+        .where(Account.user_id == user_id)
+        .values(
+            tokens_balance=Account.tokens_balance + delta,
+            tokens_reserved=reserved_after,
+            tokens_spent=case((spent_after < 0, 0), else_=spent_after),
+            updated_at=utcnow(),
+        )
+        .returning(Account.tokens_balance, Account.tokens_reserved, Account.tokens_spent)
+        .execution_options(synchronize_session=False)
+    )
+    if require_available is not None:
+        stmt = stmt.where(Account.tokens_balance - reserved_after >= require_available)
+    row = session.execute(stmt).first()
+    if row is None:
+        account = load_account(session, user_id)  # raises USER_NOT_FOUND
+        available = account.tokens_balance - account.tokens_reserved + release_reserved
+        raise insufficient_tokens(require_available or 0, available)
+    new_balance, tokens_reserved, tokens_spent = row
+    before = new_balance - delta
+    entry_id = session.execute(
+        insert(LedgerEntry)
+        .values(
+            user_id=user_id,
+            kind=kind,
+            operation_type=operation_type,
+            tokens_amount=delta,
+            balance_before=before,
+            balance_after=new_balance,
+            idempotency_key=idempotency_key,
+            original_entry_id=original_entry_id,
+            meta=metadata or {},
+            created_at=utcnow(),
+        )
+        .returning(LedgerEntry.id)
+    ).scalar_one()
+    note_balance_change(
+        session,
+        user_id=user_id,
+        balance=new_balance,
+        tokens_reserved=tokens_reserved,
+        operation=kind,
+    )
+    return MovementOut(
+        user_id=user_id,
+        operation_type=operation_type,
+        amount=delta,
+        balance_before=before,
+        new_balance=new_balance,
+        tokens_spent=tokens_spent,
+        ledger_entry_id=str(entry_id),
+    )
+
+
+def _once(
+    session: Session,
+    user_id: str,
+    key: str | None,
+    digest: str,
+) -> MovementOut | None:
+    stored = idempotency.claim(session, user_id, key, digest)
+    return None if stored is None else MovementOut(**{**stored, "replayed": True})
+
+
+def _done(session: Session, key: str | None, out: MovementOut) -> MovementOut:
+    idempotency.record(session, out.user_id, key, out.model_dump(mode="json"))
+    return out
+
+
+def debit(
+    session: Session,
+    user_id: str,
+    amount: int,
+    operation_type: str,
+    allow_overdraft: bool = False,
+    metadata: dict[str, Any] | None = None,
+    idempotency_key: str | None = None,
+) -> MovementOut:
+    if amount <= 0:
+        raise invalid_amount("Debit")
+    known_operation(operation_type)
+    metadata = metadata or {}
+    digest = idempotency.request_hash(
+        "debit",
+        amount=amount,
+        operation_type=operation_type,
+        allow_overdraft=allow_overdraft,
+        metadata=metadata,
+    )
+    if (replay := _once(session, user_id, idempotency_key, digest)) is not None:
+        return replay
+    out = apply_movement(
+        session,
+        user_id=user_id,
+        kind="debit",
+        operation_type=operation_type,
+        delta=-amount,
+        spent_delta=amount,
+        require_available=None if allow_overdraft else amount,
+        metadata=metadata,
+        idempotency_key=idempotency_key,
+    )
+    return _done(session, idempotency_key, out)
+
+
+def credit(
+    session: Session,
+    user_id: str,
+    amount: int,
+    operation_type: str = "purchase",
+    metadata: dict[str, Any] | None = None,
+    idempotency_key: str | None = None,
+) -> MovementOut:
+    if amount <= 0:
+        raise invalid_amount("Credit")
+    known_operation(operation_type)
+    metadata = metadata or {}
+    digest = idempotency.request_hash(
+        "credit", amount=amount, operation_type=operation_type, metadata=metadata
+    )
+    if (replay := _once(session, user_id, idempotency_key, digest)) is not None:
+        return replay
+    out = apply_movement(
+        session,
+        user_id=user_id,
+        kind="credit",
+        operation_type=operation_type,
+        delta=amount,
+        metadata=metadata,
+        idempotency_key=idempotency_key,
+    )
+    return _done(session, idempotency_key, out)
+
+
+def charge(
+    session: Session,
+    user_id: str,
+    operation_type: str,
+    metadata: dict[str, Any] | None = None,
+    idempotency_key: str | None = None,
+) -> MovementOut:
+    cost = price_of(operation_type)
+    metadata = metadata or {}
+    digest = idempotency.request_hash("charge", operation_type=operation_type, metadata=metadata)
+    if (replay := _once(session, user_id, idempotency_key, digest)) is not None:
+        return replay
+    out = apply_movement(
+        session,
+        user_id=user_id,
+        kind="charge",
+        operation_type=operation_type,
+        delta=-cost,
+        spent_delta=cost,
+        require_available=cost,
+        metadata=metadata,
+        idempotency_key=idempotency_key,
+    )
+    return _done(session, idempotency_key, out)
+
+
+def refund(
+    session: Session,
+    user_id: str,
+    amount: int,
+    reason: str | None = None,
+    original_entry_id: str | int | None = None,
+    metadata: dict[str, Any] | None = None,
+    idempotency_key: str | None = None,
+) -> MovementOut:
+    """Give tokens back; against ``original_entry_id``, never more in all than it charged."""
+    if amount <= 0:
+        raise invalid_amount("Refund")
+    metadata = dict(metadata or {})
+    if reason is not None:
+        metadata.setdefault("reason", reason)
+    original = None if original_entry_id is None else _entry_id(original_entry_id)
+    digest = idempotency.request_hash(
+        "refund", amount=amount, original_entry_id=original, metadata=metadata
+    )
+    if (replay := _once(session, user_id, idempotency_key, digest)) is not None:
+        return replay
+    if original is not None:
+        _check_refundable(session, user_id, original, amount)
+    out = apply_movement(
+        session,
+        user_id=user_id,
+        kind="refund",
+        operation_type=known_operation("refund"),
+        delta=amount,
+        spent_delta=-amount,
+        metadata=metadata,
+        idempotency_key=idempotency_key,
+        original_entry_id=original,
+    )
+    return _done(session, idempotency_key, out)
+
+
+def _entry_id(value: str | int) -> int:
+    if isinstance(value, int):
+        return value
+    if not value.isascii() or not value.isdigit() or len(value) > 18:
+        raise entry_not_found()
+    return int(value)
+
+
+def _check_refundable(session: Session, user_id: str, entry_id: int, amount: int) -> None:
+    # Locking the original entry serialises refunds against it, so two concurrent partial
+    # refunds cannot both pass the check below.
+    original = session.execute(
+        select(LedgerEntry.tokens_amount)
+        .where(
+            LedgerEntry.id == entry_id,
+            LedgerEntry.user_id == user_id,
+            LedgerEntry.kind.in_(REFUNDABLE_KINDS),
+        )
+        .with_for_update()
+    ).scalar_one_or_none()
+    if original is None:
+        raise entry_not_found()
+    charged = -original
+    refunded = session.execute(
+        select(func.coalesce(func.sum(LedgerEntry.tokens_amount), 0)).where(
+            LedgerEntry.original_entry_id == entry_id, LedgerEntry.kind == "refund"
+        )
+    ).scalar_one()
+    if refunded + amount > charged:
+        raise refund_exceeds_original(charged, refunded)
+
+
+def reset_balance(
+    session: Session,
+    user_id: str,
+    new_balance: int,
+    reason: str | None = None,
+    metadata: dict[str, Any] | None = None,
+    idempotency_key: str | None = None,
+) -> MovementOut:
+    """Set the balance to ``new_balance`` with an ``adjustment`` entry of the difference."""
+    if new_balance < 0:
+        raise negative_balance()
+    metadata = dict(metadata or {})
+    if reason is not None:
+        metadata.setdefault("reason", reason)
+    digest = idempotency.request_hash("reset_balance", new_balance=new_balance, metadata=metadata)
+    if (replay := _once(session, user_id, idempotency_key, digest)) is not None:
+        return replay
+    account = load_account(session, user_id, lock=True)
+    out = apply_movement(
+        session,
+        user_id=user_id,
+        kind="adjustment",
+        operation_type=known_operation("adjustment"),
+        delta=new_balance - account.tokens_balance,
+        metadata=metadata,
+        idempotency_key=idempotency_key,
+    )
+    return _done(session, idempotency_key, out)

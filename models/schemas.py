@@ -1,0 +1,371 @@
+"""Pydantic models for every task's kwargs (strict: nothing is coerced) and result.
+
+Kwargs are validated in JSON mode, which is what a producer actually sends: ``true``, ``1.5`` and
+``"10"`` are not integers, while ISO 8601 strings are datetimes.
+"""
+
+from __future__ import annotations
+
+import json
+import unicodedata
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+)
+
+MAX_AMOUNT = 10**12
+MAX_METADATA_BYTES = 8 * 1024
+MAX_TTL_SECONDS = 7 * 24 * 3600
+
+
+def _check_user_id(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must not be blank")
+    if any(unicodedata.category(ch) == "Cc" for ch in value):
+        raise ValueError("must not contain control characters")
+    return value
+
+
+def _check_metadata(value: dict[str, Any]) -> dict[str, Any]:
+    size = len(json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode())
+    if size > MAX_METADATA_BYTES:
+        raise ValueError(f"is {size} bytes serialized; at most {MAX_METADATA_BYTES} allowed")
+    return value
+
+
+def _as_utc(value: datetime) -> datetime:
+    # A date given without an offset is read as UTC.
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+UserId = Annotated[str, Field(min_length=1, max_length=128), AfterValidator(_check_user_id)]
+Amount = Annotated[int, Field(le=MAX_AMOUNT)]
+Metadata = Annotated[dict[str, Any], AfterValidator(_check_metadata)]
+IdempotencyKey = Annotated[str, Field(min_length=1, max_length=255)]
+OperationType = Annotated[str, Field(min_length=1, max_length=64)]
+TierName = Annotated[str, Field(min_length=1, max_length=64)]
+Reason = Annotated[str, Field(max_length=1000)]
+UTCDatetime = Annotated[
+    datetime,
+    AfterValidator(_as_utc),
+    PlainSerializer(lambda d: d.isoformat(), return_type=str, when_used="json"),
+]
+Limit = Annotated[int, Field(ge=1, le=1000)]
+Offset = Annotated[int, Field(ge=0)]
+
+
+class Payload(BaseModel):
+    """Base of every task's kwargs."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+
+
+# --- accounts -------------------------------------------------------------------------------
+
+
+class OpenAccountIn(Payload):
+    user_id: UserId
+    tier: TierName = "Gift"
+    initial_balance: Amount = 0
+    subscription_expires_at: UTCDatetime | None = None
+    last_renewal_at: UTCDatetime | None = None
+
+
+class SetTierIn(Payload):
+    user_id: UserId
+    tier: TierName
+    subscription_expires_at: UTCDatetime | None = None
+
+
+class UserIn(Payload):
+    user_id: UserId
+
+
+class CanAffordIn(Payload):
+    user_id: UserId
+    operation_type: OperationType
+
+
+# --- movements ------------------------------------------------------------------------------
+
+
+class DebitIn(Payload):
+    user_id: UserId
+    amount: Amount
+    operation_type: OperationType
+    allow_overdraft: bool = False
+    metadata: Metadata = Field(default_factory=dict)
+    idempotency_key: IdempotencyKey | None = None
+
+
+class CreditIn(Payload):
+    user_id: UserId
+    amount: Amount
+    operation_type: OperationType = "purchase"
+    metadata: Metadata = Field(default_factory=dict)
+    idempotency_key: IdempotencyKey | None = None
+
+
+class ChargeIn(Payload):
+    user_id: UserId
+    operation_type: OperationType
+    metadata: Metadata = Field(default_factory=dict)
+    idempotency_key: IdempotencyKey | None = None
+
+
+# Entry ids come back as strings; the integer a producer may hold is accepted as well.
+EntryId = Annotated[str, Field(min_length=1, max_length=32)] | Annotated[int, Field(ge=1)]
+
+
+class RefundIn(Payload):
+    user_id: UserId
+    amount: Amount
+    reason: Reason | None = None
+    original_entry_id: EntryId | None = None
+    metadata: Metadata = Field(default_factory=dict)
+    idempotency_key: IdempotencyKey | None = None
+
+
+class ResetBalanceIn(Payload):
+    user_id: UserId
+    new_balance: Amount
+    reason: Reason | None = None
+    metadata: Metadata = Field(default_factory=dict)
+
+
+# --- reservations ---------------------------------------------------------------------------
+
+
+class ReserveIn(Payload):
+    user_id: UserId
+    amount: Amount | None = None
+    operation_type: OperationType | None = None
+    ttl_seconds: Annotated[int, Field(ge=1, le=MAX_TTL_SECONDS)] = 900
+    metadata: Metadata = Field(default_factory=dict)
+    idempotency_key: IdempotencyKey | None = None
+
+
+ReservationId = Annotated[str, Field(min_length=1, max_length=64)]
+
+
+class CaptureIn(Payload):
+    reservation_id: ReservationId
+    amount: Amount | None = None
+    metadata: Metadata = Field(default_factory=dict)
+
+
+class ReleaseIn(Payload):
+    reservation_id: ReservationId
+    reason: Reason | None = None
+
+
+class NoArgsIn(Payload):
+    pass
+
+
+# --- ledger ---------------------------------------------------------------------------------
+
+
+class UserEntriesIn(Payload):
+    user_id: UserId
+    operation_type: OperationType | None = None
+    start_date: UTCDatetime | None = None
+    end_date: UTCDatetime | None = None
+    limit: Limit = 50
+    offset: Offset = 0
+
+
+class EntriesByTypeIn(Payload):
+    operation_type: OperationType
+    start_date: UTCDatetime | None = None
+    end_date: UTCDatetime | None = None
+    limit: Limit = 50
+    offset: Offset = 0
+
+
+class UserPeriodIn(Payload):
+    user_id: UserId
+    start_date: UTCDatetime | None = None
+    end_date: UTCDatetime | None = None
+
+
+class DeleteOldEntriesIn(Payload):
+    older_than: UTCDatetime
+
+
+class ReconcileIn(Payload):
+    user_id: UserId | None = None
+
+
+# --- renewals -------------------------------------------------------------------------------
+
+
+class SweepIn(Payload):
+    tier: TierName | None = None
+    limit: Annotated[int, Field(ge=1)] | None = None
+    dry_run: bool = False
+    continue_on_error: bool = True
+
+
+class DueIn(Payload):
+    tier: TierName | None = None
+    limit: Annotated[int, Field(ge=1, le=100_000)] | None = None
+
+
+# === results ================================================================================
+
+
+class Result(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    success: Literal[True] = True
+
+
+class Failure(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    success: Literal[False] = False
+    error: str
+    error_code: str
+
+
+class BalanceOut(Result):
+    user_id: str
+    tokens_balance: int
+    tokens_reserved: int
+    tokens_available: int
+    tokens_spent: int
+    tier: str
+    last_renewal_at: UTCDatetime | None
+    subscription_expires_at: UTCDatetime | None
+
+
+class OpenAccountOut(BalanceOut):
+    created: bool
+
+
+class CanAffordOut(Result):
+    can_afford: bool
+    cost: int
+    balance: int
+    deficit: int
+
+
+class MovementOut(Result):
+    user_id: str
+    operation_type: str
+    amount: int
+    balance_before: int
+    new_balance: int
+    tokens_spent: int
+    ledger_entry_id: str
+    replayed: bool = False
+
+
+class ReserveOut(Result):
+    reservation_id: str
+    amount: int
+    expires_at: UTCDatetime
+    tokens_available: int
+    replayed: bool = False
+
+
+class ReleaseOut(Result):
+    reservation_id: str
+    status: str
+
+
+class ExpireOut(Result):
+    expired: int
+
+
+class EntryOut(BaseModel):
+    id: str
+    user_id: str
+    operation_type: str
+    tokens_amount: int
+    balance_before: int
+    balance_after: int
+    idempotency_key: str | None
+    original_entry_id: str | None
+    metadata: dict[str, Any]
+    created_at: UTCDatetime
+
+
+class EntriesOut(Result):
+    entries: list[EntryOut]
+
+
+class TotalOut(Result):
+    total: int
+
+
+class TypeStats(BaseModel):
+    count: int
+    total: int
+
+
+class StatisticsOut(Result):
+    total_spent: int
+    total_earned: int
+    net_change: int
+    operation_count: int
+    by_type: dict[str, TypeStats]
+
+
+class DeletedOut(Result):
+    deleted: int
+
+
+class ReconcileOut(Result):
+    checked: int
+    mismatches: list[Mismatch]
+
+
+class Mismatch(BaseModel):
+    user_id: str
+    balance: int
+    ledger_sum: int
+
+
+class EligibilityOut(Result):
+    user_id: str
+    eligible: bool
+    reason: str
+    next_renewal_date: UTCDatetime | None
+    days_until_renewal: int
+
+
+class RenewOut(Result):
+    user_id: str
+    tier: str
+    tokens_added: int
+    previous_balance: int
+    new_balance: int
+    renewal_date: UTCDatetime
+
+
+class SweepError(BaseModel):
+    user_id: str
+    error: str
+
+
+class SweepOut(Result):
+    total_processed: int
+    successful: int
+    failed: int
+    skipped: int
+    errors: list[SweepError]
+
+
+class DueOut(Result):
+    user_ids: list[str]
+
+
+ReconcileOut.model_rebuild()

@@ -1,0 +1,164 @@
+"""SQLAlchemy tables. The schema itself is created only by the Alembic migrations."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    CheckConstraint,
+    DateTime,
+    Dialect,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    TypeDecorator,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A timestamp that is always UTC-aware in Python, whatever the backend stores."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime: every timestamp must carry a timezone")
+        value = value.astimezone(UTC)
+        # SQLite keeps text; store naive UTC so string comparisons order correctly.
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+JSONType = JSON().with_variant(JSONB(), "postgresql")
+
+NAMING = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+
+
+class Account(Base):
+    __tablename__ = "accounts"
+
+    user_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    tier: Mapped[str] = mapped_column(String(64))
+    tokens_balance: Mapped[int] = mapped_column(BigInteger, default=0)
+    tokens_reserved: Mapped[int] = mapped_column(BigInteger, default=0)
+    tokens_spent: Mapped[int] = mapped_column(BigInteger, default=0)
+    last_renewal_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    subscription_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    __table_args__ = (
+        CheckConstraint("tokens_reserved >= 0", name="reserved_not_negative"),
+        CheckConstraint("tokens_spent >= 0", name="spent_not_negative"),
+        # The renewal sweep pages through due users of a tier, oldest renewal first.
+        Index("ix_accounts_tier_last_renewal", "tier", "last_renewal_at", "user_id"),
+    )
+
+
+class LedgerEntry(Base):
+    """Append-only: a row is written once, in the transaction that moves the balance."""
+
+    __tablename__ = "ledger_entries"
+
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
+    user_id: Mapped[str] = mapped_column(String(128), ForeignKey("accounts.user_id"))
+    # What kind of movement wrote it (debit, charge, capture, credit, refund, adjustment,
+    # renewal, carried_forward): refunds may only point at debits, charges and captures.
+    kind: Mapped[str] = mapped_column(String(32))
+    operation_type: Mapped[str] = mapped_column(String(64))
+    tokens_amount: Mapped[int] = mapped_column(BigInteger)
+    balance_before: Mapped[int] = mapped_column(BigInteger)
+    balance_after: Mapped[int] = mapped_column(BigInteger)
+    idempotency_key: Mapped[str | None] = mapped_column(String(255))
+    original_entry_id: Mapped[int | None] = mapped_column(BigInteger)
+    meta: Mapped[dict[str, Any]] = mapped_column("metadata", JSONType, default=dict)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    __table_args__ = (
+        CheckConstraint("balance_after = balance_before + tokens_amount", name="arithmetic"),
+        Index("ix_ledger_entries_user_created", "user_id", "created_at", "id"),
+        Index("ix_ledger_entries_type_created", "operation_type", "created_at", "id"),
+        Index("ix_ledger_entries_created", "created_at"),
+        Index(
+            "ix_ledger_entries_original",
+            "original_entry_id",
+            postgresql_where=text("original_entry_id IS NOT NULL"),
+            sqlite_where=text("original_entry_id IS NOT NULL"),
+        ),
+    )
+
+
+class IdempotencyRecord(Base):
+    """The first outcome of each (user, key): written in the same transaction as its effect.
+
+    Kept apart from the ledger so pruning old entries never lets an old key apply twice.
+    """
+
+    __tablename__ = "idempotency_records"
+
+    user_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    request_hash: Mapped[str] = mapped_column(String(64))
+    response: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class Reservation(Base):
+    __tablename__ = "reservations"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    user_id: Mapped[str] = mapped_column(String(128), ForeignKey("accounts.user_id"))
+    amount: Mapped[int] = mapped_column(BigInteger)
+    operation_type: Mapped[str | None] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(16), default="active")
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    settled_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    captured_amount: Mapped[int | None] = mapped_column(BigInteger)
+    ledger_entry_id: Mapped[int | None] = mapped_column(BigInteger)
+    meta: Mapped[dict[str, Any]] = mapped_column("metadata", JSONType, default=dict)
+
+    __table_args__ = (
+        CheckConstraint("amount > 0", name="amount_positive"),
+        CheckConstraint(
+            "status IN ('active', 'captured', 'released', 'expired')", name="status_known"
+        ),
+        Index(
+            "ix_reservations_active_expiry",
+            "expires_at",
+            postgresql_where=text("status = 'active'"),
+            sqlite_where=text("status = 'active'"),
+        ),
+        Index("ix_reservations_user", "user_id"),
+    )

@@ -1,0 +1,44 @@
+"""Accounts and balances."""
+
+from __future__ import annotations
+
+from sqlalchemy.orm import Session
+
+from accounting import accounts
+from models.schemas import (
+    BalanceOut,
+    CanAffordIn,
+    CanAffordOut,
+    OpenAccountIn,
+    OpenAccountOut,
+    SetTierIn,
+    UserIn,
+)
+from tasks.base import contract_task
+
+
+@contract_task("tokens.open_account", OpenAccountIn)
+def open_account(session: Session, p: OpenAccountIn, _task_id: str | None) -> OpenAccountOut:
+    return accounts.open_account(
+        session,
+        p.user_id,
+        tier=p.tier,
+        initial_balance=p.initial_balance,
+        subscription_expires_at=p.subscription_expires_at,
+        last_renewal_at=p.last_renewal_at,
+    )
+
+
+@contract_task("tokens.set_tier", SetTierIn)
+def set_tier(session: Session, p: SetTierIn, _task_id: str | None) -> BalanceOut:
+    return accounts.set_tier(session, p.user_id, p.tier, p.subscription_expires_at)
+
+
+@contract_task("tokens.get_balance", UserIn)
+def get_balance(session: Session, p: UserIn, _task_id: str | None) -> BalanceOut:
+    return accounts.get_balance(session, p.user_id)
+
+
+@contract_task("tokens.can_afford", CanAffordIn)
+def can_afford(session: Session, p: CanAffordIn, _task_id: str | None) -> CanAffordOut:
+    return accounts.can_afford(session, p.user_id, p.operation_type)

@@ -1,0 +1,133 @@
+"""What every contract task shares: validate kwargs, run a domain function in one transaction,
+shape the result, retry only transient database trouble, report through signals.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from celery import Task
+from pydantic import BaseModel, ValidationError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.orm import Session
+
+from accounting.errors import DomainError, validation_error
+from models.schemas import Failure, Payload
+from worker.celery import app
+from worker.db import session_scope
+from worker.settings import get_settings
+from worker.signals import operation_completed
+
+log = logging.getLogger(__name__)
+
+P = TypeVar("P", bound=Payload)
+Handler = Callable[[Session, P, str | None], BaseModel]
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Connection lost, server restarting, serialization failure, deadlock, SQLite busy."""
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True
+    return isinstance(exc, OperationalError | InterfaceError)
+
+
+def backoff(retries: int) -> float:
+    """Exponential backoff with full jitter, capped (and far below the visibility timeout)."""
+    cap = min(get_settings().retry_backoff_max, get_settings().visibility_timeout / 4)
+    return random.uniform(0, min(cap, 0.5 * 2**retries))
+
+
+def describe(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors(include_url=False):
+        field = ".".join(str(p) for p in err["loc"]) or "kwargs"
+        message = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            message = "unknown argument"
+        parts.append(f"{field}: {message}")
+    return "Invalid arguments: " + "; ".join(parts)
+
+
+def validate(schema: type[P], kwargs: dict[str, Any]) -> P:
+    # JSON mode is what producers send: strict ints, ISO 8601 strings for dates.
+    try:
+        raw = json.dumps(kwargs, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise validation_error(f"Invalid arguments: not JSON ({exc})") from None
+    try:
+        return schema.model_validate_json(raw, strict=True)
+    except ValidationError as exc:
+        raise validation_error(describe(exc)) from None
+
+
+class ContractTask(Task):  # type: ignore[misc]
+    """Base of the contract's tasks: each body is a domain function over a session."""
+
+    typing = False  # kwargs are checked by the schema, so bad ones get VALIDATION_ERROR
+
+    def execute(
+        self, schema: type[P], handler: Handler[P], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> dict[str, Any]:
+        started = time.perf_counter()
+        outcome: dict[str, Any] = {}
+        try:
+            outcome = self._execute(schema, handler, args, kwargs)
+            return outcome
+        finally:
+            user_id = kwargs.get("user_id")
+            operation_completed.send(
+                sender=self.name,
+                operation=self.name,
+                user_id=user_id if isinstance(user_id, str) else None,
+                amount=outcome.get("amount"),
+                success=bool(outcome.get("success")),
+                duration=time.perf_counter() - started,
+                error=outcome.get("error"),
+                error_code=outcome.get("error_code"),
+            )
+
+    def _execute(
+        self, schema: type[P], handler: Handler[P], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> dict[str, Any]:
+        try:
+            if args:
+                raise validation_error("Invalid arguments: send keyword arguments, not positional")
+            payload = validate(schema, kwargs)
+            with session_scope() as session:
+                result = handler(session, payload, self.request.id)
+            return result.model_dump(mode="json")
+        except DomainError as exc:
+            return Failure(error=exc.message, error_code=exc.code).model_dump()
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            retries = self.request.retries
+            if retries >= get_settings().task_max_retries:
+                log.error("%s[%s]: giving up after %d retries", self.name, self.request.id, retries)
+                raise
+            log.warning(
+                "%s[%s]: transient database error, retry %d: %s",
+                self.name,
+                self.request.id,
+                retries + 1,
+                exc,
+            )
+            raise self.retry(exc=exc, countdown=backoff(retries), max_retries=None) from exc
+
+
+def contract_task(name: str, schema: type[P]) -> Callable[[Handler[P]], Any]:
+    """Register ``handler(session, payload, task_id)`` as the contract task ``name``."""
+
+    def register(handler: Handler[P]) -> Any:
+        @app.task(name=name, bind=True, base=ContractTask)  # type: ignore[untyped-decorator]
+        def run(self: ContractTask, *args: Any, **kwargs: Any) -> dict[str, Any]:
+            return self.execute(schema, handler, args, kwargs)
+
+        return run
+
+    return register

@@ -1,0 +1,43 @@
+"""The Celery app: ``celery -A worker worker`` finds ``worker.celery:app``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+from celery.signals import worker_process_init, worker_process_shutdown
+
+from worker.config import celery_config
+from worker.db import dispose_engines, reset_engines_after_fork
+from worker.settings import get_settings
+from worker.signals import connect_configured_handlers
+
+TASK_MODULES = [
+    "tasks.accounts",
+    "tasks.movements",
+    "tasks.ledger",
+]
+
+
+def create_app() -> Celery:
+    settings = get_settings()
+    if not (settings.database_url and settings.broker_url and settings.result_backend):
+        settings.var_dir.mkdir(parents=True, exist_ok=True)  # the embedded SQLite files live here
+    app = Celery("tokens", include=TASK_MODULES)
+    app.config_from_object(celery_config(settings))
+    return app
+
+
+app = create_app()
+connect_configured_handlers()
+
+
+@worker_process_init.connect  # type: ignore[untyped-decorator]
+def _after_fork(**_: Any) -> None:
+    # A forked child must not share the parent's pooled connections.
+    reset_engines_after_fork()
+
+
+@worker_process_shutdown.connect  # type: ignore[untyped-decorator]
+def _on_child_exit(**_: Any) -> None:
+    dispose_engines()

@@ -1,0 +1,114 @@
+"""``tokens``: the operator CLI. Every command runs the same domain functions as the tasks."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+import click
+from pydantic import BaseModel
+
+from accounting import accounts, ledger, movements
+from accounting.errors import DomainError
+from models.schemas import Failure
+from worker.db import session_scope
+from worker.settings import get_settings
+
+
+def _emit(model: BaseModel) -> None:
+    click.echo(json.dumps(model.model_dump(mode="json"), indent=2))
+
+
+def _run(action: Callable[..., BaseModel], *args: Any, **kwargs: Any) -> None:
+    try:
+        with session_scope() as session:
+            out = action(session, *args, **kwargs)
+    except DomainError as exc:
+        _emit(Failure(error=exc.message, error_code=exc.code))
+        raise SystemExit(1) from None
+    _emit(out)
+
+
+@click.group()
+def main() -> None:
+    """Operate the token ledger."""
+
+
+@main.command()
+def migrate() -> None:
+    """Apply the database migrations (safe to run again)."""
+    from worker.migrate import upgrade
+
+    upgrade()
+    click.echo(f"schema up to date on {_redacted(get_settings().db_url)}")
+
+
+def _redacted(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+@main.command()
+@click.argument("user_id")
+def balance(user_id: str) -> None:
+    """Show a user's balance."""
+    _run(accounts.get_balance, user_id)
+
+
+@main.command("open-account")
+@click.argument("user_id")
+@click.option("--tier", default="Gift", show_default=True)
+@click.option("--initial-balance", type=int, default=0, show_default=True)
+def open_account(user_id: str, tier: str, initial_balance: int) -> None:
+    """Open an account (nothing changes if it exists)."""
+    _run(accounts.open_account, user_id, tier=tier, initial_balance=initial_balance)
+
+
+@main.command()
+@click.argument("user_id")
+@click.argument("amount", type=int)
+@click.option("--operation-type", default="purchase", show_default=True)
+@click.option("--idempotency-key", default=None)
+def credit(user_id: str, amount: int, operation_type: str, idempotency_key: str | None) -> None:
+    """Credit tokens to a user."""
+    _run(movements.credit, user_id, amount, operation_type, idempotency_key=idempotency_key)
+
+
+@main.command("reset-balance")
+@click.argument("user_id")
+@click.argument("new_balance", type=int)
+@click.option("--reason", default=None)
+def reset_balance(user_id: str, new_balance: int, reason: str | None) -> None:
+    """Set a balance, writing an adjustment entry of the difference."""
+    _run(movements.reset_balance, user_id, new_balance, reason=reason)
+
+
+@main.command()
+@click.argument("user_id")
+@click.option("--limit", type=click.IntRange(1, 1000), default=20, show_default=True)
+def history(user_id: str, limit: int) -> None:
+    """A user's newest ledger entries."""
+    _run(ledger.user_entries, user_id, limit=limit)
+
+
+@main.command()
+@click.option("--user-id", default=None, help="Check one user only.")
+def reconcile(user_id: str | None) -> None:
+    """List users whose balance differs from the sum of their ledger (exit 1 if any)."""
+    with session_scope() as session:
+        out = ledger.reconcile(session, user_id)
+    _emit(out)
+    if out.mismatches:
+        raise SystemExit(1)
+
+
+@main.command("delete-old-entries")
+@click.argument("older_than", type=click.DateTime(["%Y-%m-%d", "%Y-%m-%dT%H:%M:%S"]))
+def delete_old_entries(older_than: datetime) -> None:
+    """Prune entries older than a UTC date, carrying their sum forward."""
+    from datetime import UTC
+
+    _run(ledger.delete_old_entries, older_than.replace(tzinfo=UTC))

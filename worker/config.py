@@ -1,0 +1,73 @@
+"""Celery configuration, built from the one settings object."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kombu import Queue  # type: ignore[attr-defined]
+
+from worker.settings import Settings
+
+DEFAULT_QUEUE = "celery"
+RENEWALS_QUEUE = "renewals"
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    # Redis redelivers what a dead worker held after visibility_timeout; the SQLAlchemy transport
+    # hands its options to create_engine, so they apply to Redis only.
+    transport: dict[str, Any] = {}
+    if settings.broker_is_redis:
+        transport = {
+            "visibility_timeout": settings.visibility_timeout,
+            "health_check_interval": 25,
+            "socket_keepalive": True,
+        }
+    backend_transport: dict[str, Any] = {}
+    if settings.backend.startswith(("redis://", "rediss://")):
+        backend_transport = {"visibility_timeout": settings.visibility_timeout}
+    config: dict[str, Any] = {
+        "broker_url": settings.broker,
+        "result_backend": settings.backend,
+        "broker_transport_options": transport,
+        "result_backend_transport_options": backend_transport,
+        "broker_connection_retry_on_startup": True,
+        # JSON only: a pickled message is code execution for whoever can write to the broker.
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "result_accept_content": ["json"],
+        # At-least-once: a task whose worker dies is delivered again; tasks are idempotent.
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "worker_cancel_long_running_tasks_on_connection_loss": True,
+        "task_soft_time_limit": settings.task_soft_time_limit,
+        "task_time_limit": settings.task_time_limit,
+        "result_expires": settings.result_expires,
+        "result_extended": True,
+        "task_track_started": True,
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+        "timezone": "UTC",
+        "enable_utc": True,
+        "task_default_queue": DEFAULT_QUEUE,
+        "task_queues": (Queue(DEFAULT_QUEUE), Queue(RENEWALS_QUEUE)),  # type: ignore[no-untyped-call]
+        "task_routes": {"renewals.*": {"queue": RENEWALS_QUEUE}},
+        "worker_hijack_root_logger": False,
+    }
+    if settings.worker_concurrency is not None:
+        config["worker_concurrency"] = settings.worker_concurrency
+    elif settings.embedded:
+        # SQLite takes one writer at a time; more processes would only queue on its lock.
+        config["worker_concurrency"] = 1
+    if settings.broker_is_redis:
+        config |= {
+            "beat_scheduler": "redbeat.RedBeatScheduler",
+            "redbeat_redis_url": settings.redbeat_redis_url or settings.broker,
+            "redbeat_key_prefix": "tokens:redbeat",
+            "beat_max_loop_interval": 30,
+            "redbeat_lock_timeout": 150,
+        }
+    else:
+        config["beat_schedule_filename"] = str(settings.var_dir / "celerybeat-schedule")
+    return config

@@ -1,0 +1,110 @@
+"""One settings object, read from ``TOKENS_*`` environment variables.
+
+With no variable set, everything points at SQLite files under ``./var/`` (the embedded default),
+so the worker runs on a bare machine; PostgreSQL and Redis are the production path.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_PRICES: dict[str, int] = {
+    "image_generation": 10,
+    "sora_image": 10,
+    "product_card": 10,
+    "chatgpt_message": 5,
+    "refund": 0,
+    "purchase": 0,
+    "monthly_reset": 0,
+    "adjustment": 0,
+}
+
+
+class Tier(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    tokens: int = Field(ge=0)
+    period_days: int = Field(default=30, ge=1)
+
+
+DEFAULT_TIERS: dict[str, Tier] = {
+    "Gift": Tier(tokens=100),
+    "Professional": Tier(tokens=2000),
+    "Business": Tier(tokens=10000),
+}
+
+# Tiers whose allowance never lapses with ``subscription_expires_at``.
+FREE_TIERS = frozenset({"Gift"})
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TOKENS_", extra="ignore")
+
+    var_dir: Path = Path("var")
+    database_url: str | None = None
+    broker_url: str | None = None
+    result_backend: str | None = None
+    redbeat_redis_url: str | None = None
+
+    visibility_timeout: int = Field(default=300, ge=10)
+    result_expires: int = Field(default=86_400, ge=60)
+    task_soft_time_limit: int = Field(default=120, ge=1)
+    task_time_limit: int = Field(default=150, ge=1)
+    task_max_retries: int = Field(default=5, ge=0)
+    retry_backoff_max: int = Field(default=30, ge=1)
+    worker_concurrency: int | None = None
+    db_pool_size: int = Field(default=5, ge=1)
+
+    prices: dict[str, int] = Field(default_factory=lambda: dict(DEFAULT_PRICES))
+    tiers: dict[str, Tier] = Field(default_factory=lambda: dict(DEFAULT_TIERS))
+
+    renewal_cron: str = "0 2 * * *"
+    reconcile_cron: str = "30 3 * * *"
+    reservation_expiry_seconds: int = Field(default=60, ge=1)
+    sweep_chunk_size: int = Field(default=5000, ge=1)
+
+    # Dotted paths ("package.module:function" or "package.module.function") connected at start-up.
+    balance_changed_handlers: list[str] = Field(default_factory=list)
+    operation_completed_handlers: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        bad = {k: v for k, v in self.prices.items() if v < 0}
+        if bad:
+            raise ValueError(f"prices must not be negative: {bad}")
+        if not self.task_soft_time_limit < self.task_time_limit < self.visibility_timeout:
+            raise ValueError(
+                "need task_soft_time_limit < task_time_limit < visibility_timeout, or a task "
+                "still running is delivered a second time"
+            )
+        return self
+
+    @property
+    def embedded(self) -> bool:
+        """True when running on the SQLite default (no servers)."""
+        return self.db_url.startswith("sqlite")
+
+    @property
+    def db_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.var_dir / 'tokens.sqlite'}"
+
+    @property
+    def broker(self) -> str:
+        return self.broker_url or f"sqla+sqlite:///{self.var_dir / 'broker.sqlite'}"
+
+    @property
+    def backend(self) -> str:
+        return self.result_backend or f"db+sqlite:///{self.var_dir / 'results.sqlite'}"
+
+    @property
+    def broker_is_redis(self) -> bool:
+        return self.broker.startswith(("redis://", "rediss://"))
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,84 @@
+"""Project signals, for metrics and cache invalidation.
+
+- ``balance_changed(user_id, balance, tokens_reserved, operation)``: sent after the transaction
+  holding a balance change has committed, never for one that rolled back.
+- ``operation_completed(operation, user_id, amount, success, duration, error, error_code)``: sent
+  after every task, whatever its outcome.
+
+Handlers listed in ``TOKENS_BALANCE_CHANGED_HANDLERS`` / ``TOKENS_OPERATION_COMPLETED_HANDLERS``
+(JSON lists of dotted paths) are connected by :func:`connect_configured_handlers`.
+"""
+
+from __future__ import annotations
+
+import logging
+from importlib import import_module
+from typing import Any
+
+from celery.utils.dispatch import Signal
+from sqlalchemy import event
+from sqlalchemy.orm import Session
+
+from worker.settings import get_settings
+
+log = logging.getLogger(__name__)
+
+balance_changed = Signal(
+    name="balance_changed", providing_args={"user_id", "balance", "tokens_reserved", "operation"}
+)
+operation_completed = Signal(
+    name="operation_completed",
+    providing_args={"operation", "user_id", "amount", "success", "duration", "error", "error_code"},
+)
+
+_PENDING = "pending_balance_changes"
+
+
+def note_balance_change(
+    session: Session, *, user_id: str, balance: int, tokens_reserved: int, operation: str
+) -> None:
+    """Queue a ``balance_changed`` to be sent once ``session`` commits."""
+    session.info.setdefault(_PENDING, []).append(
+        {
+            "user_id": user_id,
+            "balance": balance,
+            "tokens_reserved": tokens_reserved,
+            "operation": operation,
+        }
+    )
+
+
+@event.listens_for(Session, "after_commit")
+def _send_after_commit(session: Session) -> None:
+    for change in session.info.pop(_PENDING, []):
+        # A broken handler must not turn a committed movement into a failed task.
+        for _receiver, response in balance_changed.send(sender=None, **change):
+            if isinstance(response, Exception):
+                log.error("balance_changed handler failed: %r", response)
+
+
+@event.listens_for(Session, "after_rollback")
+def _forget_after_rollback(session: Session) -> None:
+    session.info.pop(_PENDING, None)
+
+
+def resolve(path: str) -> Any:
+    module, _, attr = path.replace(":", ".").rpartition(".")
+    if not module:
+        raise ValueError(f"not a dotted path: {path!r}")
+    return getattr(import_module(module), attr)
+
+
+_connected: set[tuple[str, str]] = set()
+
+
+def connect_configured_handlers() -> None:
+    settings = get_settings()
+    for signal, paths in (
+        (balance_changed, settings.balance_changed_handlers),
+        (operation_completed, settings.operation_completed_handlers),
+    ):
+        for path in paths:
+            if (signal.name, path) not in _connected:
+                signal.connect(resolve(path), weak=False)
+                _connected.add((signal.name, path))
