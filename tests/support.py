@@ -1,4 +1,4 @@
-"""Helpers shared by the tests: a real worker process and a producer that knows only the contract."""
+"""Test helpers: a real worker process, and a producer that knows only the contract."""
 
 from __future__ import annotations
 
@@ -27,8 +27,9 @@ def producer() -> Celery:
     )
 
 
-def call(app: Celery, name: str, timeout: float = 30, **kwargs: Any) -> dict[str, Any]:
-    result: dict[str, Any] = app.send_task(name, kwargs=kwargs).get(timeout=timeout)
+def call(app: Celery, name: str, /, **kwargs: Any) -> dict[str, Any]:
+    """Send ``name`` with ``kwargs`` and wait for its result."""
+    result: dict[str, Any] = app.send_task(name, kwargs=kwargs).get(timeout=60)
     return result
 
 
