@@ -364,6 +364,10 @@ class SweepOut(Result):
     errors: list[SweepError]
 
 
+class PingOut(Result):
+    at: UTCDatetime
+
+
 class DueOut(Result):
     user_ids: list[str]
 

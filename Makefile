@@ -1,0 +1,42 @@
+# Two commands do everything on a fresh clone:
+#   make run   - install, migrate and run the worker on the embedded default (SQLite under ./var/)
+#   make test  - install, make sure PostgreSQL and Redis are up, lint, type-check and run the tests
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+
+.PHONY: install run beat test lint bench bench-renewals clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+install: $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[dev]'
+
+run: install
+	$(BIN)/tokens migrate
+	$(BIN)/celery -A worker worker -l INFO
+
+beat: install
+	$(BIN)/celery -A worker beat -l INFO
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy .
+
+test: install lint
+	scripts/ensure-services.sh
+	$(BIN)/pytest -q
+
+bench: install
+	scripts/ensure-services.sh
+	$(BIN)/python -m bench.debits
+
+bench-renewals: install
+	scripts/ensure-services.sh
+	$(BIN)/python -m bench.renewal_sweep
+
+clean:
+	rm -rf var .pytest_cache .mypy_cache .ruff_cache
