@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
-from typing import Any
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 from celery import Celery
+from sqlalchemy import text
+from sqlalchemy.orm import Session
 
+from accounting.errors import DomainError
 from worker.devenv import ROOT, WorkerProcess, producer, running_workers
 
 __all__ = ["ROOT", "TABLES", "WorkerProcess", "call", "producer", "running_workers"]
 
 TABLES = ("idempotency_records", "reservations", "ledger_entries", "accounts")
+T = TypeVar("T")
 
 
 def call(app: Celery, name: str, /, **kwargs: Any) -> dict[str, Any]:
@@ -22,14 +29,69 @@ def call(app: Celery, name: str, /, **kwargs: Any) -> dict[str, Any]:
 # --- domain-level helpers --------------------------------------------------------------------
 
 
-def refused(session: Session, action: Callable[..., Any], /, *args: Any, **kwargs: Any) -> DomainError:
+def refused(session: Session, action: Callable[..., Any], /, *args: Any, **kw: Any) -> DomainError:
     """Run ``action(session, …)``, expect a refusal, and roll back as every caller does."""
     try:
-        action(session, *args, **kwargs)
+        action(session, *args, **kw)
     except DomainError as exc:
         session.rollback()
         return exc
-    finally:
-        if session.in_transaction() and not session.info.get("keep"):
-            pass
-    raise AssertionError(f"{getattr(action, '__name__', action)} was not refused")
+    raise AssertionError(f"{action.__name__} was not refused")
+
+
+def run_in_threads(count: int, work: Callable[[int], T]) -> list[T]:
+    """Run ``work(i)`` in ``count`` threads released together; returns results in order of ``i``.
+
+    Each ``work`` must use its own session (``worker.db.session_scope``): a session is not
+    thread-safe, and the race under test is between transactions.
+    """
+    barrier = threading.Barrier(count)
+
+    def start(i: int) -> T:
+        barrier.wait(timeout=30)
+        return work(i)
+
+    with ThreadPoolExecutor(max_workers=count) as pool:
+        return list(pool.map(start, range(count)))
+
+
+def assert_ledger_consistent(session: Session) -> None:
+    """The ledger's invariants, checked with plain SQL (independent of ``ledger.reconcile``):
+
+    every entry's ``balance_after == balance_before + tokens_amount``; each user's entries, in
+    the order they were written, chain (each starts where the previous ended, the first at 0),
+    so no update was lost; and every balance equals the sum of that user's ledger.
+    """
+    bad_arithmetic = session.execute(
+        text("SELECT id FROM ledger_entries WHERE balance_after <> balance_before + tokens_amount")
+    ).all()
+    assert bad_arithmetic == [], f"entries with wrong arithmetic: {bad_arithmetic}"
+    # A carried_forward entry restarts a pruned user's history, so only unpruned users chain.
+    broken_chain = session.execute(
+        text(
+            """
+            SELECT user_id, id, balance_before, previous_after FROM (
+                SELECT user_id, id, balance_before,
+                       COALESCE(LAG(balance_after) OVER (PARTITION BY user_id ORDER BY id), 0)
+                           AS previous_after
+                FROM ledger_entries
+                WHERE user_id NOT IN (
+                    SELECT user_id FROM ledger_entries WHERE kind = 'carried_forward'
+                )
+            ) chained
+            WHERE balance_before <> previous_after
+            """
+        )
+    ).all()
+    assert broken_chain == [], f"entries not chained to the previous one: {broken_chain}"
+    mismatched = session.execute(
+        text(
+            """
+            SELECT a.user_id, a.tokens_balance, COALESCE(SUM(e.tokens_amount), 0) AS ledger_sum
+            FROM accounts a LEFT JOIN ledger_entries e ON e.user_id = a.user_id
+            GROUP BY a.user_id, a.tokens_balance
+            HAVING a.tokens_balance <> COALESCE(SUM(e.tokens_amount), 0)
+            """
+        )
+    ).all()
+    assert mismatched == [], f"balances differing from their ledger: {mismatched}"
