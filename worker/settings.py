@@ -37,6 +37,9 @@ DEFAULT_TIERS: dict[str, Tier] = {
     "Business": Tier(tokens=10000),
 }
 
+# Types the ledger itself writes; always on the list, at no cost.
+SYSTEM_OPERATION_TYPES = ("refund", "purchase", "monthly_reset", "adjustment")
+
 # Tiers whose allowance never lapses with ``subscription_expires_at``.
 FREE_TIERS = frozenset({"Gift"})
 
@@ -76,6 +79,10 @@ class Settings(BaseSettings):
         bad = {k: v for k, v in self.prices.items() if v < 0}
         if bad:
             raise ValueError(f"prices must not be negative: {bad}")
+        # TOKENS_PRICES replaces the whole list; the types the ledger writes stay on it.
+        for name in SYSTEM_OPERATION_TYPES:
+            if self.prices.setdefault(name, 0) != 0:
+                raise ValueError(f"prices: {name} is written by the ledger and must cost 0")
         if not self.task_soft_time_limit < self.task_time_limit < self.visibility_timeout:
             raise ValueError(
                 "need task_soft_time_limit < task_time_limit < visibility_timeout, or a task "
