@@ -250,6 +250,9 @@ def refund(
 
 def _entry_id(value: str | int) -> int:
     if isinstance(value, int):
+        # Past the BIGINT range PostgreSQL raises instead of finding nothing.
+        if not 0 < value < 2**63:
+            raise entry_not_found()
         return value
     if not value.isascii() or not value.isdigit() or len(value) > 18:
         raise entry_not_found()
