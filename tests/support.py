@@ -12,12 +12,14 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from accounting.errors import DomainError
+from worker.db import session_scope
 from worker.devenv import ROOT, WorkerProcess, producer, running_workers
 
 __all__ = ["ROOT", "TABLES", "WorkerProcess", "call", "producer", "running_workers"]
 
 TABLES = ("idempotency_records", "reservations", "ledger_entries", "accounts")
 T = TypeVar("T")
+R = TypeVar("R")
 
 
 def call(app: Celery, name: str, /, **kwargs: Any) -> dict[str, Any]:
@@ -37,6 +39,16 @@ def refused(session: Session, action: Callable[..., Any], /, *args: Any, **kw: A
         session.rollback()
         return exc
     raise AssertionError(f"{action.__name__} was not refused")
+
+
+def attempt(action: Callable[..., R], /, *args: Any, **kw: Any) -> R | DomainError:
+    """``action`` in its own transaction (``session_scope``): committed, or rolled back and the
+    refusal returned. What a task does, minus Celery."""
+    try:
+        with session_scope() as session:
+            return action(session, *args, **kw)
+    except DomainError as exc:
+        return exc
 
 
 def run_in_threads(count: int, work: Callable[[int], T]) -> list[T]:
