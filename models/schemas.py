@@ -32,10 +32,27 @@ def _check_user_id(value: str) -> str:
     return value
 
 
+def _check_no_nul(value: str) -> str:
+    # PostgreSQL text and jsonb cannot hold U+0000: let it through and the INSERT fails the task.
+    if "\x00" in value:
+        raise ValueError("must not contain NUL characters")
+    return value
+
+
 def _check_metadata(value: dict[str, Any]) -> dict[str, Any]:
     size = len(json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode())
     if size > MAX_METADATA_BYTES:
         raise ValueError(f"is {size} bytes serialized; at most {MAX_METADATA_BYTES} allowed")
+    pending: list[Any] = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str):
+            _check_no_nul(item)
+        elif isinstance(item, dict):
+            pending.extend(item.keys())
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
     return value
 
 
@@ -47,10 +64,11 @@ def _as_utc(value: datetime) -> datetime:
 UserId = Annotated[str, Field(min_length=1, max_length=128), AfterValidator(_check_user_id)]
 Amount = Annotated[int, Field(le=MAX_AMOUNT)]
 Metadata = Annotated[dict[str, Any], AfterValidator(_check_metadata)]
-IdempotencyKey = Annotated[str, Field(min_length=1, max_length=255)]
-OperationType = Annotated[str, Field(min_length=1, max_length=64)]
-TierName = Annotated[str, Field(min_length=1, max_length=64)]
-Reason = Annotated[str, Field(max_length=1000)]
+NoNul = AfterValidator(_check_no_nul)
+IdempotencyKey = Annotated[str, Field(min_length=1, max_length=255), NoNul]
+OperationType = Annotated[str, Field(min_length=1, max_length=64), NoNul]
+TierName = Annotated[str, Field(min_length=1, max_length=64), NoNul]
+Reason = Annotated[str, Field(max_length=1000), NoNul]
 UTCDatetime = Annotated[
     datetime,
     AfterValidator(_as_utc),
@@ -151,7 +169,7 @@ class ReserveIn(Payload):
     idempotency_key: IdempotencyKey | None = None
 
 
-ReservationId = Annotated[str, Field(min_length=1, max_length=64)]
+ReservationId = Annotated[str, Field(min_length=1, max_length=64), NoNul]
 
 
 class CaptureIn(Payload):
