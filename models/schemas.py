@@ -75,7 +75,7 @@ UTCDatetime = Annotated[
     PlainSerializer(lambda d: d.isoformat(), return_type=str, when_used="json"),
 ]
 Limit = Annotated[int, Field(ge=1, le=1000)]
-Offset = Annotated[int, Field(ge=0)]
+Offset = Annotated[int, Field(ge=0, le=2**63 - 1)]  # SQL OFFSET is a BIGINT
 
 
 class Payload(BaseModel):
