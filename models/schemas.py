@@ -58,7 +58,10 @@ def _check_metadata(value: dict[str, Any]) -> dict[str, Any]:
 
 def _as_utc(value: datetime) -> datetime:
     # A date given without an offset is read as UTC.
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    try:
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    except OverflowError:  # e.g. 0001-01-01T00:00:00+01:00: no such year in UTC
+        raise ValueError("is out of range in UTC") from None
 
 
 UserId = Annotated[str, Field(min_length=1, max_length=128), AfterValidator(_check_user_id)]
