@@ -8,6 +8,7 @@ from typing import Any, cast
 from sqlalchemy import (
     ColumnElement,
     Select,
+    and_,
     case,
     delete,
     func,
@@ -152,6 +153,9 @@ def statistics(
 def delete_old_entries(session: Session, older_than: datetime) -> DeletedOut:
     """Delete entries created before ``older_than``; each affected user keeps one
     ``carried_forward`` entry holding the sum removed, so balance == sum of ledger still holds.
+
+    An earlier ``carried_forward`` entry is folded into the new one, but neither it nor a user
+    with nothing else to prune counts or is rewritten: running it again changes nothing.
     """
     if session.get_bind().dialect.name == "postgresql":
         return DeletedOut(deleted=_delete_old_entries_pg(session, older_than))
@@ -161,19 +165,27 @@ def delete_old_entries(session: Session, older_than: datetime) -> DeletedOut:
 _PG_CARRY_FORWARD = text(
     """
     WITH gone AS (
-        DELETE FROM ledger_entries WHERE created_at < :cutoff
-        RETURNING user_id, tokens_amount, created_at
+        DELETE FROM ledger_entries
+        WHERE created_at < :cutoff
+          AND user_id IN (SELECT user_id FROM ledger_entries
+                          WHERE created_at < :cutoff AND kind <> 'carried_forward')
+        RETURNING user_id, kind, tokens_amount, metadata, created_at
     ), carried AS (
         INSERT INTO ledger_entries (user_id, kind, operation_type, tokens_amount,
                                     balance_before, balance_after, metadata, created_at)
         SELECT user_id, 'carried_forward', 'carried_forward', SUM(tokens_amount),
                0, SUM(tokens_amount),
-               jsonb_build_object('entries', COUNT(*), 'older_than', CAST(:cutoff_text AS text)),
+               jsonb_build_object(
+                   'entries', SUM(CASE WHEN kind = 'carried_forward'
+                                       THEN COALESCE((metadata->>'entries')::bigint, 1)
+                                       ELSE 1 END),
+                   'older_than', CAST(:cutoff_text AS text)),
                MAX(created_at)
         FROM gone GROUP BY user_id
         RETURNING 1
     )
-    SELECT (SELECT COUNT(*) FROM gone), (SELECT COUNT(*) FROM carried)
+    SELECT (SELECT COUNT(*) FROM gone WHERE kind <> 'carried_forward'),
+           (SELECT COUNT(*) FROM carried)
     """
 )
 
@@ -189,7 +201,10 @@ def _delete_old_entries_pg(session: Session, older_than: datetime) -> int:
 def _delete_old_entries_portable(session: Session, older_than: datetime) -> int:
     # SQLite has no data-modifying CTE; its writers are serialised (BEGIN IMMEDIATE), so the
     # sum and the delete below see the same rows.
-    old = LedgerEntry.created_at < older_than
+    before = LedgerEntry.created_at < older_than
+    earlier_carry = LedgerEntry.kind == CARRIED_FORWARD
+    prunable = select(LedgerEntry.user_id).where(before, ~earlier_carry)
+    old = and_(before, LedgerEntry.user_id.in_(prunable))
     carried: list[dict[str, Any]] = [
         {
             "user_id": user_id,
@@ -205,17 +220,23 @@ def _delete_old_entries_portable(session: Session, older_than: datetime) -> int:
             select(
                 LedgerEntry.user_id,
                 func.sum(LedgerEntry.tokens_amount),
-                func.count(),
+                func.sum(
+                    case(
+                        (earlier_carry, func.coalesce(LedgerEntry.meta["entries"].as_integer(), 1)),
+                        else_=1,
+                    )
+                ),
                 func.max(LedgerEntry.created_at),
             )
             .where(old)
             .group_by(LedgerEntry.user_id)
         )
     ]
+    folded = session.execute(select(func.count()).where(old, earlier_carry)).scalar_one()
     deleted = cast(CursorResult[Any], session.execute(delete(LedgerEntry).where(old))).rowcount
     if carried:
         session.execute(insert(LedgerEntry), carried)
-    return int(deleted)
+    return int(deleted) - int(folded)
 
 
 def reconcile(session: Session, user_id: str | None = None) -> ReconcileOut:
