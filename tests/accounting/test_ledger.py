@@ -1,0 +1,355 @@
+"""accounting/ledger.py: queries, pruning and reconciliation over PostgreSQL."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta, timezone
+
+from sqlalchemy import select, text
+from sqlalchemy.orm import Session
+
+from accounting import accounts, ledger, movements
+from models.schemas import EntryOut, TypeStats
+from models.tables import LedgerEntry
+from tests.support import assert_ledger_consistent
+
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def day(n: int) -> datetime:
+    return T0 + timedelta(days=n)
+
+
+def backdate(session: Session, entry_id: str | int, when: datetime) -> None:
+    session.execute(
+        text("UPDATE ledger_entries SET created_at = :when WHERE id = :id"),
+        {"when": when, "id": int(entry_id)},
+    )
+
+
+def opening_entry(session: Session, user_id: str, balance: int) -> str:
+    accounts.open_account(session, user_id, initial_balance=balance)
+    return str(session.scalar(select(LedgerEntry.id).where(LedgerEntry.user_id == user_id)))
+
+
+def history(session: Session) -> dict[str, str]:
+    """u1 and u2, one entry a day from T0 (day 0: u1's opening adjustment; day 1: u2's)."""
+    ids = {
+        "u1_open": opening_entry(session, "u1", 100),
+        "u2_open": opening_entry(session, "u2", 40),
+        "u1_debit": movements.debit(session, "u1", 30, "image_generation").ledger_entry_id,
+        "u1_charge": movements.charge(session, "u1", "chatgpt_message").ledger_entry_id,
+        "u2_charge": movements.charge(session, "u2", "image_generation").ledger_entry_id,
+        "u1_refund": movements.refund(session, "u1", 10).ledger_entry_id,
+        "u1_credit": movements.credit(session, "u1", 50).ledger_entry_id,
+        "u1_image": movements.charge(session, "u1", "image_generation").ledger_entry_id,
+    }
+    for n, entry_id in enumerate(ids.values()):
+        backdate(session, entry_id, day(n))
+    session.commit()
+    return ids
+
+
+def ids_of(entries: list[EntryOut]) -> list[str]:
+    return [e.id for e in entries]
+
+
+# --- queries ---------------------------------------------------------------------------------
+
+
+def test_user_entries_newest_first_with_every_field(session: Session) -> None:
+    ids = history(session)
+    out = ledger.user_entries(session, "u1")
+    assert ids_of(out.entries) == [
+        ids[k] for k in ["u1_image", "u1_credit", "u1_refund", "u1_charge", "u1_debit", "u1_open"]
+    ]
+    refund = out.entries[2]
+    assert refund.model_dump() == {
+        "id": ids["u1_refund"],
+        "user_id": "u1",
+        "operation_type": "refund",
+        "tokens_amount": 10,
+        "balance_before": 65,
+        "balance_after": 75,
+        "idempotency_key": None,
+        "original_entry_id": None,
+        "metadata": {},
+        "created_at": day(5),
+    }
+    assert refund.model_dump(mode="json")["created_at"] == "2026-01-06T00:00:00+00:00"
+    assert ledger.user_entries(session, "nobody").entries == []
+
+
+def test_entries_written_at_the_same_instant_are_ordered_by_id(session: Session) -> None:
+    opened = opening_entry(session, "u1", 100)
+    a = movements.debit(session, "u1", 1, "chatgpt_message").ledger_entry_id
+    b = movements.debit(session, "u1", 2, "chatgpt_message").ledger_entry_id
+    session.execute(text("UPDATE ledger_entries SET created_at = :t"), {"t": T0})
+    session.commit()
+    assert ids_of(ledger.user_entries(session, "u1").entries) == [b, a, opened]
+
+
+def test_user_entries_filtered_by_operation_type(session: Session) -> None:
+    ids = history(session)
+    out = ledger.user_entries(session, "u1", operation_type="image_generation")
+    assert ids_of(out.entries) == [ids["u1_image"], ids["u1_debit"]]
+    assert ledger.user_entries(session, "u1", operation_type="sora_image").entries == []
+
+
+def test_period_is_start_inclusive_end_exclusive(session: Session) -> None:
+    ids = history(session)
+    # u1 entries sit on days 0, 2, 3, 5, 6, 7.
+    out = ledger.user_entries(session, "u1", start_date=day(3), end_date=day(6))
+    assert ids_of(out.entries) == [ids["u1_refund"], ids["u1_charge"]]
+    assert ids_of(ledger.user_entries(session, "u1", start_date=day(7)).entries) == [
+        ids["u1_image"]
+    ]
+    assert ids_of(ledger.user_entries(session, "u1", end_date=day(2)).entries) == [ids["u1_open"]]
+    # Adjacent periods never overlap nor leave a gap.
+    first = ledger.user_entries(session, "u1", end_date=day(5)).entries
+    second = ledger.user_entries(session, "u1", start_date=day(5)).entries
+    assert len(first) + len(second) == 6
+    assert set(ids_of(first)).isdisjoint(ids_of(second))
+    # The same instant at another offset is the same bound.
+    same_instant = datetime(2026, 1, 4, 1, 0, tzinfo=timezone(timedelta(hours=1)))
+    assert same_instant == day(3)
+    out = ledger.user_entries(session, "u1", start_date=same_instant, end_date=day(6))
+    assert ids_of(out.entries) == [ids["u1_refund"], ids["u1_charge"]]
+
+
+def test_user_entries_paging(session: Session) -> None:
+    ids = history(session)
+    newest_first = [
+        ids[k] for k in ["u1_image", "u1_credit", "u1_refund", "u1_charge", "u1_debit", "u1_open"]
+    ]
+    pages = [ids_of(ledger.user_entries(session, "u1", limit=4, offset=o).entries) for o in (0, 4)]
+    assert pages == [newest_first[:4], newest_first[4:]]
+    assert (
+        ids_of(ledger.user_entries(session, "u1", limit=2, offset=1).entries) == newest_first[1:3]
+    )
+    assert ledger.user_entries(session, "u1", offset=6).entries == []
+
+
+def test_entries_by_type(session: Session) -> None:
+    ids = history(session)
+    out = ledger.entries_by_type(session, "image_generation")
+    assert ids_of(out.entries) == [ids["u1_image"], ids["u2_charge"], ids["u1_debit"]]
+    assert {e.user_id for e in out.entries} == {"u1", "u2"}
+    assert ids_of(
+        ledger.entries_by_type(
+            session, "image_generation", start_date=day(2), end_date=day(7)
+        ).entries
+    ) == [ids["u2_charge"], ids["u1_debit"]]
+    assert ids_of(
+        ledger.entries_by_type(session, "image_generation", limit=1, offset=1).entries
+    ) == [ids["u2_charge"]]
+    assert ids_of(ledger.entries_by_type(session, "adjustment").entries) == [
+        ids["u2_open"],
+        ids["u1_open"],
+    ]
+    assert ledger.entries_by_type(session, "sora_image").entries == []
+
+
+# --- totals ----------------------------------------------------------------------------------
+
+
+def test_totals_and_statistics(session: Session) -> None:
+    history(session)
+    # u1: +100 adjustment, -30 debit, -5 charge, +10 refund, +50 credit, -10 charge.
+    assert ledger.total_spent(session, "u1").total == 45
+    assert ledger.total_earned(session, "u1").total == 160
+    stats = ledger.statistics(session, "u1")
+    assert stats.model_dump() == {
+        "success": True,
+        "total_spent": 45,
+        "total_earned": 160,
+        "net_change": 115,
+        "operation_count": 6,
+        "by_type": {
+            "adjustment": {"count": 1, "total": 100},
+            "chatgpt_message": {"count": 1, "total": -5},
+            "image_generation": {"count": 2, "total": -40},
+            "purchase": {"count": 1, "total": 50},
+            "refund": {"count": 1, "total": 10},
+        },
+    }
+    assert stats.net_change == accounts.get_balance(session, "u1").tokens_balance
+
+
+def test_totals_over_a_period(session: Session) -> None:
+    history(session)
+    # Days 2..5 (end exclusive): -30 debit, -5 charge; the refund on day 5 is out.
+    assert ledger.total_spent(session, "u1", start_date=day(2), end_date=day(5)).total == 35
+    assert ledger.total_earned(session, "u1", start_date=day(2), end_date=day(5)).total == 0
+    stats = ledger.statistics(session, "u1", start_date=day(5))
+    assert (stats.total_spent, stats.total_earned, stats.net_change, stats.operation_count) == (
+        10,
+        60,
+        50,
+        3,
+    )
+    assert stats.by_type == {
+        "image_generation": TypeStats(count=1, total=-10),
+        "purchase": TypeStats(count=1, total=50),
+        "refund": TypeStats(count=1, total=10),
+    }
+
+
+def test_totals_of_a_user_without_entries(session: Session) -> None:
+    accounts.open_account(session, "u1")
+    session.commit()
+    assert ledger.total_spent(session, "u1").total == 0
+    assert ledger.total_earned(session, "u1").total == 0
+    assert ledger.statistics(session, "u1").model_dump() == {
+        "success": True,
+        "total_spent": 0,
+        "total_earned": 0,
+        "net_change": 0,
+        "operation_count": 0,
+        "by_type": {},
+    }
+
+
+# --- pruning ---------------------------------------------------------------------------------
+
+
+def carried(session: Session) -> list[tuple[str, str, int, int, int, datetime]]:
+    return [
+        (
+            e.user_id,
+            e.operation_type,
+            e.tokens_amount,
+            e.balance_before,
+            e.balance_after,
+            e.created_at,
+        )
+        for e in session.scalars(
+            select(LedgerEntry)
+            .where(LedgerEntry.kind == "carried_forward")
+            .order_by(LedgerEntry.user_id)
+        )
+    ]
+
+
+def test_delete_old_entries_carries_the_sum_forward(session: Session) -> None:
+    ids = history(session)
+    u3_open = opening_entry(session, "u3", 9)  # written now: nothing to prune
+    session.commit()
+    out = ledger.delete_old_entries(session, day(4))
+    session.commit()
+    # Before day 4 (exclusive): u1's open, debit and charge (100 - 30 - 5); u2's open (40).
+    assert out.model_dump() == {"success": True, "deleted": 4}
+    assert carried(session) == [
+        ("u1", "carried_forward", 65, 0, 65, day(3)),
+        ("u2", "carried_forward", 40, 0, 40, day(1)),
+    ]
+    kept = session.scalars(select(LedgerEntry.id).where(LedgerEntry.kind != "carried_forward"))
+    assert sorted(str(i) for i in kept) == sorted(
+        [ids["u2_charge"], ids["u1_refund"], ids["u1_credit"], ids["u1_image"], u3_open]
+    )
+    cf = ledger.user_entries(session, "u1").entries[-1]
+    assert (cf.operation_type, cf.tokens_amount, cf.metadata) == (
+        "carried_forward",
+        65,
+        {"entries": 3, "older_than": "2026-01-05T00:00:00+00:00"},
+    )
+    assert ledger.reconcile(session).model_dump() == {
+        "success": True,
+        "checked": 3,
+        "mismatches": [],
+    }
+    assert_ledger_consistent(session)
+
+
+def test_delete_old_entries_twice_changes_nothing(session: Session) -> None:
+    history(session)
+    assert ledger.delete_old_entries(session, day(4)).deleted == 4
+    session.commit()
+    before = session.execute(text("SELECT * FROM ledger_entries ORDER BY id")).all()
+    assert ledger.delete_old_entries(session, day(4)).deleted == 0
+    session.commit()
+    assert session.execute(text("SELECT * FROM ledger_entries ORDER BY id")).all() == before
+    assert ledger.reconcile(session).mismatches == []
+
+
+def test_a_later_prune_folds_the_earlier_carry_forward(session: Session) -> None:
+    history(session)
+    ledger.delete_old_entries(session, day(4))
+    session.commit()
+    # Day 4..6: u2's charge; u1's refund and credit. u1 keeps only its charge of day 7.
+    assert ledger.delete_old_entries(session, day(7)).deleted == 3
+    session.commit()
+    assert carried(session) == [
+        ("u1", "carried_forward", 125, 0, 125, day(6)),
+        ("u2", "carried_forward", 30, 0, 30, day(4)),
+    ]
+    u1 = ledger.user_entries(session, "u1").entries
+    assert [(e.operation_type, e.tokens_amount) for e in u1] == [
+        ("image_generation", -10),
+        ("carried_forward", 125),
+    ]
+    assert u1[1].metadata == {"entries": 5, "older_than": "2026-01-08T00:00:00+00:00"}
+    balances = {u: accounts.get_balance(session, u).tokens_balance for u in ("u1", "u2")}
+    assert balances == {"u1": 115, "u2": 30}
+    assert ledger.reconcile(session).mismatches == []
+    assert_ledger_consistent(session)
+
+
+def test_delete_old_entries_with_nothing_old(session: Session) -> None:
+    history(session)
+    assert ledger.delete_old_entries(session, day(0)).deleted == 0
+    session.commit()
+    assert carried(session) == []
+    assert len(ledger.user_entries(session, "u1").entries) == 6
+
+
+# --- reconciliation --------------------------------------------------------------------------
+
+
+def test_reconcile_reports_only_corrupted_balances(session: Session) -> None:
+    history(session)
+    accounts.open_account(session, "empty")
+    session.commit()
+    assert ledger.reconcile(session).model_dump() == {
+        "success": True,
+        "checked": 3,
+        "mismatches": [],
+    }
+    session.execute(
+        text("UPDATE accounts SET tokens_balance = tokens_balance + 7 WHERE user_id = 'u1'")
+    )
+    session.execute(text("UPDATE accounts SET tokens_balance = -3 WHERE user_id = 'empty'"))
+    session.commit()
+    assert ledger.reconcile(session).model_dump() == {
+        "success": True,
+        "checked": 3,
+        "mismatches": [
+            {"user_id": "empty", "balance": -3, "ledger_sum": 0},
+            {"user_id": "u1", "balance": 122, "ledger_sum": 115},
+        ],
+    }
+    assert ledger.reconcile(session, "u1").model_dump() == {
+        "success": True,
+        "checked": 1,
+        "mismatches": [{"user_id": "u1", "balance": 122, "ledger_sum": 115}],
+    }
+    assert ledger.reconcile(session, "u2").model_dump() == {
+        "success": True,
+        "checked": 1,
+        "mismatches": [],
+    }
+    assert ledger.reconcile(session, "nobody").model_dump() == {
+        "success": True,
+        "checked": 0,
+        "mismatches": [],
+    }
+
+
+def test_reconcile_sees_a_lost_ledger_entry(session: Session) -> None:
+    history(session)
+    session.execute(text("DELETE FROM ledger_entries WHERE operation_type = 'purchase'"))
+    session.commit()
+    assert ledger.reconcile(session).mismatches[0].model_dump() == {
+        "user_id": "u1",
+        "balance": 115,
+        "ledger_sum": 65,
+    }
