@@ -1,0 +1,59 @@
+"""Reservations. Without an ``idempotency_key`` the Celery task id is the key, so a redelivered
+message never applies twice."""
+
+from __future__ import annotations
+
+from sqlalchemy.orm import Session
+
+from accounting import reservations
+from models.schemas import (
+    CaptureIn,
+    ExpireOut,
+    MovementOut,
+    NoArgsIn,
+    ReleaseIn,
+    ReleaseOut,
+    ReserveIn,
+    ReserveOut,
+)
+from models.tables import utcnow
+from tasks.base import contract_task
+
+
+@contract_task("tokens.reserve", ReserveIn)
+def reserve(session: Session, p: ReserveIn, task_id: str | None) -> ReserveOut:
+    return reservations.reserve(
+        session,
+        p.user_id,
+        amount=p.amount,
+        operation_type=p.operation_type,
+        ttl_seconds=p.ttl_seconds,
+        metadata=p.metadata,
+        idempotency_key=p.idempotency_key or task_id,
+    )
+
+
+@contract_task("tokens.capture", CaptureIn)
+def capture(session: Session, p: CaptureIn, task_id: str | None) -> MovementOut:
+    return reservations.capture(
+        session, p.reservation_id, amount=p.amount, metadata=p.metadata, idempotency_key=task_id
+    )
+
+
+@contract_task("tokens.release", ReleaseIn)
+def release(session: Session, p: ReleaseIn, task_id: str | None) -> ReleaseOut:
+    return reservations.release(session, p.reservation_id, reason=p.reason, idempotency_key=task_id)
+
+
+@contract_task("reservations.expire", NoArgsIn)
+def expire(session: Session, _p: NoArgsIn, _task_id: str | None) -> ExpireOut:
+    # One short transaction per chunk, so a large backlog never holds locks for long; a retry
+    # after a failure simply carries on with what is left.
+    now = utcnow()
+    expired = 0
+    while True:
+        n = reservations.expire_batch(session, reservations.EXPIRE_CHUNK, now)
+        session.commit()
+        expired += n
+        if n < reservations.EXPIRE_CHUNK:
+            return ExpireOut(expired=expired)
