@@ -16,6 +16,7 @@ TASK_MODULES = [
     "tasks.accounts",
     "tasks.movements",
     "tasks.ledger",
+    "tasks.reservations",
     "tasks.health",
 ]
 
