@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     PlainSerializer,
@@ -56,6 +57,12 @@ def _check_metadata(value: dict[str, Any]) -> dict[str, Any]:
     return value
 
 
+def _parse_iso8601(value: Any) -> Any:
+    # Any ISO 8601 form and nothing else: pydantic's strict parser refuses a calendar date alone
+    # ("2026-06-01") yet reads "1700000000" as a Unix time.
+    return datetime.fromisoformat(value) if isinstance(value, str) else value
+
+
 def _as_utc(value: datetime) -> datetime:
     # A date given without an offset is read as UTC.
     try:
@@ -74,6 +81,7 @@ TierName = Annotated[str, Field(min_length=1, max_length=64), NoNul]
 Reason = Annotated[str, Field(max_length=1000), NoNul]
 UTCDatetime = Annotated[
     datetime,
+    BeforeValidator(_parse_iso8601),
     AfterValidator(_as_utc),
     PlainSerializer(lambda d: d.isoformat(), return_type=str, when_used="json"),
 ]
