@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -22,8 +22,7 @@ DEFAULT_PRICES = {
 }
 
 
-def refusal(action: object, *args: str) -> tuple[str, str]:
-    assert callable(action)
+def refusal(action: Callable[..., object], *args: str) -> tuple[str, str]:
     with pytest.raises(DomainError) as info:
         action(*args)
     return info.value.code, info.value.message
