@@ -19,6 +19,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     if settings.broker_is_redis:
         transport = {
             "visibility_timeout": settings.visibility_timeout,
+            # kombu looks for what a dead worker held only every interval x throttle seconds
+            # (10 x 10 by default), so redelivery came up to 100 s after the visibility timeout.
+            "unacked_restore_interval": max(1, min(10, settings.visibility_timeout // 10)),
+            "unacked_restore_throttle": 1,
             "health_check_interval": 25,
             "socket_keepalive": True,
         }
