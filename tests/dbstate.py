@@ -1,0 +1,85 @@
+"""Read the database directly, to check what a task did (or did not) change."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import text
+
+from worker.db import get_engine
+
+ENTRY_KEYS = {
+    "id",
+    "user_id",
+    "operation_type",
+    "tokens_amount",
+    "balance_before",
+    "balance_after",
+    "idempotency_key",
+    "original_entry_id",
+    "metadata",
+    "created_at",
+}
+BALANCE_KEYS = {
+    "success",
+    "user_id",
+    "tokens_balance",
+    "tokens_reserved",
+    "tokens_available",
+    "tokens_spent",
+    "tier",
+    "last_renewal_at",
+    "subscription_expires_at",
+}
+MOVEMENT_KEYS = {
+    "success",
+    "user_id",
+    "operation_type",
+    "amount",
+    "balance_before",
+    "new_balance",
+    "tokens_spent",
+    "ledger_entry_id",
+    "replayed",
+}
+FAILURE_KEYS = {"success", "error", "error_code"}
+
+
+def _rows(sql: str, **params: Any) -> list[dict[str, Any]]:
+    with get_engine().connect() as conn:
+        return [dict(r) for r in conn.execute(text(sql), params).mappings()]
+
+
+def account(user_id: str) -> dict[str, Any] | None:
+    rows = _rows("SELECT * FROM accounts WHERE user_id = :u", u=user_id)
+    return rows[0] if rows else None
+
+
+def balance(user_id: str) -> int:
+    row = account(user_id)
+    assert row is not None, f"no account {user_id!r}"
+    return int(row["tokens_balance"])
+
+
+def entries(user_id: str) -> list[dict[str, Any]]:
+    """A user's ledger entries, oldest first."""
+    return _rows("SELECT * FROM ledger_entries WHERE user_id = :u ORDER BY id", u=user_id)
+
+
+def snapshot() -> tuple[list[dict[str, Any]], ...]:
+    """Everything a task could change."""
+    return (
+        _rows("SELECT * FROM accounts ORDER BY user_id"),
+        _rows("SELECT * FROM ledger_entries ORDER BY id"),
+        _rows("SELECT * FROM idempotency_records ORDER BY user_id, key"),
+    )
+
+
+def execute(sql: str, **params: Any) -> None:
+    with get_engine().begin() as conn:
+        conn.execute(text(sql), params)
+
+
+def backdate(entry_id: int | str, when: datetime) -> None:
+    execute("UPDATE ledger_entries SET created_at = :t WHERE id = :i", t=when, i=int(entry_id))
