@@ -1,0 +1,242 @@
+"""tasks/base.py: payload validation, error descriptions, which database errors are retried, the
+retry backoff, and the operation_completed signal."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+from pydantic import ValidationError
+from sqlalchemy import create_engine, text
+from sqlalchemy.exc import DataError, IntegrityError, OperationalError, ProgrammingError
+from sqlalchemy.orm import Session
+
+from accounting.accounts import open_account
+from accounting.errors import DomainError
+from models.schemas import DebitIn, UserEntriesIn
+from tasks.base import backoff, describe, is_transient, validate
+from tasks.movements import debit
+from worker.db import get_engine
+from worker.settings import get_settings
+from worker.signals import operation_completed
+
+# --- validate / describe --------------------------------------------------------------------
+
+
+def test_validate_returns_the_payload() -> None:
+    p = validate(DebitIn, {"user_id": "u", "amount": 5, "operation_type": "sora_image"})
+    assert (p.user_id, p.amount, p.operation_type, p.metadata, p.allow_overdraft) == (
+        "u",
+        5,
+        "sora_image",
+        {},
+        False,
+    )
+
+
+def test_validate_refuses_what_json_cannot_carry() -> None:
+    for bad in (float("nan"), {1, 2}, b"u"):
+        with pytest.raises(DomainError) as refused:
+            validate(DebitIn, {"user_id": "u", "amount": bad, "operation_type": "sora_image"})
+        assert refused.value.code == "VALIDATION_ERROR"
+        assert refused.value.message.startswith("Invalid arguments: not JSON")
+
+
+def test_validate_names_each_bad_field() -> None:
+    with pytest.raises(DomainError) as refused:
+        validate(DebitIn, {"user_id": " ", "amount": True, "nope": 1})
+    assert refused.value.code == "VALIDATION_ERROR"
+    assert refused.value.message == (
+        "Invalid arguments: user_id: must not be blank; amount: Input should be a valid integer; "
+        "operation_type: Field required; nope: unknown argument"
+    )
+
+
+def real_validation_error(schema: Any, raw: str) -> ValidationError:
+    with pytest.raises(ValidationError) as caught:
+        schema.model_validate_json(raw, strict=True)
+    return caught.value
+
+
+def test_describe_strips_the_value_error_prefix_and_names_extra_arguments() -> None:
+    exc = real_validation_error(UserEntriesIn, '{"user_id": "a\\nb", "limit": 0, "x": 1}')
+    assert describe(exc) == (
+        "Invalid arguments: user_id: must not contain control characters; "
+        "limit: Input should be greater than or equal to 1; x: unknown argument"
+    )
+
+
+def test_describe_names_the_kwargs_when_the_whole_payload_is_wrong() -> None:
+    exc = real_validation_error(UserEntriesIn, "[1, 2]")
+    assert describe(exc).startswith("Invalid arguments: kwargs: ")
+
+
+# --- is_transient ---------------------------------------------------------------------------
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])  # nothing listens once the socket is closed
+
+
+def raised(action: Any) -> BaseException:
+    try:
+        action()
+    except Exception as exc:
+        return exc
+    raise AssertionError("expected an exception")
+
+
+def test_database_unreachable_is_transient() -> None:
+    engine = create_engine(
+        f"postgresql+psycopg://postgres@127.0.0.1:{closed_port()}/x",
+        connect_args={"connect_timeout": 2},
+    )
+    exc = raised(engine.connect)
+    assert isinstance(exc, OperationalError)
+    assert is_transient(exc)
+
+
+def test_connection_killed_by_the_server_is_transient(clean_db: None) -> None:
+    engine = create_engine(get_settings().db_url, pool_size=1, max_overflow=0)
+    try:
+        with engine.connect() as conn:
+            pid = conn.execute(text("SELECT pg_backend_pid()")).scalar_one()
+            with get_engine().begin() as admin:
+                admin.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+            exc = raised(lambda: conn.execute(text("SELECT 1")))
+        assert isinstance(exc, OperationalError)
+        assert exc.connection_invalidated
+        assert is_transient(exc)
+    finally:
+        engine.dispose()
+
+
+def test_serialization_failure_is_transient(session: Session) -> None:
+    open_account(session, "u", initial_balance=1)
+    session.commit()
+    with get_engine().connect() as a, get_engine().connect() as b:
+        a.execute(text("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ"))
+        a.execute(text("SELECT tokens_balance FROM accounts WHERE user_id = 'u'"))
+        b.execute(text("UPDATE accounts SET tokens_balance = 2 WHERE user_id = 'u'"))
+        b.commit()
+        stmt = text("UPDATE accounts SET tokens_balance = 3 WHERE user_id = 'u'")
+        exc = raised(lambda: a.execute(stmt))
+        a.rollback()
+    assert isinstance(exc, OperationalError)
+    assert isinstance(exc.orig, psycopg.errors.SerializationFailure)
+    assert is_transient(exc)
+
+
+def test_errors_a_retry_cannot_fix_are_not_transient(session: Session) -> None:
+    open_account(session, "u")
+    session.commit()
+    duplicate = raised(lambda: open_account_row(session))
+    session.rollback()
+    assert isinstance(duplicate, IntegrityError)
+    bad_sql = raised(lambda: session.execute(text("SELECT nope FROM accounts")))
+    session.rollback()
+    assert isinstance(bad_sql, ProgrammingError)
+    nul = raised(lambda: session.execute(text("SELECT CAST(:v AS text)"), {"v": "a\x00"}))
+    session.rollback()
+    assert isinstance(nul, DataError)
+    for exc in (duplicate, bad_sql, nul, ValueError("x"), DomainError("USER_NOT_FOUND", "x")):
+        assert not is_transient(exc), exc
+
+
+def open_account_row(session: Session) -> None:
+    session.execute(
+        text(
+            "INSERT INTO accounts (user_id, tier, tokens_balance, tokens_reserved, tokens_spent,"
+            " created_at, updated_at) VALUES ('u', 'Gift', 0, 0, 0, now(), now())"
+        )
+    )
+
+
+# --- backoff --------------------------------------------------------------------------------
+
+
+def test_backoff_is_jittered_exponential_and_capped() -> None:
+    settings = get_settings()
+    cap = min(settings.retry_backoff_max, settings.visibility_timeout / 4)
+    for retries in range(12):
+        bound = min(cap, 0.5 * 2**retries)
+        delays = [backoff(retries) for _ in range(200)]
+        assert all(0 <= d <= bound for d in delays), retries
+        assert len(set(delays)) > 1  # jitter: retries of many tasks do not stampede together
+    assert max(backoff(30) for _ in range(200)) > cap / 2  # the cap, not the doubling, binds
+    assert cap < settings.visibility_timeout
+
+
+# --- operation_completed --------------------------------------------------------------------
+
+
+@pytest.fixture
+def completed() -> Iterator[list[dict[str, Any]]]:
+    seen: list[dict[str, Any]] = []
+
+    def receiver(sender: Any, **kwargs: Any) -> None:
+        seen.append({"sender": sender, **kwargs})
+
+    operation_completed.connect(receiver, weak=False)
+    try:
+        yield seen
+    finally:
+        operation_completed.disconnect(receiver)
+
+
+SIGNAL_FIELDS = {
+    "sender",
+    "signal",
+    "operation",
+    "user_id",
+    "amount",
+    "success",
+    "duration",
+    "error",
+    "error_code",
+}
+
+
+def test_operation_completed_after_a_movement(
+    session: Session, completed: list[dict[str, Any]]
+) -> None:
+    open_account(session, "u", initial_balance=100)
+    session.commit()
+    out = debit.apply(kwargs={"user_id": "u", "amount": 10, "operation_type": "sora_image"}).get()
+    assert out["success"] and out["new_balance"] == 90
+    [event] = completed
+    assert set(event) == SIGNAL_FIELDS
+    assert event["operation"] == event["sender"] == "tokens.debit"
+    assert (event["user_id"], event["amount"], event["success"]) == ("u", -10, True)
+    assert (event["error"], event["error_code"]) == (None, None)
+    assert isinstance(event["duration"], float) and event["duration"] > 0
+
+
+def test_operation_completed_after_a_refusal(
+    session: Session, completed: list[dict[str, Any]]
+) -> None:
+    open_account(session, "u", initial_balance=5)
+    session.commit()
+    out = debit.apply(kwargs={"user_id": "u", "amount": 10, "operation_type": "sora_image"}).get()
+    assert out["error_code"] == "INSUFFICIENT_TOKENS"
+    bad = debit.apply(kwargs={"user_id": 7, "amount": 10, "operation_type": "sora_image"}).get()
+    assert bad["error_code"] == "VALIDATION_ERROR"
+    refusal, invalid = completed
+    assert refusal == {
+        "sender": "tokens.debit",
+        "signal": operation_completed,
+        "operation": "tokens.debit",
+        "user_id": "u",
+        "amount": None,
+        "success": False,
+        "duration": refusal["duration"],
+        "error": "Insufficient tokens. Required: 10, Available: 5",
+        "error_code": "INSUFFICIENT_TOKENS",
+    }
+    assert invalid["user_id"] is None  # not a string: not passed on as a user id
+    assert (invalid["success"], invalid["error_code"]) == (False, "VALIDATION_ERROR")
