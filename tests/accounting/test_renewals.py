@@ -1,0 +1,577 @@
+"""accounting/renewals.py over a real PostgreSQL session (and the portable path on SQLite)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import create_engine, select, text
+from sqlalchemy.orm import Session, sessionmaker
+
+from accounting import accounts, movements, renewals
+from accounting.errors import DomainError
+from models.schemas import SweepOut
+from models.tables import Account, LedgerEntry
+from tests.polling import wait_for
+from tests.support import assert_ledger_consistent, refused
+from worker.db import get_engine, make_engine, session_factory
+from worker.migrate import upgrade
+from worker.signals import balance_changed
+
+NOW = datetime(2026, 11, 24, 2, 0, 1, tzinfo=UTC)
+ALLOCATION = {"Gift": 100, "Professional": 2000, "Business": 10000}
+
+
+def at(day: int, clock: str = "00:00:00", base: datetime = NOW) -> datetime:
+    """``day`` UTC days after (negative: before) ``base``'s date, at ``clock``."""
+    hours, minutes, seconds = clock.split(":")
+    midnight = datetime.combine(base.date(), datetime.min.time(), tzinfo=UTC)
+    return midnight + timedelta(
+        days=day, hours=int(hours), minutes=int(minutes), seconds=float(seconds)
+    )
+
+
+def open_(
+    session: Session,
+    user_id: str,
+    tier: str = "Gift",
+    last: datetime | None = None,
+    expires: datetime | None = None,
+    balance: int = 0,
+) -> None:
+    accounts.open_account(
+        session,
+        user_id,
+        tier=tier,
+        initial_balance=balance,
+        subscription_expires_at=expires,
+        last_renewal_at=last,
+    )
+
+
+def renewal_entries(session: Session, user_id: str | None = None) -> list[LedgerEntry]:
+    stmt = select(LedgerEntry).where(LedgerEntry.kind == "renewal").order_by(LedgerEntry.id)
+    if user_id is not None:
+        stmt = stmt.where(LedgerEntry.user_id == user_id)
+    return list(session.scalars(stmt))
+
+
+def renewed_users(session: Session) -> list[str]:
+    return sorted({e.user_id for e in renewal_entries(session)})
+
+
+def sweep(**kw: Any) -> SweepOut:
+    return renewals.sweep(session_factory(), **({"now": NOW} | kw))
+
+
+def snapshot(session: Session) -> list[list[tuple[Any, ...]]]:
+    return [
+        [tuple(r) for r in session.execute(text(f"SELECT * FROM {t} ORDER BY 1"))]
+        for t in ("accounts", "ledger_entries")
+    ]
+
+
+# --- the rule: every path agrees ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    tier: str
+    last: datetime | None
+    expires: datetime | None
+    now: datetime
+    eligible: bool
+    reason: str
+    days: int
+    next_date: datetime | None
+
+
+def due_case(name: str, last: datetime, now: datetime, tier: str = "Gift") -> Case:
+    return Case(name, tier, last, None, now, True, "Renewal due", 0, at(30, base=last))
+
+
+def waiting_case(name: str, last: datetime, now: datetime, days: int) -> Case:
+    reason = f"Next renewal in {days} days"
+    return Case(name, "Gift", last, None, now, False, reason, days, at(30, base=last))
+
+
+D0 = datetime(2026, 10, 1, tzinfo=UTC)
+CASES = [
+    Case("never renewed", "Gift", None, None, NOW, True, "Never renewed", 0, None),
+    due_case("30 days, sweep-to-sweep", at(0, "02:00:05", D0), at(30, "02:00:01", D0)),
+    due_case("30 days, 23:59 to 00:01", at(0, "23:59:00", D0), at(30, "00:01:00", D0)),
+    due_case("30 days, 00:00 to 23:59", at(0, "00:00:00", D0), at(30, "23:59:59", D0)),
+    due_case("30 days, last microsecond", at(0, "23:59:59.999999", D0), at(30, "00:00:00", D0)),
+    due_case("45 days", at(0, "12:00:00", D0), at(45, "01:00:00", D0)),
+    waiting_case("29 days, 00:01 to 23:59", at(0, "00:01:00", D0), at(29, "23:59:00", D0), 1),
+    waiting_case("29 days, 23:59 to 23:59", at(0, "23:59:00", D0), at(29, "23:59:59", D0), 1),
+    waiting_case("renewed today", at(0, "02:00:05", D0), at(0, "02:00:06", D0), 30),
+    waiting_case("renewed 10 days ago", at(0, "02:00:05", D0), at(10, "00:00:00", D0), 20),
+    Case(
+        "expired paid subscription",
+        "Professional",
+        at(-40),
+        NOW - timedelta(seconds=1),
+        NOW,
+        False,
+        "Subscription expired",
+        0,
+        at(-10),
+    ),
+    Case(
+        "paid subscription expiring this instant",
+        "Business",
+        None,
+        NOW,
+        NOW,
+        False,
+        "Subscription expired",
+        0,
+        None,
+    ),
+    Case(
+        "active paid subscription",
+        "Business",
+        at(-40),
+        NOW + timedelta(days=1),
+        NOW,
+        True,
+        "Renewal due",
+        0,
+        at(-10),
+    ),
+    Case("paid tier, no expiry", "Professional", at(-30), None, NOW, True, "Renewal due", 0, at(0)),
+    Case(
+        "Gift ignores an expiry",
+        "Gift",
+        at(-31),
+        NOW - timedelta(days=10),
+        NOW,
+        True,
+        "Renewal due",
+        0,
+        at(-1),
+    ),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_eligibility_rule_is_the_same_for_every_path(session: Session, case: Case) -> None:
+    """check_eligibility, due, a dry run, the sweep and renew_user agree on each rule."""
+    open_(session, "u", case.tier, case.last, case.expires)
+    open_(session, "v", case.tier, case.last, case.expires)
+    session.commit()
+
+    verdict = renewals.check_eligibility(session, "u", now=case.now)
+    assert verdict.model_dump() == {
+        "success": True,
+        "user_id": "u",
+        "eligible": case.eligible,
+        "reason": case.reason,
+        "next_renewal_date": case.next_date,
+        "days_until_renewal": case.days,
+    }
+    expected = ["u", "v"] if case.eligible else []
+    assert renewals.due(session, now=case.now).user_ids == expected
+    assert sweep(now=case.now, dry_run=True).successful == len(expected)
+
+    out = sweep(now=case.now, tier=case.tier, limit=1)
+    assert (out.successful, out.failed, out.skipped) == (len(expected[:1]), 0, 0)
+    session.expire_all()
+    assert renewed_users(session) == expected[:1]
+
+    if case.eligible:
+        renewed = renewals.renew_user(session, "v", now=case.now)
+        assert (renewed.tokens_added, renewed.new_balance) == (ALLOCATION[case.tier],) * 2
+    else:
+        code = "SUBSCRIPTION_EXPIRED" if case.reason == "Subscription expired" else "NOT_DUE"
+        err = refused(session, renewals.renew_user, "v", now=case.now)
+        assert (err.code, err.message) == (code, case.reason)
+
+
+def test_no_drift_a_daily_sweep_renews_every_30_days(session: Session) -> None:
+    """Renewed at 02:00:05, the user is due at the sweep 30 days later at 02:00:01 (a 24-hour
+    rule would slip a day every period)."""
+    open_(session, "u")
+    session.commit()
+    day0 = at(0, "02:00:05", D0)
+    assert sweep(now=day0).successful == 1
+    renewal_days = []
+    for day in range(1, 121):
+        if sweep(now=at(day, "02:00:01", D0)).successful:
+            renewal_days.append(day)
+    assert renewal_days == [30, 60, 90, 120]
+    session.expire_all()
+    assert [e.created_at for e in renewal_entries(session)] == [
+        day0,
+        *(at(d, "02:00:01", D0) for d in (30, 60, 90, 120)),
+    ]
+
+
+# --- renew_user -------------------------------------------------------------------------------
+
+
+def test_renew_user_adds_the_allocation_with_its_ledger_entry(session: Session) -> None:
+    open_(session, "pro", "Professional", last=at(-31), balance=15)
+    session.commit()
+    out = renewals.renew_user(session, "pro", now=NOW)
+    session.commit()
+    assert out.model_dump() == {
+        "success": True,
+        "user_id": "pro",
+        "tier": "Professional",
+        "tokens_added": 2000,
+        "previous_balance": 15,
+        "new_balance": 2015,
+        "renewal_date": NOW,
+    }
+    (entry,) = renewal_entries(session, "pro")
+    assert (entry.operation_type, entry.tokens_amount, entry.balance_before) == (
+        "monthly_reset",
+        2000,
+        15,
+    )
+    assert (entry.balance_after, entry.meta, entry.created_at) == (
+        2015,
+        {"tier": "Professional", "source": "renew_user"},
+        NOW,
+    )
+    account = accounts.get_balance(session, "pro")
+    assert (account.tokens_balance, account.last_renewal_at) == (2015, NOW)
+    assert_ledger_consistent(session)
+
+
+def test_renew_user_refusals_change_nothing(session: Session) -> None:
+    open_(session, "u", last=at(-31))
+    open_(session, "gone", "Business", last=at(-31), expires=at(-1))
+    session.commit()
+    renewals.renew_user(session, "u", now=NOW)
+    session.commit()
+    before = snapshot(session)
+    for user_id, code, message in [
+        ("u", "NOT_DUE", "Next renewal in 30 days"),
+        ("gone", "SUBSCRIPTION_EXPIRED", "Subscription expired"),
+        ("nobody", "USER_NOT_FOUND", "User not found"),
+    ]:
+        err = refused(session, renewals.renew_user, user_id, now=NOW)
+        assert (err.code, err.message) == (code, message)
+    err = refused(session, renewals.check_eligibility, "nobody")
+    assert err.code == "USER_NOT_FOUND"
+    assert snapshot(session) == before
+
+
+def test_concurrent_renew_user_calls_renew_once(session: Session) -> None:
+    """Ten transactions race for one due user: the guard in the UPDATE lets one through."""
+    open_(session, "u", "Business", last=at(-40))
+    session.commit()
+    engine = create_engine(get_engine().url, pool_size=10, max_overflow=0)
+    barrier = threading.Barrier(10)
+
+    def attempt(_: int) -> str:
+        with Session(engine) as s:
+            barrier.wait(timeout=30)
+            try:
+                renewals.renew_user(s, "u", now=NOW)
+            except DomainError as exc:
+                s.rollback()
+                return exc.code
+            s.commit()
+            return "renewed"
+
+    try:
+        outcomes = run_threads(10, attempt)
+    finally:
+        engine.dispose()
+    assert sorted(outcomes) == ["NOT_DUE"] * 9 + ["renewed"]
+    session.expire_all()
+    assert len(renewal_entries(session, "u")) == 1
+    assert accounts.get_balance(session, "u").tokens_balance == 10000
+
+
+def run_threads(count: int, work: Callable[[int], str]) -> list[str]:
+    results: list[str] = [""] * count
+    errors: list[BaseException] = []
+
+    def run(i: int) -> None:
+        try:
+            results[i] = work(i)
+        except BaseException as exc:  # surfaced below, not lost in the thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+    return results
+
+
+# --- due and the sweep ------------------------------------------------------------------------
+
+
+def seed_mixed(session: Session) -> list[str]:
+    """Due and not-due users of every tier; returns the due ones in sweep order."""
+    open_(session, "n2")  # never renewed: first, by user_id
+    open_(session, "n1", "Business")
+    open_(session, "old-b", "Professional", last=at(-90, "05:00:00"))
+    open_(session, "old-a", last=at(-90, "05:00:00"))  # same instant: by user_id
+    open_(session, "mid", "Business", last=at(-45, "23:00:00"), expires=at(30))
+    open_(session, "edge", last=at(-30, "23:59:59"))
+    open_(session, "recent", last=at(-29))  # not due
+    open_(session, "expired", "Professional", last=at(-60), expires=at(-1))  # not due
+    open_(session, "x-never-expired", "Business", expires=at(-5))  # not due
+    session.commit()
+    return ["n1", "n2", "old-a", "old-b", "mid", "edge"]
+
+
+@pytest.mark.parametrize("chunk_size", [1, 2, 5000])
+def test_sweep_renews_each_due_user_once_in_order(session: Session, chunk_size: int) -> None:
+    order = seed_mixed(session)
+    assert renewals.due(session, now=NOW).user_ids == order
+    out = sweep(chunk_size=chunk_size)
+    assert out.model_dump() == {
+        "success": True,
+        "total_processed": 6,
+        "successful": 6,
+        "failed": 0,
+        "skipped": 0,
+        "errors": [],
+    }
+    session.expire_all()
+    assert renewed_users(session) == sorted(order)
+    for entry in renewal_entries(session):
+        tier = accounts.get_balance(session, entry.user_id).tier
+        assert (entry.operation_type, entry.tokens_amount) == ("monthly_reset", ALLOCATION[tier])
+        assert (entry.meta, entry.created_at) == ({"tier": tier, "source": "sweep"}, NOW)
+    assert renewals.due(session, now=NOW).user_ids == []
+    assert sweep(chunk_size=chunk_size).total_processed == 0
+    assert_ledger_consistent(session)
+
+
+def test_sweep_limit_renews_those_due_longest(session: Session) -> None:
+    order = seed_mixed(session)
+    assert renewals.due(session, now=NOW, limit=3).user_ids == order[:3]
+    assert sweep(limit=3, chunk_size=2).successful == 3
+    session.expire_all()
+    assert renewed_users(session) == sorted(order[:3])
+    assert renewals.due(session, now=NOW).user_ids == order[3:]
+
+
+def test_sweep_tier_filter(session: Session) -> None:
+    seed_mixed(session)
+    assert renewals.due(session, tier="Business", now=NOW).user_ids == ["n1", "mid"]
+    assert sweep(tier="Business").successful == 2
+    session.expire_all()
+    assert renewed_users(session) == ["mid", "n1"]
+    err = refused(session, renewals.due, tier="Platinum")
+    assert err.code == "VALIDATION_ERROR"
+    with pytest.raises(DomainError) as raised:
+        sweep(tier="Platinum")
+    assert raised.value.code == "VALIDATION_ERROR"
+
+
+def test_dry_run_changes_nothing_and_counts_what_the_sweep_does(session: Session) -> None:
+    seed_mixed(session)
+    before = snapshot(session)
+    variants: list[dict[str, Any]] = [{}, {"limit": 4}, {"tier": "Gift"}]
+    for kw in variants:
+        dry = sweep(dry_run=True, chunk_size=2, **kw)
+        assert snapshot(session) == before
+        real = sweep(chunk_size=2, **kw)
+        assert dry == real
+        session.rollback()
+        session.execute(text("TRUNCATE ledger_entries, accounts CASCADE"))
+        session.commit()
+        seed_mixed(session)
+        before = snapshot(session)
+
+
+@pytest.fixture
+def poisoned(session: Session) -> Iterator[None]:
+    """A trigger that makes the renewal entry of users named poison* fail in the database."""
+    session.execute(
+        text(
+            """
+            CREATE FUNCTION refuse_poison() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN
+                IF NEW.user_id LIKE 'poison%' AND NEW.kind = 'renewal' THEN
+                    RAISE EXCEPTION 'refusing to renew %', NEW.user_id;
+                END IF;
+                RETURN NEW;
+            END $$;
+            CREATE TRIGGER refuse_poison BEFORE INSERT ON ledger_entries
+                FOR EACH ROW EXECUTE FUNCTION refuse_poison();
+            """
+        )
+    )
+    session.commit()
+    try:
+        yield
+    finally:
+        session.rollback()
+        session.execute(text("DROP TRIGGER refuse_poison ON ledger_entries"))
+        session.execute(text("DROP FUNCTION refuse_poison()"))
+        session.commit()
+
+
+def seed_with_poison(session: Session) -> None:
+    for i in range(7):
+        open_(session, f"user-{i}", last=at(-40 + i))
+    open_(session, "poison", last=at(-38, "12:00:00"))  # between user-2 and user-3
+    session.commit()
+
+
+def test_sweep_continues_past_an_error(session: Session, poisoned: None) -> None:
+    seed_with_poison(session)
+    out = sweep(chunk_size=3)
+    assert (out.total_processed, out.successful, out.failed, out.skipped) == (8, 7, 1, 0)
+    assert [e.model_dump() for e in out.errors] == [
+        {"user_id": "poison", "error": "refusing to renew poison"}
+    ]
+    session.expire_all()
+    assert renewed_users(session) == [f"user-{i}" for i in range(7)]
+    assert accounts.get_balance(session, "poison").last_renewal_at == at(-38, "12:00:00")
+    assert_ledger_consistent(session)
+
+
+def test_sweep_stops_at_the_first_error(session: Session, poisoned: None) -> None:
+    seed_with_poison(session)
+    out = sweep(chunk_size=3, continue_on_error=False)
+    assert (out.total_processed, out.successful, out.failed, out.skipped) == (4, 3, 1, 0)
+    assert [e.user_id for e in out.errors] == ["poison"]
+    session.expire_all()
+    assert renewed_users(session) == ["user-0", "user-1", "user-2"]
+    assert_ledger_consistent(session)
+
+
+def test_sweep_lists_at_most_100_errors(session: Session, poisoned: None) -> None:
+    session.execute(
+        text(
+            "INSERT INTO accounts (user_id, tier, tokens_balance, tokens_reserved, tokens_spent,"
+            " created_at, updated_at)"
+            " SELECT 'poison-' || lpad(i::text, 3, '0'), 'Gift', 0, 0, 0, now(), now()"
+            " FROM generate_series(1, 105) i"
+        )
+    )
+    session.commit()
+    out = sweep(chunk_size=50)
+    assert (out.total_processed, out.failed, len(out.errors)) == (105, 105, 100)
+    assert out.errors[0].user_id == "poison-001"
+
+
+# --- concurrency: contested rows --------------------------------------------------------------
+
+
+def waiting_on_a_lock() -> bool:
+    # A fresh connection each time: pg_stat_activity is a snapshot for a whole transaction.
+    with get_engine().connect() as conn:
+        return bool(
+            conn.execute(
+                text(
+                    "SELECT count(*) FROM pg_stat_activity"
+                    " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+                )
+            ).scalar_one()
+        )
+
+
+def sweep_in_thread(results: list[SweepOut]) -> threading.Thread:
+    thread = threading.Thread(target=lambda: results.append(sweep()))
+    thread.start()
+    return thread
+
+
+def test_user_renewed_meanwhile_is_skipped_not_renewed_twice(session: Session) -> None:
+    """A renew_user holds the row while the sweep reaches it: the sweep skips it (SKIP LOCKED),
+    waits for it, then finds it no longer due. Without the guard it would renew it again."""
+    for user_id in ("a", "b", "c"):
+        open_(session, user_id, last=at(-40))
+    session.commit()
+    with Session(get_engine()) as holder:
+        renewals.renew_user(holder, "b", now=NOW)  # uncommitted: "b" stays locked
+        results: list[SweepOut] = []
+        thread = sweep_in_thread(results)
+        wait_for(waiting_on_a_lock, 10, "the sweep waiting for b")
+        holder.commit()
+    thread.join(30)
+    assert [(r.successful, r.skipped, r.total_processed) for r in results] == [(2, 1, 3)]
+    session.expire_all()
+    assert [len(renewal_entries(session, u)) for u in ("a", "b", "c")] == [1, 1, 1]
+    assert_ledger_consistent(session)
+
+
+def test_user_held_by_a_debit_is_waited_for_not_missed(session: Session) -> None:
+    for user_id in ("a", "b", "c"):
+        open_(session, user_id, last=at(-40), balance=50)
+    session.commit()
+    with Session(get_engine()) as holder:
+        movements.debit(holder, "b", 20, "image_generation")  # uncommitted: "b" stays locked
+        results: list[SweepOut] = []
+        thread = sweep_in_thread(results)
+        wait_for(waiting_on_a_lock, 10, "the sweep waiting for b")
+        holder.commit()
+    thread.join(30)
+    assert [(r.successful, r.skipped) for r in results] == [(3, 0)]
+    session.expire_all()
+    assert accounts.get_balance(session, "b").tokens_balance == 50 - 20 + 100
+    assert_ledger_consistent(session)
+
+
+def test_balance_changed_sent_for_each_renewal_after_commit(session: Session) -> None:
+    order = seed_mixed(session)
+    received: list[tuple[str, str, int]] = []
+
+    def receiver(sender: Any, **kw: Any) -> None:
+        received.append((kw["operation"], kw["user_id"], kw["balance"]))
+
+    balance_changed.connect(receiver, weak=False)
+    try:
+        sweep(chunk_size=4)
+    finally:
+        balance_changed.disconnect(receiver)
+    session.expire_all()
+    assert sorted(received) == sorted(
+        ("renewal", u, accounts.get_balance(session, u).tokens_balance) for u in order
+    )
+
+
+# --- the portable path (the embedded SQLite default) ------------------------------------------
+
+
+@pytest.fixture
+def sqlite_sessions(tmp_path: Path) -> Iterator[sessionmaker[Session]]:
+    url = f"sqlite:///{tmp_path / 'tokens.sqlite'}"
+    upgrade(url)
+    engine = make_engine(url)
+    try:
+        yield sessionmaker(bind=engine, expire_on_commit=False, autoflush=False)
+    finally:
+        engine.dispose()
+
+
+def test_sweep_on_sqlite(sqlite_sessions: sessionmaker[Session]) -> None:
+    with sqlite_sessions() as s:
+        order = seed_mixed(s)
+    with sqlite_sessions() as s:
+        assert renewals.due(s, now=NOW).user_ids == order
+        assert renewals.check_eligibility(s, "edge", now=NOW).eligible
+    assert renewals.sweep(sqlite_sessions, now=NOW, dry_run=True, chunk_size=2).successful == 6
+    out = renewals.sweep(sqlite_sessions, now=NOW, limit=5, chunk_size=2)
+    assert (out.successful, out.failed, out.skipped) == (5, 0, 0)
+    out = renewals.sweep(sqlite_sessions, now=NOW, chunk_size=2)
+    assert (out.successful, out.total_processed) == (1, 1)
+    with sqlite_sessions() as s:
+        assert renewals.due(s, now=NOW).user_ids == []
+        assert renewed_users(s) == sorted(order)
+        err = refused(s, renewals.renew_user, "edge", now=NOW)
+        assert (err.code, err.message) == ("NOT_DUE", "Next renewal in 30 days")
+        balances = {u: b for u, b in s.execute(select(Account.user_id, Account.tokens_balance))}
+        assert (balances["mid"], balances["edge"], balances["recent"]) == (10000, 100, 0)
+        assert_ledger_consistent(s)
