@@ -1,0 +1,229 @@
+"""worker/settings.py (TOKENS_* overrides and their checks) and the Celery configuration built
+from them (worker/config.py)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from worker.config import celery_config
+from worker.settings import DEFAULT_PRICES, DEFAULT_TIERS, Settings, Tier
+
+REDIS = {
+    "TOKENS_DATABASE_URL": "postgresql+psycopg://postgres@127.0.0.1:5432/tokens",
+    "TOKENS_BROKER_URL": "redis://127.0.0.1:6379/0",
+    "TOKENS_RESULT_BACKEND": "redis://127.0.0.1:6379/1",
+}
+
+
+@pytest.fixture
+def env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    """An environment with no TOKENS_* variable; set what a test needs."""
+    for key in [k for k in os.environ if k.startswith("TOKENS_")]:
+        monkeypatch.delenv(key)
+    return monkeypatch
+
+
+def settings_from(env: pytest.MonkeyPatch, **variables: str) -> Settings:
+    for key, value in variables.items():
+        env.setenv(key, value)
+    return Settings()
+
+
+def config_from(env: pytest.MonkeyPatch, **variables: str) -> dict[str, Any]:
+    return celery_config(settings_from(env, **variables))
+
+
+# --- settings -------------------------------------------------------------------------------
+
+
+def test_defaults_are_the_embedded_sqlite_setup(env: pytest.MonkeyPatch) -> None:
+    s = settings_from(env)
+    assert s.embedded
+    assert s.db_url == "sqlite:///var/tokens.sqlite"
+    assert s.broker == "sqla+sqlite:///var/broker.sqlite"
+    assert s.backend == "db+sqlite:///var/results.sqlite"
+    assert not s.broker_is_redis
+    assert s.prices == DEFAULT_PRICES
+    assert s.tiers == DEFAULT_TIERS
+    assert {n: (t.tokens, t.period_days) for n, t in s.tiers.items()} == {
+        "Gift": (100, 30),
+        "Professional": (2000, 30),
+        "Business": (10000, 30),
+    }
+    assert s.visibility_timeout == 300
+    assert s.task_soft_time_limit < s.task_time_limit < s.visibility_timeout
+
+
+def test_var_dir_moves_every_embedded_file(env: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    s = settings_from(env, TOKENS_VAR_DIR=str(tmp_path))
+    assert s.db_url == f"sqlite:///{tmp_path}/tokens.sqlite"
+    assert s.broker == f"sqla+sqlite:///{tmp_path}/broker.sqlite"
+    assert s.backend == f"db+sqlite:///{tmp_path}/results.sqlite"
+
+
+def test_servers_from_the_environment(env: pytest.MonkeyPatch) -> None:
+    s = settings_from(env, **REDIS)
+    assert not s.embedded
+    assert s.broker_is_redis
+    assert (s.db_url, s.broker, s.backend) == tuple(REDIS.values())
+
+
+def test_prices_from_json_keep_the_types_the_ledger_writes(env: pytest.MonkeyPatch) -> None:
+    s = settings_from(env, TOKENS_PRICES='{"image_generation": 12, "video": 50}')
+    assert s.prices == {
+        "image_generation": 12,
+        "video": 50,
+        "refund": 0,
+        "purchase": 0,
+        "monthly_reset": 0,
+        "adjustment": 0,
+    }
+
+
+@pytest.mark.parametrize(
+    "prices",
+    ['{"video": -1}', '{"refund": 5}', '{"video": 1.5}', "[1]", "not json"],
+)
+def test_bad_prices_are_refused(env: pytest.MonkeyPatch, prices: str) -> None:
+    with pytest.raises((ValidationError, ValueError)):
+        settings_from(env, TOKENS_PRICES=prices)
+
+
+def test_tiers_from_json(env: pytest.MonkeyPatch) -> None:
+    s = settings_from(
+        env, TOKENS_TIERS='{"Gift": {"tokens": 50}, "Weekly": {"tokens": 700, "period_days": 7}}'
+    )
+    assert s.tiers == {"Gift": Tier(tokens=50), "Weekly": Tier(tokens=700, period_days=7)}
+    assert s.tiers["Gift"].period_days == 30
+
+
+@pytest.mark.parametrize(
+    "tiers",
+    [
+        '{"Gift": {"tokens": -1}}',
+        '{"Gift": {"tokens": "50"}}',
+        '{"Gift": {"tokens": 50, "period_days": 0}}',
+        '{"Gift": {"tokens": 50, "bonus": 1}}',
+    ],
+)
+def test_bad_tiers_are_refused(env: pytest.MonkeyPatch, tiers: str) -> None:
+    with pytest.raises(ValidationError):
+        settings_from(env, TOKENS_TIERS=tiers)
+
+
+def test_visibility_timeout_and_time_limits(env: pytest.MonkeyPatch) -> None:
+    s = settings_from(
+        env,
+        TOKENS_VISIBILITY_TIMEOUT="600",
+        TOKENS_TASK_SOFT_TIME_LIMIT="200",
+        TOKENS_TASK_TIME_LIMIT="300",
+    )
+    assert (s.visibility_timeout, s.task_soft_time_limit, s.task_time_limit) == (600, 200, 300)
+
+
+@pytest.mark.parametrize(
+    ("visibility", "soft", "hard"),
+    [
+        ("100", "120", "150"),  # the defaults' limits outlast a shorter visibility timeout
+        ("300", "150", "150"),  # soft must come before hard
+        ("300", "200", "150"),
+        ("300", "100", "300"),  # hard must come before redelivery
+        ("5", "1", "2"),  # below the 10 s floor
+    ],
+)
+def test_time_limits_must_end_before_redelivery(
+    env: pytest.MonkeyPatch, visibility: str, soft: str, hard: str
+) -> None:
+    with pytest.raises(ValidationError):
+        settings_from(
+            env,
+            TOKENS_VISIBILITY_TIMEOUT=visibility,
+            TOKENS_TASK_SOFT_TIME_LIMIT=soft,
+            TOKENS_TASK_TIME_LIMIT=hard,
+        )
+
+
+# --- celery configuration -------------------------------------------------------------------
+
+
+def test_json_only(env: pytest.MonkeyPatch) -> None:
+    for config in (config_from(env), config_from(env, **REDIS)):
+        assert config["task_serializer"] == config["result_serializer"] == "json"
+        assert config["accept_content"] == config["result_accept_content"] == ["json"]
+
+
+def test_at_least_once_delivery(env: pytest.MonkeyPatch) -> None:
+    config = config_from(env, **REDIS)
+    assert config["task_acks_late"] is True
+    assert config["task_reject_on_worker_lost"] is True
+    assert config["worker_prefetch_multiplier"] == 1
+    assert config["task_soft_time_limit"] == 120
+    assert config["task_time_limit"] == 150
+
+
+def test_redis_visibility_timeout_is_set_for_broker_and_backend(env: pytest.MonkeyPatch) -> None:
+    config = config_from(
+        env,
+        **REDIS,
+        TOKENS_VISIBILITY_TIMEOUT="45",
+        TOKENS_TASK_SOFT_TIME_LIMIT="20",
+        TOKENS_TASK_TIME_LIMIT="30",
+    )
+    transport = config["broker_transport_options"]
+    assert transport["visibility_timeout"] == 45
+    assert config["result_backend_transport_options"]["visibility_timeout"] == 45
+    # Unacked messages are looked for often enough to come back soon after the timeout.
+    sweep = transport["unacked_restore_interval"] * transport.get("unacked_restore_throttle", 10)
+    assert sweep <= max(1, 45 // 10)
+    assert transport["health_check_interval"] > 0
+
+
+def test_sqlalchemy_broker_gets_no_redis_transport_options(env: pytest.MonkeyPatch) -> None:
+    # The SQLAlchemy transport hands its options to create_engine, which would refuse them.
+    config = config_from(env)
+    assert config["broker_transport_options"] == {}
+    assert config["result_backend_transport_options"] == {}
+
+
+def test_redbeat_schedules_when_the_broker_is_redis(env: pytest.MonkeyPatch) -> None:
+    config = config_from(env, **REDIS)
+    assert config["beat_scheduler"] == "redbeat.RedBeatScheduler"
+    assert config["redbeat_redis_url"] == REDIS["TOKENS_BROKER_URL"]
+    assert config["timezone"] == "UTC" and config["enable_utc"] is True
+    separate = config_from(env, **REDIS, TOKENS_REDBEAT_REDIS_URL="redis://10.0.0.1:6379/5")
+    assert separate["redbeat_redis_url"] == "redis://10.0.0.1:6379/5"
+
+
+def test_embedded_beat_uses_a_schedule_file(env: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    config = config_from(env, TOKENS_VAR_DIR=str(tmp_path))
+    assert "beat_scheduler" not in config
+    assert config["beat_schedule_filename"] == str(tmp_path / "celerybeat-schedule")
+
+
+def test_worker_concurrency(env: pytest.MonkeyPatch) -> None:
+    assert config_from(env)["worker_concurrency"] == 1  # SQLite takes one writer at a time
+    assert "worker_concurrency" not in config_from(env, **REDIS)  # Celery's default: the CPUs
+    assert config_from(env, **REDIS, TOKENS_WORKER_CONCURRENCY="6")["worker_concurrency"] == 6
+
+
+def test_queues(env: pytest.MonkeyPatch) -> None:
+    config = config_from(env, **REDIS)
+    assert config["task_default_queue"] == "celery"
+    assert {q.name for q in config["task_queues"]} == {"celery", "renewals"}
+    assert config["task_routes"] == {"renewals.*": {"queue": "renewals"}}
+
+
+def test_the_app_is_configured_from_the_settings() -> None:
+    from worker.celery import app
+
+    conf = app.conf
+    assert conf.broker_url == os.environ["TOKENS_BROKER_URL"]
+    assert conf.result_backend == os.environ["TOKENS_RESULT_BACKEND"]
+    assert conf.task_acks_late and conf.task_reject_on_worker_lost
+    assert conf.accept_content == ["json"]
+    assert conf.broker_transport_options["visibility_timeout"] == 300
