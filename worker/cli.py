@@ -8,13 +8,35 @@ from datetime import datetime
 from typing import Any
 
 import click
-from pydantic import BaseModel
+from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from accounting import accounts, ledger, movements
 from accounting.errors import DomainError
-from models.schemas import Failure
+from models.schemas import MAX_AMOUNT, Failure, IdempotencyKey, Reason, UserId
 from worker.db import session_scope
 from worker.settings import get_settings
+
+# The domain does not re-check what the task schemas check, so the CLI applies the same rules.
+AMOUNT = click.IntRange(max=MAX_AMOUNT)
+
+
+def _checked(annotation: Any) -> Callable[[click.Context, click.Parameter, Any], Any]:
+    """A click callback validating a value as the task schemas validate ``annotation``."""
+    adapter: TypeAdapter[Any] = TypeAdapter(annotation)
+
+    def check(_ctx: click.Context, _param: click.Parameter, value: Any) -> Any:
+        if value is None:
+            return None
+        try:
+            return adapter.validate_python(value, strict=True)
+        except ValidationError as exc:
+            reasons = (e["msg"].removeprefix("Value error, ") for e in exc.errors())
+            raise click.BadParameter("; ".join(reasons)) from None
+
+    return check
+
+
+_user_id = _checked(UserId)
 
 
 def _emit(model: BaseModel) -> None:
@@ -52,42 +74,42 @@ def _redacted(url: str) -> str:
 
 
 @main.command()
-@click.argument("user_id")
+@click.argument("user_id", callback=_user_id)
 def balance(user_id: str) -> None:
     """Show a user's balance."""
     _run(accounts.get_balance, user_id)
 
 
 @main.command("open-account")
-@click.argument("user_id")
+@click.argument("user_id", callback=_user_id)
 @click.option("--tier", default="Gift", show_default=True)
-@click.option("--initial-balance", type=int, default=0, show_default=True)
+@click.option("--initial-balance", type=AMOUNT, default=0, show_default=True)
 def open_account(user_id: str, tier: str, initial_balance: int) -> None:
     """Open an account (nothing changes if it exists)."""
     _run(accounts.open_account, user_id, tier=tier, initial_balance=initial_balance)
 
 
 @main.command()
-@click.argument("user_id")
-@click.argument("amount", type=int)
+@click.argument("user_id", callback=_user_id)
+@click.argument("amount", type=AMOUNT)
 @click.option("--operation-type", default="purchase", show_default=True)
-@click.option("--idempotency-key", default=None)
+@click.option("--idempotency-key", default=None, callback=_checked(IdempotencyKey))
 def credit(user_id: str, amount: int, operation_type: str, idempotency_key: str | None) -> None:
     """Credit tokens to a user."""
     _run(movements.credit, user_id, amount, operation_type, idempotency_key=idempotency_key)
 
 
 @main.command("reset-balance")
-@click.argument("user_id")
-@click.argument("new_balance", type=int)
-@click.option("--reason", default=None)
+@click.argument("user_id", callback=_user_id)
+@click.argument("new_balance", type=AMOUNT)
+@click.option("--reason", default=None, callback=_checked(Reason))
 def reset_balance(user_id: str, new_balance: int, reason: str | None) -> None:
     """Set a balance, writing an adjustment entry of the difference."""
     _run(movements.reset_balance, user_id, new_balance, reason=reason)
 
 
 @main.command()
-@click.argument("user_id")
+@click.argument("user_id", callback=_user_id)
 @click.option("--limit", type=click.IntRange(1, 1000), default=20, show_default=True)
 def history(user_id: str, limit: int) -> None:
     """A user's newest ledger entries."""
@@ -95,7 +117,7 @@ def history(user_id: str, limit: int) -> None:
 
 
 @main.command()
-@click.option("--user-id", default=None, help="Check one user only.")
+@click.option("--user-id", default=None, callback=_user_id, help="Check one user only.")
 def reconcile(user_id: str | None) -> None:
     """List users whose balance differs from the sum of their ledger (exit 1 if any)."""
     with session_scope() as session:
