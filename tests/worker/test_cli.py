@@ -179,3 +179,28 @@ def test_delete_old_entries(session: Session) -> None:
     amounts = sorted(e["tokens_amount"] for e in dbstate.entries("u"))
     assert amounts == [1, 15]
     assert tokens("reconcile") == {"success": True, "checked": 1, "mismatches": []}
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["open-account", "   "],
+        ["open-account", ""],
+        ["open-account", "a\nb"],
+        ["open-account", "u" * 129],
+        ["open-account", "u", "--initial-balance", str(10**12 + 1)],
+        ["balance", "a\x00b"],
+        ["credit", "u", str(10**12 + 1)],
+        ["credit", "u", "5", "--idempotency-key", "k" * 256],
+        ["reset-balance", "u", "5", "--reason", "a\x00"],
+        ["history", "\t"],
+        ["reconcile", "--user-id", " "],
+    ],
+)
+def test_arguments_follow_the_task_rules(session: Session, args: list[str]) -> None:
+    tokens("open-account", "u", "--initial-balance", "10")
+    before = dbstate.snapshot()
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2, result.output  # a usage error, before any database work
+    assert "Invalid value" in result.output
+    assert dbstate.snapshot() == before
