@@ -116,6 +116,9 @@ class LedgerEntry(Base):
             postgresql_where=text("original_entry_id IS NOT NULL"),
             sqlite_where=text("original_entry_id IS NOT NULL"),
         ),
+        # Without AUTOINCREMENT SQLite reuses the ids of pruned newest rows, and a late refund
+        # could then point at an unrelated entry.
+        {"sqlite_autoincrement": True},
     )
 
 

@@ -85,6 +85,7 @@ def upgrade() -> None:
             ["user_id"], ["accounts.user_id"], name=op.f("fk_ledger_entries_user_id_accounts")
         ),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_ledger_entries")),
+        sqlite_autoincrement=True,
     )
     op.create_index("ix_ledger_entries_created", "ledger_entries", ["created_at"], unique=False)
     op.create_index(
