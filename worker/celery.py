@@ -16,6 +16,7 @@ TASK_MODULES = [
     "tasks.accounts",
     "tasks.movements",
     "tasks.ledger",
+    "tasks.renewals",
     "tasks.reservations",
     "tasks.health",
 ]
