@@ -148,8 +148,17 @@ class ChargeIn(Payload):
     idempotency_key: IdempotencyKey | None = None
 
 
-# Entry ids come back as strings; the integer a producer may hold is accepted as well.
-EntryId = Annotated[str, Field(min_length=1, max_length=32)] | Annotated[int, Field(ge=1)]
+def _int_id_as_text(value: Any) -> Any:
+    # Entry ids come back as strings; the integer a producer may hold is accepted as well
+    # (but not a bool, which JSON keeps apart from numbers).
+    if type(value) is int:
+        if value < 1:
+            raise ValueError("must be a positive entry id")
+        return str(value)
+    return value
+
+
+EntryId = Annotated[str, BeforeValidator(_int_id_as_text), Field(min_length=1, max_length=32)]
 
 
 class RefundIn(Payload):
