@@ -6,6 +6,7 @@ from typing import Any
 
 from kombu import Queue  # type: ignore[attr-defined]
 
+from beat_schedule import beat_schedule
 from worker.settings import Settings
 
 DEFAULT_QUEUE = "celery"
@@ -58,6 +59,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_queues": (Queue(DEFAULT_QUEUE), Queue(RENEWALS_QUEUE)),  # type: ignore[no-untyped-call]
         "task_routes": {"renewals.*": {"queue": RENEWALS_QUEUE}},
         "worker_hijack_root_logger": False,
+        "beat_schedule": beat_schedule(settings),
     }
     if settings.worker_concurrency is not None:
         config["worker_concurrency"] = settings.worker_concurrency
@@ -68,7 +70,19 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         config |= {
             "beat_scheduler": "redbeat.RedBeatScheduler",
             "redbeat_redis_url": settings.redbeat_redis_url or settings.broker,
-            "redbeat_key_prefix": "tokens:redbeat",
+            # Explicit: RedBeat 2.4.2 deprecates falling back to broker_transport_options (and
+            # does not pass those to its client). retry_period: ride out a Redis blip for less
+            # than the lock timeout instead of crashing the beat.
+            "redbeat_redis_options": {
+                "health_check_interval": 25,
+                "socket_keepalive": True,
+                "retry_period": 60,
+            },
+            # RedBeat appends entry names to the prefix as is (its own default is "redbeat:"),
+            # so end it with ":" to get tokens:redbeat:<entry>, ...::schedule and ...::lock.
+            "redbeat_key_prefix": "tokens:redbeat:",
+            # A standby beat retries the lock every loop interval and takes over once the
+            # holder has not extended it for redbeat_lock_timeout (5 loop intervals).
             "beat_max_loop_interval": 30,
             "redbeat_lock_timeout": 150,
         }

@@ -1,0 +1,52 @@
+"""The beat schedule: what ``celery -A worker beat`` sends, and when (all times UTC).
+
+- ``renewals.sweep`` daily at ``TOKENS_RENEWAL_CRON`` (default ``0 2 * * *``);
+- ``reservations.expire`` every ``TOKENS_RESERVATION_EXPIRY_SECONDS`` (default 60);
+- ``ledger.reconcile`` daily at ``TOKENS_RECONCILE_CRON`` (default ``30 3 * * *``).
+
+worker/config.py installs it as ``beat_schedule``; with a Redis broker RedBeat keeps it in Redis
+and only the beat holding its lock sends, so several beat processes may run.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from celery.schedules import crontab
+
+from worker.settings import Settings
+
+SWEEP = "renewals-sweep"
+EXPIRE_RESERVATIONS = "reservations-expire"
+RECONCILE = "ledger-reconcile"
+
+
+def cron(expression: str) -> crontab:
+    """A five-field cron expression (minute hour day-of-month month day-of-week)."""
+    fields = expression.split()
+    if len(fields) != 5:
+        raise ValueError(f"cron expression {expression!r} must have 5 fields, not {len(fields)}")
+    minute, hour, day_of_month, month_of_year, day_of_week = fields
+    return crontab(
+        minute=minute,
+        hour=hour,
+        day_of_month=day_of_month,
+        month_of_year=month_of_year,
+        day_of_week=day_of_week,
+    )
+
+
+def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
+    expiry = settings.reservation_expiry_seconds
+    return {
+        SWEEP: {"task": "renewals.sweep", "schedule": cron(settings.renewal_cron)},
+        EXPIRE_RESERVATIONS: {
+            "task": "reservations.expire",
+            "schedule": timedelta(seconds=expiry),
+            # Runs that piled up while no worker was consuming are worthless: the next one
+            # releases everything due anyway.
+            "options": {"expires": expiry},
+        },
+        RECONCILE: {"task": "ledger.reconcile", "schedule": cron(settings.reconcile_cron)},
+    }
