@@ -80,11 +80,14 @@ class ContractTask(Task):  # type: ignore[misc]
             return outcome
         finally:
             user_id = kwargs.get("user_id")
+            # A movement reports its signed amount; a refusal, the amount it was asked for.
+            asked = kwargs.get("amount")
+            amount = outcome.get("amount", asked if type(asked) is int else None)
             operation_completed.send(
                 sender=self.name,
                 operation=self.name,
                 user_id=user_id if isinstance(user_id, str) else None,
-                amount=outcome.get("amount"),
+                amount=amount,
                 success=bool(outcome.get("success")),
                 duration=time.perf_counter() - started,
                 error=outcome.get("error"),
