@@ -232,7 +232,7 @@ def test_operation_completed_after_a_refusal(
         "signal": operation_completed,
         "operation": "tokens.debit",
         "user_id": "u",
-        "amount": None,
+        "amount": 10,  # the amount asked for
         "success": False,
         "duration": refusal["duration"],
         "error": "Insufficient tokens. Required: 10, Available: 5",
