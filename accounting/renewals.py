@@ -242,9 +242,9 @@ def _is_postgres(session: Session) -> bool:
     return session.get_bind().dialect.name == "postgresql"
 
 
-# PostgreSQL: one index range scan per tier on ix_accounts_tier_last_renewal (tier,
-# last_renewal_at, user_id), merged; an OR across tiers would scan and sort the whole table for
-# every chunk. Tiers travel as arrays, so the statement text never changes.
+# PostgreSQL. Tiers travel as arrays, so the statement text depends only on which tiers are
+# swept. The guard: every renewing statement carries it, so a user renewed meanwhile (committed
+# by another transaction, seen here after waiting for its row lock) is left alone.
 _TIERS = """tiers AS (
     SELECT * FROM unnest(
         CAST(:tier_names AS text[]), CAST(:allocations AS bigint[]),
@@ -254,31 +254,40 @@ _TIERS = """tiers AS (
 _NOT_EXPIRED = (
     "(NOT t.paid OR a.subscription_expires_at IS NULL OR a.subscription_expires_at > :now)"
 )
-# The guard. Every renewing statement carries it, so a user renewed meanwhile (committed by
-# another transaction, seen here after waiting for its row lock) is left alone.
 _GUARD = f"(a.last_renewal_at IS NULL OR a.last_renewal_at < t.cutoff) AND {_NOT_EXPIRED}"
-_PAGE_WHERE = {
-    Phase.NEVER: "a.last_renewal_at IS NULL AND a.user_id > :after_user",
-    Phase.LAPSED: (
-        "a.last_renewal_at < t.cutoff"
-        " AND (a.last_renewal_at, a.user_id) > (CAST(:after_time AS timestamptz), :after_user)"
-    ),
-}
-# The index orders NULLs last, so within the NEVER phase this is user_id order.
-_ORDER = "last_renewal_at, user_id"
 _ORDER_DESC = "last_renewal_at DESC, user_id DESC"
 
 
-def _page_cte(phase: Phase) -> str:
+def _page_cte(phase: Phase, plans: dict[str, TierPlan]) -> str:
+    """The next page of due users (and where their rows are), locking nothing.
+
+    One branch per tier, each an index range scan on ix_accounts_tier_last_renewal (tier,
+    last_renewal_at, user_id) already in sweep order, merged (Merge Append): a page reads about
+    ``n`` index entries, where an OR across tiers would scan and sort the table for every page.
+    In the NEVER phase last_renewal_at is NULL throughout, so the order is user_id order.
+    """
+    branches = []
+    for i, plan in enumerate(plans.values()):
+        if phase is Phase.NEVER:
+            where = "a.last_renewal_at IS NULL AND a.user_id > :after_user"
+        else:
+            where = (
+                f"a.last_renewal_at < :cutoff_{i} AND (a.last_renewal_at, a.user_id)"
+                " > (CAST(:after_time AS timestamptz), :after_user)"
+            )
+        if plan.paid:
+            where += " AND (a.subscription_expires_at IS NULL OR a.subscription_expires_at > :now)"
+        branches.append(
+            f"""(SELECT a.user_id, a.last_renewal_at, a.ctid FROM accounts a
+        WHERE a.tier = :tier_{i} AND {where}
+        ORDER BY a.last_renewal_at, a.user_id LIMIT :n)"""
+        )
+    union = "\n    UNION ALL\n    ".join(branches)
     return f"""page AS (
-    SELECT c.user_id, c.last_renewal_at
-    FROM tiers t CROSS JOIN LATERAL (
-        SELECT a.user_id, a.last_renewal_at FROM accounts a
-        WHERE a.tier = t.tier AND {_PAGE_WHERE[phase]} AND {_NOT_EXPIRED}
-        ORDER BY a.last_renewal_at, a.user_id
-        LIMIT :n
-    ) c
-    ORDER BY c.last_renewal_at, c.user_id
+    SELECT * FROM (
+    {union}
+    ) AS due
+    ORDER BY last_renewal_at, user_id
     LIMIT :n
 )"""
 
@@ -304,12 +313,17 @@ _CHANGES = """CASE WHEN :with_changes THEN (
 ) END"""
 
 
-def _chunk_sql(phase: Phase) -> str:
+def _chunk_sql(phase: Phase, plans: dict[str, TierPlan]) -> str:
     """Renew one page in one statement. Rows another transaction holds (a debit in flight,
-    another sweep) are skipped, not waited for, and come back as ``contested``."""
-    return f"""WITH {_TIERS}, {_page_cte(phase)},
+    another sweep) are skipped, not waited for, and come back as ``contested``.
+
+    The lock finds the page's rows by ctid (no index descent); the UPDATE still finds them by
+    user_id, so a row changed since the page was read is re-read and re-checked against the
+    guard (READ COMMITTED's recheck), never updated from a stale version nor silently missed.
+    """
+    return f"""WITH {_TIERS}, {_page_cte(phase, plans)},
 locked AS (
-    SELECT a.user_id FROM accounts a WHERE a.user_id IN (SELECT user_id FROM page)
+    SELECT a.user_id FROM accounts a WHERE a.ctid = ANY(ARRAY(SELECT ctid FROM page))
     FOR UPDATE OF a SKIP LOCKED
 ),
 {_RENEW}
@@ -352,6 +366,8 @@ def _params(
     }
     if after is not None:
         params |= {"after_user": after.user_id, "after_time": after.renewed_at, "n": n}
+        for i, plan in enumerate(plans.values()):
+            params |= {f"tier_{i}": plan.name, f"cutoff_{i}": plan.cutoff}
     return params
 
 
@@ -365,8 +381,10 @@ def _page(
 ) -> Page:
     """The next ``n`` due users of ``phase`` after ``after``, in sweep order; locks nothing."""
     if _is_postgres(session):
-        sql = f"WITH {_TIERS}, {_page_cte(phase)} SELECT user_id, last_renewal_at FROM page"
-        rows = session.execute(text(sql + f" ORDER BY {_ORDER}"), _params(plans, now, after, n))
+        sql = f"WITH {_page_cte(phase, plans)} SELECT user_id, last_renewal_at FROM page"
+        rows = session.execute(
+            text(sql + " ORDER BY last_renewal_at, user_id"), _params(plans, now, after, n)
+        )
         return [(u, t) for u, t in rows]
     stmt = select(Account.user_id, Account.last_renewal_at).where(due_clause(plans, now))
     if phase is Phase.NEVER:
@@ -395,7 +413,7 @@ def due(
     plans = plans_at(now, tier)
     chunk = get_settings().sweep_chunk_size
     user_ids: list[str] = []
-    for phase in Phase:
+    for phase in Phase if plans else ():
         after = Key()
         while limit is None or len(user_ids) < limit:
             n = chunk if limit is None else min(chunk, limit - len(user_ids))
@@ -444,8 +462,9 @@ def _describe(exc: BaseException) -> str:
 
 
 def _isolatable(exc: DBAPIError) -> bool:
-    """An error some user's data caused (a constraint, a trigger), not the connection or a
-    deadlock: those propagate so the task is retried as a whole."""
+    """An error some user's data may have caused (a constraint, a trigger's RAISE, which
+    psycopg reports as a ProgrammingError), not the connection or a deadlock: those propagate,
+    so the task is retried as a whole."""
     return not (exc.connection_invalidated or isinstance(exc, OperationalError | InterfaceError))
 
 
@@ -471,7 +490,7 @@ def sweep(
     chunk = chunk_size or get_settings().sweep_chunk_size
     tally = _Tally()
     started = clock.perf_counter()
-    for phase in Phase:
+    for phase in Phase if plans else ():
         after, number = Key(), 0
         while not tally.stopped:
             n = chunk if limit is None else min(chunk, limit - tally.successful)
@@ -568,7 +587,7 @@ def _renew_page_postgres(
     now: datetime,
 ) -> tuple[int, int, list[str], Key]:
     params = _params(plans, now, after, n) | {"with_changes": balance_changed.has_listeners()}
-    row = session.execute(text(_chunk_sql(phase)), params).one()
+    row = session.execute(text(_chunk_sql(phase, plans)), params).one()
     _note_changes(session, row.changes)
     last = after if row.last_user is None else Key(row.last_user, row.last_time or Key.renewed_at)
     return row.scanned, row.renewed, list(row.contested or []), last
