@@ -11,12 +11,12 @@ import hashlib
 import json
 from typing import Any
 
-from sqlalchemy import Insert, select, update
+from sqlalchemy import Insert, bindparam, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from accounting.errors import idempotency_conflict
-from models.tables import IdempotencyRecord, utcnow
+from models.tables import idempotency_table, utcnow
 
 
 def request_hash(operation: str, **params: Any) -> str:
@@ -35,6 +35,28 @@ def insert_ignoring_conflicts(session: Session, table: Any) -> Insert:
     raise NotImplementedError(f"no ON CONFLICT support for {dialect}")
 
 
+_records = idempotency_table
+_claims: dict[str, Insert] = {}
+_READ = select(_records.c.request_hash, _records.c.response).where(
+    _records.c.user_id == bindparam("uid"), _records.c.key == bindparam("k")
+)
+_RECORD = (
+    update(_records)
+    .where(_records.c.user_id == bindparam("uid"), _records.c.key == bindparam("k"))
+    .values(response=bindparam("response", type_=_records.c.response.type))
+)
+
+
+def _claim_statement(session: Session) -> Insert:
+    dialect = session.get_bind().dialect.name
+    stmt = _claims.get(dialect)
+    if stmt is None:
+        stmt = _claims[dialect] = insert_ignoring_conflicts(session, _records).returning(
+            _records.c.key
+        )
+    return stmt
+
+
 def claim(session: Session, user_id: str, key: str | None, digest: str) -> dict[str, Any] | None:
     """Claim ``key`` for this request. Returns the stored response when it was already done.
 
@@ -42,18 +64,13 @@ def claim(session: Session, user_id: str, key: str | None, digest: str) -> dict[
     """
     if key is None:
         return None
-    stmt = (
-        insert_ignoring_conflicts(session, IdempotencyRecord)
-        .values(user_id=user_id, key=key, request_hash=digest, created_at=utcnow())
-        .returning(IdempotencyRecord.key)
-    )
-    if session.execute(stmt).first() is not None:
+    claimed = session.execute(
+        _claim_statement(session),
+        {"user_id": user_id, "key": key, "request_hash": digest, "created_at": utcnow()},
+    ).first()
+    if claimed is not None:
         return None
-    stored = session.execute(
-        select(IdempotencyRecord.request_hash, IdempotencyRecord.response).where(
-            IdempotencyRecord.user_id == user_id, IdempotencyRecord.key == key
-        )
-    ).one()
+    stored = session.execute(_READ, {"uid": user_id, "k": key}).one()
     if stored.request_hash != digest:
         raise idempotency_conflict()
     response: dict[str, Any] = stored.response
@@ -64,9 +81,4 @@ def record(session: Session, user_id: str, key: str | None, response: dict[str, 
     """Store the outcome of a claimed key (same transaction as the effect)."""
     if key is None:
         return
-    session.execute(
-        update(IdempotencyRecord)
-        .where(IdempotencyRecord.user_id == user_id, IdempotencyRecord.key == key)
-        .values(response=response)
-        .execution_options(synchronize_session=False)
-    )
+    session.execute(_RECORD, {"uid": user_id, "k": key, "response": response})

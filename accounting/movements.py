@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import case, func, insert, select, update
+from sqlalchemy import bindparam, case, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from accounting import idempotency
@@ -21,11 +21,34 @@ from accounting.errors import (
     refund_exceeds_original,
 )
 from models.schemas import MovementOut
-from models.tables import Account, LedgerEntry, utcnow
+from models.tables import LedgerEntry, account_table, ledger_table, utcnow
 from worker.signals import note_balance_change
 
 # Entries a refund may point at: what took tokens for a service.
 REFUNDABLE_KINDS = ("debit", "charge", "capture")
+
+
+_accounts = account_table.c
+_reserved_after = _accounts.tokens_reserved - bindparam("release_reserved")
+_spent_after = _accounts.tokens_spent + bindparam("spent_delta")
+# Built once: constructing a statement costs more than running it on the hot path.
+_MOVE = (
+    update(account_table)
+    .where(_accounts.user_id == bindparam("uid"))
+    .values(
+        tokens_balance=_accounts.tokens_balance + bindparam("delta"),
+        tokens_reserved=_reserved_after,
+        tokens_spent=case((_spent_after < 0, 0), else_=_spent_after),
+        updated_at=bindparam("now"),
+    )
+    .returning(_accounts.tokens_balance, _accounts.tokens_reserved, _accounts.tokens_spent)
+)
+# The guard is part of the statement: concurrent movements serialise on the account row and
+# each re-checks what is available, so none is lost or overspent.
+_MOVE_GUARDED = _MOVE.where(
+    _accounts.tokens_balance - _reserved_after >= bindparam("require_available")
+)
+_INSERT_ENTRY = insert(ledger_table).returning(ledger_table.c.id)
 
 
 def apply_movement(
@@ -44,27 +67,24 @@ def apply_movement(
 ) -> MovementOut:
     """Move ``delta`` tokens and write the ledger entry, atomically.
 
-    The UPDATE itself carries the guard (``balance - reserved >= required``), so concurrent
-    movements serialise on the row and none is lost or overspent; no value is read and written
-    back. ``release_reserved`` frees held tokens in the same statement (a reservation capture).
+    With ``require_available`` the UPDATE only matches while ``balance - reserved`` covers it;
+    no value is read and written back. ``release_reserved`` frees held tokens in the same
+    statement (a reservation capture).
     """
-    reserved_after = Account.tokens_reserved - release_reserved
-    spent_after = Account.tokens_spent + spent_delta
-    stmt = (
-        update(Account)
-        .where(Account.user_id == user_id)
-        .values(
-            tokens_balance=Account.tokens_balance + delta,
-            tokens_reserved=reserved_after,
-            tokens_spent=case((spent_after < 0, 0), else_=spent_after),
-            updated_at=utcnow(),
-        )
-        .returning(Account.tokens_balance, Account.tokens_reserved, Account.tokens_spent)
-        .execution_options(synchronize_session=False)
-    )
-    if require_available is not None:
-        stmt = stmt.where(Account.tokens_balance - reserved_after >= require_available)
-    row = session.execute(stmt).first()
+    now = utcnow()
+    params = {
+        "uid": user_id,
+        "delta": delta,
+        "spent_delta": spent_delta,
+        "release_reserved": release_reserved,
+        "now": now,
+    }
+    if require_available is None:
+        row = session.execute(_MOVE, params).first()
+    else:
+        row = session.execute(
+            _MOVE_GUARDED, {**params, "require_available": require_available}
+        ).first()
     if row is None:
         account = load_account(session, user_id)  # raises USER_NOT_FOUND
         available = account.tokens_balance - account.tokens_reserved + release_reserved
@@ -72,20 +92,19 @@ def apply_movement(
     new_balance, tokens_reserved, tokens_spent = row
     before = new_balance - delta
     entry_id = session.execute(
-        insert(LedgerEntry)
-        .values(
-            user_id=user_id,
-            kind=kind,
-            operation_type=operation_type,
-            tokens_amount=delta,
-            balance_before=before,
-            balance_after=new_balance,
-            idempotency_key=idempotency_key,
-            original_entry_id=original_entry_id,
-            meta=metadata or {},
-            created_at=utcnow(),
-        )
-        .returning(LedgerEntry.id)
+        _INSERT_ENTRY,
+        {
+            "user_id": user_id,
+            "kind": kind,
+            "operation_type": operation_type,
+            "tokens_amount": delta,
+            "balance_before": before,
+            "balance_after": new_balance,
+            "idempotency_key": idempotency_key,
+            "original_entry_id": original_entry_id,
+            "metadata": metadata or {},
+            "created_at": now,
+        },
     ).scalar_one()
     note_balance_change(
         session,

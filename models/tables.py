@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import (
     JSON,
@@ -16,6 +16,7 @@ from sqlalchemy import (
     Integer,
     MetaData,
     String,
+    Table,
     TypeDecorator,
     text,
 )
@@ -165,3 +166,10 @@ class Reservation(Base):
         ),
         Index("ix_reservations_user", "user_id"),
     )
+
+
+# The Core tables, typed, for statements built once with bind parameters.
+account_table = cast(Table, Account.__table__)
+ledger_table = cast(Table, LedgerEntry.__table__)
+idempotency_table = cast(Table, IdempotencyRecord.__table__)
+reservation_table = cast(Table, Reservation.__table__)
