@@ -22,6 +22,18 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
+def tasks_done_by_worker(app: Celery, name: str) -> dict[str, int]:
+    """How many ``name`` tasks each running worker has taken so far (its ``stats`` totals)."""
+    stats = app.control.inspect(timeout=2).stats() or {}
+    return {host.split("@")[0]: s.get("total", {}).get(name, 0) for host, s in stats.items()}
+
+
+def workers_that_ran(app: Celery, name: str, before: dict[str, int]) -> set[str]:
+    """The workers that took ``name`` tasks since ``before`` was read."""
+    after = tasks_done_by_worker(app, name)
+    return {w for w, n in after.items() if n > before.get(w, 0)}
+
+
 def call(app: Celery, name: str, /, **kwargs: Any) -> dict[str, Any]:
     """Send ``name`` with ``kwargs`` and wait for its result."""
     result: dict[str, Any] = app.send_task(name, kwargs=kwargs).get(timeout=60)

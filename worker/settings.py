@@ -60,6 +60,7 @@ class Settings(BaseSettings):
     task_max_retries: int = Field(default=5, ge=0)
     retry_backoff_max: int = Field(default=30, ge=1)
     worker_concurrency: int | None = None
+    task_events: bool = True
     db_pool_size: int = Field(default=5, ge=1)
 
     prices: dict[str, int] = Field(default_factory=lambda: dict(DEFAULT_PRICES))

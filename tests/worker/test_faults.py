@@ -12,7 +12,6 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import pytest
 from celery import Celery
@@ -102,11 +101,6 @@ def applied_once(user_id: str, task_id: str, amount: int) -> None:
     assert dbstate.balance(user_id) == 100 - amount
 
 
-def meta(app: Celery, task_id: str) -> dict[str, Any]:
-    result: dict[str, Any] = app.backend.get_task_meta(task_id)
-    return result
-
-
 # --- the database goes away -----------------------------------------------------------------
 
 
@@ -134,7 +128,6 @@ def test_database_outage_is_retried_then_fails_or_succeeds_once(
         # Down for longer than every retry: an infrastructure FAILURE, nothing written.
         doomed = app.send_task("tokens.debit", kwargs=DEBIT, queue=queue)
         wait_for(lambda: doomed.state == "FAILURE", 30, "FAILURE after the last retry")
-        assert meta(app, doomed.id)["retries"] == 3
         assert dbstate.balance("u") == 100
 
         # Down, then back while the task is waiting to retry: it completes, once.
@@ -143,14 +136,13 @@ def test_database_outage_is_retried_then_fails_or_succeeds_once(
         proxy.open()
         out = result.get(timeout=30)
     assert (out["success"], out["new_balance"], out["replayed"]) == (True, 90, False)
-    done = meta(app, result.id)
-    assert done["retries"] >= 1
-    assert done["worker"].startswith(f"{w.name}@")
     applied_once("u", result.id, 10)
     assert proxy.refused >= 5  # 4 attempts of the first debit, at least 1 of the second
     log = log_of(w)
-    assert f"tokens.debit[{result.id}]: transient database error, retry 1" in log
+    assert log.count(f"tokens.debit[{doomed.id}]: transient database error, retry") == 3
     assert f"tokens.debit[{doomed.id}]: giving up after 3 retries" in log
+    assert f"tokens.debit[{result.id}]: transient database error, retry 1" in log
+    assert f"Task tokens.debit[{result.id}] succeeded" in log
 
 
 # --- a worker dies holding a debit ----------------------------------------------------------
@@ -173,7 +165,7 @@ def test_debit_held_by_a_killed_worker_is_redelivered_and_applied_once(
     with running_workers(app, second):
         out = result.get(timeout=40)  # redelivered once the visibility timeout has passed
     assert (out["success"], out["new_balance"], out["replayed"]) == (True, 90, False)
-    assert meta(app, result.id)["worker"].startswith(f"{second.name}@")
+    assert f"Task tokens.debit[{result.id}] succeeded" in log_of(second)
     applied_once("u", result.id, 10)
 
 

@@ -211,6 +211,13 @@ def test_worker_concurrency(env: pytest.MonkeyPatch) -> None:
     assert config_from(env, **REDIS, TOKENS_WORKER_CONCURRENCY="6")["worker_concurrency"] == 6
 
 
+def test_task_events_for_flower_can_be_switched_off(env: pytest.MonkeyPatch) -> None:
+    on = config_from(env)
+    assert (on["worker_send_task_events"], on["task_send_sent_event"]) == (True, True)
+    off = config_from(env, TOKENS_TASK_EVENTS="false")
+    assert (off["worker_send_task_events"], off["task_send_sent_event"]) == (False, False)
+
+
 def test_queues(env: pytest.MonkeyPatch) -> None:
     config = config_from(env, **REDIS)
     assert config["task_default_queue"] == "celery"
