@@ -103,7 +103,7 @@ def test_due_dry_run_and_sweep(e2e: Celery) -> None:
     # default queue, which workers also serve.)
     routed = worker_app.send_task("renewals.due", kwargs={})
     assert routed.get(timeout=30)["user_ids"] == ["b-never", "g-old", "p-old"]
-    assert worker_app.backend.get_task_meta(routed.id)["queue"] == "renewals"
+    assert worker_app.amqp.router.route({}, "renewals.sweep")["queue"].name == "renewals"
     assert call(e2e, "renewals.due", tier="Gift", limit=5)["user_ids"] == ["g-old"]
 
     counts = {"success": True, "total_processed": 3, "successful": 3, "failed": 0, "skipped": 0}
