@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any
+from typing import Any, TypeVar
 
+from pydantic import BaseModel
 from sqlalchemy import Insert, bindparam, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
@@ -34,6 +35,8 @@ def insert_ignoring_conflicts(session: Session, table: Any) -> Insert:
         return sqlite.insert(table).on_conflict_do_nothing()
     raise NotImplementedError(f"no ON CONFLICT support for {dialect}")
 
+
+R = TypeVar("R", bound=BaseModel)
 
 _records = idempotency_table
 _claims: dict[str, Insert] = {}
@@ -75,6 +78,14 @@ def claim(session: Session, user_id: str, key: str | None, digest: str) -> dict[
         raise idempotency_conflict()
     response: dict[str, Any] = stored.response
     return response
+
+
+def replay(
+    session: Session, user_id: str, key: str | None, digest: str, result: type[R]
+) -> R | None:
+    """:func:`claim`, with a stored outcome returned as ``result`` marked ``replayed``."""
+    stored = claim(session, user_id, key, digest)
+    return None if stored is None else result(**{**stored, "replayed": True})
 
 
 def record(session: Session, user_id: str, key: str | None, response: dict[str, Any]) -> None:

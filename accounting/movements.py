@@ -124,16 +124,6 @@ def apply_movement(
     )
 
 
-def _once(
-    session: Session,
-    user_id: str,
-    key: str | None,
-    digest: str,
-) -> MovementOut | None:
-    stored = idempotency.claim(session, user_id, key, digest)
-    return None if stored is None else MovementOut(**{**stored, "replayed": True})
-
-
 def _done(session: Session, key: str | None, out: MovementOut) -> MovementOut:
     idempotency.record(session, out.user_id, key, out.model_dump(mode="json"))
     return out
@@ -159,7 +149,9 @@ def debit(
         allow_overdraft=allow_overdraft,
         metadata=metadata,
     )
-    if (replay := _once(session, user_id, idempotency_key, digest)) is not None:
+    if (
+        replay := idempotency.replay(session, user_id, idempotency_key, digest, MovementOut)
+    ) is not None:
         return replay
     out = apply_movement(
         session,
@@ -190,7 +182,9 @@ def credit(
     digest = idempotency.request_hash(
         "credit", amount=amount, operation_type=operation_type, metadata=metadata
     )
-    if (replay := _once(session, user_id, idempotency_key, digest)) is not None:
+    if (
+        replay := idempotency.replay(session, user_id, idempotency_key, digest, MovementOut)
+    ) is not None:
         return replay
     out = apply_movement(
         session,
@@ -214,7 +208,9 @@ def charge(
     cost = price_of(operation_type)
     metadata = metadata or {}
     digest = idempotency.request_hash("charge", operation_type=operation_type, metadata=metadata)
-    if (replay := _once(session, user_id, idempotency_key, digest)) is not None:
+    if (
+        replay := idempotency.replay(session, user_id, idempotency_key, digest, MovementOut)
+    ) is not None:
         return replay
     out = apply_movement(
         session,
@@ -249,7 +245,9 @@ def refund(
     digest = idempotency.request_hash(
         "refund", amount=amount, original_entry_id=original, metadata=metadata
     )
-    if (replay := _once(session, user_id, idempotency_key, digest)) is not None:
+    if (
+        replay := idempotency.replay(session, user_id, idempotency_key, digest, MovementOut)
+    ) is not None:
         return replay
     if original is not None:
         _check_refundable(session, user_id, original, amount)
@@ -317,7 +315,9 @@ def reset_balance(
     if reason is not None:
         metadata.setdefault("reason", reason)
     digest = idempotency.request_hash("reset_balance", new_balance=new_balance, metadata=metadata)
-    if (replay := _once(session, user_id, idempotency_key, digest)) is not None:
+    if (
+        replay := idempotency.replay(session, user_id, idempotency_key, digest, MovementOut)
+    ) is not None:
         return replay
     account = load_account(session, user_id, lock=True)
     out = apply_movement(

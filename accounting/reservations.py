@@ -69,9 +69,9 @@ def reserve(
         ttl_seconds=ttl_seconds,
         metadata=metadata,
     )
-    stored = idempotency.claim(session, user_id, idempotency_key, digest)
-    if stored is not None:
-        return ReserveOut(**{**stored, "replayed": True})
+    replay = idempotency.replay(session, user_id, idempotency_key, digest, ReserveOut)
+    if replay is not None:
+        return replay
 
     # The guard is in the statement: concurrent holds serialise on the account row and each
     # re-checks what is left, so they can never together hold more than the balance.
@@ -165,9 +165,9 @@ def capture(
     digest = idempotency.request_hash(
         "capture", reservation_id=reservation_id, amount=amount, metadata=metadata
     )
-    stored = idempotency.claim(session, user_id, idempotency_key, digest)
-    if stored is not None:
-        return MovementOut(**{**stored, "replayed": True})
+    replay = idempotency.replay(session, user_id, idempotency_key, digest, MovementOut)
+    if replay is not None:
+        return replay
     if (status := _status(found, now)) != ACTIVE:
         raise reservation_not_active(status)
     captured = reserved if amount is None else amount

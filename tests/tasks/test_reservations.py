@@ -8,20 +8,9 @@ from typing import Any
 from celery import Celery
 from sqlalchemy import text
 
+from tests.dbstate import MOVEMENT_KEYS
 from tests.support import call, tasks_done_by_worker, workers_that_ran
 from worker.db import get_engine
-
-MOVEMENT_KEYS = {
-    "success",
-    "user_id",
-    "operation_type",
-    "amount",
-    "balance_before",
-    "new_balance",
-    "tokens_spent",
-    "ledger_entry_id",
-    "replayed",
-}
 
 
 def sql(statement: str, **params: Any) -> list[Any]:
