@@ -23,6 +23,7 @@ from pydantic import (
 MAX_AMOUNT = 10**12
 MAX_METADATA_BYTES = 8 * 1024
 MAX_TTL_SECONDS = 7 * 24 * 3600
+MAX_BATCH = 1000
 
 
 def _check_user_id(value: str) -> str:
@@ -131,6 +132,11 @@ class DebitIn(Payload):
     allow_overdraft: bool = False
     metadata: Metadata = Field(default_factory=dict)
     idempotency_key: IdempotencyKey | None = None
+
+
+class DebitBatchIn(Payload):
+    # A malformed item refuses the whole batch, named by its position (debits.3.amount).
+    debits: Annotated[list[DebitIn], Field(min_length=1, max_length=MAX_BATCH)]
 
 
 class CreditIn(Payload):
@@ -304,6 +310,14 @@ class MovementOut(Result):
     tokens_spent: int
     ledger_entry_id: str
     replayed: bool = False
+
+
+class DebitBatchOut(Result):
+    """One result per item, in the order sent: what ``tokens.debit`` returns for it."""
+
+    results: list[MovementOut | Failure]
+    applied: int
+    refused: int
 
 
 class ReserveOut(Result):

@@ -1,0 +1,62 @@
+"""Many debits in one transaction: one message, one commit, each item as ``movements.debit``.
+
+Each item runs in its own savepoint, so a refused item leaves no trace and keeps the others.
+Nothing here commits; the caller owns the transaction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from sqlalchemy import bindparam, select
+from sqlalchemy.orm import Session
+
+from accounting import movements
+from accounting.errors import DomainError
+from models.schemas import DebitBatchOut, DebitIn, Failure, MovementOut
+from models.tables import account_table
+
+# Every batch locks its accounts up front in one order (the database's), so two batches over the
+# same accounts queue behind each other instead of each holding a row the other needs. The lock
+# comes before any idempotency claim too: a key two batches share is only ever contested by
+# the one that already holds that user's row.
+_LOCK_ACCOUNTS = (
+    select(account_table.c.user_id)
+    .where(account_table.c.user_id.in_(bindparam("ids", expanding=True)))
+    .order_by(account_table.c.user_id)
+    .with_for_update()
+)
+
+
+def item_key(item: DebitIn, task_id: str | None, index: int) -> str | None:
+    """The item's own key, else one derived from the message, so a redelivery replays it."""
+    if item.idempotency_key is not None:
+        return item.idempotency_key
+    return None if task_id is None else f"{task_id}:{index}"
+
+
+def debit_batch(session: Session, items: Sequence[DebitIn], task_id: str | None) -> DebitBatchOut:
+    """Apply each item as :func:`movements.debit` would, in the order given.
+
+    Returns one result per item: its movement, or the refusal ``tokens.debit`` would return.
+    """
+    session.execute(_LOCK_ACCOUNTS, {"ids": sorted({item.user_id for item in items})}).all()
+    results: list[MovementOut | Failure] = []
+    for index, item in enumerate(items):
+        try:
+            with session.begin_nested():
+                results.append(
+                    movements.debit(
+                        session,
+                        item.user_id,
+                        item.amount,
+                        item.operation_type,
+                        allow_overdraft=item.allow_overdraft,
+                        metadata=item.metadata,
+                        idempotency_key=item_key(item, task_id, index),
+                    )
+                )
+        except DomainError as exc:
+            results.append(Failure(error=exc.message, error_code=exc.code))
+    refused = sum(isinstance(r, Failure) for r in results)
+    return DebitBatchOut(results=results, applied=len(results) - refused, refused=refused)
