@@ -1,7 +1,9 @@
-"""tokens.debit, credit, charge, refund, reset_balance through real workers."""
+"""tokens.debit, credit, charge, refund, reset_balance (and the debit_batch extension) through
+real workers."""
 
 from __future__ import annotations
 
+import uuid
 from itertools import pairwise
 from typing import Any
 
@@ -389,3 +391,72 @@ def test_every_movement_keeps_balance_equal_to_ledger(e2e: Celery) -> None:
         "checked": 1,
         "mismatches": [],
     }
+
+
+# --- debit_batch (an extension beside the contract) ----------------------------------------
+
+
+def item(user_id: str, amount: int, **kw: Any) -> dict[str, Any]:
+    return {"user_id": user_id, "amount": amount, "operation_type": "image_generation", **kw}
+
+
+def test_debit_batch(e2e: Celery) -> None:
+    open_account(e2e, "a", 100)
+    open_account(e2e, "b", 10)
+    debits = [item("b", 5), item("a", 200), item("ghost", 1), item("a", 30), item("b", 6)]
+    out = call(e2e, "tokens.debit_batch", debits=debits)
+    assert set(out) == {"success", "results", "applied", "refused"}
+    assert (out["success"], out["applied"], out["refused"]) == (True, 2, 3)
+    r = out["results"]
+    assert [x["success"] for x in r] == [True, False, False, True, False]
+    assert (r[0]["user_id"], r[0]["new_balance"]) == ("b", 5)
+    assert (r[3]["user_id"], r[3]["new_balance"]) == ("a", 70)
+    for movement in (r[0], r[3]):
+        assert_recorded(movement)
+        assert movement["replayed"] is False
+    assert r[1] == refusal(
+        "INSUFFICIENT_TOKENS", "Insufficient tokens. Required: 200, Available: 100"
+    )
+    assert r[2] == NOT_FOUND
+    assert r[4] == refusal("INSUFFICIENT_TOKENS", "Insufficient tokens. Required: 6, Available: 5")
+    assert call(e2e, "ledger.reconcile")["mismatches"] == []
+
+
+def test_a_redelivered_debit_batch_applies_once(e2e: Celery) -> None:
+    open_account(e2e, "a", 100)
+    open_account(e2e, "b", 100)
+    debits = [item("a", 10), item("b", 20), item("a", 30, idempotency_key="own")]
+    task_id = str(uuid.uuid4())
+    first = e2e.send_task("tokens.debit_batch", kwargs={"debits": debits}, task_id=task_id)
+    first_out = first.get(timeout=30)
+    before = dbstate.snapshot()
+    e2e.backend.forget(task_id)
+    second = e2e.send_task("tokens.debit_batch", kwargs={"debits": debits}, task_id=task_id)
+    assert second.get(timeout=30) == {
+        **first_out,
+        "results": [{**r, "replayed": True} for r in first_out["results"]],
+    }
+    assert dbstate.snapshot() == before
+    assert [e["idempotency_key"] for e in dbstate.entries("a")[-2:]] == [f"{task_id}:0", "own"]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error"),
+    [
+        ({"debits": []}, "debits: List should have at least 1 item after validation, not 0"),
+        ({"debits": [item("a", 1)] * 1001}, "debits: List should have at most 1000 items"),
+        ({"debits": item("a", 1)}, "debits: Input should be a valid array"),
+        ({"debits": [item("a", 1)], "user_id": "a"}, "user_id: unknown argument"),
+        ({"debits": [item("a", 1)] * 3 + [item("a", "5")]}, "debits.3.amount: Input should be"),
+        ({"debits": [item("a", 1), {**item("a", 1), "x": 1}]}, "debits.1.x: unknown argument"),
+    ],
+)
+def test_malformed_debit_batch_changes_nothing(
+    e2e: Celery, kwargs: dict[str, Any], error: str
+) -> None:
+    open_account(e2e, "a", 100)
+    before = dbstate.snapshot()
+    out = call(e2e, "tokens.debit_batch", **kwargs)
+    assert (out["success"], out["error_code"]) == (False, "VALIDATION_ERROR")
+    assert out["error"].startswith(f"Invalid arguments: {error}")
+    assert dbstate.snapshot() == before
