@@ -447,7 +447,10 @@ def test_a_redelivered_debit_batch_applies_once(e2e: Celery) -> None:
         ({"debits": [item("a", 1)] * 1001}, "debits: List should have at most 1000 items"),
         ({"debits": item("a", 1)}, "debits: Input should be a valid array"),
         ({"debits": [item("a", 1)], "user_id": "a"}, "user_id: unknown argument"),
-        ({"debits": [item("a", 1)] * 3 + [item("a", "5")]}, "debits.3.amount: Input should be"),
+        (
+            {"debits": [item("a", 1)] * 3 + [{**item("a", 1), "amount": "5"}]},
+            "debits.3.amount: Input should be",
+        ),
         ({"debits": [item("a", 1), {**item("a", 1), "x": 1}]}, "debits.1.x: unknown argument"),
     ],
 )
