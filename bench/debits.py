@@ -2,9 +2,11 @@
 
     python -m bench.debits [--tasks 2000] [--concurrency 2] [--users 100]
 
-Baselines: ``health.ping`` (a task that does one ``SELECT 1``: the transport and task overhead)
-through the same worker, and the domain ``debit`` called in-process with no Celery (the database
-path alone). Creates and drops its own database and Redis pair.
+``tokens.debit_batch`` sends the same number of debits as batches of 100 (one message, one
+commit per batch); its rate counts debits, not messages. Baselines: ``health.ping`` (a task that
+does one ``SELECT 1``: the transport and task overhead) through the same worker, and the domain
+``debit`` called in-process with no Celery (the database path alone). Creates and drops its own
+database and Redis pair.
 """
 
 from __future__ import annotations
@@ -27,10 +29,13 @@ def _round_trips(app: Any, name: str, kwargs: Callable[[int], dict[str, Any]], n
     results = [app.send_task(name, kwargs=kwargs(i)) for i in range(n)]
     outcomes = [r.get(timeout=300) for r in results]
     elapsed = time.perf_counter() - start
-    failed = [o for o in outcomes if not o.get("success")]
+    failed = [o for o in outcomes if not o.get("success") or o.get("refused")]
     if failed:
         raise SystemExit(f"{name}: {len(failed)} failures, e.g. {failed[0]}")
     return elapsed
+
+
+BATCH = 100
 
 
 def main() -> None:
@@ -90,18 +95,34 @@ def _run(n: int, concurrency: int, users: int) -> None:
             lambda i: {"user_id": "user-0", "amount": 1, "operation_type": "chatgpt_message"},
             n,
         )
+        batched = _round_trips(
+            app,
+            "tokens.debit_batch",
+            lambda b: {
+                "debits": [
+                    {
+                        "user_id": f"user-{i % users}",
+                        "amount": 1,
+                        "operation_type": "chatgpt_message",
+                    }
+                    for i in range(b * BATCH, min(n, (b + 1) * BATCH))
+                ]
+            },
+            -(-n // BATCH),
+        )
 
     with session_scope() as s:
         from accounting.ledger import reconcile
 
         assert reconcile(s).mismatches == [], "balance differs from ledger after the benchmark"
 
-    print(f"{n} tasks each, worker concurrency {concurrency}, {users} users")
+    print(f"{n} tasks (or debits) each, worker concurrency {concurrency}, {users} users")
     print(f"{'measure':44} {'rate':>10} {'vs ping':>8}")
     rows = [
         ("health.ping round trip (transport baseline)", ping),
         (f"tokens.debit round trip, {users} users", spread),
         ("tokens.debit round trip, one hot account", hot),
+        (f"tokens.debit_batch of {BATCH}, debits/s", batched),
         ("domain debit in-process, no Celery (1 thread)", direct),
     ]
     for label, seconds in rows:
