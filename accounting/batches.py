@@ -1,5 +1,11 @@
 """Many debits in one transaction: one message, one commit, each item as ``movements.debit``.
 
+``tokens.debit_batch(debits=[…])`` (an extension beside the contract) takes 1..1000 items, each
+the kwargs of ``tokens.debit``. A malformed payload or item refuses the whole batch with
+VALIDATION_ERROR (naming e.g. ``debits.3.amount``) and changes nothing; business refusals are
+per item. Results come back in the order sent, each what ``tokens.debit`` would return, with
+``applied`` (successes, replays included) and ``refused`` counts.
+
 Each item runs in its own savepoint, so a refused item leaves no trace and keeps the others.
 Nothing here commits; the caller owns the transaction.
 """
