@@ -123,11 +123,12 @@ class ContractTask(Task):  # type: ignore[misc]
             raise self.retry(exc=exc, countdown=backoff(retries), max_retries=None) from exc
 
 
-def contract_task(name: str, schema: type[P]) -> Callable[[Handler[P]], Any]:
-    """Register ``handler(session, payload, task_id)`` as the contract task ``name``."""
+def contract_task(name: str, schema: type[P], **options: Any) -> Callable[[Handler[P]], Any]:
+    """Register ``handler(session, payload, task_id)`` as the contract task ``name``
+    (``options``: Celery task options, such as time limits)."""
 
     def register(handler: Handler[P]) -> Any:
-        @app.task(name=name, bind=True, base=ContractTask)  # type: ignore[untyped-decorator]
+        @app.task(name=name, bind=True, base=ContractTask, **options)  # type: ignore[untyped-decorator]
         def run(self: ContractTask, *args: Any, **kwargs: Any) -> dict[str, Any]:
             return self.execute(schema, handler, args, kwargs)
 

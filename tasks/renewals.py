@@ -9,6 +9,7 @@ from accounting import renewals
 from models.schemas import DueIn, DueOut, EligibilityOut, RenewOut, SweepIn, SweepOut, UserIn
 from tasks.base import contract_task
 from worker.db import session_factory
+from worker.settings import get_settings
 
 
 @contract_task("renewals.check_eligibility", UserIn)
@@ -22,7 +23,12 @@ def renew_user(session: Session, p: UserIn, _task_id: str | None) -> RenewOut:
     return renewals.renew_user(session, p.user_id)
 
 
-@contract_task("renewals.sweep", SweepIn)
+_SWEEP_LIMIT = get_settings().sweep_time_limit
+
+
+@contract_task(
+    "renewals.sweep", SweepIn, soft_time_limit=_SWEEP_LIMIT - 30, time_limit=_SWEEP_LIMIT
+)
 def sweep(_session: Session, p: SweepIn, _task_id: str | None) -> SweepOut:
     # The sweep commits one transaction per chunk, so it takes sessions of its own; the task's
     # session stays unused (and so never opens a connection).

@@ -198,3 +198,13 @@ def test_racing_sweeps_and_renew_user_calls_renew_each_user_once(e2e: Celery) ->
     assert {count for _, count in entries} == {1}
     assert call(e2e, "ledger.reconcile")["mismatches"] == []
     assert call(e2e, "renewals.due")["user_ids"] == []
+
+
+def test_the_sweep_alone_may_run_past_the_general_time_limit() -> None:
+    from tasks.movements import debit
+    from tasks.renewals import sweep
+    from worker.settings import get_settings
+
+    limit = get_settings().sweep_time_limit
+    assert (sweep.soft_time_limit, sweep.time_limit) == (limit - 30, limit)
+    assert debit.time_limit == worker_app.conf.task_time_limit < limit
