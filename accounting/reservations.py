@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import uuid
 from collections import defaultdict
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any, cast
 
@@ -261,6 +262,20 @@ def release(
     out = ReleaseOut(reservation_id=reservation_id, status="released")
     idempotency.record(session, user_id, idempotency_key, out.model_dump(mode="json"))
     return out
+
+
+def expire_all(sessions: Callable[[], Session], now: datetime | None = None) -> int:
+    """Expire every reservation due at ``now``, committing one transaction per chunk so a large
+    backlog never holds its locks for long (like the renewal sweep, it takes a session factory).
+    Returns how many expired; after a failure a rerun simply carries on with what is left."""
+    now = now or utcnow()
+    expired = 0
+    while True:
+        with sessions() as session, session.begin():
+            n = expire_batch(session, EXPIRE_CHUNK, now)
+        expired += n
+        if n < EXPIRE_CHUNK:
+            return expired
 
 
 def expire_batch(session: Session, limit: int = EXPIRE_CHUNK, now: datetime | None = None) -> int:

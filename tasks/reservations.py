@@ -16,8 +16,8 @@ from models.schemas import (
     ReserveIn,
     ReserveOut,
 )
-from models.tables import utcnow
 from tasks.base import contract_task
+from worker.db import session_factory
 
 
 @contract_task("tokens.reserve", ReserveIn)
@@ -46,14 +46,6 @@ def release(session: Session, p: ReleaseIn, task_id: str | None) -> ReleaseOut:
 
 
 @contract_task("reservations.expire", NoArgsIn)
-def expire(session: Session, _p: NoArgsIn, _task_id: str | None) -> ExpireOut:
-    # One short transaction per chunk, so a large backlog never holds locks for long; a retry
-    # after a failure simply carries on with what is left.
-    now = utcnow()
-    expired = 0
-    while True:
-        n = reservations.expire_batch(session, reservations.EXPIRE_CHUNK, now)
-        session.commit()
-        expired += n
-        if n < reservations.EXPIRE_CHUNK:
-            return ExpireOut(expired=expired)
+def expire(_session: Session, _p: NoArgsIn, _task_id: str | None) -> ExpireOut:
+    # Commits one transaction per chunk, so it takes sessions of its own (as renewals.sweep).
+    return ExpireOut(expired=reservations.expire_all(session_factory()))

@@ -10,10 +10,10 @@ from typing import Any
 import click
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
-from accounting import accounts, ledger, movements
+from accounting import accounts, ledger, movements, renewals, reservations
 from accounting.errors import DomainError
-from models.schemas import MAX_AMOUNT, Failure, IdempotencyKey, Reason, UserId
-from worker.db import session_scope
+from models.schemas import MAX_AMOUNT, ExpireOut, Failure, IdempotencyKey, Reason, UserId
+from worker.db import session_factory, session_scope
 from worker.settings import get_settings
 
 # The domain does not re-check what the task schemas check, so the CLI applies the same rules.
@@ -134,3 +134,49 @@ def delete_old_entries(older_than: datetime) -> None:
     from datetime import UTC
 
     _run(ledger.delete_old_entries, older_than.replace(tzinfo=UTC))
+
+
+# --- the scheduled side, for operators who need it now ---------------------------------------
+
+
+@main.command()
+@click.argument("user_id", callback=_user_id)
+def eligibility(user_id: str) -> None:
+    """Whether a user is due for renewal, and when next."""
+    _run(renewals.check_eligibility, user_id)
+
+
+@main.command()
+@click.argument("user_id", callback=_user_id)
+def renew(user_id: str) -> None:
+    """Renew one user now, if due (at most once per period)."""
+    _run(renewals.renew_user, user_id)
+
+
+@main.command()
+@click.option("--tier", default=None, help="Only this tier.")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Renew at most N.")
+@click.option("--dry-run", is_flag=True, help="Count what a sweep would do; change nothing.")
+@click.option("--stop-on-error", is_flag=True, help="Stop at the first failed renewal.")
+def sweep(tier: str | None, limit: int | None, dry_run: bool, stop_on_error: bool) -> None:
+    """Run the renewal sweep now (one transaction per chunk; safe beside the scheduled one)."""
+    try:
+        out = renewals.sweep(
+            session_factory(),
+            tier=tier,
+            limit=limit,
+            dry_run=dry_run,
+            continue_on_error=not stop_on_error,
+        )
+    except DomainError as exc:
+        _emit(Failure(error=exc.message, error_code=exc.code))
+        raise SystemExit(1) from None
+    _emit(out)
+    if out.failed:
+        raise SystemExit(1)
+
+
+@main.command("expire-reservations")
+def expire_reservations() -> None:
+    """Release every reservation past its expiry now."""
+    _emit(ExpireOut(expired=reservations.expire_all(session_factory())))

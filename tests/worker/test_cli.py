@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ from sqlalchemy import create_engine, inspect, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
-from accounting import accounts, ledger
+from accounting import accounts, ledger, reservations
 from tests import dbstate
 from worker.cli import main
 from worker.migrate import alembic_config
@@ -129,6 +129,45 @@ def test_refusals_exit_1_with_the_contract_failure(session: Session) -> None:
         "VALIDATION_ERROR"
     )
     assert dbstate.entries("u") == []
+
+
+def test_renewal_commands(session: Session) -> None:
+    tokens("open-account", "due", "--tier", "Professional")
+    tokens("open-account", "also-due")
+    assert tokens("eligibility", "due") == {
+        "success": True,
+        "user_id": "due",
+        "eligible": True,
+        "reason": "Never renewed",
+        "next_renewal_date": None,
+        "days_until_renewal": 0,
+    }
+    dry = tokens("sweep", "--dry-run")
+    assert (dry["total_processed"], dry["successful"]) == (2, 2)
+    assert dbstate.entries("due") == []
+    renewed = tokens("renew", "due")
+    assert (renewed["tokens_added"], renewed["new_balance"]) == (2000, 2000)
+    assert tokens("renew", "due", code=1)["error_code"] == "NOT_DUE"
+    swept = tokens("sweep", "--tier", "Gift")
+    assert (swept["total_processed"], swept["successful"], swept["failed"]) == (1, 1, 0)
+    assert tokens("sweep")["total_processed"] == 0  # everyone renewed this period
+    assert tokens("eligibility", "due")["reason"] == "Next renewal in 30 days"
+    assert tokens("sweep", "--tier", "Gold", code=1)["error_code"] == "VALIDATION_ERROR"
+
+
+def test_expire_reservations(session: Session) -> None:
+    tokens("open-account", "u", "--initial-balance", "100")
+    now = datetime.now(UTC)
+    held = reservations.reserve(session, "u", amount=30, ttl_seconds=60)
+    reservations.reserve(session, "u", amount=20, ttl_seconds=600)
+    session.execute(
+        text("UPDATE reservations SET expires_at = :past WHERE id = :id"),
+        {"past": now - timedelta(seconds=1), "id": held.reservation_id},
+    )
+    session.commit()
+    assert tokens("expire-reservations") == {"success": True, "expired": 1}
+    assert tokens("expire-reservations") == {"success": True, "expired": 0}
+    assert tokens("balance", "u")["tokens_reserved"] == 20
 
 
 def test_credit_with_idempotency_key(session: Session) -> None:
