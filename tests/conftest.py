@@ -12,9 +12,6 @@ from worker.devenv import Scratch
 
 SCRATCH = Scratch("tokens_test")
 SCRATCH.export()
-DATABASE_URL = SCRATCH.database_url
-BROKER_URL = SCRATCH.broker_url
-BACKEND_URL = SCRATCH.backend_url
 
 import pytest  # noqa: E402
 from celery import Celery  # noqa: E402
