@@ -51,17 +51,8 @@ def debit_batch(session: Session, items: Sequence[DebitIn], task_id: str | None)
     for index, item in enumerate(items):
         try:
             with session.begin_nested():
-                results.append(
-                    movements.debit(
-                        session,
-                        item.user_id,
-                        item.amount,
-                        item.operation_type,
-                        allow_overdraft=item.allow_overdraft,
-                        metadata=item.metadata,
-                        idempotency_key=item_key(item, task_id, index),
-                    )
-                )
+                key = item_key(item, task_id, index)
+                results.append(movements.debit_payload(session, item, key))
         except DomainError as exc:
             results.append(Failure(error=exc.message, error_code=exc.code))
     refused = sum(isinstance(r, Failure) for r in results)

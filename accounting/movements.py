@@ -20,7 +20,7 @@ from accounting.errors import (
     negative_balance,
     refund_exceeds_original,
 )
-from models.schemas import MovementOut
+from models.schemas import DebitIn, MovementOut
 from models.tables import LedgerEntry, account_table, ledger_table, utcnow
 from worker.signals import note_balance_change
 
@@ -165,6 +165,19 @@ def debit(
         idempotency_key=idempotency_key,
     )
     return _done(session, idempotency_key, out)
+
+
+def debit_payload(session: Session, p: DebitIn, idempotency_key: str | None) -> MovementOut:
+    """:func:`debit` for a validated ``tokens.debit`` payload (the task and batch items)."""
+    return debit(
+        session,
+        p.user_id,
+        p.amount,
+        p.operation_type,
+        allow_overdraft=p.allow_overdraft,
+        metadata=p.metadata,
+        idempotency_key=idempotency_key,
+    )
 
 
 def credit(

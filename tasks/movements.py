@@ -21,15 +21,7 @@ from tasks.base import contract_task
 
 @contract_task("tokens.debit", DebitIn)
 def debit(session: Session, p: DebitIn, task_id: str | None) -> MovementOut:
-    return movements.debit(
-        session,
-        p.user_id,
-        p.amount,
-        p.operation_type,
-        allow_overdraft=p.allow_overdraft,
-        metadata=p.metadata,
-        idempotency_key=p.idempotency_key or task_id,
-    )
+    return movements.debit_payload(session, p, p.idempotency_key or task_id)
 
 
 # Not in the contract: an extension for producers that move many debits at once.
