@@ -137,6 +137,28 @@ class IdempotencyRecord(Base):
     response: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
+    # Retention deletes the oldest records first.
+    __table_args__ = (Index("ix_idempotency_records_created", "created_at"),)
+
+
+class RefundTotal(Base):
+    """What has been refunded against one debit, charge or capture, and what it charged.
+
+    The refund cap lives here, not in a sum over refund entries, so pruning old entries (which
+    may remove a refund and keep its debit) can never reset it.
+    """
+
+    __tablename__ = "refund_totals"
+
+    entry_id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    user_id: Mapped[str] = mapped_column(String(128))
+    charged: Mapped[int] = mapped_column(BigInteger)
+    refunded: Mapped[int] = mapped_column(BigInteger)
+
+    __table_args__ = (
+        CheckConstraint("refunded >= 0 AND refunded <= charged", name="within_charge"),
+    )
+
 
 class Reservation(Base):
     __tablename__ = "reservations"
@@ -173,3 +195,4 @@ account_table = cast(Table, Account.__table__)
 ledger_table = cast(Table, LedgerEntry.__table__)
 idempotency_table = cast(Table, IdempotencyRecord.__table__)
 reservation_table = cast(Table, Reservation.__table__)
+refund_total_table = cast(Table, RefundTotal.__table__)

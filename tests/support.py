@@ -17,7 +17,7 @@ from worker.devenv import ROOT, WorkerProcess, producer, running_workers
 
 __all__ = ["ROOT", "TABLES", "WorkerProcess", "call", "producer", "running_workers"]
 
-TABLES = ("idempotency_records", "reservations", "ledger_entries", "accounts")
+TABLES = ("idempotency_records", "refund_totals", "reservations", "ledger_entries", "accounts")
 T = TypeVar("T")
 R = TypeVar("R")
 
