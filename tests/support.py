@@ -83,8 +83,9 @@ def assert_ledger_consistent(session: Session) -> None:
     """The ledger's invariants, checked with plain SQL (independent of ``ledger.reconcile``):
 
     every entry's ``balance_after == balance_before + tokens_amount``; each user's entries, in
-    the order they were written, chain (each starts where the previous ended, the first at 0),
-    so no update was lost; and every balance equals the sum of that user's ledger.
+    the contract's order (``created_at``, ties by ``id``), chain (each starts where the previous
+    ended, the first at 0), so no update was lost and the timestamps tell the order applied; and
+    every balance equals the sum of that user's ledger.
     """
     bad_arithmetic = session.execute(
         text("SELECT id FROM ledger_entries WHERE balance_after <> balance_before + tokens_amount")
@@ -96,8 +97,9 @@ def assert_ledger_consistent(session: Session) -> None:
             """
             SELECT user_id, id, balance_before, previous_after FROM (
                 SELECT user_id, id, balance_before,
-                       COALESCE(LAG(balance_after) OVER (PARTITION BY user_id ORDER BY id), 0)
-                           AS previous_after
+                       COALESCE(LAG(balance_after) OVER (
+                           PARTITION BY user_id ORDER BY created_at, id
+                       ), 0) AS previous_after
                 FROM ledger_entries
                 WHERE user_id NOT IN (
                     SELECT user_id FROM ledger_entries WHERE kind = 'carried_forward'

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
 from accounting import accounts, idempotency, ledger, movements
@@ -15,6 +15,7 @@ from accounting.errors import DomainError
 from models.schemas import MovementOut
 from models.tables import IdempotencyRecord, LedgerEntry
 from tests.support import assert_ledger_consistent, attempt, refused, run_in_threads
+from worker.db import session_factory
 
 THREADS = 6
 CONFLICT = ("IDEMPOTENCY_CONFLICT", "Idempotency key reused with different parameters")
@@ -215,3 +216,49 @@ def test_concurrent_conflicting_requests_with_one_key(session: Session) -> None:
     session.commit()
     assert counts(session) == (applied[0].new_balance, 2, 1)
     assert_ledger_consistent(session)
+
+
+# --- retention -------------------------------------------------------------------------------
+
+
+def backdate_record(session: Session, key: str, age: timedelta) -> None:
+    session.execute(
+        text("UPDATE idempotency_records SET created_at = clock_timestamp() - :age WHERE key = :k"),
+        {"age": age, "k": key},
+    )
+    session.commit()
+
+
+def test_retention_prunes_only_records_past_the_window(session: Session) -> None:
+    opened(session)
+    first = movements.debit(session, "u1", 10, "image_generation", idempotency_key="old")
+    movements.debit(session, "u1", 10, "image_generation", idempotency_key="recent")
+    session.commit()
+    backdate_record(session, "old", timedelta(days=7, seconds=1))
+    backdate_record(session, "recent", timedelta(days=6, hours=23))
+    assert idempotency.prune(session, timedelta(days=7)) == 1
+    session.commit()
+    assert set(session.scalars(select(IdempotencyRecord.key))) == {"recent"}
+    # Inside the window a key still replays; past it, the same request applies again.
+    assert movements.debit(session, "u1", 10, "image_generation", idempotency_key="recent").replayed
+    again = movements.debit(session, "u1", 10, "image_generation", idempotency_key="old")
+    session.commit()
+    assert (again.replayed, again.new_balance) == (False, first.new_balance - 20)
+    assert_ledger_consistent(session)
+
+
+def test_retention_works_in_bounded_chunks(session: Session) -> None:
+    opened(session, balance=1000)
+    for i in range(7):
+        movements.credit(session, "u1", 1, idempotency_key=f"k{i}")
+    session.commit()
+    session.execute(
+        text("UPDATE idempotency_records SET created_at = created_at - interval '30 days'")
+    )
+    session.commit()
+    chunks: list[int] = []
+    total = idempotency.prune_all(
+        session_factory(), timedelta(days=7), chunk_size=3, on_chunk=chunks.append
+    )
+    assert (total, chunks) == (7, [3, 3, 1])
+    assert counts(session)[2] == 0

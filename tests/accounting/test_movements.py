@@ -9,7 +9,7 @@ import pytest
 from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
-from accounting import accounts, movements
+from accounting import accounts, movements, reservations
 from accounting.errors import DomainError
 from models.schemas import MovementOut
 from models.tables import LedgerEntry
@@ -161,6 +161,26 @@ def test_reset_balance_writes_the_difference(session: Session) -> None:
     session.commit()
     assert (up.amount, up.new_balance, zero.amount, zero.new_balance) == (475, 500, -500, 0)
     assert state(session) == (0, 0, 10, 5)
+    assert_ledger_consistent(session)
+
+
+def test_reset_below_what_reservations_hold_is_refused(session: Session) -> None:
+    """The confirmed defect: reserve 80 of 100, reset to 0 (available -80), then capture took
+    the balance to -80 with no overdraft asked for."""
+    opened(session)
+    held = reservations.reserve(session, "u1", 80)
+    session.commit()
+    assert fails(session, movements.reset_balance, "u1", 0) == (
+        "BELOW_RESERVED",
+        "Balance cannot go below reserved tokens. Reserved: 80",
+    )
+    assert fails(session, movements.reset_balance, "u1", 79)[0] == "BELOW_RESERVED"
+    at_hold = movements.reset_balance(session, "u1", 80)
+    session.commit()
+    assert (at_hold.new_balance, accounts.get_balance(session, "u1").tokens_available) == (80, 0)
+    captured = reservations.capture(session, held.reservation_id)
+    session.commit()
+    assert captured.new_balance == 0
     assert_ledger_consistent(session)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from functools import partial
@@ -310,7 +311,7 @@ def test_capture_succeeds_even_when_the_balance_has_fallen_below_the_hold(
     # The hold was granted; settling it must not depend on what happened to the balance since.
     opened(session)
     r = reservations.reserve(session, "u1", amount=30)
-    movements.reset_balance(session, "u1", 10)
+    movements.debit(session, "u1", 90, "image_generation", allow_overdraft=True)
     session.commit()
     out = reservations.capture(session, r.reservation_id)
     session.commit()
@@ -333,6 +334,28 @@ def test_capture_replays_its_key(session: Session) -> None:
     ) == ("IDEMPOTENCY_CONFLICT", "Idempotency key reused with different parameters")
     assert len(entries(session, kind="capture")) == 1
     assert held(session) == (80, 0, 0)
+
+
+def test_capture_metadata_merged_with_the_reservations_stays_within_8_kib(
+    session: Session,
+) -> None:
+    """The confirmed defect: each part within 8 KiB, the merged entry metadata over it."""
+    opened(session)
+    r = reservations.reserve(session, "u1", amount=30, metadata={"a": "x" * 5000})
+    session.commit()
+    code, message = fails(
+        session, reservations.capture, r.reservation_id, metadata={"b": "y" * 5000}
+    )
+    assert code == "VALIDATION_ERROR"
+    assert message.startswith("Invalid arguments: metadata: merged with the reservation's")
+    assert message.endswith("at most 8192 allowed")
+    assert reservation(session, r.reservation_id).status == "active"
+    # A capture whose merged metadata fits goes through, and its entry is within the bound.
+    out = reservations.capture(session, r.reservation_id, metadata={"b": "y" * 2000})
+    session.commit()
+    stored = session.get_one(LedgerEntry, int(out.ledger_entry_id)).meta
+    assert len(json.dumps(stored, separators=(",", ":")).encode()) <= 8192
+    assert stored["reservation_id"] == r.reservation_id
 
 
 def test_capture_refusals(session: Session) -> None:

@@ -115,6 +115,18 @@ CASES = [
          "start_date", "date-before-year-1-in-utc"),
     case("ledger.statistics", {**ENTRIES, "end_date": "9999-12-31T23:00:00-05:00"},
          "end_date", "date-after-9999-in-utc"),
+    # dates: from 1970-01-01 up to (not including) 3000-01-01
+    case("tokens.open_account", {"user_id": "n", "last_renewal_at": "9999-12-20T00:00:00Z"},
+         "last_renewal_at", "date-far-future-renewal"),
+    case("tokens.open_account", {"user_id": "n", "subscription_expires_at": "3000-01-01"},
+         "subscription_expires_at", "date-year-3000"),
+    case("tokens.set_tier", {"user_id": "u", "tier": "Gift",
+                             "subscription_expires_at": "1969-12-31T23:59:59Z"},
+         "subscription_expires_at", "date-before-1970"),
+    case("ledger.user_entries", {**ENTRIES, "start_date": "1969-12-31T23:30:00-01:00"},
+         "start_date", "date-1970-only-in-its-own-offset"),
+    case("ledger.delete_old_entries", {"older_than": "3000-01-01T00:30:00+01:00"},
+         "older_than", "date-2999-only-in-its-own-offset"),
     case("ledger.delete_old_entries", {"older_than": "soon"}, "older_than", "older-than-word"),
     case("tokens.open_account", {"user_id": "n", "subscription_expires_at": "2026-11-31T00:00:00"},
          "subscription_expires_at", "expiry-nov-31"),
@@ -209,6 +221,12 @@ def test_non_positive_amounts_are_invalid_amount(
         ("ledger.user_entries", {**ENTRIES, "limit": 1000, "offset": 0}),
         ("ledger.user_entries", {**ENTRIES, "start_date": "2026-01-01T00:00:00Z"}),
         ("ledger.user_entries", {**ENTRIES, "start_date": "2026-01-01"}),
+        ("ledger.user_entries", {**ENTRIES, "start_date": "1970-01-01T00:00:00Z"}),
+        ("ledger.user_entries", {**ENTRIES, "end_date": "2999-12-31T23:59:59.999999Z"}),
+        (
+            "tokens.set_tier",
+            {"user_id": "u", "tier": "Gift", "subscription_expires_at": "2999-12-31T23:59:59Z"},
+        ),
     ],
 )
 def test_values_at_the_bounds_are_accepted(
