@@ -24,6 +24,8 @@ MAX_AMOUNT = 10**12
 MAX_METADATA_BYTES = 8 * 1024
 MAX_TTL_SECONDS = 7 * 24 * 3600
 MAX_BATCH = 1000
+EARLIEST_DATE = datetime(1970, 1, 1, tzinfo=UTC)
+END_OF_DATES = datetime(3000, 1, 1, tzinfo=UTC)
 
 
 def _check_user_id(value: str) -> str:
@@ -41,8 +43,13 @@ def _check_no_nul(value: str) -> str:
     return value
 
 
+def metadata_bytes(value: dict[str, Any]) -> int:
+    """The size that ``MAX_METADATA_BYTES`` bounds: compact JSON, UTF-8."""
+    return len(json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode())
+
+
 def _check_metadata(value: dict[str, Any]) -> dict[str, Any]:
-    size = len(json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode())
+    size = metadata_bytes(value)
     if size > MAX_METADATA_BYTES:
         raise ValueError(f"is {size} bytes serialized; at most {MAX_METADATA_BYTES} allowed")
     pending: list[Any] = [value]
@@ -67,9 +74,13 @@ def _parse_iso8601(value: Any) -> Any:
 def _as_utc(value: datetime) -> datetime:
     # A date given without an offset is read as UTC.
     try:
-        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+        value = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
     except OverflowError:  # e.g. 0001-01-01T00:00:00+01:00: no such year in UTC
         raise ValueError("is out of range in UTC") from None
+    # Far dates pass parsing, then overflow date arithmetic (a renewal 30 days after 9999-12-20).
+    if not EARLIEST_DATE <= value < END_OF_DATES:
+        raise ValueError("must be from 1970-01-01 up to (not including) 3000-01-01 UTC")
+    return value
 
 
 UserId = Annotated[str, Field(min_length=1, max_length=128), AfterValidator(_check_user_id)]
