@@ -7,11 +7,12 @@ from datetime import datetime
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from accounting import clock
 from accounting.catalog import cost_of, known_operation, tier_of
 from accounting.errors import negative_balance, user_not_found
 from accounting.idempotency import insert_ignoring_conflicts
 from models.schemas import BalanceOut, CanAffordOut, OpenAccountOut
-from models.tables import Account, LedgerEntry, utcnow
+from models.tables import Account, LedgerEntry
 from worker.signals import note_balance_change
 
 
@@ -52,7 +53,7 @@ def open_account(
     tier_of(tier)
     if initial_balance < 0:
         raise negative_balance()
-    now = utcnow()
+    now = clock.now_sql(session)
     inserted = session.execute(
         insert_ignoring_conflicts(session, Account)
         .values(
@@ -66,10 +67,10 @@ def open_account(
             created_at=now,
             updated_at=now,
         )
-        .returning(Account.user_id)
+        .returning(Account.updated_at)
     ).first()
     created = inserted is not None
-    if created and initial_balance:
+    if inserted is not None and initial_balance:
         session.add(
             LedgerEntry(
                 user_id=user_id,
@@ -79,7 +80,7 @@ def open_account(
                 balance_before=0,
                 balance_after=initial_balance,
                 meta={"reason": "initial_balance"},
-                created_at=now,
+                created_at=inserted[0],
             )
         )
         session.flush()
@@ -102,7 +103,11 @@ def set_tier(
     row = session.execute(
         update(Account)
         .where(Account.user_id == user_id)
-        .values(tier=tier, subscription_expires_at=subscription_expires_at, updated_at=utcnow())
+        .values(
+            tier=tier,
+            subscription_expires_at=subscription_expires_at,
+            updated_at=clock.stamp(session, Account.updated_at),
+        )
         .returning(Account.user_id)
         .execution_options(synchronize_session=False)
     ).first()

@@ -13,19 +13,20 @@ Nothing here commits; the caller owns the transaction.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 
-from accounting import movements
+from accounting import idempotency, movements
 from accounting.errors import DomainError
 from models.schemas import DebitBatchOut, DebitIn, Failure, MovementOut
 from models.tables import account_table
 
-# Every batch locks its accounts up front in one order (the database's), so two batches over the
-# same accounts queue behind each other instead of each holding a row the other needs. The lock
-# comes before any idempotency claim too: a key two batches share is only ever contested by
-# the one that already holds that user's row.
+# Lock order, the same for every movement: idempotency keys first, then accounts. A batch
+# claims all its keys (in (user, key) order), then locks its accounts (in user order), so two
+# batches over the same accounts queue behind each other, and a batch and a single debit that
+# share a key never each hold what the other waits for.
 _LOCK_ACCOUNTS = (
     select(account_table.c.user_id)
     .where(account_table.c.user_id.in_(bindparam("ids", expanding=True)))
@@ -41,19 +42,32 @@ def item_key(item: DebitIn, task_id: str | None, index: int) -> str | None:
     return None if task_id is None else f"{task_id}:{index}"
 
 
+def _asked(item: DebitIn) -> tuple[int, str, bool, dict[str, Any]]:
+    return item.amount, item.operation_type, item.allow_overdraft, item.metadata
+
+
 def debit_batch(session: Session, items: Sequence[DebitIn], task_id: str | None) -> DebitBatchOut:
     """Apply each item as :func:`movements.debit` would, in the order given.
 
     Returns one result per item: its movement, or the refusal ``tokens.debit`` would return.
     """
+    keys = [item_key(item, task_id, index) for index, item in enumerate(items)]
+    idempotency.claim_many(
+        session,
+        (
+            (item.user_id, key, movements.debit_digest(*_asked(item)))
+            for item, key in zip(items, keys, strict=True)
+            if key is not None
+        ),
+    )
     session.execute(_LOCK_ACCOUNTS, {"ids": sorted({item.user_id for item in items})}).all()
     results: list[MovementOut | Failure] = []
-    for index, item in enumerate(items):
+    for item, key in zip(items, keys, strict=True):
         try:
             with session.begin_nested():
-                key = item_key(item, task_id, index)
                 results.append(movements.debit_payload(session, item, key))
         except DomainError as exc:
+            idempotency.withdraw(session, item.user_id, key)
             results.append(Failure(error=exc.message, error_code=exc.code))
     refused = sum(isinstance(r, Failure) for r in results)
     return DebitBatchOut(results=results, applied=len(results) - refused, refused=refused)

@@ -6,8 +6,7 @@ the account's previous change (``stamp``), so for each user the entries in ``cre
 (ties by ``id``) are exactly the order they were applied, whatever the workers' clocks say.
 
 The embedded SQLite default runs on the worker's own host, so there the database's clock and the
-worker's are the same clock; SQLite has no per-statement clock function that SQLAlchemy reads
-back as a timezone-aware value, so the time is bound from Python and stamped the same way.
+worker's are one clock: the time is bound from Python when the statement runs.
 """
 
 from __future__ import annotations
@@ -15,34 +14,49 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, bindparam, func, select
+from sqlalchemy import ColumnElement, bindparam, func, literal, select
 from sqlalchemy.orm import Session
 
 from models.tables import UTCDateTime, utcnow
 
 
-def is_postgres(session: Session) -> bool:
-    return session.get_bind().dialect.name == "postgresql"
+def dialect_of(where: Session | str) -> str:
+    """The dialect name of a session (or the name itself, for statements built once)."""
+    return where if isinstance(where, str) else where.get_bind().dialect.name
 
 
-def now_sql(session: Session) -> ColumnElement[datetime]:
+def is_postgres(where: Session | str) -> bool:
+    return dialect_of(where) == "postgresql"
+
+
+def now_sql(where: Session | str) -> ColumnElement[datetime]:
     """The database's current time as an SQL expression, evaluated where it is used.
 
     On PostgreSQL ``clock_timestamp()``: the time the row is written, not the start of the
     transaction or statement (which may have waited for a lock meanwhile).
     """
-    if is_postgres(session):
+    if is_postgres(where):
         return func.clock_timestamp(type_=UTCDateTime())
-    return bindparam("clock_now", utcnow(), type_=UTCDateTime())
+    # callable_: read when the statement runs, so statements built once stay correct.
+    return bindparam(None, callable_=utcnow, type_=UTCDateTime())
 
 
-def stamp(session: Session, previous: Any) -> ColumnElement[datetime]:
-    """``now_sql`` but never before ``previous`` (a column holding the last change's time):
-    the per-user clock that orders a user's entries even if the server's clock steps back."""
-    if is_postgres(session):
-        return func.greatest(now_sql(session), previous, type_=UTCDateTime())
-    # SQLite stores UTC as text of one fixed format, so max() of the two orders correctly.
-    return func.max(now_sql(session), previous, type_=UTCDateTime())
+def stamp(where: Session | str, previous: Any) -> ColumnElement[datetime]:
+    """``now_sql`` but never before ``previous`` (the column holding the account's last change):
+    the per-user clock that keeps a user's entries in order even if the server's clock steps
+    back."""
+    if is_postgres(where):
+        return func.greatest(now_sql(where), previous, type_=UTCDateTime())
+    # SQLite keeps UTC as text in one fixed format, so max() of the two orders correctly.
+    return func.max(now_sql(where), previous, type_=UTCDateTime())
+
+
+def at(session: Session, now: datetime | None) -> ColumnElement[datetime]:
+    """``now`` as an SQL value when a caller simulates a moment (tests, tools), else the
+    database's clock."""
+    if now is None:
+        return now_sql(session)
+    return literal(now, type_=UTCDateTime())
 
 
 def db_now(session: Session) -> datetime:

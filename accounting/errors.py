@@ -79,3 +79,9 @@ def not_due(days: int) -> DomainError:
 
 def subscription_expired() -> DomainError:
     return DomainError("SUBSCRIPTION_EXPIRED", "Subscription expired")
+
+
+def below_reserved(reserved: int) -> DomainError:
+    return DomainError(
+        "BELOW_RESERVED", f"Balance cannot go below reserved tokens. Reserved: {reserved}"
+    )

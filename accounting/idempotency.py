@@ -9,15 +9,19 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, TypeVar
+from collections.abc import Callable, Iterable
+from datetime import timedelta
+from typing import Any, TypeVar, cast
 
 from pydantic import BaseModel
-from sqlalchemy import Insert, bindparam, select, update
+from sqlalchemy import Insert, bindparam, delete, literal, select, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import CursorResult
 from sqlalchemy.orm import Session
 
+from accounting import clock
 from accounting.errors import idempotency_conflict
-from models.tables import idempotency_table, utcnow
+from models.tables import UTCDateTime, idempotency_table, utcnow
 
 
 def request_hash(operation: str, **params: Any) -> str:
@@ -26,14 +30,19 @@ def request_hash(operation: str, **params: Any) -> str:
     return hashlib.sha256(body.encode()).hexdigest()
 
 
-def insert_ignoring_conflicts(session: Session, table: Any) -> Insert:
-    """``INSERT … ON CONFLICT DO NOTHING`` in the session's dialect."""
+def dialect_insert(session: Session, table: Any) -> postgresql.Insert | sqlite.Insert:
+    """An INSERT of the session's dialect, which knows ``ON CONFLICT``."""
     dialect = session.get_bind().dialect.name
     if dialect == "postgresql":
-        return postgresql.insert(table).on_conflict_do_nothing()
+        return postgresql.insert(table)
     if dialect == "sqlite":
-        return sqlite.insert(table).on_conflict_do_nothing()
+        return sqlite.insert(table)
     raise NotImplementedError(f"no ON CONFLICT support for {dialect}")
+
+
+def insert_ignoring_conflicts(session: Session, table: Any) -> Insert:
+    """``INSERT … ON CONFLICT DO NOTHING`` in the session's dialect."""
+    return dialect_insert(session, table).on_conflict_do_nothing()
 
 
 R = TypeVar("R", bound=BaseModel)
@@ -42,6 +51,11 @@ _records = idempotency_table
 _claims: dict[str, Insert] = {}
 _READ = select(_records.c.request_hash, _records.c.response).where(
     _records.c.user_id == bindparam("uid"), _records.c.key == bindparam("k")
+)
+_WITHDRAW = delete(_records).where(
+    _records.c.user_id == bindparam("uid"),
+    _records.c.key == bindparam("k"),
+    _records.c.response.is_(None),
 )
 _RECORD = (
     update(_records)
@@ -54,8 +68,10 @@ def _claim_statement(session: Session) -> Insert:
     dialect = session.get_bind().dialect.name
     stmt = _claims.get(dialect)
     if stmt is None:
-        stmt = _claims[dialect] = insert_ignoring_conflicts(session, _records).returning(
-            _records.c.key
+        stmt = _claims[dialect] = (
+            insert_ignoring_conflicts(session, _records)
+            .values(created_at=clock.now_sql(dialect))
+            .returning(_records.c.key)
         )
     return stmt
 
@@ -68,16 +84,43 @@ def claim(session: Session, user_id: str, key: str | None, digest: str) -> dict[
     if key is None:
         return None
     claimed = session.execute(
-        _claim_statement(session),
-        {"user_id": user_id, "key": key, "request_hash": digest, "created_at": utcnow()},
+        _claim_statement(session), {"user_id": user_id, "key": key, "request_hash": digest}
     ).first()
     if claimed is not None:
         return None
     stored = session.execute(_READ, {"uid": user_id, "k": key}).one()
     if stored.request_hash != digest:
         raise idempotency_conflict()
-    response: dict[str, Any] = stored.response
+    # Every committed claim carries its outcome (a refused request's claim is rolled back or
+    # withdrawn), so one without is this transaction's own, made ahead by claim_many.
+    response: dict[str, Any] | None = stored.response
     return response
+
+
+def claim_many(session: Session, claims: Iterable[tuple[str, str, str]]) -> None:
+    """Claim several (user_id, key, digest) at once, in (user_id, key) order.
+
+    A transaction that will lock several accounts (a batch) claims all its keys first: every
+    movement takes its key before its account, so with keys before accounts everywhere, and
+    each kind in one order, no two transactions can wait for each other in a cycle. Each item
+    then calls :func:`claim` as usual, which finds its own claim and goes ahead; an item that
+    is refused gives its key back with :func:`withdraw`.
+    """
+    first: dict[tuple[str, str], str] = {}
+    for user_id, key, digest in claims:
+        first.setdefault((user_id, key), digest)
+    if first:
+        session.execute(
+            insert_ignoring_conflicts(session, _records).values(created_at=clock.now_sql(session)),
+            [{"user_id": u, "key": k, "request_hash": first[(u, k)]} for u, k in sorted(first)],
+        )
+
+
+def withdraw(session: Session, user_id: str, key: str | None) -> None:
+    """Give back a claim this transaction made ahead and did not use (its request was refused),
+    so the key stays free, as for a refused single request."""
+    if key is not None:
+        session.execute(_WITHDRAW, {"uid": user_id, "k": key})
 
 
 def replay(
@@ -93,3 +136,52 @@ def record(session: Session, user_id: str, key: str | None, response: dict[str, 
     if key is None:
         return
     session.execute(_RECORD, {"uid": user_id, "k": key, "response": response})
+
+
+# --- retention -------------------------------------------------------------------------------
+
+PRUNE_CHUNK = 10_000
+
+
+def prune(session: Session, retention: timedelta, limit: int = PRUNE_CHUNK) -> int:
+    """Delete up to ``limit`` records older than ``retention`` (by the database's clock), oldest
+    first; returns how many. Past the retention a key no longer replays: the same request
+    applies again."""
+    postgres = clock.is_postgres(session)
+    cutoff = (
+        clock.now_sql(session) - literal(retention)
+        if postgres  # SQLite has no date arithmetic on its text timestamps; same host clock
+        else literal(utcnow() - retention, type_=UTCDateTime())
+    )
+    oldest = (
+        select(_records.c.user_id, _records.c.key)
+        .where(_records.c.created_at < cutoff)
+        .order_by(_records.c.created_at)
+        .limit(limit)
+    )
+    if postgres:
+        # Rows a live transaction holds (a claim being decided) are skipped, not waited for.
+        oldest = oldest.with_for_update(skip_locked=True)
+    gone = session.execute(
+        delete(_records).where(tuple_(_records.c.user_id, _records.c.key).in_(oldest))
+    )
+    return int(cast(CursorResult[Any], gone).rowcount)
+
+
+def prune_all(
+    sessions: Callable[[], Session],
+    retention: timedelta,
+    chunk_size: int = PRUNE_CHUNK,
+    on_chunk: Callable[[int], None] | None = None,
+) -> int:
+    """:func:`prune` in chunks of ``chunk_size``, one transaction each, until none is left:
+    bounded memory and short locks, whatever the backlog. Returns how many were deleted."""
+    total = 0
+    while True:
+        with sessions() as session, session.begin():
+            n = prune(session, retention, chunk_size)
+        total += n
+        if on_chunk is not None:
+            on_chunk(n)
+        if n < chunk_size:
+            return total

@@ -29,7 +29,7 @@ from models.schemas import (
     TotalOut,
     TypeStats,
 )
-from models.tables import Account, LedgerEntry
+from models.tables import Account, LedgerEntry, RefundTotal
 
 CARRIED_FORWARD = "carried_forward"
 MAX_MISMATCHES_LISTED = 1000
@@ -169,7 +169,10 @@ _PG_CARRY_FORWARD = text(
         WHERE created_at < :cutoff
           AND user_id IN (SELECT user_id FROM ledger_entries
                           WHERE created_at < :cutoff AND kind <> 'carried_forward')
-        RETURNING user_id, kind, tokens_amount, metadata, created_at
+        RETURNING id, user_id, kind, tokens_amount, metadata, created_at
+    ), caps AS (
+        -- a refund against a pruned entry is ENTRY_NOT_FOUND, so its cap has no use left
+        DELETE FROM refund_totals WHERE entry_id IN (SELECT id FROM gone)
     ), carried AS (
         INSERT INTO ledger_entries (user_id, kind, operation_type, tokens_amount,
                                     balance_before, balance_after, metadata, created_at)
@@ -233,6 +236,9 @@ def _delete_old_entries_portable(session: Session, older_than: datetime) -> int:
         )
     ]
     folded = session.execute(select(func.count()).where(old, earlier_carry)).scalar_one()
+    session.execute(
+        delete(RefundTotal).where(RefundTotal.entry_id.in_(select(LedgerEntry.id).where(old)))
+    )
     deleted = cast(CursorResult[Any], session.execute(delete(LedgerEntry).where(old))).rowcount
     if carried:
         session.execute(insert(LedgerEntry), carried)

@@ -5,15 +5,17 @@ Nothing here commits; the caller (a task, the CLI, a test) owns the transaction.
 
 from __future__ import annotations
 
+from functools import cache
 from typing import Any
 
-from sqlalchemy import bindparam, case, func, insert, select, update
+from sqlalchemy import Update, bindparam, case, insert, select, update
 from sqlalchemy.orm import Session
 
-from accounting import idempotency
+from accounting import clock, idempotency
 from accounting.accounts import load_account
 from accounting.catalog import known_operation, price_of
 from accounting.errors import (
+    below_reserved,
     entry_not_found,
     insufficient_tokens,
     invalid_amount,
@@ -21,7 +23,7 @@ from accounting.errors import (
     refund_exceeds_original,
 )
 from models.schemas import DebitIn, MovementOut
-from models.tables import LedgerEntry, account_table, ledger_table, utcnow
+from models.tables import LedgerEntry, account_table, ledger_table, refund_total_table
 from worker.signals import note_balance_change
 
 # Entries a refund may point at: what took tokens for a service.
@@ -31,24 +33,39 @@ REFUNDABLE_KINDS = ("debit", "charge", "capture")
 _accounts = account_table.c
 _reserved_after = _accounts.tokens_reserved - bindparam("release_reserved")
 _spent_after = _accounts.tokens_spent + bindparam("spent_delta")
-# Built once: constructing a statement costs more than running it on the hot path.
-_MOVE = (
-    update(account_table)
-    .where(_accounts.user_id == bindparam("uid"))
-    .values(
-        tokens_balance=_accounts.tokens_balance + bindparam("delta"),
-        tokens_reserved=_reserved_after,
-        tokens_spent=case((_spent_after < 0, 0), else_=_spent_after),
-        updated_at=bindparam("now"),
-    )
-    .returning(_accounts.tokens_balance, _accounts.tokens_reserved, _accounts.tokens_spent)
-)
-# The guard is part of the statement: concurrent movements serialise on the account row and
-# each re-checks what is available, so none is lost or overspent.
-_MOVE_GUARDED = _MOVE.where(
-    _accounts.tokens_balance - _reserved_after >= bindparam("require_available")
-)
 _INSERT_ENTRY = insert(ledger_table).returning(ledger_table.c.id)
+
+
+@cache
+def _move_statements(dialect: str) -> tuple[Update, Update]:
+    """(unguarded, guarded) balance UPDATEs for ``dialect``, built once: constructing a statement
+    costs more than running it on the hot path.
+
+    ``updated_at`` is the account's clock: stamped by the database under the row lock and never
+    earlier than the previous change; the ledger entry takes its ``created_at`` from it.
+    """
+    move = (
+        update(account_table)
+        .where(_accounts.user_id == bindparam("uid"))
+        .values(
+            tokens_balance=_accounts.tokens_balance + bindparam("delta"),
+            tokens_reserved=_reserved_after,
+            tokens_spent=case((_spent_after < 0, 0), else_=_spent_after),
+            updated_at=clock.stamp(dialect, _accounts.updated_at),
+        )
+        .returning(
+            _accounts.tokens_balance,
+            _accounts.tokens_reserved,
+            _accounts.tokens_spent,
+            _accounts.updated_at,
+        )
+    )
+    # The guard is part of the statement: concurrent movements serialise on the account row and
+    # each re-checks what is available, so none is lost or overspent.
+    guarded = move.where(
+        _accounts.tokens_balance - _reserved_after >= bindparam("require_available")
+    )
+    return move, guarded
 
 
 def apply_movement(
@@ -71,25 +88,22 @@ def apply_movement(
     no value is read and written back. ``release_reserved`` frees held tokens in the same
     statement (a reservation capture).
     """
-    now = utcnow()
+    move, guarded = _move_statements(clock.dialect_of(session))
     params = {
         "uid": user_id,
         "delta": delta,
         "spent_delta": spent_delta,
         "release_reserved": release_reserved,
-        "now": now,
     }
     if require_available is None:
-        row = session.execute(_MOVE, params).first()
+        row = session.execute(move, params).first()
     else:
-        row = session.execute(
-            _MOVE_GUARDED, {**params, "require_available": require_available}
-        ).first()
+        row = session.execute(guarded, {**params, "require_available": require_available}).first()
     if row is None:
         account = load_account(session, user_id)  # raises USER_NOT_FOUND
         available = account.tokens_balance - account.tokens_reserved + release_reserved
         raise insufficient_tokens(require_available or 0, available)
-    new_balance, tokens_reserved, tokens_spent = row
+    new_balance, tokens_reserved, tokens_spent, now = row
     before = new_balance - delta
     entry_id = session.execute(
         _INSERT_ENTRY,
@@ -142,13 +156,7 @@ def debit(
         raise invalid_amount("Debit")
     known_operation(operation_type)
     metadata = metadata or {}
-    digest = idempotency.request_hash(
-        "debit",
-        amount=amount,
-        operation_type=operation_type,
-        allow_overdraft=allow_overdraft,
-        metadata=metadata,
-    )
+    digest = debit_digest(amount, operation_type, allow_overdraft, metadata)
     if (
         replay := idempotency.replay(session, user_id, idempotency_key, digest, MovementOut)
     ) is not None:
@@ -165,6 +173,19 @@ def debit(
         idempotency_key=idempotency_key,
     )
     return _done(session, idempotency_key, out)
+
+
+def debit_digest(
+    amount: int, operation_type: str, allow_overdraft: bool, metadata: dict[str, Any]
+) -> str:
+    """What a debit asks for, as its idempotency key records it."""
+    return idempotency.request_hash(
+        "debit",
+        amount=amount,
+        operation_type=operation_type,
+        allow_overdraft=allow_overdraft,
+        metadata=metadata,
+    )
 
 
 def debit_payload(session: Session, p: DebitIn, idempotency_key: str | None) -> MovementOut:
@@ -290,27 +311,40 @@ def _entry_id(value: str | int) -> int:
 
 
 def _check_refundable(session: Session, user_id: str, entry_id: int, amount: int) -> None:
-    # Locking the original entry serialises refunds against it, so two concurrent partial
-    # refunds cannot both pass the check below.
+    """Count ``amount`` against what ``entry_id`` charged, or refuse.
+
+    The running total lives in ``refund_totals``, not in a sum over refund entries that pruning
+    may delete. One upsert both checks and adds, so concurrent refunds of one entry serialise on
+    its row and together never exceed the charge.
+    """
     original = session.execute(
-        select(LedgerEntry.tokens_amount)
-        .where(
+        select(LedgerEntry.tokens_amount).where(
             LedgerEntry.id == entry_id,
             LedgerEntry.user_id == user_id,
             LedgerEntry.kind.in_(REFUNDABLE_KINDS),
         )
-        .with_for_update()
     ).scalar_one_or_none()
     if original is None:
         raise entry_not_found()
     charged = -original
+    if amount <= charged:
+        totals = refund_total_table.c
+        added = session.execute(
+            idempotency.dialect_insert(session, refund_total_table)
+            .values(entry_id=entry_id, user_id=user_id, charged=charged, refunded=amount)
+            .on_conflict_do_update(
+                index_elements=[totals.entry_id],
+                set_={"refunded": totals.refunded + amount},
+                where=totals.refunded + amount <= totals.charged,
+            )
+            .returning(totals.refunded)
+        ).first()
+        if added is not None:
+            return
     refunded = session.execute(
-        select(func.coalesce(func.sum(LedgerEntry.tokens_amount), 0)).where(
-            LedgerEntry.original_entry_id == entry_id, LedgerEntry.kind == "refund"
-        )
-    ).scalar_one()
-    if refunded + amount > charged:
-        raise refund_exceeds_original(charged, refunded)
+        select(refund_total_table.c.refunded).where(refund_total_table.c.entry_id == entry_id)
+    ).scalar_one_or_none()
+    raise refund_exceeds_original(charged, refunded or 0)
 
 
 def reset_balance(
@@ -333,6 +367,9 @@ def reset_balance(
     ) is not None:
         return replay
     account = load_account(session, user_id, lock=True)
+    # What reservations hold was promised; a balance under it would let a capture overdraw.
+    if new_balance < account.tokens_reserved:
+        raise below_reserved(account.tokens_reserved)
     out = apply_movement(
         session,
         user_id=user_id,

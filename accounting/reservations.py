@@ -14,10 +14,10 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import Table, bindparam, func, insert, literal, select, update
+from sqlalchemy import ColumnElement, Table, bindparam, func, insert, literal, select, update
 from sqlalchemy.orm import Session
 
-from accounting import idempotency
+from accounting import clock, idempotency
 from accounting.accounts import load_account
 from accounting.catalog import known_operation, price_of
 from accounting.errors import (
@@ -29,8 +29,8 @@ from accounting.errors import (
     validation_error,
 )
 from accounting.movements import apply_movement
-from models.schemas import MovementOut, ReleaseOut, ReserveOut
-from models.tables import Account, Reservation, utcnow
+from models.schemas import MAX_METADATA_BYTES, MovementOut, ReleaseOut, ReserveOut, metadata_bytes
+from models.tables import Account, Reservation
 from worker.signals import note_balance_change
 
 ACTIVE = "active"
@@ -82,15 +82,18 @@ def reserve(
             Account.user_id == user_id,
             Account.tokens_balance - Account.tokens_reserved >= amount,
         )
-        .values(tokens_reserved=Account.tokens_reserved + amount, updated_at=utcnow())
-        .returning(Account.tokens_balance, Account.tokens_reserved)
+        .values(
+            tokens_reserved=Account.tokens_reserved + amount,
+            updated_at=clock.stamp(session, Account.updated_at),
+        )
+        .returning(Account.tokens_balance, Account.tokens_reserved, Account.updated_at)
         .execution_options(synchronize_session=False)
     ).first()
     if row is None:
         account = load_account(session, user_id)  # raises USER_NOT_FOUND
         raise insufficient_tokens(amount, account.tokens_balance - account.tokens_reserved)
-    balance, reserved = row
-    now = utcnow()
+    # The hold's times are the database's, taken under the account's lock.
+    balance, reserved, now = row
     reservation_id = str(uuid.uuid4())
     expires_at = now + timedelta(seconds=ttl_seconds)
     session.execute(
@@ -119,14 +122,19 @@ def reserve(
 
 
 def _load(session: Session, reservation_id: str) -> Reservation:
-    found = session.scalars(
-        select(Reservation)
+    return _load_at(session, reservation_id)[0]
+
+
+def _load_at(session: Session, reservation_id: str) -> tuple[Reservation, datetime]:
+    """The reservation and the database's time, read together."""
+    found = session.execute(
+        select(Reservation, clock.now_sql(session))
         .where(Reservation.id == reservation_id)
         .execution_options(populate_existing=True)
     ).one_or_none()
     if found is None:
         raise reservation_not_found()
-    return found
+    return found[0], found[1]
 
 
 def _status(reservation: Reservation, now: datetime) -> str:
@@ -159,8 +167,8 @@ def capture(
     if amount is not None and amount <= 0:
         raise invalid_amount("Capture")
     metadata = metadata or {}
-    now = now or utcnow()
-    found = _load(session, reservation_id)
+    found, db_time = _load_at(session, reservation_id)
+    now = now or db_time
     # user_id and amount of a reservation never change, so they may be read without a lock.
     user_id, reserved = found.user_id, found.amount
     digest = idempotency.request_hash(
@@ -174,6 +182,13 @@ def capture(
     captured = reserved if amount is None else amount
     if captured > reserved:
         raise capture_exceeds_reservation(reserved, captured)
+    # The entry keeps the reservation's metadata, the capture's and the id: bound the whole.
+    merged = {**found.meta, **metadata, "reservation_id": reservation_id}
+    if (size := metadata_bytes(merged)) > MAX_METADATA_BYTES:
+        raise validation_error(
+            f"Invalid arguments: metadata: merged with the reservation's metadata it is {size} "
+            f"bytes serialized; at most {MAX_METADATA_BYTES} allowed"
+        )
 
     ended = session.execute(
         update(Reservation)
@@ -182,7 +197,7 @@ def capture(
             Reservation.status == ACTIVE,
             Reservation.expires_at > now,
         )
-        .values(status="captured", settled_at=now, captured_amount=captured)
+        .values(status="captured", settled_at=clock.now_sql(session), captured_amount=captured)
         .returning(Reservation.operation_type, Reservation.meta)
         .execution_options(synchronize_session=False)
     ).first()
@@ -230,11 +245,10 @@ def release(
         return ReleaseOut(**stored)
     if found.status != ACTIVE:
         raise reservation_not_active(found.status)
-    now = utcnow()
     ended = session.execute(
         update(Reservation)
         .where(Reservation.id == reservation_id, Reservation.status == ACTIVE)
-        .values(status="released", settled_at=now)
+        .values(status="released", settled_at=clock.now_sql(session))
         .returning(Reservation.amount, Reservation.meta)
         .execution_options(synchronize_session=False)
     ).first()
@@ -252,7 +266,10 @@ def release(
     balance, reserved = session.execute(
         update(Account)
         .where(Account.user_id == user_id)
-        .values(tokens_reserved=Account.tokens_reserved - held, updated_at=now)
+        .values(
+            tokens_reserved=Account.tokens_reserved - held,
+            updated_at=clock.stamp(session, Account.updated_at),
+        )
         .returning(Account.tokens_balance, Account.tokens_reserved)
         .execution_options(synchronize_session=False)
     ).one()
@@ -267,8 +284,8 @@ def release(
 def expire_all(sessions: Callable[[], Session], now: datetime | None = None) -> int:
     """Expire every reservation due at ``now``, committing one transaction per chunk so a large
     backlog never holds its locks for long (like the renewal sweep, it takes a session factory).
-    Returns how many expired; after a failure a rerun simply carries on with what is left."""
-    now = now or utcnow()
+    Returns how many expired; after a failure a rerun simply carries on with what is left.
+    ``now`` simulates a moment (tests); by default each chunk reads the database's clock."""
     expired = 0
     while True:
         with sessions() as session, session.begin():
@@ -284,13 +301,13 @@ def expire_batch(session: Session, limit: int = EXPIRE_CHUNK, now: datetime | No
     The caller commits after each batch and calls again while a full batch came back, so a
     backlog of any size is worked off in short transactions of bounded size.
     """
-    now = now or utcnow()
-    if session.get_bind().dialect.name == "postgresql":
-        return _expire_batch_postgresql(session, limit, now)
-    return _expire_batch_portable(session, limit, now)
+    at = clock.at(session, now)
+    if clock.is_postgres(session):
+        return _expire_batch_postgresql(session, limit, at)
+    return _expire_batch_portable(session, limit, at)
 
 
-def _expire_batch_postgresql(session: Session, limit: int, now: datetime) -> int:
+def _expire_batch_postgresql(session: Session, limit: int, now: ColumnElement[datetime]) -> int:
     session.execute(select(func.pg_advisory_xact_lock(EXPIRE_LOCK_KEY)))
     # SKIP LOCKED: rows a capture or release is ending right now are theirs; the status check
     # is re-evaluated on every row locked here, so nothing already ended is expired.
@@ -323,7 +340,10 @@ def _expire_batch_postgresql(session: Session, limit: int, now: datetime) -> int
     rows = session.execute(
         update(Account)
         .where(Account.user_id == per_user.c.user_id)
-        .values(tokens_reserved=Account.tokens_reserved - per_user.c.held, updated_at=now)
+        .values(
+            tokens_reserved=Account.tokens_reserved - per_user.c.held,
+            updated_at=clock.stamp(session, Account.updated_at),
+        )
         .returning(Account.user_id, Account.tokens_balance, Account.tokens_reserved, per_user.c.n)
         .execution_options(synchronize_session=False)
     ).all()
@@ -334,7 +354,7 @@ def _expire_batch_postgresql(session: Session, limit: int, now: datetime) -> int
     return sum(int(n) for *_, n in rows)
 
 
-def _expire_batch_portable(session: Session, limit: int, now: datetime) -> int:
+def _expire_batch_portable(session: Session, limit: int, now: ColumnElement[datetime]) -> int:
     # SQLite (the embedded default) admits one writer at a time (BEGIN IMMEDIATE), so this
     # read-then-write cannot interleave with a capture or release.
     due = session.execute(
@@ -358,7 +378,10 @@ def _expire_batch_portable(session: Session, limit: int, now: datetime) -> int:
     session.connection().execute(
         update(accounts)
         .where(accounts.c.user_id == bindparam("uid"))
-        .values(tokens_reserved=accounts.c.tokens_reserved - bindparam("held"), updated_at=now),
+        .values(
+            tokens_reserved=accounts.c.tokens_reserved - bindparam("held"),
+            updated_at=clock.stamp(session, accounts.c.updated_at),
+        ),
         [{"uid": u, "held": h} for u, h in held.items()],
     )
     changed = session.execute(

@@ -361,7 +361,6 @@ def test_reset_balance_writes_the_difference_as_adjustment(e2e: Celery) -> None:
     up = call(e2e, "tokens.reset_balance", user_id="u", new_balance=1000)
     assert (up["amount"], up["new_balance"]) == (975, 1000)
     assert_recorded(up)
-    dbstate.execute("UPDATE accounts SET tokens_reserved = 30 WHERE user_id = 'u'")
     zero = call(e2e, "tokens.reset_balance", user_id="u", new_balance=0)
     assert (zero["amount"], zero["new_balance"]) == (-1000, 0)
 
@@ -372,6 +371,15 @@ def test_reset_balance_refusals(e2e: Celery) -> None:
     assert_unchanged(e2e, "tokens.reset_balance", {"user_id": "u", "new_balance": -1}, expected)
     kwargs = {"user_id": "ghost", "new_balance": 5}
     assert_unchanged(e2e, "tokens.reset_balance", kwargs, NOT_FOUND)
+    # Under what reservations hold: a later capture would overdraw without any overdraft asked.
+    held = call(e2e, "tokens.reserve", user_id="u", amount=80)
+    assert held["success"], held
+    expected = refusal("BELOW_RESERVED", "Balance cannot go below reserved tokens. Reserved: 80")
+    assert_unchanged(e2e, "tokens.reset_balance", {"user_id": "u", "new_balance": 0}, expected)
+    assert_unchanged(e2e, "tokens.reset_balance", {"user_id": "u", "new_balance": 79}, expected)
+    at_hold = call(e2e, "tokens.reset_balance", user_id="u", new_balance=80)
+    assert at_hold["new_balance"] == 80
+    assert call(e2e, "tokens.capture", reservation_id=held["reservation_id"])["new_balance"] == 0
 
 
 def test_every_movement_keeps_balance_equal_to_ledger(e2e: Celery) -> None:
