@@ -2,7 +2,8 @@
 
 - ``renewals.sweep`` daily at ``TOKENS_RENEWAL_CRON`` (default ``0 2 * * *``);
 - ``reservations.expire`` every ``TOKENS_RESERVATION_EXPIRY_SECONDS`` (default 60);
-- ``ledger.reconcile`` daily at ``TOKENS_RECONCILE_CRON`` (default ``30 3 * * *``).
+- ``ledger.reconcile`` daily at ``TOKENS_RECONCILE_CRON`` (default ``30 3 * * *``);
+- ``idempotency.prune`` daily at ``TOKENS_IDEMPOTENCY_PRUNE_CRON`` (default ``45 3 * * *``).
 
 worker/config.py installs it as ``beat_schedule``; with a Redis broker RedBeat keeps it in Redis
 and only the beat holding its lock sends, so several beat processes may run.
@@ -20,6 +21,7 @@ from worker.settings import Settings
 SWEEP = "renewals-sweep"
 EXPIRE_RESERVATIONS = "reservations-expire"
 RECONCILE = "ledger-reconcile"
+PRUNE_IDEMPOTENCY = "idempotency-prune"
 
 
 def cron(expression: str) -> crontab:
@@ -49,4 +51,8 @@ def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
             "options": {"expires": expiry},
         },
         RECONCILE: {"task": "ledger.reconcile", "schedule": cron(settings.reconcile_cron)},
+        PRUNE_IDEMPOTENCY: {
+            "task": "idempotency.prune",
+            "schedule": cron(settings.idempotency_prune_cron),
+        },
     }

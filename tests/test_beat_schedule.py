@@ -16,7 +16,14 @@ import pytest
 import redis
 from celery import Celery
 
-from beat_schedule import EXPIRE_RESERVATIONS, RECONCILE, SWEEP, beat_schedule, cron
+from beat_schedule import (
+    EXPIRE_RESERVATIONS,
+    PRUNE_IDEMPOTENCY,
+    RECONCILE,
+    SWEEP,
+    beat_schedule,
+    cron,
+)
 from tests.polling import wait_for
 from tests.support import ROOT
 from worker.config import RENEWALS_QUEUE, celery_config
@@ -31,8 +38,11 @@ def test_default_schedule() -> None:
         SWEEP: "renewals.sweep",
         EXPIRE_RESERVATIONS: "reservations.expire",
         RECONCILE: "ledger.reconcile",
+        PRUNE_IDEMPOTENCY: "idempotency.prune",
     }
     sweep, reconcile = schedule[SWEEP]["schedule"], schedule[RECONCILE]["schedule"]
+    prune = schedule[PRUNE_IDEMPOTENCY]["schedule"]
+    assert (prune.minute, prune.hour) == ({45}, {3})
     assert (sweep.minute, sweep.hour) == ({0}, {2})
     assert (sweep.day_of_month, sweep.month_of_year) == (set(range(1, 32)), set(range(1, 13)))
     assert sweep.day_of_week == set(range(7))
@@ -72,7 +82,12 @@ def test_times_are_configurable_and_checked() -> None:
 
 def test_config_uses_redbeat_with_redis_and_celerys_scheduler_embedded() -> None:
     redis_config = celery_config(Settings(broker_url="redis://127.0.0.1:6379/5"))
-    assert redis_config["beat_schedule"].keys() == {SWEEP, EXPIRE_RESERVATIONS, RECONCILE}
+    assert redis_config["beat_schedule"].keys() == {
+        SWEEP,
+        EXPIRE_RESERVATIONS,
+        RECONCILE,
+        PRUNE_IDEMPOTENCY,
+    }
     assert redis_config["beat_scheduler"] == "redbeat.RedBeatScheduler"
     assert redis_config["redbeat_redis_url"] == "redis://127.0.0.1:6379/5"
     assert "redbeat_redis_options" in redis_config  # no deprecated broker-options fallback
@@ -160,7 +175,7 @@ def test_two_beats_start_with_redbeat_and_one_holds_the_lock(
             lambda: (
                 all("beat: Starting..." in b.log() for b in beats)
                 and any("beat: Acquired lock" in b.log() for b in beats)
-                and client.zcard(schedule_key) == 3
+                and client.zcard(schedule_key) == len(beat_schedule(get_settings()))
             ),
             60,
             "both beats started, one with the lock, the schedule in Redis",
@@ -173,7 +188,8 @@ def test_two_beats_start_with_redbeat_and_one_holds_the_lock(
         assert 0 < client.ttl(lock_key) <= celery_config(get_settings())["redbeat_lock_timeout"]
 
         scheduled = set(client.zrange(schedule_key, 0, -1))
-        assert scheduled == {f"{prefix}{name}" for name in (SWEEP, EXPIRE_RESERVATIONS, RECONCILE)}
+        entries = (SWEEP, EXPIRE_RESERVATIONS, RECONCILE, PRUNE_IDEMPOTENCY)
+        assert scheduled == {f"{prefix}{name}" for name in entries}
         definition = json.loads(str(client.hget(f"{prefix}{SWEEP}", "definition")))
         assert definition["task"] == "renewals.sweep"
         assert (definition["schedule"]["minute"], definition["schedule"]["hour"]) == ("0", "2")

@@ -19,6 +19,7 @@ TASK_MODULES = [
     "tasks.renewals",
     "tasks.reservations",
     "tasks.health",
+    "tasks.maintenance",
 ]
 
 

@@ -75,6 +75,11 @@ class Settings(BaseSettings):
     # the general task limit would stop a sweep at a few million users.
     sweep_time_limit: int = Field(default=3600, ge=60)
 
+    # A key replays its first outcome for this long; then the record is pruned, and the same
+    # key applies again. Far longer than any redelivery (visibility timeout) or producer retry.
+    idempotency_retention_days: int = Field(default=7, ge=1)
+    idempotency_prune_cron: str = "45 3 * * *"
+
     # Dotted paths ("package.module:function" or "package.module.function") connected at start-up.
     balance_changed_handlers: list[str] = Field(default_factory=list)
     operation_completed_handlers: list[str] = Field(default_factory=list)

@@ -1,0 +1,20 @@
+"""Housekeeping on the beat schedule."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from sqlalchemy.orm import Session
+
+from accounting import idempotency
+from models.schemas import DeletedOut, NoArgsIn
+from tasks.base import contract_task
+from worker.db import session_factory
+from worker.settings import get_settings
+
+
+@contract_task("idempotency.prune", NoArgsIn)
+def prune_idempotency(_session: Session, _p: NoArgsIn, _task_id: str | None) -> DeletedOut:
+    # Commits one transaction per chunk, so it takes sessions of its own (as reservations.expire).
+    retention = timedelta(days=get_settings().idempotency_retention_days)
+    return DeletedOut(deleted=idempotency.prune_all(session_factory(), retention))
