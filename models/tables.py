@@ -57,6 +57,8 @@ NAMING = {
 
 
 def utcnow() -> datetime:
+    """This host's clock. Timestamps the ledger writes come from the database instead
+    (``accounting/clock.py``), so the columns have no Python-side default."""
     return datetime.now(UTC)
 
 
@@ -74,8 +76,8 @@ class Account(Base):
     tokens_spent: Mapped[int] = mapped_column(BigInteger, default=0)
     last_renewal_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     subscription_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
-    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
 
     __table_args__ = (
         CheckConstraint("tokens_reserved >= 0", name="reserved_not_negative"),
@@ -104,7 +106,7 @@ class LedgerEntry(Base):
     idempotency_key: Mapped[str | None] = mapped_column(String(255))
     original_entry_id: Mapped[int | None] = mapped_column(BigInteger)
     meta: Mapped[dict[str, Any]] = mapped_column("metadata", JSONType, default=dict)
-    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
 
     __table_args__ = (
         CheckConstraint("balance_after = balance_before + tokens_amount", name="arithmetic"),
@@ -135,7 +137,7 @@ class IdempotencyRecord(Base):
     key: Mapped[str] = mapped_column(String(255), primary_key=True)
     request_hash: Mapped[str] = mapped_column(String(64))
     response: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
-    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
 
     # Retention deletes the oldest records first.
     __table_args__ = (Index("ix_idempotency_records_created", "created_at"),)
@@ -169,7 +171,7 @@ class Reservation(Base):
     operation_type: Mapped[str | None] = mapped_column(String(64))
     status: Mapped[str] = mapped_column(String(16), default="active")
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
-    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     settled_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     captured_amount: Mapped[int | None] = mapped_column(BigInteger)
     ledger_entry_id: Mapped[int | None] = mapped_column(BigInteger)
