@@ -10,10 +10,10 @@ from sqlalchemy.orm import Session
 from accounting import clock
 from accounting.catalog import cost_of, known_operation, tier_of
 from accounting.errors import negative_balance, user_not_found
+from accounting.events import note_balance_change
 from accounting.idempotency import insert_ignoring_conflicts
 from models.schemas import BalanceOut, CanAffordOut, OpenAccountOut
 from models.tables import Account, LedgerEntry
-from worker.signals import note_balance_change
 
 
 def balance_of(account: Account) -> BalanceOut:

@@ -1,25 +1,58 @@
-"""The configured price list and tiers."""
+"""The price list and tiers: their defaults, and look-ups in the configured ones."""
 
 from __future__ import annotations
 
+from pydantic import BaseModel, ConfigDict, Field
+
+from accounting.config import rules
 from accounting.errors import not_chargeable, unknown_operation_type, validation_error
-from worker.settings import Tier, get_settings
+
+DEFAULT_PRICES: dict[str, int] = {
+    "image_generation": 10,
+    "sora_image": 10,
+    "product_card": 10,
+    "chatgpt_message": 5,
+    "refund": 0,
+    "purchase": 0,
+    "monthly_reset": 0,
+    "adjustment": 0,
+}
+
+
+class Tier(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    tokens: int = Field(ge=0)
+    period_days: int = Field(default=30, ge=1)
+
+
+DEFAULT_TIERS: dict[str, Tier] = {
+    "Gift": Tier(tokens=100),
+    "Professional": Tier(tokens=2000),
+    "Business": Tier(tokens=10000),
+}
+
+# Types the ledger itself writes; always on the list, at no cost.
+SYSTEM_OPERATION_TYPES = ("refund", "purchase", "monthly_reset", "adjustment")
+
+# Tiers whose allowance never lapses with ``subscription_expires_at``.
+FREE_TIERS = frozenset({"Gift"})
 
 
 def known_operation(name: str) -> str:
-    if name not in get_settings().prices:
+    if name not in rules().prices:
         raise unknown_operation_type(name)
     return name
 
 
 def cost_of(name: str) -> int:
     """The listed cost of an operation, zero included (refuses unknown ones)."""
-    return get_settings().prices[known_operation(name)]
+    return rules().prices[known_operation(name)]
 
 
 def price_of(name: str) -> int:
     """The cost of a chargeable operation (refuses unknown and free ones)."""
-    cost = get_settings().prices.get(name)
+    cost = rules().prices.get(name)
     if cost is None:
         raise unknown_operation_type(name)
     if cost <= 0:
@@ -28,7 +61,7 @@ def price_of(name: str) -> int:
 
 
 def tier_of(name: str, field: str = "tier") -> Tier:
-    tiers = get_settings().tiers
+    tiers = rules().tiers
     if name not in tiers:
         raise validation_error(f"{field}: unknown tier {name!r}; known: {', '.join(tiers)}")
     return tiers[name]

@@ -22,9 +22,9 @@ from accounting.errors import (
     negative_balance,
     refund_exceeds_original,
 )
+from accounting.events import note_balance_change
 from models.schemas import DebitIn, MovementOut
 from models.tables import LedgerEntry, account_table, ledger_table, refund_total_table
-from worker.signals import note_balance_change
 
 # Entries a refund may point at: what took tokens for a service.
 REFUNDABLE_KINDS = ("debit", "charge", "capture")

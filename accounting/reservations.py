@@ -28,10 +28,10 @@ from accounting.errors import (
     reservation_not_found,
     validation_error,
 )
+from accounting.events import note_balance_change
 from accounting.movements import apply_movement
 from models.schemas import MAX_METADATA_BYTES, MovementOut, ReleaseOut, ReserveOut, metadata_bytes
 from models.tables import Account, Reservation
-from worker.signals import note_balance_change
 
 ACTIVE = "active"
 EXPIRE_CHUNK = 5000

@@ -9,39 +9,27 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-DEFAULT_PRICES: dict[str, int] = {
-    "image_generation": 10,
-    "sora_image": 10,
-    "product_card": 10,
-    "chatgpt_message": 5,
-    "refund": 0,
-    "purchase": 0,
-    "monthly_reset": 0,
-    "adjustment": 0,
-}
+from accounting import config as domain_config
+from accounting.catalog import (
+    DEFAULT_PRICES,
+    DEFAULT_TIERS,
+    FREE_TIERS,
+    SYSTEM_OPERATION_TYPES,
+    Tier,
+)
 
-
-class Tier(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
-
-    tokens: int = Field(ge=0)
-    period_days: int = Field(default=30, ge=1)
-
-
-DEFAULT_TIERS: dict[str, Tier] = {
-    "Gift": Tier(tokens=100),
-    "Professional": Tier(tokens=2000),
-    "Business": Tier(tokens=10000),
-}
-
-# Types the ledger itself writes; always on the list, at no cost.
-SYSTEM_OPERATION_TYPES = ("refund", "purchase", "monthly_reset", "adjustment")
-
-# Tiers whose allowance never lapses with ``subscription_expires_at``.
-FREE_TIERS = frozenset({"Gift"})
+__all__ = [
+    "DEFAULT_PRICES",
+    "DEFAULT_TIERS",
+    "FREE_TIERS",
+    "SYSTEM_OPERATION_TYPES",
+    "Settings",
+    "Tier",
+    "get_settings",
+]
 
 
 class Settings(BaseSettings):
@@ -125,3 +113,8 @@ class Settings(BaseSettings):
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
     return Settings()
+
+
+# The domain reads its rules (prices, tiers, chunk sizes) through its own seam; these settings
+# are what it sees in the worker, the CLI and the tests.
+domain_config.configure(get_settings)

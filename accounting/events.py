@@ -1,0 +1,76 @@
+"""Domain events: ``balance_changed(user_id, balance, tokens_reserved, operation)``, sent after
+the transaction holding a balance change has committed, never for one that rolled back.
+
+The domain's own seam: the worker (metrics, caches) connects to it; the domain never imports the
+worker.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from celery.utils.dispatch import Signal
+from sqlalchemy import event
+from sqlalchemy.orm import Session, SessionTransaction
+
+log = logging.getLogger(__name__)
+
+balance_changed = Signal(
+    name="balance_changed", providing_args={"user_id", "balance", "tokens_reserved", "operation"}
+)
+
+_PENDING = "pending_balance_changes"
+
+
+def note_balance_change(
+    session: Session, *, user_id: str, balance: int, tokens_reserved: int, operation: str
+) -> None:
+    """Queue a ``balance_changed`` to be sent once ``session`` commits; dropped if the transaction
+    or savepoint it was noted in rolls back."""
+    noted_in = session.get_nested_transaction() or session.get_transaction()
+    session.info.setdefault(_PENDING, []).append(
+        (
+            noted_in,
+            {
+                "user_id": user_id,
+                "balance": balance,
+                "tokens_reserved": tokens_reserved,
+                "operation": operation,
+            },
+        )
+    )
+
+
+@event.listens_for(Session, "after_commit")
+def _send_after_commit(session: Session) -> None:
+    # SQLAlchemy sends after_commit when a savepoint is released too; nothing is committed yet.
+    if session.in_nested_transaction():
+        return
+    for _noted_in, change in session.info.pop(_PENDING, []):
+        # A broken handler must not turn a committed movement into a failed task.
+        for _receiver, response in balance_changed.send(sender=None, **change):
+            if isinstance(response, Exception):
+                log.error("balance_changed handler failed: %r", response)
+
+
+def _within(transaction: SessionTransaction | None, outer: SessionTransaction) -> bool:
+    while transaction is not None:
+        if transaction is outer:
+            return True
+        transaction = transaction.parent
+    return False
+
+
+@event.listens_for(Session, "after_soft_rollback")
+def _forget_after_rollback(session: Session, previous_transaction: SessionTransaction) -> None:
+    # A savepoint's rollback drops only what was noted inside it; the rest may still commit.
+    pending = session.info.get(_PENDING)
+    if pending:
+        session.info[_PENDING] = [p for p in pending if not _within(p[0], previous_transaction)]
+
+
+@event.listens_for(Session, "after_transaction_end")
+def _forget_uncommitted(session: Session, transaction: SessionTransaction) -> None:
+    # The outermost transaction ended without a commit (say, the session was closed).
+    if transaction.parent is None:
+        session.info.pop(_PENDING, None)
