@@ -10,6 +10,15 @@ Every renewal is a conditional UPDATE whose WHERE clause is that rule, with its 
 the same transaction: however many sweeps and ``renew_user`` calls race, a user is renewed at most
 once per period because a second UPDATE finds the row no longer due.
 
+Two instants, both from the database's clock (``accounting.clock``), never a worker's:
+
+- ``now``, the eligibility instant, read once per decision (per sweep, per ``renew_user``). It is
+  what ``last_renewal_at`` and ``renewal_date`` hold: the period a renewal belongs to. A sweep
+  that runs past midnight therefore never pushes its last users' next renewal a day later.
+- the write time: the account's ``updated_at`` is set to ``GREATEST(clock_timestamp(),
+  updated_at)`` under the row lock, and the renewal entry takes its ``created_at`` from it, so a
+  user's entries in ``created_at`` order are the order they were applied.
+
 ``check_eligibility``, ``renew_user`` and ``due`` work in the caller's session and never commit.
 ``sweep`` is the exception: it processes any number of users in bounded memory, so it takes a
 session factory and commits one transaction per chunk.
@@ -19,7 +28,7 @@ from __future__ import annotations
 
 import enum
 import logging
-import time as clock
+import time as timer
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, time, timedelta
@@ -39,11 +48,12 @@ from sqlalchemy import (
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
+from accounting import clock
 from accounting.accounts import load_account
 from accounting.catalog import known_operation, tier_of
 from accounting.errors import not_due, subscription_expired
 from models.schemas import DueOut, EligibilityOut, RenewOut, SweepError, SweepOut
-from models.tables import Account, LedgerEntry, utcnow
+from models.tables import Account, LedgerEntry
 from worker.settings import FREE_TIERS, get_settings
 from worker.signals import balance_changed, note_balance_change
 
@@ -126,13 +136,18 @@ def due_clause(plans: dict[str, TierPlan], now: datetime) -> ColumnElement[bool]
     )
 
 
+def _instant(session: Session, now: datetime | None) -> datetime:
+    """The eligibility instant: the database's clock, unless a caller simulates time."""
+    return (now or clock.db_now(session)).astimezone(UTC)
+
+
 # --- one user ---------------------------------------------------------------------------------
 
 
 def check_eligibility(
     session: Session, user_id: str, now: datetime | None = None
 ) -> EligibilityOut:
-    now = (now or utcnow()).astimezone(UTC)
+    now = _instant(session, now)
     return _verdict(load_account(session, user_id), now)
 
 
@@ -159,7 +174,7 @@ def _verdict(account: Account, now: datetime) -> EligibilityOut:
 
 def renew_user(session: Session, user_id: str, now: datetime | None = None) -> RenewOut:
     """Renew one user if due; refusals: USER_NOT_FOUND, SUBSCRIPTION_EXPIRED, NOT_DUE."""
-    now = (now or utcnow()).astimezone(UTC)
+    now = _instant(session, now)
     out = _renew_one(session, user_id, plans_at(now), now, source="renew_user")
     if out is not None:
         return out
@@ -183,14 +198,16 @@ def _renew_one(
         .values(
             tokens_balance=Account.tokens_balance + _allocation(plans),
             last_renewal_at=now,
-            updated_at=now,
+            updated_at=clock.stamp(session, Account.updated_at),
         )
-        .returning(Account.tier, Account.tokens_balance, Account.tokens_reserved)
+        .returning(
+            Account.tier, Account.tokens_balance, Account.tokens_reserved, Account.updated_at
+        )
         .execution_options(synchronize_session=False)
     ).first()
     if row is None:
         return None
-    tier, new_balance, reserved = row
+    tier, new_balance, reserved, stamped = row
     added = plans[tier].allocation
     session.execute(
         insert(LedgerEntry).values(
@@ -201,7 +218,7 @@ def _renew_one(
             balance_before=new_balance - added,
             balance_after=new_balance,
             meta={"tier": tier, "source": source},
-            created_at=now,
+            created_at=stamped,
         )
     )
     note_balance_change(
@@ -292,19 +309,22 @@ def _page_cte(phase: Phase, plans: dict[str, TierPlan]) -> str:
 )"""
 
 
+# The write time of a renewal: the database's clock under the row lock, never before the
+# account's previous change (accounting.clock.stamp), and the entry's created_at is that value.
 _RENEW = f"""renewed AS (
     UPDATE accounts a
-    SET tokens_balance = a.tokens_balance + t.allocation, last_renewal_at = :now, updated_at = :now
+    SET tokens_balance = a.tokens_balance + t.allocation, last_renewal_at = :now,
+        updated_at = GREATEST(clock_timestamp(), a.updated_at)
     FROM locked l, tiers t
     WHERE a.user_id = l.user_id AND a.tier = t.tier AND {_GUARD}
-    RETURNING a.user_id, a.tier, a.tokens_balance, a.tokens_reserved, t.allocation
+    RETURNING a.user_id, a.tier, a.tokens_balance, a.tokens_reserved, t.allocation, a.updated_at
 ),
 entries AS (
     INSERT INTO ledger_entries
         (user_id, kind, operation_type, tokens_amount, balance_before, balance_after, metadata,
          created_at)
     SELECT user_id, :kind, :operation, allocation, tokens_balance - allocation, tokens_balance,
-           jsonb_build_object('tier', tier, 'source', CAST(:source AS text)), :now
+           jsonb_build_object('tier', tier, 'source', CAST(:source AS text)), updated_at
     FROM renewed
     RETURNING user_id
 )"""
@@ -409,7 +429,7 @@ def due(
     session: Session, tier: str | None = None, limit: int | None = None, now: datetime | None = None
 ) -> DueOut:
     """Due users in sweep order: never renewed first, then the oldest renewal."""
-    now = (now or utcnow()).astimezone(UTC)
+    now = _instant(session, now)
     plans = plans_at(now, tier)
     chunk = get_settings().sweep_chunk_size
     user_ids: list[str] = []
@@ -485,11 +505,14 @@ def sweep(
     data (a constraint, a trigger) is redone user by user to isolate the failure; connection
     trouble and deadlocks propagate (what was committed stays, and a rerun carries on).
     """
-    now = (now or utcnow()).astimezone(UTC)
+    if now is None:
+        with sessions() as session:
+            now = clock.db_now(session)
+    now = now.astimezone(UTC)
     plans = plans_at(now, tier)
     chunk = chunk_size or get_settings().sweep_chunk_size
     tally = _Tally()
-    started = clock.perf_counter()
+    started = timer.perf_counter()
     for phase in Phase if plans else ():
         after, number = Key(), 0
         while not tally.stopped:
@@ -500,7 +523,7 @@ def sweep(
             scanned, after = _sweep_chunk(
                 sessions, plans, phase, after, n, now, dry_run, continue_on_error, tally
             )
-            elapsed = clock.perf_counter() - started
+            elapsed = timer.perf_counter() - started
             log.info(
                 "renewal sweep%s: %s, chunk %d: %d due users; so far %d renewed, %d skipped, "
                 "%d failed (%.0f users/s)",
@@ -632,9 +655,15 @@ def _renew_page_portable(
         .values(
             tokens_balance=Account.tokens_balance + _allocation(plans),
             last_renewal_at=now,
-            updated_at=now,
+            updated_at=clock.stamp(session, Account.updated_at),
         )
-        .returning(Account.user_id, Account.tier, Account.tokens_balance, Account.tokens_reserved)
+        .returning(
+            Account.user_id,
+            Account.tier,
+            Account.tokens_balance,
+            Account.tokens_reserved,
+            Account.updated_at,
+        )
         .execution_options(synchronize_session=False)
     ).all()
     if rows:
@@ -649,12 +678,12 @@ def _renew_page_portable(
                     "balance_before": balance - plans[tier].allocation,
                     "balance_after": balance,
                     "meta": {"tier": tier, "source": "sweep"},
-                    "created_at": now,
+                    "created_at": stamped,
                 }
-                for user_id, tier, balance, _ in rows
+                for user_id, tier, balance, _, stamped in rows
             ],
         )
-    for user_id, _, balance, reserved in rows:
+    for user_id, _, balance, reserved, _ in rows:
         note_balance_change(
             session, user_id=user_id, balance=balance, tokens_reserved=reserved, operation=KIND
         )

@@ -13,7 +13,7 @@ import pytest
 from sqlalchemy import create_engine, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
-from accounting import accounts, movements, renewals
+from accounting import accounts, clock, movements, renewals
 from accounting.errors import DomainError
 from models.schemas import SweepOut
 from models.tables import Account, LedgerEntry
@@ -203,15 +203,19 @@ def test_no_drift_a_daily_sweep_renews_every_30_days(session: Session) -> None:
     day0 = at(0, "02:00:05", D0)
     assert sweep(now=day0).successful == 1
     renewal_days = []
+    anchors = [accounts.get_balance(session, "u").last_renewal_at]
     for day in range(1, 121):
         if sweep(now=at(day, "02:00:01", D0)).successful:
             renewal_days.append(day)
+            session.expire_all()
+            anchors.append(accounts.get_balance(session, "u").last_renewal_at)
     assert renewal_days == [30, 60, 90, 120]
+    # last_renewal_at is the sweep's instant (the period the renewal belongs to); the entries'
+    # created_at is when each was written, in the order they were applied.
+    assert anchors == [day0, *(at(d, "02:00:01", D0) for d in (30, 60, 90, 120))]
     session.expire_all()
-    assert [e.created_at for e in renewal_entries(session)] == [
-        day0,
-        *(at(d, "02:00:01", D0) for d in (30, 60, 90, 120)),
-    ]
+    created = [e.created_at for e in renewal_entries(session)]
+    assert created == sorted(created) and len(created) == 5
 
 
 # --- renew_user -------------------------------------------------------------------------------
@@ -220,6 +224,7 @@ def test_no_drift_a_daily_sweep_renews_every_30_days(session: Session) -> None:
 def test_renew_user_adds_the_allocation_with_its_ledger_entry(session: Session) -> None:
     open_(session, "pro", "Professional", last=at(-31), balance=15)
     session.commit()
+    started = clock.db_now(session)
     out = renewals.renew_user(session, "pro", now=NOW)
     session.commit()
     assert out.model_dump() == {
@@ -237,11 +242,12 @@ def test_renew_user_adds_the_allocation_with_its_ledger_entry(session: Session) 
         2000,
         15,
     )
-    assert (entry.balance_after, entry.meta, entry.created_at) == (
+    assert (entry.balance_after, entry.meta) == (
         2015,
         {"tier": "Professional", "source": "renew_user"},
-        NOW,
     )
+    # Written at the database's time, not the simulated instant (which last_renewal_at holds).
+    assert started <= entry.created_at <= clock.db_now(session)
     account = accounts.get_balance(session, "pro")
     assert (account.tokens_balance, account.last_renewal_at) == (2015, NOW)
     assert_ledger_consistent(session)
@@ -335,6 +341,8 @@ def seed_mixed(session: Session) -> list[str]:
 def test_sweep_renews_each_due_user_once_in_order(session: Session, chunk_size: int) -> None:
     order = seed_mixed(session)
     assert renewals.due(session, now=NOW).user_ids == order
+    started = clock.db_now(session)
+    session.commit()
     out = sweep(chunk_size=chunk_size)
     assert out.model_dump() == {
         "success": True,
@@ -349,7 +357,9 @@ def test_sweep_renews_each_due_user_once_in_order(session: Session, chunk_size: 
     for entry in renewal_entries(session):
         tier = accounts.get_balance(session, entry.user_id).tier
         assert (entry.operation_type, entry.tokens_amount) == ("monthly_reset", ALLOCATION[tier])
-        assert (entry.meta, entry.created_at) == ({"tier": tier, "source": "sweep"}, NOW)
+        assert entry.meta == {"tier": tier, "source": "sweep"}
+        assert started <= entry.created_at <= clock.db_now(session)
+        assert accounts.get_balance(session, entry.user_id).last_renewal_at == NOW
     assert renewals.due(session, now=NOW).user_ids == []
     assert sweep(chunk_size=chunk_size).total_processed == 0
     assert_ledger_consistent(session)
@@ -575,3 +585,78 @@ def test_sweep_on_sqlite(sqlite_sessions: sessionmaker[Session]) -> None:
         balances = {u: b for u, b in s.execute(select(Account.user_id, Account.tokens_balance))}
         assert (balances["mid"], balances["edge"], balances["recent"]) == (10000, 100, 0)
         assert_ledger_consistent(s)
+
+
+# --- time order: a user's entries in created_at order are the order they were applied ------------
+
+
+def assert_chained_in_time_order(session: Session, user_id: str) -> None:
+    """The contract's ledger order: by (created_at, id) each entry starts where the previous
+    one ended (the first at 0)."""
+    rows = session.execute(
+        text(
+            "SELECT id, kind, balance_before, balance_after, created_at FROM ledger_entries"
+            " WHERE user_id = :u ORDER BY created_at, id"
+        ),
+        {"u": user_id},
+    ).all()
+    previous = 0
+    for row in rows:
+        assert row.balance_before == previous, f"{user_id}: not chained in time order: {rows}"
+        previous = row.balance_after
+
+
+def test_a_sweep_behind_the_clock_writes_its_renewal_after_an_earlier_debit(
+    session: Session,
+) -> None:
+    """A worker whose clock is an hour behind sweeps after a debit: the renewal is applied
+    after the debit, so it must come after it in created_at order too."""
+    behind = datetime.now(UTC) - timedelta(hours=1)
+    open_(session, "u", last=at(-40, base=behind), balance=50)
+    session.commit()
+    movements.debit(session, "u", 10, "image_generation")
+    session.commit()
+    assert sweep(now=behind).successful == 1
+    session.expire_all()
+    assert_chained_in_time_order(session, "u")
+    assert accounts.get_balance(session, "u").tokens_balance == 140
+
+
+def test_renew_user_behind_the_clock_writes_its_renewal_after_an_earlier_debit(
+    session: Session,
+) -> None:
+    behind = datetime.now(UTC) - timedelta(hours=1)
+    open_(session, "u", last=at(-40, base=behind), balance=50)
+    session.commit()
+    movements.debit(session, "u", 10, "image_generation")
+    session.commit()
+    renewals.renew_user(session, "u", now=behind)
+    session.commit()
+    session.expire_all()
+    assert_chained_in_time_order(session, "u")
+
+
+def test_a_debit_committed_while_the_sweep_waits_comes_before_the_renewal(
+    session: Session,
+) -> None:
+    """The sweep has started (its cutoff is fixed) and waits for a row; meanwhile a debit on
+    that row commits. The renewal is applied after the debit, so its entry must be later in
+    created_at order: a reader paging by start_date would otherwise never see it."""
+    last = datetime.now(UTC) - timedelta(days=40)
+    for user_id in ("a", "b", "c"):
+        open_(session, user_id, last=last, balance=50)
+    session.commit()
+    with Session(get_engine()) as holder:
+        holder.execute(text("SELECT 1 FROM accounts WHERE user_id = 'b' FOR UPDATE"))
+        results: list[SweepOut] = []
+        thread = threading.Thread(target=lambda: results.append(renewals.sweep(session_factory())))
+        thread.start()
+        wait_for(waiting_on_a_lock, 10, "the sweep waiting for b")
+        movements.debit(holder, "b", 20, "image_generation")
+        holder.commit()
+    thread.join(30)
+    assert [(r.successful, r.skipped) for r in results] == [(3, 0)]
+    session.expire_all()
+    for user_id in ("a", "b", "c"):
+        assert_chained_in_time_order(session, user_id)
+    assert_ledger_consistent(session)
