@@ -48,7 +48,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
-from accounting import clock
+from accounting import clock, idempotency
 from accounting.accounts import load_account
 from accounting.catalog import known_operation, tier_of
 from accounting.errors import not_due, subscription_expired
@@ -172,11 +172,25 @@ def _verdict(account: Account, now: datetime) -> EligibilityOut:
     )
 
 
-def renew_user(session: Session, user_id: str, now: datetime | None = None) -> RenewOut:
-    """Renew one user if due; refusals: USER_NOT_FOUND, SUBSCRIPTION_EXPIRED, NOT_DUE."""
+def renew_user(
+    session: Session,
+    user_id: str,
+    now: datetime | None = None,
+    idempotency_key: str | None = None,
+) -> RenewOut:
+    """Renew one user if due; refusals: USER_NOT_FOUND, SUBSCRIPTION_EXPIRED, NOT_DUE.
+
+    With ``idempotency_key`` (the task id), a request already done returns its first result;
+    a refusal rolls back with the caller's transaction, so it does not use up the key.
+    """
+    digest = idempotency.request_hash("renew_user")
+    stored = idempotency.claim(session, user_id, idempotency_key, digest)
+    if stored is not None:
+        return RenewOut(**stored)
     now = _instant(session, now)
     out = _renew_one(session, user_id, plans_at(now), now, source="renew_user")
     if out is not None:
+        idempotency.record(session, user_id, idempotency_key, out.model_dump(mode="json"))
         return out
     account = load_account(session, user_id)  # raises USER_NOT_FOUND
     if _expired(account.tier, account.subscription_expires_at, now):

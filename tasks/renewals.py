@@ -18,9 +18,9 @@ def check_eligibility(session: Session, p: UserIn, _task_id: str | None) -> Elig
 
 
 @contract_task("renewals.renew_user", UserIn)
-def renew_user(session: Session, p: UserIn, _task_id: str | None) -> RenewOut:
-    # Idempotent without a key: a redelivered message finds the user no longer due (NOT_DUE).
-    return renewals.renew_user(session, p.user_id)
+def renew_user(session: Session, p: UserIn, task_id: str | None) -> RenewOut:
+    # The task id is the idempotency key: a redelivered message replays its first result.
+    return renewals.renew_user(session, p.user_id, idempotency_key=task_id)
 
 
 _SWEEP_LIMIT = get_settings().sweep_time_limit

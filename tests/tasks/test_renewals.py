@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -208,3 +209,20 @@ def test_the_sweep_alone_may_run_past_the_general_time_limit() -> None:
     limit = get_settings().sweep_time_limit
     assert (sweep.soft_time_limit, sweep.time_limit) == (limit - 30, limit)
     assert debit.time_limit == worker_app.conf.task_time_limit < limit
+
+
+def test_a_redelivered_renew_user_replays_its_first_result(e2e: Celery) -> None:
+    lapsed = datetime.now(UTC) - timedelta(days=40)
+    call(e2e, "tokens.open_account", user_id="pro", tier="Professional", initial_balance=5,
+         last_renewal_at=lapsed.isoformat())  # fmt: skip
+    task_id = str(uuid.uuid4())
+    kwargs = {"user_id": "pro"}
+    first = e2e.send_task("renewals.renew_user", kwargs=kwargs, task_id=task_id).get(timeout=30)
+    e2e.backend.forget(task_id)
+    second = e2e.send_task("renewals.renew_user", kwargs=kwargs, task_id=task_id).get(timeout=30)
+    assert first["success"] and first["tokens_added"] == 2000
+    assert second == first
+    assert call(e2e, "renewals.renew_user", user_id="pro")["error_code"] == "NOT_DUE"
+    assert call(e2e, "tokens.get_balance", user_id="pro")["tokens_balance"] == 2005
+    monthly = sql("SELECT count(*) FROM ledger_entries WHERE operation_type = 'monthly_reset'")
+    assert monthly == [(1,)]
