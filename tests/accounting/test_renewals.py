@@ -660,3 +660,187 @@ def test_a_debit_committed_while_the_sweep_waits_comes_before_the_renewal(
     for user_id in ("a", "b", "c"):
         assert_chained_in_time_order(session, user_id)
     assert_ledger_consistent(session)
+
+
+# --- the fan-out: planning, chunks, totals ----------------------------------------------------
+
+
+def plan(session: Session, sweep_id: str = "s1", **kw: Any) -> renewals.SweepPlan:
+    out = renewals.plan_sweep(session, sweep_id, **({"now": NOW} | kw))
+    session.commit()
+    return out
+
+
+def chunk_rows(session: Session, sweep_id: str = "s1") -> list[tuple[Any, ...]]:
+    return [
+        tuple(r)
+        for r in session.execute(
+            text(
+                "SELECT phase, after_user, upto_user, planned, status, successful, skipped, failed"
+                " FROM sweep_chunks WHERE sweep_id = :s ORDER BY chunk_index"
+            ),
+            {"s": sweep_id},
+        )
+    ]
+
+
+def run(sweep_id: str, index: int) -> tuple[str, int, int, int]:
+    out = renewals.run_chunk(session_factory(), sweep_id, index)
+    return out.status, out.successful, out.skipped, out.failed
+
+
+def totals(session: Session, sweep_id: str = "s1") -> tuple[int, int, int, int]:
+    session.rollback()
+    out = renewals.sweep_totals(session, sweep_id)
+    return out.total_processed, out.successful, out.skipped, out.failed
+
+
+def test_plan_splits_the_due_users_into_keyset_ranges(session: Session) -> None:
+    """Chunks of 2 in sweep order, each a range (after, upto] with its count; nothing renewed."""
+    seed_mixed(session)
+    before = snapshot(session)
+    planned = plan(session, chunk_size=2)
+    assert (planned.chunks, planned.planned, planned.as_of) == (3, 6, NOW)
+    assert chunk_rows(session) == [
+        ("never", "", "n2", 2, "planned", 0, 0, 0),
+        ("lapsed", "", "old-b", 2, "planned", 0, 0, 0),
+        ("lapsed", "old-b", "edge", 2, "planned", 0, 0, 0),
+    ]
+    assert snapshot(session) == before
+    limited = plan(session, "s2", chunk_size=2, limit=3, tier=None)
+    assert (limited.chunks, limited.planned) == (2, 3)
+    assert chunk_rows(session, "s2")[-1] == ("lapsed", "", "old-a", 1, "planned", 0, 0, 0)
+    business = plan(session, "s3", chunk_size=5, tier="Business")
+    assert chunk_rows(session, "s3") == [
+        ("never", "", "n1", 1, "planned", 0, 0, 0),
+        ("lapsed", "", "mid", 1, "planned", 0, 0, 0),
+    ]
+    assert business.planned == 2
+
+
+def test_a_sweep_planned_again_keeps_its_first_plan(session: Session) -> None:
+    """A redelivered sweep message (same id) gets the stored plan, whatever is due by then."""
+    seed_mixed(session)
+    first = plan(session, chunk_size=2)
+    renewals.renew_user(session, "n1", now=NOW)
+    session.commit()
+    again = plan(session, chunk_size=5, now=NOW + timedelta(days=3), tier="Gift")
+    assert again == first
+    assert len(chunk_rows(session)) == 3
+
+
+def test_chunks_run_in_any_order_each_on_its_own_range(session: Session) -> None:
+    order = seed_mixed(session)
+    plan(session, chunk_size=2)
+    assert [run("s1", i) for i in (2, 0, 1)] == [("done", 2, 0, 0)] * 3
+    session.expire_all()
+    assert renewed_users(session) == sorted(order)
+    assert totals(session) == (6, 6, 0, 0)
+    assert_ledger_consistent(session)
+
+
+def test_a_redelivered_chunk_replays_its_tally_and_renews_nobody_twice(session: Session) -> None:
+    seed_mixed(session)
+    plan(session, chunk_size=2)
+    assert run("s1", 1) == ("done", 2, 0, 0)
+    entries = len(renewal_entries(session))
+    assert run("s1", 1) == ("done", 2, 0, 0)
+    session.expire_all()
+    assert len(renewal_entries(session)) == entries == 2
+    assert renewals.run_chunk(session_factory(), "no-such-sweep", 0).status == "missing"
+
+
+def test_a_user_renewed_after_planning_counts_as_skipped(session: Session) -> None:
+    seed_mixed(session)
+    plan(session, chunk_size=2)
+    renewals.renew_user(session, "old-b", now=NOW)
+    session.commit()
+    assert run("s1", 1) == ("done", 1, 1, 0)
+    assert [run("s1", i) for i in (0, 2)] == [("done", 2, 0, 0)] * 2
+    assert totals(session) == (6, 5, 1, 0)
+    session.expire_all()
+    assert len(renewal_entries(session, "old-b")) == 1
+
+
+def test_a_chunk_cut_off_while_waiting_for_held_rows_finishes_them_when_redelivered(
+    session: Session, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The chunk commits its renewals and the rows it could not lock; its worker dies before
+    waiting for them. Delivered again, the chunk renews only those, once."""
+    for user_id in ("a", "b", "c"):
+        open_(session, user_id, last=at(-40))
+    session.commit()
+    plan(session)
+
+    def crash(*_: Any) -> Any:
+        raise SystemExit("worker lost")
+
+    with Session(get_engine()) as holder:
+        holder.execute(text("SELECT 1 FROM accounts WHERE user_id = 'b' FOR UPDATE"))
+        with monkeypatch.context() as patched:
+            patched.setattr(renewals, "_finish_contested", crash)
+            with pytest.raises(SystemExit):
+                renewals.run_chunk(session_factory(), "s1", 0)
+        assert chunk_rows(session)[0][4:] == ("contested", 2, 0, 0)
+        holder.rollback()
+    assert run("s1", 0) == ("done", 3, 0, 0)
+    assert run("s1", 0) == ("done", 3, 0, 0)
+    session.expire_all()
+    assert [len(renewal_entries(session, u)) for u in ("a", "b", "c")] == [1, 1, 1]
+    assert_ledger_consistent(session)
+
+
+def test_stop_on_error_stops_chunks_that_start_later(session: Session, poisoned: None) -> None:
+    """With continue_on_error=False the first error marks the sweep stopped: the chunk that hit
+    it stops at that user, and chunks starting afterwards, whatever their place, do nothing."""
+    seed_with_poison(session)
+    plan(session, chunk_size=3, continue_on_error=False)
+    assert run("s1", 1) == ("done", 0, 0, 1)  # poison comes first in chunk 1
+    assert [run("s1", i) for i in (0, 2)] == [("stopped", 0, 0, 0)] * 2
+    assert totals(session) == (1, 0, 0, 1)
+    session.expire_all()
+    assert renewed_users(session) == []
+    errors = renewals.sweep_totals(session, "s1").errors
+    assert [e.model_dump() for e in errors] == [
+        {"user_id": "poison", "error": "refusing to renew poison"}
+    ]
+
+
+def test_old_sweep_plans_are_deleted_when_a_sweep_starts(session: Session) -> None:
+    seed_mixed(session)
+    plan(session, "old", chunk_size=2)
+    plan(session, "recent", chunk_size=2)
+    session.execute(
+        text(
+            "UPDATE sweeps SET created_at = created_at - CAST(:age AS interval) WHERE sweep_id = :s"
+        ),
+        [{"s": "old", "age": "8 days"}, {"s": "recent", "age": "6 days"}],
+    )
+    session.commit()
+    plan(session, "new", chunk_size=2)
+    kept = session.execute(text("SELECT sweep_id FROM sweeps ORDER BY 1")).scalars().all()
+    assert kept == ["new", "recent"]
+    assert session.execute(
+        text("SELECT DISTINCT sweep_id FROM sweep_chunks ORDER BY 1")
+    ).scalars().all() == ["new", "recent"]
+
+
+def test_the_sweep_takes_its_instant_from_the_database_clock(
+    session: Session, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker whose clock is a day behind neither decides eligibility nor stamps entries."""
+    from models import tables
+
+    open_(session, "u", last=datetime.now(UTC) - timedelta(days=30))
+    session.commit()
+    behind = datetime.now(UTC) - timedelta(days=1)
+    monkeypatch.setattr(tables, "utcnow", lambda: behind)
+    started = clock.db_now(session)
+    session.commit()
+    out = renewals.sweep(session_factory())
+    assert out.successful == 1  # due by the database's date, not yet by the worker's
+    session.expire_all()
+    (entry,) = renewal_entries(session, "u")
+    assert entry.created_at >= started
+    renewed_at = accounts.get_balance(session, "u").last_renewal_at
+    assert renewed_at is not None and renewed_at >= started
