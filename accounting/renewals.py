@@ -10,17 +10,30 @@ Every renewal is a conditional UPDATE whose WHERE clause is that rule, with its 
 the same transaction: however many sweeps and ``renew_user`` calls race, a user is renewed at most
 once per period because a second UPDATE finds the row no longer due.
 
+Two instants, both from the database's clock (``accounting.clock``), never a worker's:
+
+- ``now``, the eligibility instant, read once per decision (per sweep, per ``renew_user``). It is
+  what ``last_renewal_at`` and ``renewal_date`` hold: the period a renewal belongs to. A sweep
+  that runs past midnight therefore never pushes its last users' next renewal a day later.
+- the write time: the account's ``updated_at`` is set to ``GREATEST(clock_timestamp(),
+  updated_at)`` under the row lock, and the renewal entry takes its ``created_at`` from it, so a
+  user's entries in ``created_at`` order are the order they were applied.
+
 ``check_eligibility``, ``renew_user`` and ``due`` work in the caller's session and never commit.
-``sweep`` is the exception: it processes any number of users in bounded memory, so it takes a
-session factory and commits one transaction per chunk.
+
+The sweep fans out. ``plan_sweep`` fixes a sweep once (its instant, the tiers' cutoffs, and
+chunks: keyset ranges over the due users in sweep order, one small page query per chunk); each
+chunk (``run_chunk``) is one transaction that renews its range and writes its tally beside it, so
+chunks may run anywhere, in any order, and more than once; ``sweep_totals`` sums the tallies.
+``sweep`` runs the same three steps in-process (the operator CLI, tests).
 """
 
 from __future__ import annotations
 
 import enum
 import logging
-import time as clock
-from collections.abc import Callable, Sequence
+import uuid
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, time, timedelta
 from typing import Any
@@ -29,7 +42,9 @@ from sqlalchemy import (
     ColumnElement,
     and_,
     case,
+    delete,
     false,
+    func,
     insert,
     or_,
     select,
@@ -39,11 +54,20 @@ from sqlalchemy import (
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
+from accounting import clock, idempotency
 from accounting.accounts import load_account
 from accounting.catalog import known_operation, tier_of
 from accounting.errors import not_due, subscription_expired
-from models.schemas import DueOut, EligibilityOut, RenewOut, SweepError, SweepOut
-from models.tables import Account, LedgerEntry, utcnow
+from accounting.idempotency import insert_ignoring_conflicts
+from models.schemas import (
+    DueOut,
+    EligibilityOut,
+    RenewOut,
+    SweepChunkOut,
+    SweepError,
+    SweepOut,
+)
+from models.tables import Account, LedgerEntry, sweep_chunk_table, sweep_table
 from worker.settings import FREE_TIERS, get_settings
 from worker.signals import balance_changed, note_balance_change
 
@@ -53,6 +77,8 @@ KIND = "renewal"
 OPERATION = "monthly_reset"
 MAX_ERRORS_LISTED = 100
 MAX_ERROR_LENGTH = 500
+# Sweep plans and tallies are kept this long (a redelivered message is minutes old, not days).
+SWEEP_RETENTION = timedelta(days=7)
 
 
 # --- the rule ---------------------------------------------------------------------------------
@@ -81,6 +107,23 @@ class TierPlan:
     allocation: int
     cutoff: datetime
     paid: bool
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "allocation": self.allocation,
+            "cutoff": self.cutoff.isoformat(),
+            "paid": self.paid,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> TierPlan:
+        return cls(
+            name=data["name"],
+            allocation=data["allocation"],
+            cutoff=datetime.fromisoformat(data["cutoff"]),
+            paid=data["paid"],
+        )
 
 
 def plans_at(now: datetime, tier: str | None = None) -> dict[str, TierPlan]:
@@ -126,13 +169,18 @@ def due_clause(plans: dict[str, TierPlan], now: datetime) -> ColumnElement[bool]
     )
 
 
+def _instant(session: Session, now: datetime | None) -> datetime:
+    """The eligibility instant: the database's clock, unless a caller simulates time."""
+    return (now or clock.db_now(session)).astimezone(UTC)
+
+
 # --- one user ---------------------------------------------------------------------------------
 
 
 def check_eligibility(
     session: Session, user_id: str, now: datetime | None = None
 ) -> EligibilityOut:
-    now = (now or utcnow()).astimezone(UTC)
+    now = _instant(session, now)
     return _verdict(load_account(session, user_id), now)
 
 
@@ -157,11 +205,25 @@ def _verdict(account: Account, now: datetime) -> EligibilityOut:
     )
 
 
-def renew_user(session: Session, user_id: str, now: datetime | None = None) -> RenewOut:
-    """Renew one user if due; refusals: USER_NOT_FOUND, SUBSCRIPTION_EXPIRED, NOT_DUE."""
-    now = (now or utcnow()).astimezone(UTC)
+def renew_user(
+    session: Session,
+    user_id: str,
+    now: datetime | None = None,
+    idempotency_key: str | None = None,
+) -> RenewOut:
+    """Renew one user if due; refusals: USER_NOT_FOUND, SUBSCRIPTION_EXPIRED, NOT_DUE.
+
+    With ``idempotency_key`` (the task id), a request already done returns its first result;
+    a refusal rolls back with the caller's transaction, so it does not use up the key.
+    """
+    digest = idempotency.request_hash("renew_user")
+    stored = idempotency.claim(session, user_id, idempotency_key, digest)
+    if stored is not None:
+        return RenewOut(**stored)
+    now = _instant(session, now)
     out = _renew_one(session, user_id, plans_at(now), now, source="renew_user")
     if out is not None:
+        idempotency.record(session, user_id, idempotency_key, out.model_dump(mode="json"))
         return out
     account = load_account(session, user_id)  # raises USER_NOT_FOUND
     if _expired(account.tier, account.subscription_expires_at, now):
@@ -183,14 +245,16 @@ def _renew_one(
         .values(
             tokens_balance=Account.tokens_balance + _allocation(plans),
             last_renewal_at=now,
-            updated_at=now,
+            updated_at=clock.stamp(session, Account.updated_at),
         )
-        .returning(Account.tier, Account.tokens_balance, Account.tokens_reserved)
+        .returning(
+            Account.tier, Account.tokens_balance, Account.tokens_reserved, Account.updated_at
+        )
         .execution_options(synchronize_session=False)
     ).first()
     if row is None:
         return None
-    tier, new_balance, reserved = row
+    tier, new_balance, reserved, stamped = row
     added = plans[tier].allocation
     session.execute(
         insert(LedgerEntry).values(
@@ -201,7 +265,7 @@ def _renew_one(
             balance_before=new_balance - added,
             balance_after=new_balance,
             meta={"tier": tier, "source": source},
-            created_at=now,
+            created_at=stamped,
         )
     )
     note_balance_change(
@@ -223,23 +287,19 @@ def _renew_one(
 class Phase(enum.Enum):
     """Due users are visited never-renewed first (by user_id), then by oldest renewal."""
 
-    NEVER = "never renewed"
+    NEVER = "never"
     LAPSED = "lapsed"
 
 
 @dataclass(frozen=True)
 class Key:
-    """Keyset position: the last (last_renewal_at, user_id) visited in a phase."""
+    """Keyset position: a (last_renewal_at, user_id) in a phase's sweep order."""
 
     user_id: str = ""  # sorts before every user_id (they are never empty)
     renewed_at: datetime = datetime(1, 1, 1, tzinfo=UTC)
 
 
 Page = Sequence[tuple[str, datetime | None]]
-
-
-def _is_postgres(session: Session) -> bool:
-    return session.get_bind().dialect.name == "postgresql"
 
 
 # PostgreSQL. Tiers travel as arrays, so the statement text depends only on which tiers are
@@ -258,8 +318,9 @@ _GUARD = f"(a.last_renewal_at IS NULL OR a.last_renewal_at < t.cutoff) AND {_NOT
 _ORDER_DESC = "last_renewal_at DESC, user_id DESC"
 
 
-def _page_cte(phase: Phase, plans: dict[str, TierPlan]) -> str:
-    """The next page of due users (and where their rows are), locking nothing.
+def _page_cte(phase: Phase, plans: dict[str, TierPlan], bounded: bool = False) -> str:
+    """The next page of due users after ``:after_*`` (and, ``bounded``, up to ``:upto_*``
+    inclusive), with where their rows are; locks nothing.
 
     One branch per tier, each an index range scan on ix_accounts_tier_last_renewal (tier,
     last_renewal_at, user_id) already in sweep order, merged (Merge Append): a page reads about
@@ -270,11 +331,18 @@ def _page_cte(phase: Phase, plans: dict[str, TierPlan]) -> str:
     for i, plan in enumerate(plans.values()):
         if phase is Phase.NEVER:
             where = "a.last_renewal_at IS NULL AND a.user_id > :after_user"
+            if bounded:
+                where += " AND a.user_id <= :upto_user"
         else:
             where = (
                 f"a.last_renewal_at < :cutoff_{i} AND (a.last_renewal_at, a.user_id)"
                 " > (CAST(:after_time AS timestamptz), :after_user)"
             )
+            if bounded:
+                where += (
+                    " AND (a.last_renewal_at, a.user_id)"
+                    " <= (CAST(:upto_time AS timestamptz), :upto_user)"
+                )
         if plan.paid:
             where += " AND (a.subscription_expires_at IS NULL OR a.subscription_expires_at > :now)"
         branches.append(
@@ -292,19 +360,31 @@ def _page_cte(phase: Phase, plans: dict[str, TierPlan]) -> str:
 )"""
 
 
+def _range_sql(phase: Phase, plans: dict[str, TierPlan]) -> str:
+    """The size and last key of the next page: what planning a chunk needs, and no more."""
+    return f"""WITH {_page_cte(phase, plans)}
+SELECT (SELECT count(*) FROM page) AS scanned, k.user_id AS last_user,
+       k.last_renewal_at AS last_time
+FROM (SELECT 1) AS one
+LEFT JOIN LATERAL (SELECT * FROM page ORDER BY {_ORDER_DESC} LIMIT 1) k ON true"""
+
+
+# The write time of a renewal: the database's clock under the row lock, never before the
+# account's previous change (accounting.clock.stamp), and the entry's created_at is that value.
 _RENEW = f"""renewed AS (
     UPDATE accounts a
-    SET tokens_balance = a.tokens_balance + t.allocation, last_renewal_at = :now, updated_at = :now
+    SET tokens_balance = a.tokens_balance + t.allocation, last_renewal_at = :now,
+        updated_at = GREATEST(clock_timestamp(), a.updated_at)
     FROM locked l, tiers t
     WHERE a.user_id = l.user_id AND a.tier = t.tier AND {_GUARD}
-    RETURNING a.user_id, a.tier, a.tokens_balance, a.tokens_reserved, t.allocation
+    RETURNING a.user_id, a.tier, a.tokens_balance, a.tokens_reserved, t.allocation, a.updated_at
 ),
 entries AS (
     INSERT INTO ledger_entries
         (user_id, kind, operation_type, tokens_amount, balance_before, balance_after, metadata,
          created_at)
     SELECT user_id, :kind, :operation, allocation, tokens_balance - allocation, tokens_balance,
-           jsonb_build_object('tier', tier, 'source', CAST(:source AS text)), :now
+           jsonb_build_object('tier', tier, 'source', CAST(:source AS text)), updated_at
     FROM renewed
     RETURNING user_id
 )"""
@@ -314,14 +394,14 @@ _CHANGES = """CASE WHEN :with_changes THEN (
 
 
 def _chunk_sql(phase: Phase, plans: dict[str, TierPlan]) -> str:
-    """Renew one page in one statement. Rows another transaction holds (a debit in flight,
-    another sweep) are skipped, not waited for, and come back as ``contested``.
+    """Renew one chunk's range in one statement. Rows another transaction holds (a debit in
+    flight, another sweep) are skipped, not waited for, and come back as ``contested``.
 
     The lock finds the page's rows by ctid (no index descent); the UPDATE still finds them by
     user_id, so a row changed since the page was read is re-read and re-checked against the
     guard (READ COMMITTED's recheck), never updated from a stale version nor silently missed.
     """
-    return f"""WITH {_TIERS}, {_page_cte(phase, plans)},
+    return f"""WITH {_TIERS}, {_page_cte(phase, plans, bounded=True)},
 locked AS (
     SELECT a.user_id FROM accounts a WHERE a.ctid = ANY(ARRAY(SELECT ctid FROM page))
     FOR UPDATE OF a SKIP LOCKED
@@ -332,14 +412,10 @@ SELECT
     (SELECT count(*) FROM entries) AS renewed,
     (SELECT array_agg(p.user_id) FROM page p
      WHERE p.user_id NOT IN (SELECT user_id FROM locked)) AS contested,
-    k.user_id AS last_user,
-    k.last_renewal_at AS last_time,
-    {_CHANGES} AS changes
-FROM (SELECT 1) AS one
-LEFT JOIN LATERAL (SELECT * FROM page ORDER BY {_ORDER_DESC} LIMIT 1) k ON true"""
+    {_CHANGES} AS changes"""
 
 
-# The contested rows of a page, waited for: locked in user_id order (as every sweep does, so
+# The contested rows of a chunk, waited for: locked in user_id order (as every sweep does, so
 # two sweeps cannot deadlock), then renewed only if still due once their holder has finished.
 _CONTESTED_SQL = f"""WITH {_TIERS},
 locked AS (
@@ -352,7 +428,11 @@ SELECT (SELECT count(*) FROM entries) AS renewed, {_CHANGES} AS changes"""
 
 
 def _params(
-    plans: dict[str, TierPlan], now: datetime, after: Key | None = None, n: int | None = None
+    plans: dict[str, TierPlan],
+    now: datetime,
+    after: Key | None = None,
+    n: int | None = None,
+    upto: Key | None = None,
 ) -> dict[str, Any]:
     params: dict[str, Any] = {
         "tier_names": [p.name for p in plans.values()],
@@ -368,6 +448,8 @@ def _params(
         params |= {"after_user": after.user_id, "after_time": after.renewed_at, "n": n}
         for i, plan in enumerate(plans.values()):
             params |= {f"tier_{i}": plan.name, f"cutoff_{i}": plan.cutoff}
+    if upto is not None:
+        params |= {"upto_user": upto.user_id, "upto_time": upto.renewed_at}
     return params
 
 
@@ -378,19 +460,22 @@ def _page(
     after: Key,
     n: int,
     now: datetime,
+    upto: Key | None = None,
 ) -> Page:
-    """The next ``n`` due users of ``phase`` after ``after``, in sweep order; locks nothing."""
-    if _is_postgres(session):
-        sql = f"WITH {_page_cte(phase, plans)} SELECT user_id, last_renewal_at FROM page"
-        rows = session.execute(
-            text(sql + " ORDER BY last_renewal_at, user_id"), _params(plans, now, after, n)
-        )
+    """The next ``n`` due users of ``phase`` after ``after`` (up to ``upto``, inclusive), in
+    sweep order; locks nothing."""
+    if clock.is_postgres(session):
+        sql = f"WITH {_page_cte(phase, plans, bounded=upto is not None)}"
+        sql += " SELECT user_id, last_renewal_at FROM page ORDER BY last_renewal_at, user_id"
+        rows = session.execute(text(sql), _params(plans, now, after, n, upto))
         return [(u, t) for u, t in rows]
     stmt = select(Account.user_id, Account.last_renewal_at).where(due_clause(plans, now))
     if phase is Phase.NEVER:
         stmt = stmt.where(
             Account.last_renewal_at.is_(None), Account.user_id > after.user_id
         ).order_by(Account.user_id)
+        if upto is not None:
+            stmt = stmt.where(Account.user_id <= upto.user_id)
     else:
         stmt = stmt.where(
             Account.last_renewal_at.is_not(None),
@@ -402,14 +487,44 @@ def _page(
                 ),
             ),
         ).order_by(Account.last_renewal_at, Account.user_id)
+        if upto is not None:
+            stmt = stmt.where(
+                or_(
+                    Account.last_renewal_at < upto.renewed_at,
+                    and_(
+                        Account.last_renewal_at == upto.renewed_at,
+                        Account.user_id <= upto.user_id,
+                    ),
+                )
+            )
     return [(u, t) for u, t in session.execute(stmt.limit(n))]
+
+
+def _last_key(page: Page, phase: Phase, default: Key) -> Key:
+    if not page:
+        return default
+    user_id, renewed_at = page[-1]
+    return Key(user_id, renewed_at) if phase is Phase.LAPSED and renewed_at else Key(user_id)
+
+
+def _next_range(
+    session: Session, plans: dict[str, TierPlan], phase: Phase, after: Key, n: int, now: datetime
+) -> tuple[int, Key]:
+    """How many of the next ``n`` due users there are after ``after``, and the last one's key."""
+    if clock.is_postgres(session):
+        row = session.execute(text(_range_sql(phase, plans)), _params(plans, now, after, n)).one()
+        if row.last_user is None:
+            return 0, after
+        return row.scanned, Key(row.last_user, row.last_time or Key.renewed_at)
+    page = _page(session, plans, phase, after, n, now)
+    return len(page), _last_key(page, phase, after)
 
 
 def due(
     session: Session, tier: str | None = None, limit: int | None = None, now: datetime | None = None
 ) -> DueOut:
     """Due users in sweep order: never renewed first, then the oldest renewal."""
-    now = (now or utcnow()).astimezone(UTC)
+    now = _instant(session, now)
     plans = plans_at(now, tier)
     chunk = get_settings().sweep_chunk_size
     user_ids: list[str] = []
@@ -425,7 +540,160 @@ def due(
     return DueOut(user_ids=user_ids)
 
 
-# --- the sweep --------------------------------------------------------------------------------
+# --- planning a sweep -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Range:
+    """A chunk: the due users of ``phase`` after ``after`` up to ``upto`` (inclusive), of which
+    there were ``planned`` when the sweep was planned."""
+
+    phase: Phase
+    after: Key
+    upto: Key
+    planned: int
+
+
+def _ranges(
+    session: Session,
+    plans: dict[str, TierPlan],
+    now: datetime,
+    limit: int | None,
+    chunk_size: int,
+) -> Iterator[Range]:
+    """The sweep's chunks in sweep order, covering the first ``limit`` due users, found with one
+    page query per chunk (never more than a chunk's worth of rows in memory)."""
+    total = 0
+    for phase in Phase if plans else ():
+        after = Key()
+        while limit is None or total < limit:
+            n = chunk_size if limit is None else min(chunk_size, limit - total)
+            count, last = _next_range(session, plans, phase, after, n, now)
+            if count:
+                yield Range(phase, after, last, count)
+                total += count
+            if count < n:
+                break
+            after = last
+
+
+def new_sweep_id() -> str:
+    return str(uuid.uuid4())
+
+
+@dataclass(frozen=True)
+class SweepPlan:
+    sweep_id: str
+    as_of: datetime
+    chunks: int
+    planned: int
+
+
+def dry_run_totals(
+    session: Session,
+    *,
+    tier: str | None = None,
+    limit: int | None = None,
+    now: datetime | None = None,
+    chunk_size: int | None = None,
+) -> SweepOut:
+    """What the same sweep would return now, changing nothing: every due user counts as renewed."""
+    now = _instant(session, now)
+    plans = plans_at(now, tier)
+    chunk = chunk_size or get_settings().sweep_chunk_size
+    due_users = sum(r.planned for r in _ranges(session, plans, now, limit, chunk))
+    return SweepOut(total_processed=due_users, successful=due_users, failed=0, skipped=0, errors=[])
+
+
+_sweeps = sweep_table.c
+_chunks = sweep_chunk_table.c
+
+
+def plan_sweep(
+    session: Session,
+    sweep_id: str,
+    *,
+    tier: str | None = None,
+    limit: int | None = None,
+    continue_on_error: bool = True,
+    now: datetime | None = None,
+    chunk_size: int | None = None,
+) -> SweepPlan:
+    """Fix sweep ``sweep_id`` in the caller's transaction: its instant, its tiers' cutoffs and
+    its chunks. Planned before (a redelivered sweep message): the stored plan, unchanged.
+
+    Also deletes the plans and tallies of sweeps older than ``SWEEP_RETENTION``.
+    """
+    db_now = clock.db_now(session)
+    session.execute(delete(sweep_table).where(_sweeps.created_at < db_now - SWEEP_RETENTION))
+    now = (now or db_now).astimezone(UTC)
+    plans = plans_at(now, tier)
+    # The claim: a concurrent duplicate blocks here until this plan commits, then reads it.
+    claimed = session.execute(
+        insert_ignoring_conflicts(session, sweep_table).returning(_sweeps.sweep_id),
+        {
+            "sweep_id": sweep_id,
+            "as_of": now,
+            "tiers": [p.to_json() for p in plans.values()],
+            "continue_on_error": continue_on_error,
+            "chunks": 0,
+            "stopped": False,
+            "created_at": db_now,
+        },
+    ).first()
+    if claimed is None:
+        stored = session.execute(
+            select(_sweeps.as_of, _sweeps.chunks).where(_sweeps.sweep_id == sweep_id)
+        ).one()
+        total = session.execute(
+            select(func.coalesce(func.sum(_chunks.planned), 0)).where(_chunks.sweep_id == sweep_id)
+        ).scalar_one()
+        return SweepPlan(sweep_id, stored.as_of, stored.chunks, int(total))
+    chunk = chunk_size or get_settings().sweep_chunk_size
+    rows: list[dict[str, Any]] = []
+    count = planned = 0
+
+    def flush() -> None:
+        if rows:
+            session.execute(insert(sweep_chunk_table), rows)
+            rows.clear()
+
+    for r in _ranges(session, plans, now, limit, chunk):
+        rows.append(
+            {
+                "sweep_id": sweep_id,
+                "chunk_index": count,
+                "phase": r.phase.value,
+                "after_user": r.after.user_id,
+                "after_time": r.after.renewed_at,
+                "upto_user": r.upto.user_id,
+                "upto_time": r.upto.renewed_at,
+                "planned": r.planned,
+                "status": "planned",
+                "successful": 0,
+                "skipped": 0,
+                "failed": 0,
+                "errors": [],
+                "contested": None,
+            }
+        )
+        count += 1
+        planned += r.planned
+        if len(rows) >= 1000:
+            flush()
+    flush()
+    session.execute(update(sweep_table).where(_sweeps.sweep_id == sweep_id).values(chunks=count))
+    log.info(
+        "renewal sweep %s planned: %d due users in %d chunks (as of %s)",
+        sweep_id,
+        planned,
+        count,
+        now.isoformat(),
+    )
+    return SweepPlan(sweep_id, now, count, planned)
+
+
+# --- running a chunk --------------------------------------------------------------------------
 
 
 @dataclass
@@ -433,26 +701,13 @@ class _Tally:
     successful: int = 0
     failed: int = 0
     skipped: int = 0
-    errors: list[SweepError] = field(default_factory=list)
+    errors: list[dict[str, str]] = field(default_factory=list)
     stopped: bool = False
-
-    @property
-    def processed(self) -> int:
-        return self.successful + self.failed + self.skipped
 
     def fail(self, user_id: str, exc: BaseException) -> None:
         self.failed += 1
         if len(self.errors) < MAX_ERRORS_LISTED:
-            self.errors.append(SweepError(user_id=user_id, error=_describe(exc)))
-
-    def result(self) -> SweepOut:
-        return SweepOut(
-            total_processed=self.processed,
-            successful=self.successful,
-            failed=self.failed,
-            skipped=self.skipped,
-            errors=self.errors,
-        )
+            self.errors.append({"user_id": user_id, "error": _describe(exc)})
 
 
 def _describe(exc: BaseException) -> str:
@@ -468,129 +723,276 @@ def _isolatable(exc: DBAPIError) -> bool:
     return not (exc.connection_invalidated or isinstance(exc, OperationalError | InterfaceError))
 
 
-def sweep(
-    sessions: Callable[[], Session],
-    *,
-    tier: str | None = None,
-    limit: int | None = None,
-    dry_run: bool = False,
-    continue_on_error: bool = True,
-    now: datetime | None = None,
-    chunk_size: int | None = None,
-) -> SweepOut:
-    """Renew every due user (of ``tier``), at most ``limit``, due longest first.
+@dataclass(frozen=True)
+class _Chunk:
+    """A chunk row as read under its lock, with what its sweep fixed."""
 
-    Commits one transaction per chunk of ``chunk_size`` users: ``sessions()`` must give a fresh
-    session each time. On PostgreSQL a chunk is one statement. A chunk that fails on some user's
-    data (a constraint, a trigger) is redone user by user to isolate the failure; connection
-    trouble and deadlocks propagate (what was committed stays, and a rerun carries on).
+    sweep_id: str
+    index: int
+    range: Range
+    status: str
+    successful: int
+    skipped: int
+    failed: int
+    contested: list[str]
+    as_of: datetime
+    plans: dict[str, TierPlan]
+    continue_on_error: bool
+    stopped: bool
+
+    def out(self) -> SweepChunkOut:
+        return SweepChunkOut(
+            sweep_id=self.sweep_id,
+            index=self.index,
+            status=self.status,
+            successful=self.successful,
+            skipped=self.skipped,
+            failed=self.failed,
+        )
+
+
+def _lock_chunk(session: Session, sweep_id: str, index: int) -> _Chunk | None:
+    """The chunk row, locked: a duplicate of this chunk waits here, then replays its tally."""
+    row = session.execute(
+        select(
+            sweep_chunk_table,
+            _sweeps.as_of,
+            _sweeps.tiers,
+            _sweeps.continue_on_error,
+            _sweeps.stopped,
+        )
+        .join(sweep_table, _sweeps.sweep_id == _chunks.sweep_id)
+        .where(_chunks.sweep_id == sweep_id, _chunks.chunk_index == index)
+        .with_for_update(of=sweep_chunk_table)
+    ).first()
+    if row is None:
+        return None
+    plans = {p["name"]: TierPlan.from_json(p) for p in row.tiers}
+    return _Chunk(
+        sweep_id=sweep_id,
+        index=index,
+        range=Range(
+            Phase(row.phase),
+            Key(row.after_user, row.after_time),
+            Key(row.upto_user, row.upto_time),
+            row.planned,
+        ),
+        status=row.status,
+        successful=row.successful,
+        skipped=row.skipped,
+        failed=row.failed,
+        contested=list(row.contested or []),
+        as_of=row.as_of,
+        plans=plans,
+        continue_on_error=row.continue_on_error,
+        stopped=row.stopped,
+    )
+
+
+def _write_tally(
+    session: Session, chunk: _Chunk, status: str, tally: _Tally, contested: list[str]
+) -> SweepChunkOut:
+    """Store the chunk's tally (added to what it held) in the transaction that renewed it."""
+    values: dict[str, Any] = {
+        "status": status,
+        "successful": chunk.successful + tally.successful,
+        "skipped": chunk.skipped + tally.skipped,
+        "failed": chunk.failed + tally.failed,
+        "contested": contested or None,
+    }
+    if tally.errors:
+        errors = session.execute(
+            select(_chunks.errors).where(
+                _chunks.sweep_id == chunk.sweep_id, _chunks.chunk_index == chunk.index
+            )
+        ).scalar_one()
+        values["errors"] = (list(errors or []) + tally.errors)[:MAX_ERRORS_LISTED]
+    session.execute(
+        update(sweep_chunk_table)
+        .where(_chunks.sweep_id == chunk.sweep_id, _chunks.chunk_index == chunk.index)
+        .values(**values)
+    )
+    if tally.stopped:
+        session.execute(
+            update(sweep_table).where(_sweeps.sweep_id == chunk.sweep_id).values(stopped=True)
+        )
+    return SweepChunkOut(
+        sweep_id=chunk.sweep_id,
+        index=chunk.index,
+        status=status,
+        successful=values["successful"],
+        skipped=values["skipped"],
+        failed=values["failed"],
+    )
+
+
+def run_chunk(sessions: Callable[[], Session], sweep_id: str, index: int) -> SweepChunkOut:
+    """Renew chunk ``index`` of a planned sweep, once: run again, it returns its stored tally.
+
+    One transaction renews the chunk's range and writes its tally. Rows others hold are
+    skipped and listed in the tally; they are waited for after that commit (waiting while
+    holding the chunk's locks could deadlock with the holder), in a second transaction that
+    completes the tally. A chunk that fails on some user's data (a constraint, a trigger) is
+    redone user by user to isolate the failure; connection trouble and deadlocks propagate,
+    and the task is retried. If the sweep has stopped (``continue_on_error=False`` and an
+    error), a chunk that has not started does nothing.
     """
-    now = (now or utcnow()).astimezone(UTC)
-    plans = plans_at(now, tier)
-    chunk = chunk_size or get_settings().sweep_chunk_size
-    tally = _Tally()
-    started = clock.perf_counter()
-    for phase in Phase if plans else ():
-        after, number = Key(), 0
-        while not tally.stopped:
-            n = chunk if limit is None else min(chunk, limit - tally.successful)
-            if n <= 0:
-                break
-            number += 1
-            scanned, after = _sweep_chunk(
-                sessions, plans, phase, after, n, now, dry_run, continue_on_error, tally
-            )
-            elapsed = clock.perf_counter() - started
-            log.info(
-                "renewal sweep%s: %s, chunk %d: %d due users; so far %d renewed, %d skipped, "
-                "%d failed (%.0f users/s)",
-                " (dry run)" if dry_run else "",
-                phase.value,
-                number,
-                scanned,
-                tally.successful,
-                tally.skipped,
-                tally.failed,
-                tally.processed / elapsed if elapsed > 0 else 0.0,
-            )
-            if scanned < n:
-                break
-    return tally.result()
-
-
-def _sweep_chunk(
-    sessions: Callable[[], Session],
-    plans: dict[str, TierPlan],
-    phase: Phase,
-    after: Key,
-    n: int,
-    now: datetime,
-    dry_run: bool,
-    continue_on_error: bool,
-    tally: _Tally,
-) -> tuple[int, Key]:
-    """Process the next page of due users; returns its size and the next keyset position."""
-    if dry_run:
-        with sessions() as session:
-            page = _page(session, plans, phase, after, n, now)
-        tally.successful += len(page)
-        return len(page), _last_key(page, phase, after)
+    out: SweepChunkOut | None = None
+    contested: list[str] = []
     try:
         with sessions() as session, session.begin():
-            if _is_postgres(session):
-                scanned, renewed, contested, last = _renew_page_postgres(
-                    session, plans, phase, after, n, now
-                )
+            chunk = _lock_chunk(session, sweep_id, index)
+            if chunk is None:
+                return _missing(sweep_id, index)
+            if chunk.status == "planned":
+                out, contested = _renew_chunk(session, chunk)
             else:
-                scanned, renewed, contested, last = _renew_page_portable(
-                    session, plans, phase, after, n, now
-                )
+                out, contested = chunk.out(), chunk.contested
     except DBAPIError as exc:
         if not _isolatable(exc):
             raise
-        log.warning("renewal sweep: chunk failed (%s); renewing it user by user", _describe(exc))
+        log.warning(
+            "renewal sweep %s chunk %d failed (%s); renewing it user by user",
+            sweep_id,
+            index,
+            _describe(exc),
+        )
         with sessions() as session, session.begin():
-            page = _page(session, plans, phase, after, n, now)
-            _one_by_one(session, [u for u, _ in page], plans, now, continue_on_error, tally)
-        return len(page), _last_key(page, phase, after)
-    tally.successful += renewed
-    tally.skipped += scanned - renewed - len(contested)
-    if contested:
-        # After the chunk has committed, so this waits for others' locks holding none itself.
-        try:
-            with sessions() as session, session.begin():
-                more = _renew_contested(session, plans, contested, now)
-        except DBAPIError as exc:
-            if not _isolatable(exc):
-                raise
-            with sessions() as session, session.begin():
-                _one_by_one(session, contested, plans, now, continue_on_error, tally)
-        else:
-            tally.successful += more
-            tally.skipped += len(contested) - more
-    return scanned, last
+            chunk = _lock_chunk(session, sweep_id, index)
+            if chunk is None:
+                return _missing(sweep_id, index)
+            if chunk.status == "planned":
+                out = _renew_chunk_one_by_one(session, chunk)
+            else:
+                out, contested = chunk.out(), chunk.contested
+    if out.status == "contested":
+        out = _finish_contested(sessions, sweep_id, index, contested)
+    log.info(
+        "renewal sweep %s chunk %d: %s, %d renewed, %d skipped, %d failed",
+        sweep_id,
+        index,
+        out.status,
+        out.successful,
+        out.skipped,
+        out.failed,
+    )
+    return out
 
 
-def _last_key(page: Page, phase: Phase, default: Key) -> Key:
+def _missing(sweep_id: str, index: int) -> SweepChunkOut:
+    log.warning(
+        "renewal sweep %s chunk %d: no such chunk (expired?); nothing done", sweep_id, index
+    )
+    return SweepChunkOut(
+        sweep_id=sweep_id, index=index, status="missing", successful=0, skipped=0, failed=0
+    )
+
+
+def _renew_chunk(session: Session, chunk: _Chunk) -> tuple[SweepChunkOut, list[str]]:
+    if chunk.stopped:
+        return _write_tally(session, chunk, "stopped", _Tally(), []), []
+    r, plans, now = chunk.range, chunk.plans, chunk.as_of
+    if clock.is_postgres(session):
+        params = _params(plans, now, r.after, r.planned, r.upto) | {
+            "with_changes": balance_changed.has_listeners()
+        }
+        row = session.execute(text(_chunk_sql(r.phase, plans)), params).one()
+        _note_changes(session, row.changes)
+        renewed, contested = int(row.renewed), list(row.contested or [])
+    else:
+        renewed, contested = _renew_range_portable(session, chunk), []
+    # Due at planning but not renewed now (renewed meanwhile, or no longer due): skipped.
+    tally = _Tally(successful=renewed, skipped=r.planned - renewed - len(contested))
+    status = "contested" if contested else "done"
+    return _write_tally(session, chunk, status, tally, contested), contested
+
+
+def _renew_range_portable(session: Session, chunk: _Chunk) -> int:
+    """The same chunk as a few set-based statements any dialect runs. SQLite (the embedded
+    default) takes one writer at a time, so there is nothing to lock or skip."""
+    r, plans, now = chunk.range, chunk.plans, chunk.as_of
+    page = _page(session, plans, r.phase, r.after, r.planned, now, r.upto)
     if not page:
-        return default
-    user_id, renewed_at = page[-1]
-    return Key(user_id, renewed_at) if phase is Phase.LAPSED and renewed_at else Key(user_id)
+        return 0
+    rows = session.execute(
+        update(Account)
+        .where(Account.user_id.in_([u for u, _ in page]), due_clause(plans, now))
+        .values(
+            tokens_balance=Account.tokens_balance + _allocation(plans),
+            last_renewal_at=now,
+            updated_at=clock.stamp(session, Account.updated_at),
+        )
+        .returning(
+            Account.user_id,
+            Account.tier,
+            Account.tokens_balance,
+            Account.tokens_reserved,
+            Account.updated_at,
+        )
+        .execution_options(synchronize_session=False)
+    ).all()
+    if rows:
+        session.execute(
+            insert(LedgerEntry),
+            [
+                {
+                    "user_id": user_id,
+                    "kind": KIND,
+                    "operation_type": OPERATION,
+                    "tokens_amount": plans[tier].allocation,
+                    "balance_before": balance - plans[tier].allocation,
+                    "balance_after": balance,
+                    "meta": {"tier": tier, "source": "sweep"},
+                    "created_at": stamped,
+                }
+                for user_id, tier, balance, _, stamped in rows
+            ],
+        )
+    for user_id, _, balance, reserved, _ in rows:
+        note_balance_change(
+            session, user_id=user_id, balance=balance, tokens_reserved=reserved, operation=KIND
+        )
+    return len(rows)
 
 
-def _renew_page_postgres(
-    session: Session,
-    plans: dict[str, TierPlan],
-    phase: Phase,
-    after: Key,
-    n: int,
-    now: datetime,
-) -> tuple[int, int, list[str], Key]:
-    params = _params(plans, now, after, n) | {"with_changes": balance_changed.has_listeners()}
-    row = session.execute(text(_chunk_sql(phase, plans)), params).one()
-    _note_changes(session, row.changes)
-    last = after if row.last_user is None else Key(row.last_user, row.last_time or Key.renewed_at)
-    return row.scanned, row.renewed, list(row.contested or []), last
+def _renew_chunk_one_by_one(session: Session, chunk: _Chunk) -> SweepChunkOut:
+    if chunk.stopped:
+        return _write_tally(session, chunk, "stopped", _Tally(), [])
+    r = chunk.range
+    page = _page(session, chunk.plans, r.phase, r.after, r.planned, chunk.as_of, r.upto)
+    tally = _Tally()
+    _one_by_one(session, [u for u, _ in page], chunk, tally)
+    if not tally.stopped:
+        tally.skipped += r.planned - len(page)
+    return _write_tally(session, chunk, "done", tally, [])
+
+
+def _finish_contested(
+    sessions: Callable[[], Session], sweep_id: str, index: int, contested: list[str]
+) -> SweepChunkOut:
+    """Wait for the rows others held, then renew those still due; completes the tally."""
+    try:
+        with sessions() as session, session.begin():
+            chunk = _lock_chunk(session, sweep_id, index)
+            if chunk is None:
+                return _missing(sweep_id, index)
+            if chunk.status != "contested":
+                return chunk.out()
+            renewed = _renew_contested(session, chunk.plans, chunk.contested, chunk.as_of)
+            tally = _Tally(successful=renewed, skipped=len(chunk.contested) - renewed)
+            return _write_tally(session, chunk, "done", tally, [])
+    except DBAPIError as exc:
+        if not _isolatable(exc):
+            raise
+    with sessions() as session, session.begin():
+        chunk = _lock_chunk(session, sweep_id, index)
+        if chunk is None:
+            return _missing(sweep_id, index)
+        if chunk.status != "contested":
+            return chunk.out()
+        tally = _Tally()
+        _one_by_one(session, chunk.contested, chunk, tally)
+        return _write_tally(session, chunk, "done", tally, [])
 
 
 def _renew_contested(
@@ -613,73 +1015,22 @@ def _note_changes(session: Session, changes: list[list[Any]] | None) -> None:
         )
 
 
-def _renew_page_portable(
-    session: Session,
-    plans: dict[str, TierPlan],
-    phase: Phase,
-    after: Key,
-    n: int,
-    now: datetime,
-) -> tuple[int, int, list[str], Key]:
-    """The same chunk as a few set-based statements any dialect runs. SQLite (the embedded
-    default) takes one writer at a time, so there is nothing to lock or skip."""
-    page = _page(session, plans, phase, after, n, now)
-    if not page:
-        return 0, 0, [], after
-    rows = session.execute(
-        update(Account)
-        .where(Account.user_id.in_([u for u, _ in page]), due_clause(plans, now))
-        .values(
-            tokens_balance=Account.tokens_balance + _allocation(plans),
-            last_renewal_at=now,
-            updated_at=now,
-        )
-        .returning(Account.user_id, Account.tier, Account.tokens_balance, Account.tokens_reserved)
-        .execution_options(synchronize_session=False)
-    ).all()
-    if rows:
-        session.execute(
-            insert(LedgerEntry),
-            [
-                {
-                    "user_id": user_id,
-                    "kind": KIND,
-                    "operation_type": OPERATION,
-                    "tokens_amount": plans[tier].allocation,
-                    "balance_before": balance - plans[tier].allocation,
-                    "balance_after": balance,
-                    "meta": {"tier": tier, "source": "sweep"},
-                    "created_at": now,
-                }
-                for user_id, tier, balance, _ in rows
-            ],
-        )
-    for user_id, _, balance, reserved in rows:
-        note_balance_change(
-            session, user_id=user_id, balance=balance, tokens_reserved=reserved, operation=KIND
-        )
-    return len(page), len(rows), [], _last_key(page, phase, after)
-
-
-def _one_by_one(
-    session: Session,
-    user_ids: list[str],
-    plans: dict[str, TierPlan],
-    now: datetime,
-    continue_on_error: bool,
-    tally: _Tally,
-) -> None:
-    """The slow path for a chunk that failed: each user in a savepoint, failures recorded."""
+def _one_by_one(session: Session, user_ids: list[str], chunk: _Chunk, tally: _Tally) -> None:
+    """The slow path for a chunk that failed: each user in a savepoint, failures recorded.
+    With ``continue_on_error=False`` the first failure stops the chunk (and, through the
+    tally, the sweep)."""
     for user_id in user_ids:
         try:
             with session.begin_nested():
-                out = _renew_one(session, user_id, plans, now, source="sweep")
+                out = _renew_one(session, user_id, chunk.plans, chunk.as_of, source="sweep")
         except DBAPIError as exc:
             if not _isolatable(exc):
                 raise
-            log.error("renewal sweep: user %r failed: %s", user_id, _describe(exc))
+            log.error(
+                "renewal sweep %s: user %r failed: %s", chunk.sweep_id, user_id, _describe(exc)
+            )
             tally.fail(user_id, exc)
-            if not continue_on_error:
+            if not chunk.continue_on_error:
                 tally.stopped = True
                 return
             continue
@@ -687,3 +1038,73 @@ def _one_by_one(
             tally.skipped += 1
         else:
             tally.successful += 1
+
+
+# --- totals, and the whole sweep in-process ---------------------------------------------------
+
+
+def sweep_totals(session: Session, sweep_id: str) -> SweepOut:
+    """The sweep's result, summed from its chunks' stored tallies (so a chunk that ran twice
+    counts once); errors in chunk order, at most ``MAX_ERRORS_LISTED``."""
+    successful, skipped, failed = session.execute(
+        select(
+            *(
+                func.coalesce(func.sum(c), 0)
+                for c in (_chunks.successful, _chunks.skipped, _chunks.failed)
+            )
+        ).where(_chunks.sweep_id == sweep_id)
+    ).one()
+    errors: list[SweepError] = []
+    if failed:
+        listed = session.execute(
+            select(_chunks.errors)
+            .where(_chunks.sweep_id == sweep_id, _chunks.failed > 0)
+            .order_by(_chunks.chunk_index)
+        ).scalars()
+        for chunk_errors in listed:
+            errors.extend(SweepError(**e) for e in chunk_errors or [])
+            if len(errors) >= MAX_ERRORS_LISTED:
+                break
+    successful, skipped, failed = int(successful or 0), int(skipped or 0), int(failed or 0)
+    return SweepOut(
+        total_processed=successful + skipped + failed,
+        successful=successful,
+        failed=failed,
+        skipped=skipped,
+        errors=errors[:MAX_ERRORS_LISTED],
+    )
+
+
+def sweep(
+    sessions: Callable[[], Session],
+    *,
+    tier: str | None = None,
+    limit: int | None = None,
+    dry_run: bool = False,
+    continue_on_error: bool = True,
+    now: datetime | None = None,
+    chunk_size: int | None = None,
+    sweep_id: str | None = None,
+) -> SweepOut:
+    """Renew every due user (of ``tier``), at most ``limit``, due longest first, in this
+    process: plan, run each chunk in order, sum. ``sessions()`` must give a fresh session each
+    time (one transaction per chunk, bounded memory). The task ``renewals.sweep`` runs the same
+    steps with its chunks spread over the workers."""
+    if dry_run:
+        with sessions() as session:
+            return dry_run_totals(session, tier=tier, limit=limit, now=now, chunk_size=chunk_size)
+    sweep_id = sweep_id or new_sweep_id()
+    with sessions() as session, session.begin():
+        plan = plan_sweep(
+            session,
+            sweep_id,
+            tier=tier,
+            limit=limit,
+            continue_on_error=continue_on_error,
+            now=now,
+            chunk_size=chunk_size,
+        )
+    for index in range(plan.chunks):
+        run_chunk(sessions, sweep_id, index)
+    with sessions() as session:
+        return sweep_totals(session, sweep_id)

@@ -1,48 +1,46 @@
-"""Benchmark: the renewal sweep against the best single SQL statement, on N due accounts.
+"""Benchmark: the renewal sweep fanned out over real workers, against the sequential sweep.
 
-    python -m bench.renewal_sweep              # 1,000,000 accounts
-    python -m bench.renewal_sweep --users 50000
+    python -m bench.renewal_sweep              # 1,000,000 due accounts; 2 and 4 worker processes
+    python -m bench.renewal_sweep --users 50000 --workers 2
 
-Creates its own PostgreSQL database (dropped at the end unless ``--keep``), fills it with due
-accounts via ``generate_series``, then, from the same starting data each time, times:
+Creates its own PostgreSQL database and claims its own Redis pair (``worker.devenv.Scratch``,
+both dropped at the end),
+fills the database with due accounts via ``generate_series``, then, from the same starting data
+each time, times:
 
-1. the project's sweep (``accounting.renewals.sweep``: chunked, keyset-paged, one statement and
-   one commit per chunk, bounded memory);
-2. one set-based statement renewing everyone at once (UPDATE ... RETURNING feeding an INSERT of
-   the ledger entries, one transaction);
-3. optionally (``--per-user N``) the one-user-at-a-time design on a sample, extrapolated.
+1. the baseline: the sequential sweep in this process (``accounting.renewals.sweep``: the same
+   plan, chunk and totals functions, one chunk after another), with its planning step apart;
+2. ``renewals.sweep`` sent to N real ``celery -A worker worker -c 1`` processes serving the
+   ``renewals`` queue, from send to the contract's result (plan, chunks in parallel, totals);
+   and the peak RSS (``VmHWM``) of every worker process, to show memory stays bounded;
+3. optionally (``--single-statement``) one set-based statement renewing everyone at once;
+4. optionally (``--per-user N``) the seed's one-user-per-transaction design on N users.
 
-After each it checks: every account renewed once, one ``monthly_reset`` entry per account, and
-every balance equal to the sum of its ledger.
+After each it checks: every account renewed exactly once, one ``monthly_reset`` entry per
+account, and every balance equal to the sum of its ledger.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import resource
 import sys
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
+from pathlib import Path
 
-import psycopg
 from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session, sessionmaker
 
-from accounting import renewals
-from worker.db import make_engine
-from worker.devenv import PG_ADMIN_URL
-from worker.migrate import upgrade
+from worker.devenv import ROOT, Scratch, WorkerProcess, producer, running_workers
 
-ADMIN_URL = PG_ADMIN_URL  # $TOKENS_TEST_PG, else the local server as postgres
-NOW = datetime(2026, 11, 24, 2, 0, 1, tzinfo=UTC)
-
-# A tenth never renewed, the rest renewed 30..59 days before NOW at any time of day; tiers mixed
-# (6 Gift : 3 Professional : 1 Business); a third of the paid users with a future expiry.
+# A tenth never renewed, the rest renewed 30..59 days before the seed at any time of day; tiers
+# mixed (6 Gift : 3 Professional : 1 Business); a third of the paid users with a future expiry.
 SEED_SQL = """
 INSERT INTO accounts (user_id, tier, tokens_balance, tokens_reserved, tokens_spent,
                       last_renewal_at, subscription_expires_at, created_at, updated_at)
@@ -58,45 +56,17 @@ SELECT 'user-' || lpad(i::text, 8, '0'),
 FROM generate_series(1, :users) AS i
 """
 
-SINGLE_STATEMENT_SQL = f"""
-WITH {renewals._TIERS},
-renewed AS (
-    UPDATE accounts a
-    SET tokens_balance = a.tokens_balance + t.allocation, last_renewal_at = :now, updated_at = :now
-    FROM tiers t
-    WHERE a.tier = t.tier AND {renewals._GUARD}
-    RETURNING a.user_id, a.tier, a.tokens_balance, t.allocation
-)
-INSERT INTO ledger_entries
-    (user_id, kind, operation_type, tokens_amount, balance_before, balance_after, metadata,
-     created_at)
-SELECT user_id, :kind, :operation, allocation, tokens_balance - allocation, tokens_balance,
-       jsonb_build_object('tier', tier, 'source', CAST(:source AS text)), :now
-FROM renewed
-"""
-
 
 @dataclass
 class Run:
     name: str
     seconds: float
     users: int
+    memory: str = ""
 
     @property
     def rate(self) -> float:
         return self.users / self.seconds
-
-
-def create_database(name: str) -> str:
-    with psycopg.connect(ADMIN_URL, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    base = ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1)
-    return f"{base}/{name}"
-
-
-def drop_database(name: str) -> None:
-    with psycopg.connect(ADMIN_URL, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def maintain(engine: Engine, *tables: str) -> None:
@@ -106,25 +76,29 @@ def maintain(engine: Engine, *tables: str) -> None:
         conn.execute(text("CHECKPOINT"))
 
 
-def seed(engine: Engine, users: int) -> None:
+def seed(engine: Engine, users: int) -> datetime:
     with engine.begin() as conn:
-        conn.execute(text(SEED_SQL), {"now": NOW, "users": users})
+        now: datetime = conn.execute(text("SELECT now()")).scalar_one()
+        conn.execute(text(SEED_SQL), {"now": now, "users": users})
         conn.execute(text("CREATE TABLE accounts_seed AS SELECT * FROM accounts"))
     maintain(engine, "accounts", "accounts_seed")
+    return now
 
 
 def reset(engine: Engine) -> None:
-    """Back to the seeded state: every account due, no ledger entry."""
+    """Back to the seeded state: every account due, no ledger entry, no sweep."""
     with engine.begin() as conn:
-        conn.execute(text("TRUNCATE ledger_entries, accounts RESTART IDENTITY CASCADE"))
+        conn.execute(
+            text("TRUNCATE ledger_entries, accounts, sweeps, sweep_chunks RESTART IDENTITY CASCADE")
+        )
         conn.execute(text("INSERT INTO accounts SELECT * FROM accounts_seed"))
     maintain(engine, "accounts", "ledger_entries")
 
 
-def check(engine: Engine, users: int) -> None:
+def check(engine: Engine, users: int, seeded: datetime) -> None:
     with engine.connect() as conn:
         renewed = conn.execute(
-            text("SELECT count(*) FROM accounts WHERE last_renewal_at = :now"), {"now": NOW}
+            text("SELECT count(*) FROM accounts WHERE last_renewal_at >= :t"), {"t": seeded}
         ).scalar_one()
         entries, entry_users = conn.execute(
             text(
@@ -151,28 +125,103 @@ def check(engine: Engine, users: int) -> None:
     print(f"  check: {users:,} renewed once, {entries:,} monthly_reset entries, balances == ledger")
 
 
-def timed(name: str, users: int, action: Callable[[], None]) -> Run:
+def timed(name: str, users: int, action: Callable[[], str | None]) -> Run:
     started = time.perf_counter()
-    action()
-    run = Run(name, time.perf_counter() - started, users)
-    print(f"  {name}: {run.seconds:.2f} s, {run.rate:,.0f} users/s")
+    memory = action() or ""
+    run = Run(name, time.perf_counter() - started, users, memory)
+    print(f"  {name}: {run.seconds:.2f} s, {run.rate:,.0f} users/s {memory}")
     return run
 
 
-def run_sweep(sessions: sessionmaker[Session], users: int, chunk_size: int | None) -> None:
-    out = renewals.sweep(sessions, now=NOW, chunk_size=chunk_size)
+def run_sequential(sessions: sessionmaker[Session], users: int, chunk_size: int) -> str:
+    """The in-process sweep, step by step (what ``renewals.sweep`` does) to time planning."""
+    from accounting import renewals
+
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    started = time.perf_counter()
+    sweep_id = renewals.new_sweep_id()
+    with sessions() as session, session.begin():
+        plan = renewals.plan_sweep(session, sweep_id, chunk_size=chunk_size)
+    planning = time.perf_counter() - started
+    for index in range(plan.chunks):
+        renewals.run_chunk(sessions, sweep_id, index)
+    with sessions() as session:
+        out = renewals.sweep_totals(session, sweep_id)
     if out.successful != users or out.failed or out.skipped:
         raise SystemExit(f"sweep renewed {out.successful} of {users}: {out}")
+    rss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(f"  planning: {planning:.2f} s for {plan.chunks} chunks")
+    return f"(peak RSS {rss_before / 1024:.0f} -> {rss_after / 1024:.0f} MiB)"
+
+
+def peak_rss_mib(pgid: int) -> list[tuple[int, bool, float]]:
+    """(pid, is_main, VmHWM in MiB) of every process in a worker's process group."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            fields = stat[stat.rindex(")") + 2 :].split()
+            if int(fields[2]) != pgid:  # pgrp
+                continue
+            status = (entry / "status").read_text()
+        except (OSError, ValueError):
+            continue
+        hwm = next(
+            (int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM")), 0
+        )
+        found.append((int(entry.name), int(entry.name) == pgid, hwm / 1024))
+    return found
+
+
+def run_fanned_out(workers: list[WorkerProcess], users: int) -> str:
+    app = producer()
+    result = app.send_task("renewals.sweep", kwargs={}, queue="renewals")
+    out = result.get(timeout=3600)
+    if out["successful"] != users or out["failed"] or out["skipped"]:
+        raise SystemExit(f"sweep renewed {out['successful']} of {users}: {out}")
+    children: list[float] = []
+    mains: list[float] = []
+    for w in workers:
+        assert w.proc is not None
+        for _pid, is_main, mib in peak_rss_mib(w.proc.pid):
+            (mains if is_main else children).append(mib)
+    return (
+        f"(peak RSS per pool process {min(children):.0f}-{max(children):.0f} MiB,"
+        f" per main process {min(mains):.0f}-{max(mains):.0f} MiB)"
+    )
 
 
 def run_single_statement(engine: Engine) -> None:
-    params = renewals._params(renewals.plans_at(NOW), NOW)
+    from accounting import renewals
+
+    sql = f"""
+WITH {renewals._TIERS},
+renewed AS (
+    UPDATE accounts a
+    SET tokens_balance = a.tokens_balance + t.allocation, last_renewal_at = :now,
+        updated_at = GREATEST(clock_timestamp(), a.updated_at)
+    FROM tiers t
+    WHERE a.tier = t.tier AND {renewals._GUARD}
+    RETURNING a.user_id, a.tier, a.tokens_balance, t.allocation, a.updated_at
+)
+INSERT INTO ledger_entries
+    (user_id, kind, operation_type, tokens_amount, balance_before, balance_after, metadata,
+     created_at)
+SELECT user_id, :kind, :operation, allocation, tokens_balance - allocation, tokens_balance,
+       jsonb_build_object('tier', tier, 'source', CAST(:source AS text)), updated_at
+FROM renewed
+"""
     with engine.begin() as conn:
-        conn.execute(text(SINGLE_STATEMENT_SQL), params)
+        now: datetime = conn.execute(text("SELECT now()")).scalar_one()
+        conn.execute(text(sql), renewals._params(renewals.plans_at(now), now))
 
 
 def run_per_user(sessions: sessionmaker[Session], sample: int) -> None:
     """The seed's design: load the users, then check and renew each in its own transaction."""
+    from accounting import renewals
+
     with sessions() as session:
         user_ids = list(
             session.execute(
@@ -181,22 +230,29 @@ def run_per_user(sessions: sessionmaker[Session], sample: int) -> None:
         )
     for user_id in user_ids:
         with sessions() as session, session.begin():
-            if renewals.check_eligibility(session, user_id, NOW).eligible:
-                renewals.renew_user(session, user_id, NOW)
+            if renewals.check_eligibility(session, user_id).eligible:
+                renewals.renew_user(session, user_id)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--users", type=int, default=1_000_000)
-    parser.add_argument("--chunk-size", type=int, default=None, help="default: settings")
+    parser.add_argument("--chunk-size", type=int, default=5000)
+    parser.add_argument(
+        "--workers",
+        default="2,4",
+        help="worker process counts to run the fanned-out sweep on (default: 2,4)",
+    )
+    parser.add_argument(
+        "--single-statement", action="store_true", help="also time one set-based statement"
+    )
     parser.add_argument(
         "--per-user",
         type=int,
         default=0,
         metavar="N",
-        help="also time the one-user-per-transaction design on N users and extrapolate",
+        help="also time the one-user-per-transaction design on N users (its rate is shown)",
     )
-    parser.add_argument("--keep", action="store_true", help="keep the benchmark database")
     parser.add_argument("-v", "--verbose", action="store_true", help="log each sweep chunk")
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -204,58 +260,86 @@ def main(argv: list[str] | None = None) -> None:
         format="%(asctime)s %(message)s",
         stream=sys.stdout,
     )
+    counts = [int(n) for n in args.workers.split(",") if n]
 
-    name = f"tokens_bench_{os.getpid()}_{uuid.uuid4().hex[:6]}"
-    url = create_database(name)
-    engine = make_engine(url)
+    scratch = Scratch("tokens_bench")
+    scratch.export()  # before anything reads the settings: this process and the workers
+    os.environ["TOKENS_SWEEP_CHUNK_SIZE"] = str(args.chunk_size)
+    os.environ["TOKENS_TASK_EVENTS"] = "false"
+    scratch.create()
+
+    from worker.db import make_engine
+    from worker.migrate import upgrade
+
+    engine = make_engine(scratch.database_url)
     sessions = sessionmaker(bind=engine, expire_on_commit=False, autoflush=False)
+    logs = ROOT / "var" / "bench-logs"
     try:
-        print(f"database {name}: migrating, seeding {args.users:,} due accounts ...")
-        upgrade(url)
+        print(f"database {scratch.db_name}: migrating, seeding {args.users:,} due accounts ...")
+        upgrade(scratch.database_url)
         started = time.perf_counter()
-        seed(engine, args.users)
+        seeded = seed(engine, args.users)
         print(f"  seeded in {time.perf_counter() - started:.1f} s")
 
-        print("1. the sweep (accounting.renewals.sweep)")
+        runs: list[Run] = []
+        print("1. baseline: the sequential sweep in this process")
         reset(engine)
-        rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        sweep = timed("sweep", args.users, lambda: run_sweep(sessions, args.users, args.chunk_size))
-        rss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        print(
-            f"  peak RSS of this process: {rss_before / 1024:.0f} MiB before, "
-            f"{rss_after / 1024:.0f} MiB after"
+        runs.append(
+            timed(
+                "sequential, in-process",
+                args.users,
+                lambda: run_sequential(sessions, args.users, args.chunk_size),
+            )
         )
-        check(engine, args.users)
+        check(engine, args.users, seeded)
 
-        print("2. one set-based statement (UPDATE ... RETURNING -> INSERT, one transaction)")
-        reset(engine)
-        single = timed("single statement", args.users, lambda: run_single_statement(engine))
-        check(engine, args.users)
+        for n in counts:
+            print(f"2. renewals.sweep fanned out over {n} worker processes")
+            reset(engine)
+            workers = [
+                WorkerProcess(
+                    f"bench{n}-{i}",
+                    concurrency=1,
+                    queues="renewals",
+                    loglevel="WARNING",
+                    log_path=logs / f"bench{n}-{i}-{os.getpid()}.log",
+                )
+                for i in range(n)
+            ]
+            with running_workers(producer(), *workers):
+                action = functools.partial(run_fanned_out, workers, args.users)
+                runs.append(timed(f"fanned out, {n} worker processes", args.users, action))
+            check(engine, args.users, seeded)
 
-        per_user = None
+        if args.single_statement:
+            print("3. one set-based statement (UPDATE ... RETURNING -> INSERT, one transaction)")
+            reset(engine)
+            runs.append(timed("single statement", args.users, lambda: run_single_statement(engine)))
+            check(engine, args.users, seeded)
+
         if args.per_user:
             sample = min(args.per_user, args.users)
-            print(f"3. one user per transaction, {sample:,} users (the seed's design)")
+            print(f"4. one user per transaction, {sample:,} users (the seed's design)")
             reset(engine)
-            per_user = timed("per user", sample, lambda: run_per_user(sessions, sample))
+            runs.append(
+                timed("one user per transaction", sample, lambda: run_per_user(sessions, sample))
+            )
 
+        base = runs[0]
+        chunks = -(-args.users // args.chunk_size)
         print()
-        print(f"users:            {args.users:,}")
-        print(f"sweep:            {sweep.seconds:8.2f} s  {sweep.rate:>12,.0f} users/s")
-        print(f"single statement: {single.seconds:8.2f} s  {single.rate:>12,.0f} users/s")
-        print(f"ratio sweep / single statement: {sweep.seconds / single.seconds:.2f}x")
-        if per_user is not None:
-            estimate = args.users / per_user.rate
+        print(f"users: {args.users:,}; chunk size {args.chunk_size:,} ({chunks:,} chunks)")
+        print(f"| {'run':<36} | {'time':>9} | {'users/s':>9} | {'speed-up':>8} | memory")
+        print(f"| {'-' * 36} | {'-' * 9} | {'-' * 9} | {'-' * 8} | ------")
+        for r in runs:
+            # Throughput ratio, so a run on a sample compares fairly.
             print(
-                f"one user per transaction: {per_user.rate:,.0f} users/s, so ~{estimate:,.0f} s for"
-                f" {args.users:,} (extrapolated): {estimate / sweep.seconds:,.0f}x the sweep"
+                f"| {r.name:<36} | {r.seconds:7.2f} s | {r.rate:>9,.0f} |"
+                f" {r.rate / base.rate:7.2f}x | {r.memory}"
             )
     finally:
         engine.dispose()
-        if args.keep:
-            print(f"kept database {name}")
-        else:
-            drop_database(name)
+        scratch.destroy()
 
 
 if __name__ == "__main__":

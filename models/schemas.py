@@ -273,6 +273,19 @@ class DueIn(Payload):
     limit: Annotated[int, Field(ge=1, le=100_000)] | None = None
 
 
+# The sweep's fan-out (internal tasks: sent by renewals.sweep itself, not by producers).
+SweepId = Annotated[str, Field(min_length=1, max_length=255), NoNul]
+
+
+class SweepChunkIn(Payload):
+    sweep_id: SweepId
+    index: Annotated[int, Field(ge=0)]
+
+
+class SweepTotalsIn(Payload):
+    sweep_id: SweepId
+
+
 # === results ================================================================================
 
 
@@ -425,6 +438,24 @@ class SweepOut(Result):
     failed: int
     skipped: int
     errors: list[SweepError]
+
+
+class SweepPlanned(Result):
+    """What the planning step of ``renewals.sweep`` hands to its fan-out (never a task result)."""
+
+    sweep_id: str
+    chunks: int
+
+
+class SweepChunkOut(Result):
+    """One chunk's tally (``renewals.sweep_chunk``); the sweep's result sums them."""
+
+    sweep_id: str
+    index: int
+    status: str
+    successful: int
+    skipped: int
+    failed: int
 
 
 class PingOut(Result):

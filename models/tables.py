@@ -8,6 +8,7 @@ from typing import Any, cast
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     CheckConstraint,
     DateTime,
     Dialect,
@@ -162,6 +163,61 @@ class RefundTotal(Base):
     )
 
 
+class Sweep(Base):
+    """A renewal sweep's plan, fixed when it is first planned: a redelivered sweep message
+    republishes the same chunks and reports the same totals. Deleted after a retention period."""
+
+    __tablename__ = "sweeps"
+
+    sweep_id: Mapped[str] = mapped_column(String(255), primary_key=True)
+    # The eligibility instant (the database clock, read once) and the tiers' plans at it.
+    as_of: Mapped[datetime] = mapped_column(UTCDateTime)
+    tiers: Mapped[list[dict[str, Any]]] = mapped_column(JSONType)
+    continue_on_error: Mapped[bool] = mapped_column(Boolean)
+    chunks: Mapped[int] = mapped_column(Integer, default=0)
+    # Set by the first failed renewal when continue_on_error is off: later chunks do nothing.
+    stopped: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+    __table_args__ = (Index("ix_sweeps_created", "created_at"),)
+
+
+class SweepChunk(Base):
+    """One chunk of a sweep: a keyset range of due users, and its tally once it has run.
+
+    The tally is written in the transaction that renews the chunk, so a redelivered chunk
+    replays it instead of renewing anyone twice.
+    """
+
+    __tablename__ = "sweep_chunks"
+
+    sweep_id: Mapped[str] = mapped_column(
+        String(255), ForeignKey("sweeps.sweep_id", ondelete="CASCADE"), primary_key=True
+    )
+    chunk_index: Mapped[int] = mapped_column(Integer, primary_key=True)
+    phase: Mapped[str] = mapped_column(String(16))
+    # The range in sweep order: after (exclusive) up to (inclusive) these keys.
+    after_user: Mapped[str] = mapped_column(String(128))
+    after_time: Mapped[datetime] = mapped_column(UTCDateTime)
+    upto_user: Mapped[str] = mapped_column(String(128))
+    upto_time: Mapped[datetime] = mapped_column(UTCDateTime)
+    planned: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(16), default="planned")
+    successful: Mapped[int] = mapped_column(Integer, default=0)
+    skipped: Mapped[int] = mapped_column(Integer, default=0)
+    failed: Mapped[int] = mapped_column(Integer, default=0)
+    errors: Mapped[list[dict[str, str]]] = mapped_column(JSONType, default=list)
+    # Rows another transaction held: renewed after the chunk's own commit, then cleared.
+    contested: Mapped[list[str] | None] = mapped_column(JSONType)
+
+    __table_args__ = (
+        CheckConstraint(
+            "status IN ('planned', 'contested', 'done', 'stopped')", name="status_known"
+        ),
+        CheckConstraint("phase IN ('never', 'lapsed')", name="phase_known"),
+    )
+
+
 class Reservation(Base):
     __tablename__ = "reservations"
 
@@ -198,3 +254,5 @@ ledger_table = cast(Table, LedgerEntry.__table__)
 idempotency_table = cast(Table, IdempotencyRecord.__table__)
 reservation_table = cast(Table, Reservation.__table__)
 refund_total_table = cast(Table, RefundTotal.__table__)
+sweep_table = cast(Table, Sweep.__table__)
+sweep_chunk_table = cast(Table, SweepChunk.__table__)

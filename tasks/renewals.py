@@ -1,15 +1,37 @@
 """Renewals. They run on their own queue (worker/config.py routes ``renewals.*``), so a long
-sweep never delays debits."""
+sweep never delays debits.
+
+``renewals.sweep`` fans out: it plans the sweep (stored under its own task id) and replaces
+itself with a chord of ``renewals.sweep_chunk`` tasks, which any worker serving the queue runs,
+and ``renewals.sweep_totals``, which inherits the sweep's task id and so answers whoever waits on
+the sweep with the contract's totals. Every one of them stays under the global time limit, below
+the visibility timeout, however many users are due.
+"""
 
 from __future__ import annotations
 
+from typing import Any
+
+from celery import chord, group
 from sqlalchemy.orm import Session
 
 from accounting import renewals
-from models.schemas import DueIn, DueOut, EligibilityOut, RenewOut, SweepIn, SweepOut, UserIn
-from tasks.base import contract_task
+from models.schemas import (
+    DueIn,
+    DueOut,
+    EligibilityOut,
+    RenewOut,
+    SweepChunkIn,
+    SweepChunkOut,
+    SweepIn,
+    SweepOut,
+    SweepPlanned,
+    SweepTotalsIn,
+    UserIn,
+)
+from tasks.base import ContractTask, contract_task
+from worker.celery import app
 from worker.db import session_factory
-from worker.settings import get_settings
 
 
 @contract_task("renewals.check_eligibility", UserIn)
@@ -18,27 +40,56 @@ def check_eligibility(session: Session, p: UserIn, _task_id: str | None) -> Elig
 
 
 @contract_task("renewals.renew_user", UserIn)
-def renew_user(session: Session, p: UserIn, _task_id: str | None) -> RenewOut:
-    # Idempotent without a key: a redelivered message finds the user no longer due (NOT_DUE).
-    return renewals.renew_user(session, p.user_id)
+def renew_user(session: Session, p: UserIn, task_id: str | None) -> RenewOut:
+    # The task id is the idempotency key: a redelivered message replays its first result.
+    return renewals.renew_user(session, p.user_id, idempotency_key=task_id)
 
 
-_SWEEP_LIMIT = get_settings().sweep_time_limit
-
-
-@contract_task(
-    "renewals.sweep", SweepIn, soft_time_limit=_SWEEP_LIMIT - 30, time_limit=_SWEEP_LIMIT
-)
-def sweep(_session: Session, p: SweepIn, _task_id: str | None) -> SweepOut:
-    # The sweep commits one transaction per chunk, so it takes sessions of its own; the task's
-    # session stays unused (and so never opens a connection).
-    return renewals.sweep(
-        session_factory(),
+def _plan(session: Session, p: SweepIn, task_id: str | None) -> SweepOut | SweepPlanned:
+    if p.dry_run:
+        return renewals.dry_run_totals(session, tier=p.tier, limit=p.limit)
+    plan = renewals.plan_sweep(
+        session,
+        task_id or renewals.new_sweep_id(),
         tier=p.tier,
         limit=p.limit,
-        dry_run=p.dry_run,
         continue_on_error=p.continue_on_error,
     )
+    if plan.chunks == 0:
+        return SweepOut(total_processed=0, successful=0, failed=0, skipped=0, errors=[])
+    return SweepPlanned(sweep_id=plan.sweep_id, chunks=plan.chunks)
+
+
+@app.task(name="renewals.sweep", bind=True, base=ContractTask)  # type: ignore[untyped-decorator]
+def sweep(self: ContractTask, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    # Planned and committed first (execute runs _plan in its own transaction), published after.
+    outcome = self.execute(SweepIn, _plan, args, kwargs)
+    if "chunks" not in outcome:
+        return outcome  # a dry run, nothing due, or a refusal
+    sweep_id, chunks = outcome["sweep_id"], outcome["chunks"]
+    # Ids derived from the sweep's: a redelivered sweep republishes the very same chunks and
+    # group, and a chunk that already ran replays its stored tally.
+    header = group(
+        [
+            sweep_chunk.si(sweep_id=sweep_id, index=i).set(task_id=f"{sweep_id}:{i}")
+            for i in range(chunks)
+        ],
+        task_id=f"{sweep_id}:chunks",
+    )
+    # The callback is frozen with this task's id, so the sweep's result is the totals.
+    return self.replace(chord(header, sweep_totals.si(sweep_id=sweep_id)))  # type: ignore[no-any-return]
+
+
+@contract_task("renewals.sweep_chunk", SweepChunkIn)
+def sweep_chunk(_session: Session, p: SweepChunkIn, _task_id: str | None) -> SweepChunkOut:
+    # A chunk commits twice (its renewals, then the rows it had to wait for), so it takes
+    # sessions of its own; the task's session stays unused (and so never opens a connection).
+    return renewals.run_chunk(session_factory(), p.sweep_id, p.index)
+
+
+@contract_task("renewals.sweep_totals", SweepTotalsIn)
+def sweep_totals(session: Session, p: SweepTotalsIn, _task_id: str | None) -> SweepOut:
+    return renewals.sweep_totals(session, p.sweep_id)
 
 
 @contract_task("renewals.due", DueIn)

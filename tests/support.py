@@ -17,7 +17,15 @@ from worker.devenv import ROOT, WorkerProcess, producer, running_workers
 
 __all__ = ["ROOT", "TABLES", "WorkerProcess", "call", "producer", "running_workers"]
 
-TABLES = ("idempotency_records", "refund_totals", "reservations", "ledger_entries", "accounts")
+TABLES = (
+    "idempotency_records",
+    "refund_totals",
+    "reservations",
+    "ledger_entries",
+    "accounts",
+    "sweep_chunks",
+    "sweeps",
+)
 T = TypeVar("T")
 R = TypeVar("R")
 

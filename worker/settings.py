@@ -57,11 +57,9 @@ class Settings(BaseSettings):
     renewal_cron: str = "0 2 * * *"
     reconcile_cron: str = "30 3 * * *"
     reservation_expiry_seconds: int = Field(default=60, ge=1)
+    # Users per sweep chunk: one task, one statement, one transaction each. The sweep fans out
+    # in chunks, so no renewals task needs a time limit beyond the global one.
     sweep_chunk_size: int = Field(default=5000, ge=1)
-    # The sweep alone may outlive the visibility timeout: a redelivered sweep running beside the
-    # first is harmless (each renewal is guarded, locked rows are skipped), and at ~30K users/s
-    # the general task limit would stop a sweep at a few million users.
-    sweep_time_limit: int = Field(default=3600, ge=60)
 
     # A key replays its first outcome for this long; then the record is pruned, and the same
     # key applies again. Far longer than any redelivery (visibility timeout) or producer retry.

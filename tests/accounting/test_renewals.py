@@ -13,7 +13,7 @@ import pytest
 from sqlalchemy import create_engine, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
-from accounting import accounts, movements, renewals
+from accounting import accounts, clock, movements, renewals
 from accounting.errors import DomainError
 from models.schemas import SweepOut
 from models.tables import Account, LedgerEntry
@@ -203,15 +203,19 @@ def test_no_drift_a_daily_sweep_renews_every_30_days(session: Session) -> None:
     day0 = at(0, "02:00:05", D0)
     assert sweep(now=day0).successful == 1
     renewal_days = []
+    anchors = [accounts.get_balance(session, "u").last_renewal_at]
     for day in range(1, 121):
         if sweep(now=at(day, "02:00:01", D0)).successful:
             renewal_days.append(day)
+            session.expire_all()
+            anchors.append(accounts.get_balance(session, "u").last_renewal_at)
     assert renewal_days == [30, 60, 90, 120]
+    # last_renewal_at is the sweep's instant (the period the renewal belongs to); the entries'
+    # created_at is when each was written, in the order they were applied.
+    assert anchors == [day0, *(at(d, "02:00:01", D0) for d in (30, 60, 90, 120))]
     session.expire_all()
-    assert [e.created_at for e in renewal_entries(session)] == [
-        day0,
-        *(at(d, "02:00:01", D0) for d in (30, 60, 90, 120)),
-    ]
+    created = [e.created_at for e in renewal_entries(session)]
+    assert created == sorted(created) and len(created) == 5
 
 
 # --- renew_user -------------------------------------------------------------------------------
@@ -220,6 +224,7 @@ def test_no_drift_a_daily_sweep_renews_every_30_days(session: Session) -> None:
 def test_renew_user_adds_the_allocation_with_its_ledger_entry(session: Session) -> None:
     open_(session, "pro", "Professional", last=at(-31), balance=15)
     session.commit()
+    started = clock.db_now(session)
     out = renewals.renew_user(session, "pro", now=NOW)
     session.commit()
     assert out.model_dump() == {
@@ -237,11 +242,12 @@ def test_renew_user_adds_the_allocation_with_its_ledger_entry(session: Session) 
         2000,
         15,
     )
-    assert (entry.balance_after, entry.meta, entry.created_at) == (
+    assert (entry.balance_after, entry.meta) == (
         2015,
         {"tier": "Professional", "source": "renew_user"},
-        NOW,
     )
+    # Written at the database's time, not the simulated instant (which last_renewal_at holds).
+    assert started <= entry.created_at <= clock.db_now(session)
     account = accounts.get_balance(session, "pro")
     assert (account.tokens_balance, account.last_renewal_at) == (2015, NOW)
     assert_ledger_consistent(session)
@@ -335,6 +341,8 @@ def seed_mixed(session: Session) -> list[str]:
 def test_sweep_renews_each_due_user_once_in_order(session: Session, chunk_size: int) -> None:
     order = seed_mixed(session)
     assert renewals.due(session, now=NOW).user_ids == order
+    started = clock.db_now(session)
+    session.commit()
     out = sweep(chunk_size=chunk_size)
     assert out.model_dump() == {
         "success": True,
@@ -349,7 +357,9 @@ def test_sweep_renews_each_due_user_once_in_order(session: Session, chunk_size: 
     for entry in renewal_entries(session):
         tier = accounts.get_balance(session, entry.user_id).tier
         assert (entry.operation_type, entry.tokens_amount) == ("monthly_reset", ALLOCATION[tier])
-        assert (entry.meta, entry.created_at) == ({"tier": tier, "source": "sweep"}, NOW)
+        assert entry.meta == {"tier": tier, "source": "sweep"}
+        assert started <= entry.created_at <= clock.db_now(session)
+        assert accounts.get_balance(session, entry.user_id).last_renewal_at == NOW
     assert renewals.due(session, now=NOW).user_ids == []
     assert sweep(chunk_size=chunk_size).total_processed == 0
     assert_ledger_consistent(session)
@@ -575,3 +585,262 @@ def test_sweep_on_sqlite(sqlite_sessions: sessionmaker[Session]) -> None:
         balances = {u: b for u, b in s.execute(select(Account.user_id, Account.tokens_balance))}
         assert (balances["mid"], balances["edge"], balances["recent"]) == (10000, 100, 0)
         assert_ledger_consistent(s)
+
+
+# --- time order: a user's entries in created_at order are the order they were applied ------------
+
+
+def assert_chained_in_time_order(session: Session, user_id: str) -> None:
+    """The contract's ledger order: by (created_at, id) each entry starts where the previous
+    one ended (the first at 0)."""
+    rows = session.execute(
+        text(
+            "SELECT id, kind, balance_before, balance_after, created_at FROM ledger_entries"
+            " WHERE user_id = :u ORDER BY created_at, id"
+        ),
+        {"u": user_id},
+    ).all()
+    previous = 0
+    for row in rows:
+        assert row.balance_before == previous, f"{user_id}: not chained in time order: {rows}"
+        previous = row.balance_after
+
+
+def test_a_sweep_behind_the_clock_writes_its_renewal_after_an_earlier_debit(
+    session: Session,
+) -> None:
+    """A worker whose clock is an hour behind sweeps after a debit: the renewal is applied
+    after the debit, so it must come after it in created_at order too."""
+    behind = datetime.now(UTC) - timedelta(hours=1)
+    open_(session, "u", last=at(-40, base=behind), balance=50)
+    session.commit()
+    movements.debit(session, "u", 10, "image_generation")
+    session.commit()
+    assert sweep(now=behind).successful == 1
+    session.expire_all()
+    assert_chained_in_time_order(session, "u")
+    assert accounts.get_balance(session, "u").tokens_balance == 140
+
+
+def test_renew_user_behind_the_clock_writes_its_renewal_after_an_earlier_debit(
+    session: Session,
+) -> None:
+    behind = datetime.now(UTC) - timedelta(hours=1)
+    open_(session, "u", last=at(-40, base=behind), balance=50)
+    session.commit()
+    movements.debit(session, "u", 10, "image_generation")
+    session.commit()
+    renewals.renew_user(session, "u", now=behind)
+    session.commit()
+    session.expire_all()
+    assert_chained_in_time_order(session, "u")
+
+
+def test_a_debit_committed_while_the_sweep_waits_comes_before_the_renewal(
+    session: Session,
+) -> None:
+    """The sweep has started (its cutoff is fixed) and waits for a row; meanwhile a debit on
+    that row commits. The renewal is applied after the debit, so its entry must be later in
+    created_at order: a reader paging by start_date would otherwise never see it."""
+    last = datetime.now(UTC) - timedelta(days=40)
+    for user_id in ("a", "b", "c"):
+        open_(session, user_id, last=last, balance=50)
+    session.commit()
+    with Session(get_engine()) as holder:
+        holder.execute(text("SELECT 1 FROM accounts WHERE user_id = 'b' FOR UPDATE"))
+        results: list[SweepOut] = []
+        thread = threading.Thread(target=lambda: results.append(renewals.sweep(session_factory())))
+        thread.start()
+        wait_for(waiting_on_a_lock, 10, "the sweep waiting for b")
+        movements.debit(holder, "b", 20, "image_generation")
+        holder.commit()
+    thread.join(30)
+    assert [(r.successful, r.skipped) for r in results] == [(3, 0)]
+    session.expire_all()
+    for user_id in ("a", "b", "c"):
+        assert_chained_in_time_order(session, user_id)
+    assert_ledger_consistent(session)
+
+
+# --- the fan-out: planning, chunks, totals ----------------------------------------------------
+
+
+def plan(session: Session, sweep_id: str = "s1", **kw: Any) -> renewals.SweepPlan:
+    out = renewals.plan_sweep(session, sweep_id, **({"now": NOW} | kw))
+    session.commit()
+    return out
+
+
+def chunk_rows(session: Session, sweep_id: str = "s1") -> list[tuple[Any, ...]]:
+    return [
+        tuple(r)
+        for r in session.execute(
+            text(
+                "SELECT phase, after_user, upto_user, planned, status, successful, skipped, failed"
+                " FROM sweep_chunks WHERE sweep_id = :s ORDER BY chunk_index"
+            ),
+            {"s": sweep_id},
+        )
+    ]
+
+
+def run(sweep_id: str, index: int) -> tuple[str, int, int, int]:
+    out = renewals.run_chunk(session_factory(), sweep_id, index)
+    return out.status, out.successful, out.skipped, out.failed
+
+
+def totals(session: Session, sweep_id: str = "s1") -> tuple[int, int, int, int]:
+    session.rollback()
+    out = renewals.sweep_totals(session, sweep_id)
+    return out.total_processed, out.successful, out.skipped, out.failed
+
+
+def test_plan_splits_the_due_users_into_keyset_ranges(session: Session) -> None:
+    """Chunks of 2 in sweep order, each a range (after, upto] with its count; nothing renewed."""
+    seed_mixed(session)
+    before = snapshot(session)
+    planned = plan(session, chunk_size=2)
+    assert (planned.chunks, planned.planned, planned.as_of) == (3, 6, NOW)
+    assert chunk_rows(session) == [
+        ("never", "", "n2", 2, "planned", 0, 0, 0),
+        ("lapsed", "", "old-b", 2, "planned", 0, 0, 0),
+        ("lapsed", "old-b", "edge", 2, "planned", 0, 0, 0),
+    ]
+    assert snapshot(session) == before
+    limited = plan(session, "s2", chunk_size=2, limit=3, tier=None)
+    assert (limited.chunks, limited.planned) == (2, 3)
+    assert chunk_rows(session, "s2")[-1] == ("lapsed", "", "old-a", 1, "planned", 0, 0, 0)
+    business = plan(session, "s3", chunk_size=5, tier="Business")
+    assert chunk_rows(session, "s3") == [
+        ("never", "", "n1", 1, "planned", 0, 0, 0),
+        ("lapsed", "", "mid", 1, "planned", 0, 0, 0),
+    ]
+    assert business.planned == 2
+
+
+def test_a_sweep_planned_again_keeps_its_first_plan(session: Session) -> None:
+    """A redelivered sweep message (same id) gets the stored plan, whatever is due by then."""
+    seed_mixed(session)
+    first = plan(session, chunk_size=2)
+    renewals.renew_user(session, "n1", now=NOW)
+    session.commit()
+    again = plan(session, chunk_size=5, now=NOW + timedelta(days=3), tier="Gift")
+    assert again == first
+    assert len(chunk_rows(session)) == 3
+
+
+def test_chunks_run_in_any_order_each_on_its_own_range(session: Session) -> None:
+    order = seed_mixed(session)
+    plan(session, chunk_size=2)
+    assert [run("s1", i) for i in (2, 0, 1)] == [("done", 2, 0, 0)] * 3
+    session.expire_all()
+    assert renewed_users(session) == sorted(order)
+    assert totals(session) == (6, 6, 0, 0)
+    assert_ledger_consistent(session)
+
+
+def test_a_redelivered_chunk_replays_its_tally_and_renews_nobody_twice(session: Session) -> None:
+    seed_mixed(session)
+    plan(session, chunk_size=2)
+    assert run("s1", 1) == ("done", 2, 0, 0)
+    entries = len(renewal_entries(session))
+    assert run("s1", 1) == ("done", 2, 0, 0)
+    session.expire_all()
+    assert len(renewal_entries(session)) == entries == 2
+    assert renewals.run_chunk(session_factory(), "no-such-sweep", 0).status == "missing"
+
+
+def test_a_user_renewed_after_planning_counts_as_skipped(session: Session) -> None:
+    seed_mixed(session)
+    plan(session, chunk_size=2)
+    renewals.renew_user(session, "old-b", now=NOW)
+    session.commit()
+    assert run("s1", 1) == ("done", 1, 1, 0)
+    assert [run("s1", i) for i in (0, 2)] == [("done", 2, 0, 0)] * 2
+    assert totals(session) == (6, 5, 1, 0)
+    session.expire_all()
+    assert len(renewal_entries(session, "old-b")) == 1
+
+
+def test_a_chunk_cut_off_while_waiting_for_held_rows_finishes_them_when_redelivered(
+    session: Session, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The chunk commits its renewals and the rows it could not lock; its worker dies before
+    waiting for them. Delivered again, the chunk renews only those, once."""
+    for user_id in ("a", "b", "c"):
+        open_(session, user_id, last=at(-40))
+    session.commit()
+    plan(session)
+
+    def crash(*_: Any) -> Any:
+        raise SystemExit("worker lost")
+
+    with Session(get_engine()) as holder:
+        holder.execute(text("SELECT 1 FROM accounts WHERE user_id = 'b' FOR UPDATE"))
+        with monkeypatch.context() as patched:
+            patched.setattr(renewals, "_finish_contested", crash)
+            with pytest.raises(SystemExit):
+                renewals.run_chunk(session_factory(), "s1", 0)
+        assert chunk_rows(session)[0][4:] == ("contested", 2, 0, 0)
+        holder.rollback()
+    assert run("s1", 0) == ("done", 3, 0, 0)
+    assert run("s1", 0) == ("done", 3, 0, 0)
+    session.expire_all()
+    assert [len(renewal_entries(session, u)) for u in ("a", "b", "c")] == [1, 1, 1]
+    assert_ledger_consistent(session)
+
+
+def test_stop_on_error_stops_chunks_that_start_later(session: Session, poisoned: None) -> None:
+    """With continue_on_error=False the first error marks the sweep stopped: the chunk that hit
+    it stops at that user, and chunks starting afterwards, whatever their place, do nothing."""
+    seed_with_poison(session)
+    plan(session, chunk_size=3, continue_on_error=False)
+    assert run("s1", 1) == ("done", 0, 0, 1)  # poison comes first in chunk 1
+    assert [run("s1", i) for i in (0, 2)] == [("stopped", 0, 0, 0)] * 2
+    assert totals(session) == (1, 0, 0, 1)
+    session.expire_all()
+    assert renewed_users(session) == []
+    errors = renewals.sweep_totals(session, "s1").errors
+    assert [e.model_dump() for e in errors] == [
+        {"user_id": "poison", "error": "refusing to renew poison"}
+    ]
+
+
+def test_old_sweep_plans_are_deleted_when_a_sweep_starts(session: Session) -> None:
+    seed_mixed(session)
+    plan(session, "old", chunk_size=2)
+    plan(session, "recent", chunk_size=2)
+    session.execute(
+        text(
+            "UPDATE sweeps SET created_at = created_at - CAST(:age AS interval) WHERE sweep_id = :s"
+        ),
+        [{"s": "old", "age": "8 days"}, {"s": "recent", "age": "6 days"}],
+    )
+    session.commit()
+    plan(session, "new", chunk_size=2)
+    kept = session.execute(text("SELECT sweep_id FROM sweeps ORDER BY 1")).scalars().all()
+    assert kept == ["new", "recent"]
+    assert session.execute(
+        text("SELECT DISTINCT sweep_id FROM sweep_chunks ORDER BY 1")
+    ).scalars().all() == ["new", "recent"]
+
+
+def test_the_sweep_takes_its_instant_from_the_database_clock(
+    session: Session, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker whose clock is a day behind neither decides eligibility nor stamps entries."""
+    from models import tables
+
+    open_(session, "u", last=datetime.now(UTC) - timedelta(days=30))
+    session.commit()
+    behind = datetime.now(UTC) - timedelta(days=1)
+    monkeypatch.setattr(tables, "utcnow", lambda: behind)
+    started = clock.db_now(session)
+    session.commit()
+    out = renewals.sweep(session_factory())
+    assert out.successful == 1  # due by the database's date, not yet by the worker's
+    session.expire_all()
+    (entry,) = renewal_entries(session, "u")
+    assert entry.created_at >= started
+    renewed_at = accounts.get_balance(session, "u").last_renewal_at
+    assert renewed_at is not None and renewed_at >= started

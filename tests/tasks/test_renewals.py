@@ -3,14 +3,23 @@
 from __future__ import annotations
 
 import random
+import uuid
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import pytest
 from celery import Celery
 from sqlalchemy import text
 
 from tests.polling import wait_for
-from tests.support import call
+from tests.support import (
+    WorkerProcess,
+    call,
+    running_workers,
+    tasks_done_by_worker,
+    workers_that_ran,
+)
 from worker.celery import app as worker_app
 from worker.db import get_engine
 
@@ -200,11 +209,146 @@ def test_racing_sweeps_and_renew_user_calls_renew_each_user_once(e2e: Celery) ->
     assert call(e2e, "renewals.due")["user_ids"] == []
 
 
-def test_the_sweep_alone_may_run_past_the_general_time_limit() -> None:
-    from tasks.movements import debit
-    from tasks.renewals import sweep
+def test_no_renewals_task_outlives_the_visibility_timeout() -> None:
+    """Every renewals task runs under the global time limit, below the visibility timeout, so
+    none is delivered a second time while it still runs."""
+    import tasks.renewals  # noqa: F401  (registers the renewals tasks in this process)
     from worker.settings import get_settings
 
-    limit = get_settings().sweep_time_limit
-    assert (sweep.soft_time_limit, sweep.time_limit) == (limit - 30, limit)
-    assert debit.time_limit == worker_app.conf.task_time_limit < limit
+    visibility = get_settings().visibility_timeout
+    for name in ("renewals.sweep", "renewals.sweep_chunk", "renewals.sweep_totals",
+                 "renewals.renew_user"):  # fmt: skip
+        task = worker_app.tasks[name]
+        assert task.time_limit in (None, worker_app.conf.task_time_limit), name
+        assert task.soft_time_limit in (None, worker_app.conf.task_soft_time_limit), name
+    assert worker_app.conf.task_time_limit < visibility
+
+
+def test_a_redelivered_renew_user_replays_its_first_result(e2e: Celery) -> None:
+    lapsed = datetime.now(UTC) - timedelta(days=40)
+    call(e2e, "tokens.open_account", user_id="pro", tier="Professional", initial_balance=5,
+         last_renewal_at=lapsed.isoformat())  # fmt: skip
+    task_id = str(uuid.uuid4())
+    kwargs = {"user_id": "pro"}
+    first = e2e.send_task("renewals.renew_user", kwargs=kwargs, task_id=task_id).get(timeout=30)
+    e2e.backend.forget(task_id)
+    second = e2e.send_task("renewals.renew_user", kwargs=kwargs, task_id=task_id).get(timeout=30)
+    assert first["success"] and first["tokens_added"] == 2000
+    assert second == first
+    assert call(e2e, "renewals.renew_user", user_id="pro")["error_code"] == "NOT_DUE"
+    assert call(e2e, "tokens.get_balance", user_id="pro")["tokens_balance"] == 2005
+    monthly = sql("SELECT count(*) FROM ledger_entries WHERE operation_type = 'monthly_reset'")
+    assert monthly == [(1,)]
+
+
+# --- the sweep fans out ------------------------------------------------------------------------
+
+PLANNER_QUEUE = "renewals-planner-test"
+PLANNER_CHUNK = 25
+
+
+@pytest.fixture(scope="module")
+def planner(workers: tuple[WorkerProcess, ...], app: Celery) -> Iterator[str]:
+    """A worker serving only a private queue, planning sweeps in chunks of 25 users: a sweep sent
+    there is planned by it, and its chunks run on the shared workers (w1, w2)."""
+    worker = WorkerProcess(
+        "planner",
+        concurrency=1,
+        env={"TOKENS_SWEEP_CHUNK_SIZE": str(PLANNER_CHUNK)},
+        queues=PLANNER_QUEUE,
+    )
+    with running_workers(app, worker):
+        yield PLANNER_QUEUE
+
+
+def seed_due(n: int, prefix: str = "user-") -> None:
+    sql(
+        """
+        INSERT INTO accounts (user_id, tier, tokens_balance, tokens_reserved, tokens_spent,
+                              last_renewal_at, created_at, updated_at)
+        SELECT :prefix || lpad(i::text, 4, '0'),
+               (ARRAY['Gift', 'Professional', 'Business'])[1 + i % 3], 0, 0, 0,
+               CASE WHEN i % 4 = 0 THEN NULL
+                    ELSE now() - make_interval(days => 30 + i % 40, secs => i) END,
+               now(), now()
+        FROM generate_series(1, :n) AS i
+        """,
+        n=n,
+        prefix=prefix,
+    )
+
+
+def renewal_counts() -> dict[int, int]:
+    """How many users have 1, 2, ... monthly_reset entries."""
+    rows = sql(
+        "SELECT n, count(*) FROM (SELECT user_id, count(*) AS n FROM ledger_entries"
+        " WHERE operation_type = 'monthly_reset' GROUP BY user_id) c GROUP BY n"
+    )
+    return {n: users for n, users in rows}
+
+
+def test_the_sweep_fans_out_in_chunks_over_the_workers(e2e: Celery, planner: str) -> None:
+    """Planned in chunks of 25, 300 due users renew on both workers; the contract's result
+    comes back under the sweep's own task id."""
+    seed_due(300)
+    sql("INSERT INTO accounts (user_id, tier, tokens_balance, tokens_reserved, tokens_spent,"
+        " last_renewal_at, created_at, updated_at)"
+        " VALUES ('recent', 'Gift', 0, 0, 0, now(), now(), now())")  # fmt: skip
+    before = tasks_done_by_worker(e2e, "renewals.sweep_chunk")
+    sweep_id = str(uuid.uuid4())
+    result = e2e.send_task("renewals.sweep", kwargs={}, task_id=sweep_id, queue=planner)
+    assert result.get(timeout=120) == {
+        "success": True,
+        "total_processed": 300,
+        "successful": 300,
+        "failed": 0,
+        "skipped": 0,
+        "errors": [],
+    }
+    assert result.id == sweep_id
+    assert workers_that_ran(e2e, "renewals.sweep_chunk", before) >= {"w1", "w2"}
+    chunks = e2e.AsyncResult(f"{sweep_id}:0").get(timeout=10)
+    assert chunks["successful"] == PLANNER_CHUNK
+    assert renewal_counts() == {1: 300}
+    assert call(e2e, "renewals.due")["user_ids"] == []
+    assert call(e2e, "ledger.reconcile")["mismatches"] == []
+
+    # Dry runs, tier and limit through the planner: the same counts the sweep returns.
+    seed_due(90, prefix="more-")
+    counts = {"success": True, "failed": 0, "skipped": 0, "errors": []}
+    dry = e2e.send_task("renewals.sweep", kwargs={"dry_run": True, "tier": "Gift"}, queue=planner)
+    assert dry.get(timeout=60) == {**counts, "total_processed": 30, "successful": 30}
+    limited = e2e.send_task(
+        "renewals.sweep", kwargs={"tier": "Gift", "limit": 27, "continue_on_error": False},
+        queue=planner,
+    )  # fmt: skip
+    assert limited.get(timeout=60) == {**counts, "total_processed": 27, "successful": 27}
+    assert len(call(e2e, "renewals.due", tier="Gift")["user_ids"]) == 3
+    assert renewal_counts() == {1: 327}
+
+
+def test_a_sweep_delivered_twice_renews_nobody_twice_and_reports_its_totals(
+    e2e: Celery, planner: str
+) -> None:
+    """The same sweep message (same task id) delivered again, after the first finished and while
+    it runs: it renews nobody again, and its result still says what the sweep did."""
+    seed_due(200)
+    sweep_id = str(uuid.uuid4())
+    first = e2e.send_task("renewals.sweep", kwargs={}, task_id=sweep_id, queue=planner)
+    totals = first.get(timeout=120)
+    assert (totals["successful"], totals["total_processed"]) == (200, 200)
+    e2e.backend.forget(sweep_id)
+    again = e2e.send_task("renewals.sweep", kwargs={}, task_id=sweep_id, queue=planner)
+    assert again.get(timeout=120) == totals
+    assert renewal_counts() == {1: 200}
+
+    seed_due(100, prefix="late-")
+    sweep_id = str(uuid.uuid4())
+    both = [
+        e2e.send_task("renewals.sweep", kwargs={}, task_id=sweep_id, queue=q)
+        for q in (planner, planner, "renewals")
+    ]
+    for r in both:
+        assert r.get(timeout=120)["successful"] == 100
+    assert renewal_counts() == {1: 300}
+    assert call(e2e, "ledger.reconcile")["mismatches"] == []

@@ -9,7 +9,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,10 @@ def bare_env() -> dict[str, str]:
 def embedded_worker(tmp_path: Path, bare_env: dict[str, str]) -> Iterator[Path]:
     """Migrate, then run a worker, from ``tmp_path`` (a bare checkout-less directory: the
     package is installed). Yields the var directory."""
+    yield from _embedded(tmp_path, bare_env)
+
+
+def _embedded(tmp_path: Path, bare_env: dict[str, str]) -> Iterator[Path]:
     for _ in range(2):  # migrate is safe to repeat
         migrated = subprocess.run(
             [str(BIN / "tokens"), "migrate"],
@@ -64,19 +68,27 @@ def embedded_worker(tmp_path: Path, bare_env: dict[str, str]) -> Iterator[Path]:
         print(log.read_text(errors="replace")[-3000:])  # shown only if the test failed
 
 
-def test_debit_through_the_embedded_broker_and_backend(embedded_worker: Path) -> None:
-    var = embedded_worker
-    app = Celery(
+def embedded_producer(var: Path) -> Celery:
+    return Celery(
         "producer",
         broker=f"sqla+sqlite:///{var / 'broker.sqlite'}",
         backend=f"db+sqlite:///{var / 'results.sqlite'}",
     )
 
+
+def caller(app: Celery) -> Callable[..., dict[str, Any]]:
     def call(name: str, **kwargs: Any) -> dict[str, Any]:
         result = app.send_task(name, kwargs=kwargs)
         out: dict[str, Any] = result.get(timeout=60, interval=0.1)
         assert result.state == "SUCCESS"
         return out
+
+    return call
+
+
+def test_debit_through_the_embedded_broker_and_backend(embedded_worker: Path) -> None:
+    var = embedded_worker
+    call = caller(embedded_producer(var))
 
     opened = call("tokens.open_account", user_id="u", initial_balance=100)
     assert (opened["created"], opened["tokens_balance"]) == (True, 100)
@@ -101,3 +113,37 @@ def test_debit_through_the_embedded_broker_and_backend(embedded_worker: Path) ->
     with sqlite3.connect(var / "tokens.sqlite") as db:
         assert db.execute("SELECT tokens_balance FROM accounts").fetchall() == [(70,)]
         assert db.execute("SELECT SUM(tokens_amount) FROM ledger_entries").fetchone() == (70,)
+
+
+@pytest.fixture
+def embedded_sweeper(tmp_path: Path, bare_env: dict[str, str]) -> Iterator[Path]:
+    """The embedded default, planning sweeps in chunks of 2 users."""
+    yield from _embedded(tmp_path, {**bare_env, "TOKENS_SWEEP_CHUNK_SIZE": "2"})
+
+
+def test_a_sweep_fans_out_on_the_embedded_default(embedded_sweeper: Path) -> None:
+    """Without Redis, chords run through celery.chord_unlock over the SQLite result backend:
+    the sweep's chunks and its totals still come back under the sweep's own task id."""
+    var = embedded_sweeper
+    app = embedded_producer(var)
+    call = caller(app)
+    for user_id in ("a", "b", "c", "d", "e"):
+        assert call("tokens.open_account", user_id=user_id)["created"]
+    assert call("renewals.sweep", dry_run=True)["successful"] == 5
+    swept = app.send_task("renewals.sweep", kwargs={})
+    assert swept.get(timeout=60, interval=0.1) == {
+        "success": True,
+        "total_processed": 5,
+        "successful": 5,
+        "failed": 0,
+        "skipped": 0,
+        "errors": [],
+    }
+    assert app.AsyncResult(f"{swept.id}:2").get(timeout=10)["successful"] == 1
+    assert call("renewals.sweep")["total_processed"] == 0
+    assert call("renewals.due")["user_ids"] == []
+    with sqlite3.connect(var / "tokens.sqlite") as db:
+        assert db.execute(
+            "SELECT count(*), count(DISTINCT user_id) FROM ledger_entries WHERE kind = 'renewal'"
+        ).fetchone() == (5, 5)
+        assert db.execute("SELECT count(*) FROM sweep_chunks").fetchone() == (3,)
