@@ -56,8 +56,10 @@ from sqlalchemy.orm import Session
 
 from accounting import clock, idempotency
 from accounting.accounts import load_account
-from accounting.catalog import known_operation, tier_of
+from accounting.catalog import FREE_TIERS, known_operation, tier_of
+from accounting.config import rules
 from accounting.errors import not_due, subscription_expired
+from accounting.events import balance_changed, note_balance_change
 from accounting.idempotency import insert_ignoring_conflicts
 from models.schemas import (
     DueOut,
@@ -68,8 +70,6 @@ from models.schemas import (
     SweepOut,
 )
 from models.tables import Account, LedgerEntry, sweep_chunk_table, sweep_table
-from worker.settings import FREE_TIERS, get_settings
-from worker.signals import balance_changed, note_balance_change
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +128,7 @@ class TierPlan:
 
 def plans_at(now: datetime, tier: str | None = None) -> dict[str, TierPlan]:
     """The plan of every configured tier (or of ``tier`` only; unknown: VALIDATION_ERROR)."""
-    tiers = get_settings().tiers
+    tiers = rules().tiers
     names = list(tiers) if tier is None else [tier]
     plans = {}
     for name in names:
@@ -526,7 +526,7 @@ def due(
     """Due users in sweep order: never renewed first, then the oldest renewal."""
     now = _instant(session, now)
     plans = plans_at(now, tier)
-    chunk = get_settings().sweep_chunk_size
+    chunk = rules().sweep_chunk_size
     user_ids: list[str] = []
     for phase in Phase if plans else ():
         after = Key()
@@ -600,7 +600,7 @@ def dry_run_totals(
     """What the same sweep would return now, changing nothing: every due user counts as renewed."""
     now = _instant(session, now)
     plans = plans_at(now, tier)
-    chunk = chunk_size or get_settings().sweep_chunk_size
+    chunk = chunk_size or rules().sweep_chunk_size
     due_users = sum(r.planned for r in _ranges(session, plans, now, limit, chunk))
     return SweepOut(total_processed=due_users, successful=due_users, failed=0, skipped=0, errors=[])
 
@@ -649,7 +649,7 @@ def plan_sweep(
             select(func.coalesce(func.sum(_chunks.planned), 0)).where(_chunks.sweep_id == sweep_id)
         ).scalar_one()
         return SweepPlan(sweep_id, stored.as_of, stored.chunks, int(total))
-    chunk = chunk_size or get_settings().sweep_chunk_size
+    chunk = chunk_size or rules().sweep_chunk_size
     rows: list[dict[str, Any]] = []
     count = planned = 0
 
