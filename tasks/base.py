@@ -120,7 +120,11 @@ class ContractTask(Task):  # type: ignore[misc]
                 retries + 1,
                 exc,
             )
-            raise self.retry(exc=exc, countdown=backoff(retries), max_retries=None) from exc
+            # Celery stops at its own max_retries (3 by default, also when None is passed here):
+            # give it ours, which the check above applies.
+            raise self.retry(
+                exc=exc, countdown=backoff(retries), max_retries=get_settings().task_max_retries
+            ) from exc
 
 
 def contract_task(name: str, schema: type[P], **options: Any) -> Callable[[Handler[P]], Any]:
