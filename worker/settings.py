@@ -78,6 +78,7 @@ class Settings(BaseSettings):
     # Dotted paths ("package.module:function" or "package.module.function") connected at start-up.
     balance_changed_handlers: list[str] = Field(default_factory=list)
     operation_completed_handlers: list[str] = Field(default_factory=list)
+    operation_retried_handlers: list[str] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _check(self) -> Settings:

@@ -3,10 +3,16 @@
 - ``balance_changed(user_id, balance, tokens_reserved, operation)``: sent after the transaction
   holding a balance change has committed, never for one that rolled back.
 - ``operation_completed(operation, user_id, amount, success, duration, error, error_code)``: sent
-  after every task, whatever its outcome.
+  once per task outcome: a success, a refusal (``error``/``error_code`` of the contract), or a
+  final failure (``error_code`` ``TIME_LIMIT_EXCEEDED``, ``DATABASE_ERROR`` or ``INTERNAL_ERROR``,
+  ``error`` the exception in one line). Not for an attempt that is retried, nor for a task
+  replaced by another (whoever finishes under its task id reports).
+- ``operation_retried(operation, task_id, attempt, error)``: an attempt (1 for the first) failed
+  with a transient error and the task will run again.
 
-Handlers listed in ``TOKENS_BALANCE_CHANGED_HANDLERS`` / ``TOKENS_OPERATION_COMPLETED_HANDLERS``
-(JSON lists of dotted paths) are connected by :func:`connect_configured_handlers`.
+Handlers listed in ``TOKENS_BALANCE_CHANGED_HANDLERS``, ``TOKENS_OPERATION_COMPLETED_HANDLERS``
+and ``TOKENS_OPERATION_RETRIED_HANDLERS`` (JSON lists of dotted paths) are connected by
+:func:`connect_configured_handlers`.
 """
 
 from __future__ import annotations
@@ -29,6 +35,9 @@ balance_changed = Signal(
 operation_completed = Signal(
     name="operation_completed",
     providing_args={"operation", "user_id", "amount", "success", "duration", "error", "error_code"},
+)
+operation_retried = Signal(
+    name="operation_retried", providing_args={"operation", "task_id", "attempt", "error"}
 )
 
 _PENDING = "pending_balance_changes"
@@ -103,6 +112,7 @@ def connect_configured_handlers() -> None:
     for signal, paths in (
         (balance_changed, settings.balance_changed_handlers),
         (operation_completed, settings.operation_completed_handlers),
+        (operation_retried, settings.operation_retried_handlers),
     ):
         for path in paths:
             if (signal.name, path) not in _connected:
