@@ -50,7 +50,11 @@ def caused_by_time_limit(exc: BaseException) -> bool:
 
 
 def is_transient(exc: BaseException) -> bool:
-    """Connection lost, server restarting, serialization failure, deadlock, SQLite busy."""
+    """Connection lost, server restarting, serialization failure, deadlock, SQLite busy; never
+    anything a time limit caused (the task ran out of time: running it again would not help, and
+    it must end before the visibility timeout)."""
+    if caused_by_time_limit(exc):
+        return False
     if isinstance(exc, DBAPIError) and exc.connection_invalidated:
         return True
     return isinstance(exc, OperationalError | InterfaceError)

@@ -10,7 +10,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from celery.exceptions import Ignore, TimeLimitExceeded
+from celery.exceptions import Ignore, SoftTimeLimitExceeded, TimeLimitExceeded
 from pydantic import ValidationError
 from sqlalchemy import create_engine, text
 from sqlalchemy.exc import DataError, IntegrityError, OperationalError, ProgrammingError
@@ -244,6 +244,46 @@ def test_operation_completed_after_a_refusal(
     }
     assert invalid["user_id"] is None  # not a string: not passed on as a user id
     assert (invalid["success"], invalid["error_code"]) == (False, "VALIDATION_ERROR")
+
+
+# --- time limits are failures ----------------------------------------------------------------
+
+
+def unreachable_database_error() -> OperationalError:
+    engine = create_engine(
+        f"postgresql+psycopg://postgres@127.0.0.1:{closed_port()}/x",
+        connect_args={"connect_timeout": 2},
+    )
+    exc = raised(engine.connect)
+    assert isinstance(exc, OperationalError)
+    return exc
+
+
+@pytest.mark.parametrize("limit", [SoftTimeLimitExceeded(), TimeLimitExceeded(4)])
+def test_database_error_caused_by_a_time_limit_is_not_transient(limit: BaseException) -> None:
+    def raised_while_handling(interruption: BaseException) -> OperationalError:
+        try:
+            raise interruption
+        except type(interruption):
+            try:
+                raise unreachable_database_error()  # chained implicitly, as a failed rollback is
+            except OperationalError as exc:
+                return exc
+        raise AssertionError("unreachable")
+
+    # Raised while the time limit was being handled (__context__), as a failed rollback is.
+    during = raised_while_handling(limit)
+    assert isinstance(during, OperationalError) and during.__context__ is limit
+    assert not is_transient(during)
+    # Raised from it (__cause__), and further down a chain.
+    caused = unreachable_database_error()
+    caused.__cause__ = limit
+    assert not is_transient(caused)
+    outer = unreachable_database_error()
+    outer.__context__ = caused
+    assert not is_transient(outer)
+    assert not is_transient(limit)
+    assert is_transient(unreachable_database_error())  # the same error alone still is
 
 
 # --- operation_completed once per outcome, retries apart ---------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -224,7 +225,7 @@ def test_one_message_delivered_twice_at_once_applies_once(e2e: Celery) -> None:
     assert keys == 1
 
 
-# --- signals seen by a real worker ------------------------------------------------------------
+# --- a time limit while the debit waits --------------------------------------------------------
 
 
 def sink_events(sink: Path) -> list[dict[str, Any]]:
@@ -244,6 +245,45 @@ def signal_env(sink: Path) -> dict[str, str]:
             ["tests.worker.signal_sink:on_operation_retried"]
         ),
     }
+
+
+def test_soft_time_limit_on_a_lock_wait_fails_once_and_changes_nothing(
+    app: Celery, account: str, queue: str, tmp_path: Path
+) -> None:
+    sink = tmp_path / "signals.jsonl"
+    env = {
+        "TOKENS_VISIBILITY_TIMEOUT": "10",
+        "TOKENS_TASK_SOFT_TIME_LIMIT": "2",
+        "TOKENS_TASK_TIME_LIMIT": "4",
+        "TOKENS_RETRY_BACKOFF_MAX": "1",
+        **signal_env(sink),
+    }
+    w = worker("faults-time-limit", queue, env)
+    with running_workers(app, w):
+        with row_locked("u"):
+            result = app.send_task("tokens.debit", kwargs=DEBIT, queue=queue)
+            wait_for(lock_waiters, 10, "the debit blocked on the row lock")
+            wait_for(lambda: result.state != "PENDING", 15, "the soft time limit")
+            # The interrupted statement was cancelled and its connection closed: nothing waits
+            # on our lock any more, though we still hold it.
+            wait_for(lambda: not lock_waiters(), 5, "the interrupted statement to go away")
+            assert result.state == "FAILURE"
+        time.sleep(3)  # a retry, or a statement left running, would now take the lock and apply
+        assert result.state == "FAILURE"
+    assert type(result.result).__name__ == "SoftTimeLimitExceeded"
+    assert dbstate.balance("u") == 100
+    assert len(dbstate.entries("u")) == 1  # the opening entry only
+    log = log_of(w)
+    assert log.count(f"Task tokens.debit[{result.id}] received") == 1
+    assert "transient database error" not in log
+    [done] = sink_events(sink)
+    assert (done["signal"], done["operation"], done["success"]) == (
+        "operation_completed",
+        "tokens.debit",
+        False,
+    )
+    assert done["error_code"] == "TIME_LIMIT_EXCEEDED"
+    assert "SoftTimeLimitExceeded" in done["error"]
 
 
 # --- one operation_completed per outcome, retries apart -----------------------------------------
