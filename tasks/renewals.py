@@ -24,11 +24,14 @@ def renew_user(session: Session, p: UserIn, _task_id: str | None) -> RenewOut:
 
 
 _SWEEP_LIMIT = get_settings().sweep_time_limit
-
-
-@contract_task(
-    "renewals.sweep", SweepIn, soft_time_limit=_SWEEP_LIMIT - 30, time_limit=_SWEEP_LIMIT
+_SWEEP_LIMITS = (
+    {}
+    if _SWEEP_LIMIT is None
+    else {"soft_time_limit": _SWEEP_LIMIT - 30, "time_limit": _SWEEP_LIMIT}
 )
+
+
+@contract_task("renewals.sweep", SweepIn, **_SWEEP_LIMITS)
 def sweep(_session: Session, p: SweepIn, _task_id: str | None) -> SweepOut:
     # The sweep commits one transaction per chunk, so it takes sessions of its own; the task's
     # session stays unused (and so never opens a connection).

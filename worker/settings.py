@@ -70,10 +70,10 @@ class Settings(BaseSettings):
     reconcile_cron: str = "30 3 * * *"
     reservation_expiry_seconds: int = Field(default=60, ge=1)
     sweep_chunk_size: int = Field(default=5000, ge=1)
-    # The sweep alone may outlive the visibility timeout: a redelivered sweep running beside the
-    # first is harmless (each renewal is guarded, locked rows are skipped), and at ~30K users/s
-    # the general task limit would stop a sweep at a few million users.
-    sweep_time_limit: int = Field(default=3600, ge=60)
+    # Hard time limit of renewals.sweep alone (its soft limit 30 s before); unset, the sweep runs
+    # under the general limits. Like every task's, it must stay below the visibility timeout: a
+    # worker refuses to start otherwise (worker/limits.py).
+    sweep_time_limit: int | None = Field(default=None, ge=60)
 
     # Dotted paths ("package.module:function" or "package.module.function") connected at start-up.
     balance_changed_handlers: list[str] = Field(default_factory=list)
