@@ -6,6 +6,7 @@ from typing import Any
 
 from celery import Celery
 from celery.signals import (
+    celeryd_init,
     worker_init,
     worker_process_init,
     worker_process_shutdown,
@@ -59,3 +60,12 @@ def _check_time_limits(sender: Any, **_: Any) -> None:
     problems = time_limit_problems(sender.app.tasks.values(), get_settings().visibility_timeout)
     if problems:
         raise SystemExit("worker refusing to start: " + "; ".join(problems))
+
+
+@celeryd_init.connect  # type: ignore[untyped-decorator]
+def _guard_the_transport(conf: Any, **_: Any) -> None:
+    # A worker reads Redis through kombu's transport made to refuse envelopes it would stop on
+    # (worker/transport.py). Set for workers only: other processes (producers, beat, Flower,
+    # whose broker page parses the transport name as a URL scheme) keep kombu's own.
+    if get_settings().broker_is_redis:
+        conf.broker_transport = "worker.transport:Transport"

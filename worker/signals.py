@@ -9,10 +9,13 @@
   replaced by another (whoever finishes under its task id reports).
 - ``operation_retried(operation, task_id, attempt, error)``: an attempt (1 for the first) failed
   with a transient error and the task will run again.
+- ``message_refused(task_id, task, reason, error)``: the worker refused a message before any task
+  saw it (worker/poison.py); sent in the worker's main process. ``task_id`` and ``task`` are None
+  when unreadable; ``reason`` is one of ``worker.poison.REASONS``.
 
-Handlers listed in ``TOKENS_BALANCE_CHANGED_HANDLERS``, ``TOKENS_OPERATION_COMPLETED_HANDLERS``
-and ``TOKENS_OPERATION_RETRIED_HANDLERS`` (JSON lists of dotted paths) are connected by
-:func:`connect_configured_handlers`.
+Handlers listed in ``TOKENS_BALANCE_CHANGED_HANDLERS``, ``TOKENS_OPERATION_COMPLETED_HANDLERS``,
+``TOKENS_OPERATION_RETRIED_HANDLERS`` and ``TOKENS_MESSAGE_REFUSED_HANDLERS`` (JSON lists of dotted
+paths) are connected by :func:`connect_configured_handlers`.
 """
 
 from __future__ import annotations
@@ -38,6 +41,9 @@ operation_completed = Signal(
 )
 operation_retried = Signal(
     name="operation_retried", providing_args={"operation", "task_id", "attempt", "error"}
+)
+message_refused = Signal(
+    name="message_refused", providing_args={"task_id", "task", "reason", "error"}
 )
 
 _PENDING = "pending_balance_changes"
@@ -113,6 +119,7 @@ def connect_configured_handlers() -> None:
         (balance_changed, settings.balance_changed_handlers),
         (operation_completed, settings.operation_completed_handlers),
         (operation_retried, settings.operation_retried_handlers),
+        (message_refused, settings.message_refused_handlers),
     ):
         for path in paths:
             if (signal.name, path) not in _connected:

@@ -24,3 +24,7 @@ def on_operation_completed(sender: Any = None, **fields: Any) -> None:
 
 def on_operation_retried(sender: Any = None, **fields: Any) -> None:
     _append("operation_retried", fields)
+
+
+def on_message_refused(sender: Any = None, **fields: Any) -> None:
+    _append("message_refused", fields)
