@@ -12,8 +12,9 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from celery import Task
+from celery.exceptions import Ignore, Retry, SoftTimeLimitExceeded, TimeLimitExceeded
 from pydantic import BaseModel, ValidationError
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from accounting.errors import DomainError, validation_error
@@ -21,7 +22,7 @@ from models.schemas import Failure, Payload
 from worker.celery import app
 from worker.db import session_scope
 from worker.settings import get_settings
-from worker.signals import operation_completed
+from worker.signals import operation_completed, operation_retried
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +30,31 @@ P = TypeVar("P", bound=Payload)
 Handler = Callable[[Session, P, str | None], BaseModel]
 
 
+TIME_LIMITS = (SoftTimeLimitExceeded, TimeLimitExceeded)
+
+
+def caused_by_time_limit(exc: BaseException) -> bool:
+    """Whether a time limit is ``exc`` or anywhere in its chain (``__cause__``/``__context__``):
+    say, the rollback that failed on the connection the soft limit interrupted."""
+    seen: set[int] = set()
+    pending: list[BaseException | None] = [exc]
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        if isinstance(current, TIME_LIMITS):
+            return True
+        seen.add(id(current))
+        pending += [current.__cause__, current.__context__]
+    return False
+
+
 def is_transient(exc: BaseException) -> bool:
-    """Connection lost, server restarting, serialization failure, deadlock, SQLite busy."""
+    """Connection lost, server restarting, serialization failure, deadlock, SQLite busy; never
+    anything a time limit caused (the task ran out of time: running it again would not help, and
+    it must end before the visibility timeout)."""
+    if caused_by_time_limit(exc):
+        return False
     if isinstance(exc, DBAPIError) and exc.connection_invalidated:
         return True
     return isinstance(exc, OperationalError | InterfaceError)
@@ -65,34 +89,98 @@ def validate(schema: type[P], kwargs: dict[str, Any]) -> P:
         raise validation_error(describe(exc)) from None
 
 
+def failure_code(exc: BaseException) -> str:
+    """The ``error_code`` operation_completed reports for a task that failed."""
+    if caused_by_time_limit(exc):
+        return "TIME_LIMIT_EXCEEDED"
+    if isinstance(exc, SQLAlchemyError):
+        return "DATABASE_ERROR"
+    return "INTERNAL_ERROR"
+
+
+def one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:300]}" if text else type(exc).__name__
+
+
 class ContractTask(Task):  # type: ignore[misc]
     """Base of the contract's tasks: each body is a domain function over a session."""
 
     typing = False  # kwargs are checked by the schema, so bad ones get VALIDATION_ERROR
 
     def execute(
-        self, schema: type[P], handler: Handler[P], args: tuple[Any, ...], kwargs: dict[str, Any]
+        self,
+        schema: type[P],
+        handler: Handler[P],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        then: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
     ) -> dict[str, Any]:
+        """Run the task and report its outcome: one ``operation_completed`` for a success, a
+        refusal or a final failure; ``operation_retried`` for an attempt that will run again;
+        nothing for a task replaced by another (``Task.replace`` raises Ignore), since the
+        replacement finishes under the same task id and reports.
+
+        ``then`` continues with the committed outcome (a sweep publishing its chunks), inside
+        the same reporting: it may replace the task."""
         started = time.perf_counter()
-        outcome: dict[str, Any] = {}
         try:
             outcome = self._execute(schema, handler, args, kwargs)
-            return outcome
-        finally:
-            user_id = kwargs.get("user_id")
-            # A movement reports its signed amount; a refusal, the amount it was asked for.
-            asked = kwargs.get("amount")
-            amount = outcome.get("amount", asked if type(asked) is int else None)
-            operation_completed.send(
+            if then is not None:
+                outcome = then(outcome)
+        except Retry as retry:
+            operation_retried.send(
                 sender=self.name,
                 operation=self.name,
-                user_id=user_id if isinstance(user_id, str) else None,
-                amount=amount,
-                success=bool(outcome.get("success")),
-                duration=time.perf_counter() - started,
-                error=outcome.get("error"),
-                error_code=outcome.get("error_code"),
+                task_id=self.request.id,
+                attempt=self.request.retries + 1,
+                error=one_line(retry.exc) if isinstance(retry.exc, BaseException) else None,
             )
+            raise
+        except Ignore:
+            raise
+        except BaseException as exc:
+            self._completed(kwargs, {}, time.perf_counter() - started, exc)
+            raise
+        self._completed(kwargs, outcome, time.perf_counter() - started)
+        return outcome
+
+    def on_failure(
+        self,
+        exc: BaseException,
+        task_id: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        einfo: Any,
+    ) -> None:
+        # A hard time limit kills the pool process before ``execute`` can report; Celery then
+        # calls on_failure in the worker's main process. Every other failure was reported where
+        # it happened.
+        if isinstance(exc, TimeLimitExceeded):
+            limit = exc.args[0] if exc.args and isinstance(exc.args[0], int | float) else 0.0
+            self._completed(kwargs if isinstance(kwargs, dict) else {}, {}, float(limit), exc)
+
+    def _completed(
+        self,
+        kwargs: dict[str, Any],
+        outcome: dict[str, Any],
+        duration: float,
+        failure: BaseException | None = None,
+    ) -> None:
+        user_id = kwargs.get("user_id")
+        # A movement reports its signed amount; a refusal or failure, the amount it was asked for.
+        asked = kwargs.get("amount")
+        amount = outcome.get("amount", asked if type(asked) is int else None)
+        operation_completed.send(
+            sender=self.name,
+            operation=self.name,
+            user_id=user_id if isinstance(user_id, str) else None,
+            amount=amount,
+            success=bool(outcome.get("success")),
+            duration=duration,
+            error=one_line(failure) if failure is not None else outcome.get("error"),
+            error_code=failure_code(failure) if failure is not None else outcome.get("error_code"),
+        )
 
     def _execute(
         self, schema: type[P], handler: Handler[P], args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -120,7 +208,11 @@ class ContractTask(Task):  # type: ignore[misc]
                 retries + 1,
                 exc,
             )
-            raise self.retry(exc=exc, countdown=backoff(retries), max_retries=None) from exc
+            # Celery stops at its own max_retries (3 by default, also when None is passed here):
+            # give it ours, which the check above applies.
+            raise self.retry(
+                exc=exc, countdown=backoff(retries), max_retries=get_settings().task_max_retries
+            ) from exc
 
 
 def contract_task(name: str, schema: type[P], **options: Any) -> Callable[[Handler[P]], Any]:

@@ -62,22 +62,25 @@ def _plan(session: Session, p: SweepIn, task_id: str | None) -> SweepOut | Sweep
 
 @app.task(name="renewals.sweep", bind=True, base=ContractTask)  # type: ignore[untyped-decorator]
 def sweep(self: ContractTask, *args: Any, **kwargs: Any) -> dict[str, Any]:
-    # Planned and committed first (execute runs _plan in its own transaction), published after.
-    outcome = self.execute(SweepIn, _plan, args, kwargs)
-    if "chunks" not in outcome:
-        return outcome  # a dry run, nothing due, or a refusal
-    sweep_id, chunks = outcome["sweep_id"], outcome["chunks"]
-    # Ids derived from the sweep's: a redelivered sweep republishes the very same chunks and
-    # group, and a chunk that already ran replays its stored tally.
-    header = group(
-        [
-            sweep_chunk.si(sweep_id=sweep_id, index=i).set(task_id=f"{sweep_id}:{i}")
-            for i in range(chunks)
-        ],
-        task_id=f"{sweep_id}:chunks",
-    )
-    # The callback is frozen with this task's id, so the sweep's result is the totals.
-    return self.replace(chord(header, sweep_totals.si(sweep_id=sweep_id)))  # type: ignore[no-any-return]
+    def fan_out(outcome: dict[str, Any]) -> dict[str, Any]:
+        if "chunks" not in outcome:
+            return outcome  # a dry run, nothing due, or a refusal: this task's own result
+        sweep_id, chunks = outcome["sweep_id"], outcome["chunks"]
+        # Ids derived from the sweep's: a redelivered sweep republishes the very same chunks and
+        # group, and a chunk that already ran replays its stored tally.
+        header = group(
+            [
+                sweep_chunk.si(sweep_id=sweep_id, index=i).set(task_id=f"{sweep_id}:{i}")
+                for i in range(chunks)
+            ],
+            task_id=f"{sweep_id}:chunks",
+        )
+        # The callback is frozen with this task's id, so the sweep's result is the totals;
+        # replace raises Ignore, so this task reports no outcome of its own.
+        return self.replace(chord(header, sweep_totals.si(sweep_id=sweep_id)))  # type: ignore[no-any-return]
+
+    # Planned and committed first (in _plan's transaction), published after.
+    return self.execute(SweepIn, _plan, args, kwargs, then=fan_out)
 
 
 @contract_task("renewals.sweep_chunk", SweepChunkIn)

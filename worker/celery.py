@@ -5,10 +5,16 @@ from __future__ import annotations
 from typing import Any
 
 from celery import Celery
-from celery.signals import worker_process_init, worker_process_shutdown
+from celery.signals import (
+    celeryd_init,
+    worker_init,
+    worker_process_init,
+    worker_process_shutdown,
+)
 
 from worker.config import celery_config
 from worker.db import dispose_engines, reset_engines_after_fork
+from worker.limits import time_limit_problems
 from worker.settings import get_settings
 from worker.signals import connect_configured_handlers
 
@@ -45,3 +51,22 @@ def _after_fork(**_: Any) -> None:
 @worker_process_shutdown.connect  # type: ignore[untyped-decorator]
 def _on_child_exit(**_: Any) -> None:
     dispose_engines()
+
+
+@worker_init.connect  # type: ignore[untyped-decorator]
+def _check_time_limits(sender: Any, **_: Any) -> None:
+    # Before the pool starts or the broker is reached; SystemExit passes through Celery's signal
+    # dispatch (which logs and swallows exceptions) and ends the command with status 1 and this
+    # one line on stderr.
+    problems = time_limit_problems(sender.app.tasks.values(), get_settings().visibility_timeout)
+    if problems:
+        raise SystemExit("worker refusing to start: " + "; ".join(problems))
+
+
+@celeryd_init.connect  # type: ignore[untyped-decorator]
+def _guard_the_transport(conf: Any, **_: Any) -> None:
+    # A worker reads Redis through kombu's transport made to refuse envelopes it would stop on
+    # (worker/transport.py). Set for workers only: other processes (producers, beat, Flower,
+    # whose broker page parses the transport name as a URL scheme) keep kombu's own.
+    if get_settings().broker_is_redis:
+        conf.broker_transport = "worker.transport:Transport"

@@ -59,6 +59,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_queues": (Queue(DEFAULT_QUEUE), Queue(RENEWALS_QUEUE)),  # type: ignore[no-untyped-call]
         "task_routes": {"renewals.*": {"queue": RENEWALS_QUEUE}},
         "worker_hijack_root_logger": False,
+        # Every task message is checked where it is decoded, before the pool sees it: a poison
+        # message is refused, not allowed to stop the worker (worker/consumer.py, poison.py).
+        "worker_consumer": "worker.consumer:GuardedConsumer",
         "beat_schedule": beat_schedule(settings),
     }
     if settings.worker_concurrency is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -9,10 +10,15 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import ExceptionContext, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 from worker.settings import get_settings
+
+log = logging.getLogger(__name__)
+
+# libpq's PQTRANS_ACTIVE (psycopg 3 and psycopg2 alike): a command is in progress.
+_COMMAND_IN_PROGRESS = 1
 
 _engines: dict[tuple[int, str], Engine] = {}
 
@@ -26,13 +32,43 @@ def make_engine(url: str) -> Engine:
         engine = create_engine(url, connect_args={"timeout": 30})
         _serialise_sqlite_writers(engine)
         return engine
-    return create_engine(
+    engine = create_engine(
         url,
         pool_pre_ping=True,
         pool_size=get_settings().db_pool_size,
         max_overflow=2,
         connect_args={"connect_timeout": 10},
     )
+    event.listen(engine, "handle_error", _discard_interrupted_connection)
+    return engine
+
+
+def _discard_interrupted_connection(context: ExceptionContext) -> None:
+    """A statement interrupted from outside the database (a time limit's signal raising inside
+    psycopg's wait) leaves the connection in the middle of a command: no rollback can run on it
+    ("another command is already in progress"), and the server goes on waiting or working, with
+    the transaction's locks held. Cancel the statement in the server and discard this connection
+    (only this one: the pool is fine). Never raises: what it raised would replace the original
+    exception."""
+    if isinstance(context.original_exception, context.dialect.loaded_dbapi.Error):
+        return  # the database's own errors leave the connection as the dialect knows to handle
+    try:
+        connection = context.connection
+        if connection is None or connection.invalidated:
+            return
+        dbapi_connection = connection.connection.dbapi_connection
+        info = getattr(dbapi_connection, "info", None)
+        if getattr(info, "transaction_status", None) != _COMMAND_IN_PROGRESS:
+            return
+        context.is_disconnect = True
+        context.invalidate_pool_on_disconnect = False
+        cancel_safe = getattr(dbapi_connection, "cancel_safe", None)
+        if cancel_safe is not None:  # psycopg 3.2+: bounded, never blocks long
+            cancel_safe(timeout=5.0)
+        elif dbapi_connection is not None:
+            dbapi_connection.cancel()
+    except Exception as exc:  # the connection is discarded all the same
+        log.warning("could not cancel an interrupted statement: %r", exc)
 
 
 def _serialise_sqlite_writers(engine: Engine) -> None:
@@ -80,13 +116,24 @@ def session_factory() -> sessionmaker[Session]:
 
 @contextmanager
 def session_scope() -> Iterator[Session]:
-    """One unit of work: commit on success, roll back on any exception."""
+    """One unit of work: commit on success, roll back on any exception. The exception that
+    ended the unit of work is the one raised, even when the rollback fails too."""
     session = session_factory()()
     try:
         yield session
         session.commit()
     except BaseException:
-        session.rollback()
+        _roll_back_or_discard(session)
         raise
     finally:
         session.close()
+
+
+def _roll_back_or_discard(session: Session) -> None:
+    try:
+        session.rollback()
+    except Exception as exc:
+        # The connection cannot even roll back (say, still in the middle of a command): close it
+        # rather than hand it back to the pool, and let the original exception stand.
+        log.warning("rollback failed, connection discarded: %s", repr(exc).splitlines()[0])
+        session.invalidate()

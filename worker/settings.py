@@ -66,9 +66,17 @@ class Settings(BaseSettings):
     idempotency_retention_days: int = Field(default=7, ge=1)
     idempotency_prune_cron: str = "45 3 * * *"
 
+    # Messages the worker decodes (worker/poison.py): how deep any argument or header may nest,
+    # and the largest body. 32 MiB admits the largest valid tokens.debit_batch (1000 items at
+    # every bound, 8 KiB of metadata each in the characters JSON escapes most: about 25 MB).
+    max_message_depth: int = Field(default=32, ge=4, le=100)
+    max_message_bytes: int = Field(default=32 * 1024 * 1024, ge=4096)
+
     # Dotted paths ("package.module:function" or "package.module.function") connected at start-up.
     balance_changed_handlers: list[str] = Field(default_factory=list)
     operation_completed_handlers: list[str] = Field(default_factory=list)
+    operation_retried_handlers: list[str] = Field(default_factory=list)
+    message_refused_handlers: list[str] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _check(self) -> Settings:

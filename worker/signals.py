@@ -4,10 +4,19 @@
   (``accounting/events.py``), sent after the transaction holding a balance change has committed,
   never for one that rolled back.
 - ``operation_completed(operation, user_id, amount, success, duration, error, error_code)``: sent
-  after every task, whatever its outcome.
+  once per task outcome: a success, a refusal (``error``/``error_code`` of the contract), or a
+  final failure (``error_code`` ``TIME_LIMIT_EXCEEDED``, ``DATABASE_ERROR`` or ``INTERNAL_ERROR``,
+  ``error`` the exception in one line). Not for an attempt that is retried, nor for a task
+  replaced by another (whoever finishes under its task id reports).
+- ``operation_retried(operation, task_id, attempt, error)``: an attempt (1 for the first) failed
+  with a transient error and the task will run again.
+- ``message_refused(task_id, task, reason, error)``: the worker refused a message before any task
+  saw it (worker/poison.py); sent in the worker's main process. ``task_id`` and ``task`` are None
+  when unreadable; ``reason`` is one of ``worker.poison.REASONS``.
 
-Handlers listed in ``TOKENS_BALANCE_CHANGED_HANDLERS`` / ``TOKENS_OPERATION_COMPLETED_HANDLERS``
-(JSON lists of dotted paths) are connected by :func:`connect_configured_handlers`.
+Handlers listed in ``TOKENS_BALANCE_CHANGED_HANDLERS``, ``TOKENS_OPERATION_COMPLETED_HANDLERS``,
+``TOKENS_OPERATION_RETRIED_HANDLERS`` and ``TOKENS_MESSAGE_REFUSED_HANDLERS`` (JSON lists of dotted
+paths) are connected by :func:`connect_configured_handlers`.
 """
 
 from __future__ import annotations
@@ -34,6 +43,12 @@ operation_completed = Signal(
     name="operation_completed",
     providing_args={"operation", "user_id", "amount", "success", "duration", "error", "error_code"},
 )
+operation_retried = Signal(
+    name="operation_retried", providing_args={"operation", "task_id", "attempt", "error"}
+)
+message_refused = Signal(
+    name="message_refused", providing_args={"task_id", "task", "reason", "error"}
+)
 
 
 def resolve(path: str) -> Any:
@@ -51,6 +66,8 @@ def connect_configured_handlers() -> None:
     for signal, paths in (
         (balance_changed, settings.balance_changed_handlers),
         (operation_completed, settings.operation_completed_handlers),
+        (operation_retried, settings.operation_retried_handlers),
+        (message_refused, settings.message_refused_handlers),
     ):
         for path in paths:
             if (signal.name, path) not in _connected:

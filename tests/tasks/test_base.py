@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import psycopg
 import pytest
+from celery.exceptions import Ignore, SoftTimeLimitExceeded, TimeLimitExceeded
 from pydantic import ValidationError
 from sqlalchemy import create_engine, text
 from sqlalchemy.exc import DataError, IntegrityError, OperationalError, ProgrammingError
@@ -17,8 +19,10 @@ from sqlalchemy.orm import Session
 from accounting.accounts import open_account
 from accounting.errors import DomainError
 from models.schemas import DebitIn, UserEntriesIn
+from tasks import base as tasks_base
 from tasks.base import backoff, describe, is_transient, validate
 from tasks.movements import debit
+from worker import signals
 from worker.db import get_engine
 from worker.settings import get_settings
 from worker.signals import operation_completed
@@ -240,3 +244,128 @@ def test_operation_completed_after_a_refusal(
     }
     assert invalid["user_id"] is None  # not a string: not passed on as a user id
     assert (invalid["success"], invalid["error_code"]) == (False, "VALIDATION_ERROR")
+
+
+# --- time limits are failures ----------------------------------------------------------------
+
+
+def unreachable_database_error() -> OperationalError:
+    engine = create_engine(
+        f"postgresql+psycopg://postgres@127.0.0.1:{closed_port()}/x",
+        connect_args={"connect_timeout": 2},
+    )
+    exc = raised(engine.connect)
+    assert isinstance(exc, OperationalError)
+    return exc
+
+
+@pytest.mark.parametrize("limit", [SoftTimeLimitExceeded(), TimeLimitExceeded(4)])
+def test_database_error_caused_by_a_time_limit_is_not_transient(limit: BaseException) -> None:
+    def raised_while_handling(interruption: BaseException) -> OperationalError:
+        try:
+            raise interruption
+        except type(interruption):
+            try:
+                raise unreachable_database_error()  # chained implicitly, as a failed rollback is
+            except OperationalError as exc:
+                return exc
+        raise AssertionError("unreachable")
+
+    # Raised while the time limit was being handled (__context__), as a failed rollback is.
+    during = raised_while_handling(limit)
+    assert isinstance(during, OperationalError) and during.__context__ is limit
+    assert not is_transient(during)
+    # Raised from it (__cause__), and further down a chain.
+    caused = unreachable_database_error()
+    caused.__cause__ = limit
+    assert not is_transient(caused)
+    outer = unreachable_database_error()
+    outer.__context__ = caused
+    assert not is_transient(outer)
+    assert not is_transient(limit)
+    assert is_transient(unreachable_database_error())  # the same error alone still is
+
+
+# --- operation_completed once per outcome, retries apart ---------------------------------------
+
+
+@pytest.fixture
+def retried() -> Iterator[list[dict[str, Any]]]:
+    seen: list[dict[str, Any]] = []
+
+    def receiver(sender: Any, **kwargs: Any) -> None:
+        seen.append({"sender": sender, **kwargs})
+
+    signals.operation_retried.connect(receiver, weak=False)
+    try:
+        yield seen
+    finally:
+        signals.operation_retried.disconnect(receiver)
+
+
+def test_a_transient_error_retried_to_the_end_completes_once(
+    monkeypatch: pytest.MonkeyPatch,
+    completed: list[dict[str, Any]],
+    retried: list[dict[str, Any]],
+) -> None:
+    # Every attempt meets a real OperationalError: the database is unreachable.
+    engine = create_engine(
+        f"postgresql+psycopg://postgres@127.0.0.1:{closed_port()}/x",
+        connect_args={"connect_timeout": 2},
+    )
+
+    @contextmanager
+    def unreachable() -> Iterator[Session]:
+        with Session(engine) as session:
+            yield session
+
+    monkeypatch.setattr(tasks_base, "session_scope", unreachable)
+    kwargs = {"user_id": "u", "amount": 10, "operation_type": "sora_image"}
+    outcome = debit.apply(kwargs=kwargs)  # eager: each retry runs at once
+    assert outcome.state == "FAILURE" and isinstance(outcome.result, OperationalError)
+    attempts = get_settings().task_max_retries
+    assert [e["attempt"] for e in retried] == list(range(1, attempts + 1))
+    assert {e["operation"] for e in retried} == {"tokens.debit"}
+    assert all("OperationalError" in e["error"] for e in retried)
+    [done] = completed
+    assert (done["success"], done["error_code"], done["user_id"], done["amount"]) == (
+        False,
+        "DATABASE_ERROR",
+        "u",
+        10,
+    )
+    assert "OperationalError" in done["error"]
+
+
+def test_a_replaced_task_reports_nothing_itself(
+    session: Session, completed: list[dict[str, Any]], retried: list[dict[str, Any]]
+) -> None:
+    # Task.replace raises Ignore in a worker: the replacement finishes under this task id and
+    # reports the outcome.
+    def replaced(_session: Session, _payload: Any, _task_id: str | None) -> Any:
+        raise Ignore("Replaced by new task")
+
+    kwargs = {"user_id": "u", "amount": 10, "operation_type": "sora_image"}
+    with pytest.raises(Ignore):
+        debit.execute(DebitIn, replaced, (), kwargs)
+    assert (completed, retried) == ([], [])
+
+
+def test_a_hard_time_limit_completes_once_from_the_main_process(
+    completed: list[dict[str, Any]],
+) -> None:
+    # The pool process was killed; Celery calls on_failure in the worker's main process.
+    kwargs = {"user_id": "u", "amount": 10, "operation_type": "sora_image"}
+    debit.on_failure(TimeLimitExceeded(4), "task-1", (), kwargs, None)
+    [done] = completed
+    assert (done["operation"], done["user_id"], done["amount"], done["success"]) == (
+        "tokens.debit",
+        "u",
+        10,
+        False,
+    )
+    assert done["error_code"] == "TIME_LIMIT_EXCEEDED"
+    assert "TimeLimitExceeded" in done["error"]
+    # Any other failure is reported where it happened, in the pool process, not again here.
+    debit.on_failure(ValueError("x"), "task-2", (), kwargs, None)
+    assert len(completed) == 1

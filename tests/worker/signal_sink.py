@@ -1,4 +1,4 @@
-"""Signal handlers a worker connects by dotted path in the configured-handlers test: each
+"""Signal handlers a worker connects by dotted path in the tests that run a real worker: each
 appends one JSON line to the file named by ``TOKENS_TEST_SIGNAL_SINK``."""
 
 from __future__ import annotations
@@ -20,3 +20,11 @@ def on_balance_changed(sender: Any = None, **fields: Any) -> None:
 
 def on_operation_completed(sender: Any = None, **fields: Any) -> None:
     _append("operation_completed", fields)
+
+
+def on_operation_retried(sender: Any = None, **fields: Any) -> None:
+    _append("operation_retried", fields)
+
+
+def on_message_refused(sender: Any = None, **fields: Any) -> None:
+    _append("message_refused", fields)

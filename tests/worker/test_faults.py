@@ -6,12 +6,15 @@ Each dedicated worker consumes a queue of its own, so the session's workers neve
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 from celery import Celery
@@ -220,3 +223,107 @@ def test_one_message_delivered_twice_at_once_applies_once(e2e: Celery) -> None:
     with get_engine().connect() as conn:
         keys = conn.execute(text("SELECT count(*) FROM idempotency_records")).scalar_one()
     assert keys == 1
+
+
+# --- a time limit while the debit waits --------------------------------------------------------
+
+
+def sink_events(sink: Path) -> list[dict[str, Any]]:
+    if not sink.exists():
+        return []
+    return [json.loads(line) for line in sink.read_text().splitlines()]
+
+
+def signal_env(sink: Path) -> dict[str, str]:
+    """A worker's environment connecting the operation signals to the sink file."""
+    return {
+        "TOKENS_TEST_SIGNAL_SINK": str(sink),
+        "TOKENS_OPERATION_COMPLETED_HANDLERS": json.dumps(
+            ["tests.worker.signal_sink:on_operation_completed"]
+        ),
+        "TOKENS_OPERATION_RETRIED_HANDLERS": json.dumps(
+            ["tests.worker.signal_sink:on_operation_retried"]
+        ),
+    }
+
+
+def test_soft_time_limit_on_a_lock_wait_fails_once_and_changes_nothing(
+    app: Celery, account: str, queue: str, tmp_path: Path
+) -> None:
+    sink = tmp_path / "signals.jsonl"
+    env = {
+        "TOKENS_VISIBILITY_TIMEOUT": "10",
+        "TOKENS_TASK_SOFT_TIME_LIMIT": "2",
+        "TOKENS_TASK_TIME_LIMIT": "4",
+        "TOKENS_RETRY_BACKOFF_MAX": "1",
+        **signal_env(sink),
+    }
+    w = worker("faults-time-limit", queue, env)
+    with running_workers(app, w):
+        with row_locked("u"):
+            result = app.send_task("tokens.debit", kwargs=DEBIT, queue=queue)
+            wait_for(lock_waiters, 10, "the debit blocked on the row lock")
+            wait_for(lambda: result.state != "PENDING", 15, "the soft time limit")
+            # The interrupted statement was cancelled and its connection closed: nothing waits
+            # on our lock any more, though we still hold it.
+            wait_for(lambda: not lock_waiters(), 5, "the interrupted statement to go away")
+            assert result.state == "FAILURE"
+        time.sleep(3)  # a retry, or a statement left running, would now take the lock and apply
+        assert result.state == "FAILURE"
+    assert type(result.result).__name__ == "SoftTimeLimitExceeded"
+    assert dbstate.balance("u") == 100
+    assert len(dbstate.entries("u")) == 1  # the opening entry only
+    log = log_of(w)
+    assert log.count(f"Task tokens.debit[{result.id}] received") == 1
+    assert "transient database error" not in log
+    [done] = sink_events(sink)
+    assert (done["signal"], done["operation"], done["success"]) == (
+        "operation_completed",
+        "tokens.debit",
+        False,
+    )
+    assert done["error_code"] == "TIME_LIMIT_EXCEEDED"
+    assert "SoftTimeLimitExceeded" in done["error"]
+
+
+# --- one operation_completed per outcome, retries apart -----------------------------------------
+
+
+def test_retries_are_reported_apart_from_the_one_outcome(
+    app: Celery, account: str, queue: str, proxy: TcpProxy, tmp_path: Path
+) -> None:
+    sink = tmp_path / "signals.jsonl"
+    through_proxy = make_url(get_settings().db_url).set(host="127.0.0.1", port=proxy.port)
+    env = {
+        "TOKENS_DATABASE_URL": through_proxy.render_as_string(hide_password=False),
+        "TOKENS_TASK_MAX_RETRIES": "2",
+        "TOKENS_RETRY_BACKOFF_MAX": "1",
+        **signal_env(sink),
+    }
+    w = worker("faults-signals", queue, env)
+    with running_workers(app, w):
+        doomed = app.send_task("tokens.debit", kwargs=DEBIT, queue=queue)
+        wait_for(lambda: doomed.state == "FAILURE", 30, "FAILURE after the last retry")
+        result = app.send_task("tokens.debit", kwargs=DEBIT, queue=queue)
+        wait_for(lambda: result.state == "RETRY", 15, "the debit waiting to retry")
+        proxy.open()
+        assert result.get(timeout=30)["success"] is True
+    events = sink_events(sink)
+    retried = [e for e in events if e["signal"] == "operation_retried"]
+    completed = [e for e in events if e["signal"] == "operation_completed"]
+    assert [(e["task_id"], e["attempt"]) for e in retried if e["task_id"] == doomed.id] == [
+        (doomed.id, 1),
+        (doomed.id, 2),
+    ]
+    assert all(
+        e["operation"] == "tokens.debit" and "OperationalError" in e["error"] for e in retried
+    )
+    assert [e["attempt"] for e in retried if e["task_id"] == result.id][:1] == [1]
+    # Exactly two outcomes: the doomed debit's failure, then the recovered debit's success.
+    assert [(e["success"], e["error_code"]) for e in completed] == [
+        (False, "DATABASE_ERROR"),
+        (True, None),
+    ]
+    assert "OperationalError" in completed[0]["error"]
+    assert (completed[0]["user_id"], completed[0]["amount"]) == ("u", 10)
+    assert completed[1]["amount"] == -10

@@ -1,0 +1,103 @@
+"""worker/db.py: a statement interrupted by a time limit (a signal raising in the middle of
+psycopg's wait) leaves its connection mid-command. The unit of work must end with that
+interruption, not with the rollback that can no longer run, and the connection must be thrown
+away, never handed out again."""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+from celery.exceptions import SoftTimeLimitExceeded
+from sqlalchemy import create_engine, text
+from sqlalchemy.orm import sessionmaker
+from sqlalchemy.pool import QueuePool
+
+from accounting.accounts import open_account
+from tests import dbstate
+from tests.polling import wait_for
+from tests.worker.test_faults import backend_alive, lock_waiters, row_locked
+from worker import db
+from worker.db import get_engine, session_scope
+from worker.settings import get_settings
+
+UPDATE = text("UPDATE accounts SET tokens_balance = tokens_balance - 1 WHERE user_id = 'u'")
+
+
+@pytest.fixture
+def account(clean_db: None) -> str:
+    with session_scope() as session:
+        open_account(session, "u", initial_balance=100)
+    return "u"
+
+
+@contextmanager
+def soft_time_limit_in(seconds: float) -> Iterator[None]:
+    """Raise SoftTimeLimitExceeded from a signal handler, as billiard does in a pool process."""
+
+    def fire(_signum: int, _frame: Any) -> None:
+        raise SoftTimeLimitExceeded()
+
+    previous = signal.signal(signal.SIGALRM, fire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_time_limit_mid_statement_ends_the_scope_and_discards_the_connection(
+    account: str,
+) -> None:
+    pids: list[int] = []
+    with row_locked("u"):
+        with pytest.raises(SoftTimeLimitExceeded), soft_time_limit_in(0.5), session_scope() as s:
+            pids.append(s.execute(text("SELECT pg_backend_pid()")).scalar_one())
+            s.execute(UPDATE)  # waits on our lock until the limit fires
+        # Cancelled in the server and closed: it no longer waits on the lock we still hold.
+        assert not lock_waiters()
+        wait_for(lambda: not backend_alive(pids[0]), 5, "the interrupted backend to end")
+        # The pool hands out a working connection, never the interrupted one.
+        with session_scope() as session:
+            assert session.execute(text("SELECT pg_backend_pid()")).scalar_one() != pids[0]
+    assert dbstate.balance("u") == 100
+
+
+def test_failed_rollback_does_not_replace_the_original_exception(
+    account: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An engine with none of the project's listeners: the interrupted connection is still
+    # mid-command when session_scope rolls back, so the rollback itself fails.
+    engine = create_engine(get_settings().db_url, pool_size=1, max_overflow=0)
+    monkeypatch.setattr(db, "session_factory", lambda: sessionmaker(bind=engine))
+    try:
+        pids: list[int] = []
+        with row_locked("u"):
+            with (
+                pytest.raises(SoftTimeLimitExceeded),
+                soft_time_limit_in(0.5),
+                session_scope() as session,
+            ):
+                pids.append(session.execute(text("SELECT pg_backend_pid()")).scalar_one())
+                session.execute(UPDATE)
+            with engine.connect() as conn:  # the pool's one connection is a fresh one
+                assert conn.execute(text("SELECT pg_backend_pid()")).scalar_one() != pids[0]
+    finally:
+        engine.dispose()
+    wait_for(lambda: not backend_alive(pids[0]), 10, "the abandoned backend to end")
+    assert dbstate.balance("u") == 100
+
+
+def test_an_ordinary_error_still_rolls_back_and_keeps_the_connection(account: str) -> None:
+    with pytest.raises(ZeroDivisionError), session_scope() as session:
+        session.execute(UPDATE)
+        pid = session.execute(text("SELECT pg_backend_pid()")).scalar_one()
+        1 / 0  # noqa: B018
+    assert dbstate.balance("u") == 100
+    assert backend_alive(pid)
+    pool = get_engine().pool
+    assert isinstance(pool, QueuePool) and pool.checkedout() == 0
