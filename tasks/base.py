@@ -60,10 +60,18 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, OperationalError | InterfaceError)
 
 
+def backoff_cap() -> float:
+    """The longest retry delay. A retried message waits unacknowledged for its countdown and
+    then runs up to the hard time limit: both together stay below the visibility timeout, or
+    the broker would deliver it a second time while it still waits or runs."""
+    settings = get_settings()
+    room = settings.visibility_timeout - settings.task_time_limit
+    return min(settings.retry_backoff_max, room / 2)
+
+
 def backoff(retries: int) -> float:
-    """Exponential backoff with full jitter, capped (and far below the visibility timeout)."""
-    cap = min(get_settings().retry_backoff_max, get_settings().visibility_timeout / 4)
-    return random.uniform(0, min(cap, 0.5 * 2**retries))
+    """Exponential backoff with full jitter, capped by :func:`backoff_cap`."""
+    return random.uniform(0, min(backoff_cap(), 0.5 * 2**retries))
 
 
 def describe(exc: ValidationError) -> str:
