@@ -179,12 +179,16 @@ class ContractTask(Task):  # type: ignore[misc]
         # A movement reports its signed amount; a refusal or failure, the amount it was asked for.
         asked = kwargs.get("amount")
         amount = outcome.get("amount", asked if type(asked) is int else None)
+        operation_type = outcome.get("operation_type", kwargs.get("operation_type"))
         operation_completed.send(
             sender=self.name,
             operation=self.name,
+            task_id=self.request.id,
             user_id=user_id if isinstance(user_id, str) else None,
+            operation_type=operation_type if isinstance(operation_type, str) else None,
             amount=amount,
             success=bool(outcome.get("success")),
+            replayed=outcome.get("replayed") is True,
             duration=duration,
             error=one_line(failure) if failure is not None else outcome.get("error"),
             error_code=failure_code(failure) if failure is not None else outcome.get("error_code"),

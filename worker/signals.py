@@ -3,11 +3,13 @@
 - ``balance_changed(user_id, balance, tokens_reserved, operation)``: the domain's event
   (``accounting/events.py``), sent after the transaction holding a balance change has committed,
   never for one that rolled back.
-- ``operation_completed(operation, user_id, amount, success, duration, error, error_code)``: sent
-  once per task outcome: a success, a refusal (``error``/``error_code`` of the contract), or a
-  final failure (``error_code`` ``TIME_LIMIT_EXCEEDED``, ``DATABASE_ERROR`` or ``INTERNAL_ERROR``,
-  ``error`` the exception in one line). Not for an attempt that is retried, nor for a task
-  replaced by another (whoever finishes under its task id reports).
+- ``operation_completed(operation, task_id, user_id, operation_type, amount, success, replayed,
+  duration, error, error_code)``: sent once per task outcome: a success, a refusal
+  (``error``/``error_code`` of the contract), or a final failure (``error_code``
+  ``TIME_LIMIT_EXCEEDED``, ``DATABASE_ERROR`` or ``INTERNAL_ERROR``, ``error`` the exception in
+  one line). ``operation_type`` is the movement's (or the one asked for, else None); ``replayed``
+  is true when an earlier identical request had already done it. Not for an attempt that is
+  retried, nor for a task replaced by another (whoever finishes under its task id reports).
 - ``operation_retried(operation, task_id, attempt, error)``: an attempt (1 for the first) failed
   with a transient error and the task will run again.
 - ``message_refused(task_id, task, reason, error)``: the worker refused a message before any task
@@ -41,7 +43,18 @@ log = logging.getLogger(__name__)
 
 operation_completed = Signal(
     name="operation_completed",
-    providing_args={"operation", "user_id", "amount", "success", "duration", "error", "error_code"},
+    providing_args={
+        "operation",
+        "task_id",
+        "user_id",
+        "operation_type",
+        "amount",
+        "success",
+        "replayed",
+        "duration",
+        "error",
+        "error_code",
+    },
 )
 operation_retried = Signal(
     name="operation_retried", providing_args={"operation", "task_id", "attempt", "error"}

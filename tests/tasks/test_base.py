@@ -216,9 +216,12 @@ SIGNAL_FIELDS = {
     "sender",
     "signal",
     "operation",
+    "task_id",
     "user_id",
+    "operation_type",
     "amount",
     "success",
+    "replayed",
     "duration",
     "error",
     "error_code",
@@ -236,6 +239,8 @@ def test_operation_completed_after_a_movement(
     assert set(event) == SIGNAL_FIELDS
     assert event["operation"] == event["sender"] == "tokens.debit"
     assert (event["user_id"], event["amount"], event["success"]) == ("u", -10, True)
+    assert (event["operation_type"], event["replayed"]) == ("sora_image", False)
+    assert isinstance(event["task_id"], str)
     assert (event["error"], event["error_code"]) == (None, None)
     assert isinstance(event["duration"], float) and event["duration"] > 0
 
@@ -254,9 +259,12 @@ def test_operation_completed_after_a_refusal(
         "sender": "tokens.debit",
         "signal": operation_completed,
         "operation": "tokens.debit",
+        "task_id": refusal["task_id"],
         "user_id": "u",
+        "operation_type": "sora_image",
         "amount": 10,  # the amount asked for
         "success": False,
+        "replayed": False,
         "duration": refusal["duration"],
         "error": "Insufficient tokens. Required: 10, Available: 5",
         "error_code": "INSUFFICIENT_TOKENS",
