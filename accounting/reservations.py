@@ -281,16 +281,18 @@ def release(
     return out
 
 
+# Active reservations and the tokens they hold, across all users. The status is a literal: the
+# planner matches the partial index on active reservations only against what it can see.
+HELD = select(func.count(), func.coalesce(func.sum(Reservation.amount), 0)).where(
+    Reservation.status == literal(ACTIVE, literal_execute=True)
+)
+
+
 def held(session: Session) -> tuple[int, int]:
     """How many reservations are active and the tokens they hold, across all users. Read
     through the partial index on active reservations, so the cost follows the holds that exist,
-    not the size of the table (for the metrics a worker serves on each scrape)."""
-    count, tokens = session.execute(
-        select(func.count(), func.coalesce(func.sum(Reservation.amount), 0)).where(
-            # A literal: the planner matches the partial index only against what it can see.
-            Reservation.status == literal(ACTIVE, literal_execute=True)
-        )
-    ).one()
+    not the size of the table (the metrics a worker serves read it on each scrape)."""
+    count, tokens = session.execute(HELD).one()
     return int(count), int(tokens)
 
 

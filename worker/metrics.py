@@ -304,17 +304,19 @@ def on_task_success(sender: Any = None, *, result: Any, runtime: float = 0.0, **
         return
     name, kwargs = sender.name, request.kwargs or {}
     if name == "tokens.debit_batch":
-        _count_batch(result.get("results") or [])
+        _count_batch(result.get("results") or [], kwargs.get("debits") or [])
     elif name == "ledger.reconcile" and kwargs.get("user_id") is None:
         RECONCILE_MISMATCHES.set(len(result.get("mismatches") or []))
         LAST_RECONCILE.set(time.time())
 
 
-def _count_batch(items: Iterable[Any]) -> None:
-    for item in items:
+def _count_batch(items: list[Any], asked: list[Any]) -> None:
+    # Results are in the order sent; a refused item's result names no operation type.
+    for index, item in enumerate(items):
         if not isinstance(item, dict):
             continue
-        op_type = operation_type_label(item.get("operation_type"))
+        sent = asked[index] if index < len(asked) and isinstance(asked[index], dict) else {}
+        op_type = operation_type_label(item.get("operation_type", sent.get("operation_type")))
         ok = item.get("success") is True
         BATCH_ITEMS.labels(op_type, "ok" if ok else item.get("error_code") or "UNKNOWN").inc()
         amount = item.get("amount")
