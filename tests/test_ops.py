@@ -108,3 +108,13 @@ def test_the_dashboard_and_the_rules_use_only_what_the_worker_exports() -> None:
     assert used_by_dashboard - known == set()
     # Not vacuous: they use most of what there is.
     assert len(used_by_rules) >= 8 and len(used_by_dashboard) >= 20
+
+
+def test_the_readmes_prometheus_config_is_valid(tmp_path: Path) -> None:
+    readme = (ROOT / "README.md").read_text()
+    found = re.search(r"```yaml\n(rule_files:.*?)```", readme, re.S)
+    assert found is not None
+    config = tmp_path / "prometheus.yml"
+    config.write_text(found.group(1).replace("ops/prometheus/alerts.yml", str(RULES)))
+    out = run_promtool("check", "config", str(config))
+    assert "SUCCESS: 1 rule files found" in out

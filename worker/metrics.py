@@ -33,6 +33,7 @@ import time
 from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -202,9 +203,16 @@ def queue_label(delivery_info: Any) -> str:
     return key if key in _queues else OTHER
 
 
+@cache
+def of(metric: Any, *labels: str) -> Any:
+    """``metric.labels(*labels)``, remembered: prometheus_client checks and converts the label
+    values on every call, which was most of the handlers' cost (the values are bounded)."""
+    return metric.labels(*labels)
+
+
 def moved(operation_type: str, amount: int) -> None:
     if amount:
-        MOVED.labels(operation_type, "credit" if amount > 0 else "debit").inc(abs(amount))
+        of(MOVED, operation_type, "credit" if amount > 0 else "debit").inc(abs(amount))
 
 
 # --- handlers -----------------------------------------------------------------------------------
@@ -223,12 +231,12 @@ def on_operation_completed(
     **_: Any,
 ) -> None:
     op_type = operation_type_label(operation_type)
-    OPERATIONS.labels(operation, op_type, "ok" if success else error_code or "UNKNOWN").inc()
-    DURATION.labels(operation).observe(duration)
+    of(OPERATIONS, operation, op_type, "ok" if success else error_code or "UNKNOWN").inc()
+    of(DURATION, operation).observe(duration)
     if not success:
         return
     if replayed:
-        REPLAYS.labels(operation, op_type).inc()
+        of(REPLAYS, operation, op_type).inc()
     elif operation in MOVEMENTS and type(amount) is int:
         moved(op_type, amount)
 
@@ -244,27 +252,27 @@ def on_renewals_counted(
     **_: Any,
 ) -> None:
     for name, users in renewed.items():
-        RENEWALS.labels(name, "renewed").inc(users)
+        of(RENEWALS, name, "renewed").inc(users)
     for given in tokens.values():
         moved("monthly_reset", given)
     if skipped:
-        RENEWALS.labels(tier or "all", "skipped").inc(skipped)
+        of(RENEWALS, tier or "all", "skipped").inc(skipped)
     if failed:
-        RENEWALS.labels(tier or "all", "failed").inc(failed)
+        of(RENEWALS, tier or "all", "failed").inc(failed)
 
 
 def on_operation_retried(sender: Any = None, *, operation: str, **_: Any) -> None:
-    RETRIES.labels(operation).inc()
+    of(RETRIES, operation).inc()
 
 
 def on_message_refused(sender: Any = None, *, reason: str, **_: Any) -> None:
-    REFUSED.labels(reason if reason in REASONS else OTHER).inc()
+    of(REFUSED, reason if reason in REASONS else OTHER).inc()
 
 
 def on_task_received(sender: Any = None, *, request: Any, **_: Any) -> None:
     # Main process. The stamp travels to the pool child with the request.
     request.request_dict[RECEIVED_AT] = time.time()
-    RECEIVED.labels(request.name, queue_label(request.delivery_info)).inc()
+    of(RECEIVED, request.name, queue_label(request.delivery_info)).inc()
 
 
 def _eta(value: Any) -> float | None:
@@ -282,13 +290,13 @@ def on_task_prerun(sender: Any = None, *, task: Any, **_: Any) -> None:
     now = time.time()
     request = task.request
     queue = queue_label(request.delivery_info)
-    STARTED.labels(task.name, queue).inc()
+    of(STARTED, task.name, queue).inc()
     ACTIVE.inc()
     received = getattr(request, RECEIVED_AT, None)
     if isinstance(received, float):
         eta = _eta(request.eta)
         since = received if eta is None else max(received, eta)
-        QUEUE_WAIT.labels(task.name, queue).observe(max(0.0, now - since))
+        of(QUEUE_WAIT, task.name, queue).observe(max(0.0, now - since))
 
 
 def on_task_postrun(sender: Any = None, **_: Any) -> None:
@@ -298,8 +306,8 @@ def on_task_postrun(sender: Any = None, **_: Any) -> None:
 def on_task_success(sender: Any = None, *, result: Any, runtime: float = 0.0, **_: Any) -> None:
     request = sender.request
     queue = queue_label(request.delivery_info)
-    SUCCEEDED.labels(sender.name, queue).inc()
-    RUNTIME.labels(sender.name, queue).observe(runtime)
+    of(SUCCEEDED, sender.name, queue).inc()
+    of(RUNTIME, sender.name, queue).observe(runtime)
     if not (isinstance(result, dict) and result.get("success") is True):
         return
     name, kwargs = sender.name, request.kwargs or {}
@@ -318,7 +326,7 @@ def _count_batch(items: list[Any], asked: list[Any]) -> None:
         sent = asked[index] if index < len(asked) and isinstance(asked[index], dict) else {}
         op_type = operation_type_label(item.get("operation_type", sent.get("operation_type")))
         ok = item.get("success") is True
-        BATCH_ITEMS.labels(op_type, "ok" if ok else item.get("error_code") or "UNKNOWN").inc()
+        of(BATCH_ITEMS, op_type, "ok" if ok else item.get("error_code") or "UNKNOWN").inc()
         amount = item.get("amount")
         if ok and item.get("replayed") is not True and type(amount) is int:
             moved(op_type, amount)
@@ -326,18 +334,18 @@ def _count_batch(items: list[Any], asked: list[Any]) -> None:
 
 def on_task_failure(sender: Any = None, *, exception: BaseException, **_: Any) -> None:
     queue = queue_label(getattr(sender.request, "delivery_info", None))
-    FAILED.labels(sender.name, queue, type(exception).__name__).inc()
+    of(FAILED, sender.name, queue, type(exception).__name__).inc()
 
 
 def on_task_retry(sender: Any = None, *, request: Any, **_: Any) -> None:
-    RETRIED.labels(sender.name, queue_label(getattr(request, "delivery_info", None))).inc()
+    of(RETRIED, sender.name, queue_label(getattr(request, "delivery_info", None))).inc()
 
 
 def on_after_task_publish(
     sender: Any = None, *, headers: Any = None, routing_key: str = "", **_: Any
 ) -> None:
     name = headers.get("task") if isinstance(headers, dict) else None
-    SENT.labels(name or sender, routing_key if routing_key in _queues else OTHER).inc()
+    of(SENT, name or sender, routing_key if routing_key in _queues else OTHER).inc()
 
 
 # --- what the main process reads on each scrape -------------------------------------------------
@@ -576,7 +584,7 @@ def start(app: Celery, directory: Path, queues: Collection[str]) -> Exporter:
     _known_types = frozenset(settings.prices) | {"capture"}
     _queues = frozenset(queues)
     for reason in REASONS:  # every reason has a series from the start, so rate() sees the first
-        REFUSED.labels(reason).inc(0)
+        of(REFUSED, reason).inc(0)
     registry = CollectorRegistry()
     MultiProcessCollector(registry, path=str(directory))  # type: ignore[no-untyped-call]
     collector = ScrapeCollector(
