@@ -28,6 +28,7 @@ lint: install
 
 test: install lint
 	scripts/ensure-services.sh
+	VENV=$(VENV) scripts/ensure-promtool.sh
 	$(BIN)/pytest -q
 
 bench: install

@@ -1,5 +1,12 @@
-"""Domain events: ``balance_changed(user_id, balance, tokens_reserved, operation)``, sent after
-the transaction holding a balance change has committed, never for one that rolled back.
+"""Domain events, sent after the transaction that made them has committed, never for one that
+rolled back:
+
+- ``balance_changed(user_id, balance, tokens_reserved, operation)``: a balance changed.
+- ``renewals_counted(renewed, tokens, skipped, failed, tier)``: renewals were written (a sweep
+  chunk's tally, or one ``renew_user``): ``renewed`` and ``tokens`` map each tier to the users
+  renewed and the tokens they were given; ``skipped`` and ``failed`` count the chunk's users not
+  renewed (their tier is not looked up: ``tier`` is the sweep's one tier, or None when it
+  covered several). A chunk that replays its stored tally sends nothing.
 
 The domain's own seam: the worker (metrics, caches) connects to it; the domain never imports the
 worker.
@@ -8,6 +15,7 @@ worker.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from celery.utils.dispatch import Signal
 from sqlalchemy import event
@@ -18,8 +26,11 @@ log = logging.getLogger(__name__)
 balance_changed = Signal(
     name="balance_changed", providing_args={"user_id", "balance", "tokens_reserved", "operation"}
 )
+renewals_counted = Signal(
+    name="renewals_counted", providing_args={"renewed", "tokens", "skipped", "failed", "tier"}
+)
 
-_PENDING = "pending_balance_changes"
+_PENDING = "pending_domain_events"
 
 
 def note_balance_change(
@@ -27,18 +38,41 @@ def note_balance_change(
 ) -> None:
     """Queue a ``balance_changed`` to be sent once ``session`` commits; dropped if the transaction
     or savepoint it was noted in rolls back."""
-    noted_in = session.get_nested_transaction() or session.get_transaction()
-    session.info.setdefault(_PENDING, []).append(
-        (
-            noted_in,
-            {
-                "user_id": user_id,
-                "balance": balance,
-                "tokens_reserved": tokens_reserved,
-                "operation": operation,
-            },
-        )
+    _note(
+        session,
+        balance_changed,
+        user_id=user_id,
+        balance=balance,
+        tokens_reserved=tokens_reserved,
+        operation=operation,
     )
+
+
+def note_renewals(
+    session: Session,
+    *,
+    renewed: dict[str, int],
+    tokens: dict[str, int],
+    skipped: int = 0,
+    failed: int = 0,
+    tier: str | None = None,
+) -> None:
+    """Queue a ``renewals_counted`` to be sent once ``session`` commits (nothing if all zero)."""
+    if any(renewed.values()) or skipped or failed:
+        _note(
+            session,
+            renewals_counted,
+            renewed=renewed,
+            tokens=tokens,
+            skipped=skipped,
+            failed=failed,
+            tier=tier,
+        )
+
+
+def _note(session: Session, signal: Signal, **fields: Any) -> None:
+    noted_in = session.get_nested_transaction() or session.get_transaction()
+    session.info.setdefault(_PENDING, []).append((noted_in, signal, fields))
 
 
 @event.listens_for(Session, "after_commit")
@@ -46,11 +80,11 @@ def _send_after_commit(session: Session) -> None:
     # SQLAlchemy sends after_commit when a savepoint is released too; nothing is committed yet.
     if session.in_nested_transaction():
         return
-    for _noted_in, change in session.info.pop(_PENDING, []):
+    for _noted_in, signal, fields in session.info.pop(_PENDING, []):
         # A broken handler must not turn a committed movement into a failed task.
-        for _receiver, response in balance_changed.send(sender=None, **change):
+        for _receiver, response in signal.send(sender=None, **fields):
             if isinstance(response, Exception):
-                log.error("balance_changed handler failed: %r", response)
+                log.error("%s handler failed: %r", signal.name, response)
 
 
 def _within(transaction: SessionTransaction | None, outer: SessionTransaction) -> bool:

@@ -33,6 +33,7 @@ from __future__ import annotations
 import enum
 import logging
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, time, timedelta
@@ -59,7 +60,7 @@ from accounting.accounts import load_account
 from accounting.catalog import FREE_TIERS, known_operation, tier_of
 from accounting.config import rules
 from accounting.errors import not_due, subscription_expired
-from accounting.events import balance_changed, note_balance_change
+from accounting.events import balance_changed, note_balance_change, note_renewals
 from accounting.idempotency import insert_ignoring_conflicts
 from models.schemas import (
     DueOut,
@@ -224,6 +225,7 @@ def renew_user(
     out = _renew_one(session, user_id, plans_at(now), now, source="renew_user")
     if out is not None:
         idempotency.record(session, user_id, idempotency_key, out.model_dump(mode="json"))
+        note_renewals(session, renewed={out.tier: 1}, tokens={out.tier: out.tokens_added})
         return out
     account = load_account(session, user_id)  # raises USER_NOT_FOUND
     if _expired(account.tier, account.subscription_expires_at, now):
@@ -391,6 +393,10 @@ entries AS (
 _CHANGES = """CASE WHEN :with_changes THEN (
     SELECT json_agg(json_build_array(user_id, tokens_balance, tokens_reserved)) FROM renewed
 ) END"""
+# Users renewed per tier, for the tally's renewals_counted (metrics by tier).
+_BY_TIER = """(SELECT json_object_agg(tier, n) FROM (
+    SELECT tier, count(*) AS n FROM renewed GROUP BY tier
+) AS per_tier)"""
 
 
 def _chunk_sql(phase: Phase, plans: dict[str, TierPlan]) -> str:
@@ -412,7 +418,8 @@ SELECT
     (SELECT count(*) FROM entries) AS renewed,
     (SELECT array_agg(p.user_id) FROM page p
      WHERE p.user_id NOT IN (SELECT user_id FROM locked)) AS contested,
-    {_CHANGES} AS changes"""
+    {_CHANGES} AS changes,
+    {_BY_TIER} AS by_tier"""
 
 
 # The contested rows of a chunk, waited for: locked in user_id order (as every sweep does, so
@@ -424,7 +431,7 @@ locked AS (
     FOR UPDATE OF a
 ),
 {_RENEW}
-SELECT (SELECT count(*) FROM entries) AS renewed, {_CHANGES} AS changes"""
+SELECT (SELECT count(*) FROM entries) AS renewed, {_CHANGES} AS changes, {_BY_TIER} AS by_tier"""
 
 
 def _params(
@@ -703,6 +710,7 @@ class _Tally:
     skipped: int = 0
     errors: list[dict[str, str]] = field(default_factory=list)
     stopped: bool = False
+    by_tier: Counter[str] = field(default_factory=Counter)  # the successful ones, per tier
 
     def fail(self, user_id: str, exc: BaseException) -> None:
         self.failed += 1
@@ -816,6 +824,14 @@ def _write_tally(
         session.execute(
             update(sweep_table).where(_sweeps.sweep_id == chunk.sweep_id).values(stopped=True)
         )
+    note_renewals(
+        session,
+        renewed=dict(tally.by_tier),
+        tokens={t: n * chunk.plans[t].allocation for t, n in tally.by_tier.items()},
+        skipped=tally.skipped,
+        failed=tally.failed,
+        tier=next(iter(chunk.plans)) if len(chunk.plans) == 1 else None,
+    )
     return SweepChunkOut(
         sweep_id=chunk.sweep_id,
         index=chunk.index,
@@ -898,22 +914,26 @@ def _renew_chunk(session: Session, chunk: _Chunk) -> tuple[SweepChunkOut, list[s
         }
         row = session.execute(text(_chunk_sql(r.phase, plans)), params).one()
         _note_changes(session, row.changes)
-        renewed, contested = int(row.renewed), list(row.contested or [])
+        by_tier, contested = Counter(row.by_tier or {}), list(row.contested or [])
     else:
-        renewed, contested = _renew_range_portable(session, chunk), []
+        by_tier, contested = _renew_range_portable(session, chunk), []
+    renewed = by_tier.total()
     # Due at planning but not renewed now (renewed meanwhile, or no longer due): skipped.
-    tally = _Tally(successful=renewed, skipped=r.planned - renewed - len(contested))
+    tally = _Tally(
+        successful=renewed, skipped=r.planned - renewed - len(contested), by_tier=by_tier
+    )
     status = "contested" if contested else "done"
     return _write_tally(session, chunk, status, tally, contested), contested
 
 
-def _renew_range_portable(session: Session, chunk: _Chunk) -> int:
-    """The same chunk as a few set-based statements any dialect runs. SQLite (the embedded
-    default) takes one writer at a time, so there is nothing to lock or skip."""
+def _renew_range_portable(session: Session, chunk: _Chunk) -> Counter[str]:
+    """The same chunk as a few set-based statements any dialect runs (users renewed, per tier).
+    SQLite (the embedded default) takes one writer at a time, so there is nothing to lock or
+    skip."""
     r, plans, now = chunk.range, chunk.plans, chunk.as_of
     page = _page(session, plans, r.phase, r.after, r.planned, now, r.upto)
     if not page:
-        return 0
+        return Counter()
     rows = session.execute(
         update(Account)
         .where(Account.user_id.in_([u for u, _ in page]), due_clause(plans, now))
@@ -952,7 +972,7 @@ def _renew_range_portable(session: Session, chunk: _Chunk) -> int:
         note_balance_change(
             session, user_id=user_id, balance=balance, tokens_reserved=reserved, operation=KIND
         )
-    return len(rows)
+    return Counter(tier for _, tier, _, _, _ in rows)
 
 
 def _renew_chunk_one_by_one(session: Session, chunk: _Chunk) -> SweepChunkOut:
@@ -978,8 +998,11 @@ def _finish_contested(
                 return _missing(sweep_id, index)
             if chunk.status != "contested":
                 return chunk.out()
-            renewed = _renew_contested(session, chunk.plans, chunk.contested, chunk.as_of)
-            tally = _Tally(successful=renewed, skipped=len(chunk.contested) - renewed)
+            by_tier = _renew_contested(session, chunk.plans, chunk.contested, chunk.as_of)
+            renewed = by_tier.total()
+            tally = _Tally(
+                successful=renewed, skipped=len(chunk.contested) - renewed, by_tier=by_tier
+            )
             return _write_tally(session, chunk, "done", tally, [])
     except DBAPIError as exc:
         if not _isolatable(exc):
@@ -997,15 +1020,15 @@ def _finish_contested(
 
 def _renew_contested(
     session: Session, plans: dict[str, TierPlan], contested: list[str], now: datetime
-) -> int:
+) -> Counter[str]:
+    """Users renewed, per tier."""
     params = _params(plans, now) | {
         "contested": contested,
         "with_changes": balance_changed.has_listeners(),
     }
     row = session.execute(text(_CONTESTED_SQL), params).one()
     _note_changes(session, row.changes)
-    renewed: int = row.renewed
-    return renewed
+    return Counter(row.by_tier or {})
 
 
 def _note_changes(session: Session, changes: list[list[Any]] | None) -> None:
@@ -1038,6 +1061,7 @@ def _one_by_one(session: Session, user_ids: list[str], chunk: _Chunk, tally: _Ta
             tally.skipped += 1
         else:
             tally.successful += 1
+            tally.by_tier[out.tier] += 1
 
 
 # --- totals, and the whole sweep in-process ---------------------------------------------------
@@ -1072,6 +1096,53 @@ def sweep_totals(session: Session, sweep_id: str) -> SweepOut:
         failed=failed,
         skipped=skipped,
         errors=errors[:MAX_ERRORS_LISTED],
+    )
+
+
+@dataclass(frozen=True)
+class LastSweep:
+    """The latest sweep planned, and its chunks' tallies so far."""
+
+    planned_at: datetime
+    chunks: int
+    pending: int  # chunks not yet run (0: the sweep is complete)
+    successful: int
+    skipped: int
+    failed: int
+
+
+def last_sweep(session: Session) -> LastSweep | None:
+    """The latest sweep (planned by ``renewals.sweep`` or the CLI; dry runs are not recorded),
+    or None if none is kept. Two index look-ups: the newest sweep, then its chunks."""
+    latest = (
+        select(_sweeps.sweep_id, _sweeps.created_at, _sweeps.chunks)
+        .order_by(_sweeps.created_at.desc())
+        .limit(1)
+        .subquery()
+    )
+    pending = case((_chunks.status.in_(("planned", "contested")), 1), else_=0)
+    row = session.execute(
+        select(
+            latest.c.created_at,
+            latest.c.chunks,
+            *(
+                func.coalesce(func.sum(c), 0)
+                for c in (pending, _chunks.successful, _chunks.skipped, _chunks.failed)
+            ),
+        )
+        .select_from(latest.outerjoin(sweep_chunk_table, _chunks.sweep_id == latest.c.sweep_id))
+        .group_by(latest.c.sweep_id, latest.c.created_at, latest.c.chunks)
+    ).first()
+    if row is None:
+        return None
+    planned_at, chunks, waiting, successful, skipped, failed = row
+    return LastSweep(
+        planned_at=planned_at,
+        chunks=int(chunks),
+        pending=int(waiting),
+        successful=int(successful),
+        skipped=int(skipped),
+        failed=int(failed),
     )
 
 

@@ -281,6 +281,21 @@ def release(
     return out
 
 
+# Active reservations and the tokens they hold, across all users. The status is a literal: the
+# planner matches the partial index on active reservations only against what it can see.
+HELD = select(func.count(), func.coalesce(func.sum(Reservation.amount), 0)).where(
+    Reservation.status == literal(ACTIVE, literal_execute=True)
+)
+
+
+def held(session: Session) -> tuple[int, int]:
+    """How many reservations are active and the tokens they hold, across all users. Read
+    through the partial index on active reservations, so the cost follows the holds that exist,
+    not the size of the table (the metrics a worker serves read it on each scrape)."""
+    count, tokens = session.execute(HELD).one()
+    return int(count), int(tokens)
+
+
 def expire_all(sessions: Callable[[], Session], now: datetime | None = None) -> int:
     """Expire every reservation due at ``now``, committing one transaction per chunk so a large
     backlog never holds its locks for long (like the renewal sweep, it takes a session factory).

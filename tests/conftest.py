@@ -18,7 +18,7 @@ from celery import Celery  # noqa: E402
 from sqlalchemy import text  # noqa: E402
 from sqlalchemy.orm import Session  # noqa: E402
 
-from tests.support import TABLES, WorkerProcess, producer, running_workers  # noqa: E402
+from tests.support import TABLES, WorkerProcess, free_port, producer, running_workers  # noqa: E402
 from worker.db import dispose_engines, get_engine, session_factory  # noqa: E402
 
 
@@ -60,9 +60,21 @@ def app() -> Celery:
 
 
 @pytest.fixture(scope="session")
-def workers(app: Celery) -> Iterator[tuple[WorkerProcess, ...]]:
-    """Two real worker processes (prefork, two children each) for the whole run."""
-    with running_workers(app, WorkerProcess("w1"), WorkerProcess("w2")) as procs:
+def workers(
+    app: Celery, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[WorkerProcess, ...]]:
+    """Two real worker processes (prefork, two children each) for the whole run, each serving
+    its metrics on a port of its own (``metrics_port``; tests/worker/test_metrics.py)."""
+
+    def worker(name: str) -> WorkerProcess:
+        env = {
+            "TOKENS_METRICS_PORT": str(free_port()),
+            "TOKENS_METRICS_ADDR": "127.0.0.1",
+            "TOKENS_METRICS_DIR": str(tmp_path_factory.mktemp(f"metrics-{name}")),
+        }
+        return WorkerProcess(name, env=env)
+
+    with running_workers(app, worker("w1"), worker("w2")) as procs:
         yield procs
 
 

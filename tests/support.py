@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -15,7 +16,7 @@ from accounting.errors import DomainError
 from worker.db import session_scope
 from worker.devenv import ROOT, WorkerProcess, producer, running_workers
 
-__all__ = ["ROOT", "TABLES", "WorkerProcess", "call", "producer", "running_workers"]
+__all__ = ["ROOT", "TABLES", "WorkerProcess", "call", "free_port", "producer", "running_workers"]
 
 TABLES = (
     "idempotency_records",
@@ -40,6 +41,14 @@ def workers_that_ran(app: Celery, name: str, before: dict[str, int]) -> set[str]
     """The workers that took ``name`` tasks since ``before`` was read."""
     after = tasks_done_by_worker(app, name)
     return {w for w, n in after.items() if n > before.get(w, 0)}
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for a worker's metrics server)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
 
 
 def call(app: Celery, name: str, /, **kwargs: Any) -> dict[str, Any]:

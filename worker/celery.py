@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import re
+import sys
+from pathlib import Path
 from typing import Any
 
 from celery import Celery
@@ -61,6 +65,35 @@ def _check_time_limits(sender: Any, **_: Any) -> None:
     problems = time_limit_problems(sender.app.tasks.values(), get_settings().visibility_timeout)
     if problems:
         raise SystemExit("worker refusing to start: " + "; ".join(problems))
+
+
+@worker_init.connect  # type: ignore[untyped-decorator]
+def _serve_metrics(sender: Any, **_: Any) -> None:
+    # In the main process, before the pool forks (the children inherit the directory) and before
+    # prometheus_client is first imported: it chooses per-process files or memory at import.
+    settings = get_settings()
+    if settings.metrics_port is None:
+        return
+    if "prometheus_client" in sys.modules:
+        raise SystemExit(
+            "worker refusing to start: prometheus_client was imported before the metrics "
+            "directory was set, so the pool processes' metrics would be lost"
+        )
+    node = re.sub(r"[^A-Za-z0-9@._-]", "_", sender.hostname)
+    directory = settings.metrics_dir or settings.var_dir / "metrics" / node
+    directory.mkdir(parents=True, exist_ok=True)
+    for stale in Path(directory).glob("*.db"):  # the previous run's processes
+        stale.unlink()
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
+    from worker import metrics
+
+    try:
+        metrics.start(sender.app, directory, queues=list(sender.app.amqp.queues.consume_from))
+    except OSError as exc:
+        raise SystemExit(
+            f"worker refusing to start: metrics port {settings.metrics_addr}:"
+            f"{settings.metrics_port}: {exc.strerror or exc}"
+        ) from None
 
 
 @celeryd_init.connect  # type: ignore[untyped-decorator]

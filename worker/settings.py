@@ -72,6 +72,13 @@ class Settings(BaseSettings):
     max_message_depth: int = Field(default=32, ge=4, le=100)
     max_message_bytes: int = Field(default=32 * 1024 * 1024, ge=4096)
 
+    # Prometheus metrics (worker/metrics.py), served by a worker's main process when a port is
+    # set. The directory holds every process's metric files; it is emptied when the worker
+    # starts, so each worker needs its own (default: var/metrics/<node name>).
+    metrics_port: int | None = Field(default=None, ge=1, le=65535)
+    metrics_addr: str = "0.0.0.0"
+    metrics_dir: Path | None = None
+
     # Dotted paths ("package.module:function" or "package.module.function") connected at start-up.
     balance_changed_handlers: list[str] = Field(default_factory=list)
     operation_completed_handlers: list[str] = Field(default_factory=list)

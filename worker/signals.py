@@ -3,6 +3,9 @@
 - ``balance_changed(user_id, balance, tokens_reserved, operation)``: the domain's event
   (``accounting/events.py``), sent after the transaction holding a balance change has committed,
   never for one that rolled back.
+- ``renewals_counted(renewed, tokens, skipped, failed, tier)``: the domain's event
+  (``accounting/events.py``), sent after a sweep chunk's or a ``renew_user``'s renewals have
+  committed: users renewed and tokens given per tier, users skipped or failed (metrics).
 - ``operation_completed(operation, task_id, user_id, operation_type, amount, success, replayed,
   duration, error, error_code)``: sent once per task outcome: a success, a refusal
   (``error``/``error_code`` of the contract), or a final failure (``error_code``
@@ -29,7 +32,7 @@ from typing import Any
 
 from celery.utils.dispatch import Signal
 
-from accounting.events import balance_changed, note_balance_change
+from accounting.events import balance_changed, note_balance_change, renewals_counted
 from worker.settings import get_settings
 
 __all__ = [
@@ -37,6 +40,7 @@ __all__ = [
     "connect_configured_handlers",
     "note_balance_change",
     "operation_completed",
+    "renewals_counted",
 ]
 
 log = logging.getLogger(__name__)

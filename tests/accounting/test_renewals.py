@@ -21,7 +21,7 @@ from tests.polling import wait_for
 from tests.support import assert_ledger_consistent, refused
 from worker.db import get_engine, make_engine, session_factory
 from worker.migrate import upgrade
-from worker.signals import balance_changed
+from worker.signals import balance_changed, renewals_counted
 
 NOW = datetime(2026, 11, 24, 2, 0, 1, tzinfo=UTC)
 ALLOCATION = {"Gift": 100, "Professional": 2000, "Business": 10000}
@@ -844,3 +844,146 @@ def test_the_sweep_takes_its_instant_from_the_database_clock(
     assert entry.created_at >= started
     renewed_at = accounts.get_balance(session, "u").last_renewal_at
     assert renewed_at is not None and renewed_at >= started
+
+
+# --- renewals_counted (metrics by tier) and the latest sweep ------------------------------------
+
+
+@dataclass
+class Counted:
+    """Every ``renewals_counted`` sent, summed."""
+
+    events: list[dict[str, Any]]
+
+    def renewed(self) -> dict[str, int]:
+        return _sum(e["renewed"] for e in self.events)
+
+    def tokens(self) -> dict[str, int]:
+        return _sum(e["tokens"] for e in self.events)
+
+    def others(self) -> list[tuple[str | None, int, int]]:
+        return [
+            (e["tier"], e["skipped"], e["failed"])
+            for e in self.events
+            if e["skipped"] or e["failed"]
+        ]
+
+
+def _sum(maps: Any) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for m in maps:
+        for k, v in m.items():
+            total[k] = total.get(k, 0) + v
+    return total
+
+
+@pytest.fixture
+def counted() -> Iterator[Counted]:
+    seen = Counted([])
+
+    def receiver(sender: Any, **kw: Any) -> None:
+        kw.pop("signal", None)
+        seen.events.append(kw)
+
+    renewals_counted.connect(receiver, weak=False)
+    try:
+        yield seen
+    finally:
+        renewals_counted.disconnect(receiver)
+
+
+def test_renewals_are_counted_per_tier_once_committed(session: Session, counted: Counted) -> None:
+    seed_mixed(session)  # due: n2, old-a, edge (Gift); old-b (Professional); n1, mid (Business)
+    assert sweep(chunk_size=2).successful == 6
+    assert counted.renewed() == {"Gift": 3, "Professional": 1, "Business": 2}
+    assert counted.tokens() == {"Gift": 300, "Professional": 2000, "Business": 20000}
+    assert counted.others() == []
+    # A chunk run again replays its tally and counts nothing.
+    sent = len(counted.events)
+    with session_factory()() as s:
+        sweep_id = s.execute(text("SELECT sweep_id FROM sweeps")).scalar_one()
+    renewals.run_chunk(session_factory(), sweep_id, 0)
+    assert len(counted.events) == sent
+
+
+def test_renew_user_is_counted_once_and_never_for_a_replay_or_refusal(
+    session: Session, counted: Counted
+) -> None:
+    open_(session, "p", "Professional")
+    session.commit()
+    for _ in range(2):  # the second replays the first result
+        renewals.renew_user(session, "p", now=NOW, idempotency_key="t1")
+        session.commit()
+    refused(session, renewals.renew_user, "p", now=NOW)  # NOT_DUE, rolled back
+    assert counted.events == [
+        {"renewed": {"Professional": 1}, "tokens": {"Professional": 2000}, "skipped": 0,
+         "failed": 0, "tier": None}
+    ]  # fmt: skip
+
+
+def test_skipped_and_failed_are_counted_under_the_sweeps_tier(
+    session: Session, poisoned: None, counted: Counted
+) -> None:
+    seed_with_poison(session)  # chunks of 3: user-0..2 | poison, user-3, user-4 | user-5, user-6
+    plan(session, tier="Gift", chunk_size=3)
+    renewals.renew_user(session, "user-5", now=NOW)  # renewed after planning: skipped
+    session.commit()
+    counted.events.clear()
+    assert [run("s1", i) for i in range(3)] == [
+        ("done", 3, 0, 0),
+        ("done", 2, 0, 1),  # failed on poison, redone user by user
+        ("done", 1, 1, 0),
+    ]
+    assert counted.renewed() == {"Gift": 6}
+    assert sorted(counted.others()) == [("Gift", 0, 1), ("Gift", 1, 0)]
+
+
+def test_contested_rows_are_counted_when_renewed(session: Session, counted: Counted) -> None:
+    for user_id, tier in (("a", "Gift"), ("b", "Business"), ("c", "Gift")):
+        open_(session, user_id, tier, last=at(-40), balance=50)
+    session.commit()
+    with Session(get_engine()) as holder:
+        movements.debit(holder, "b", 20, "image_generation")  # uncommitted: "b" stays locked
+        results: list[SweepOut] = []
+        thread = sweep_in_thread(results)
+        wait_for(waiting_on_a_lock, 10, "the sweep waiting for b")
+        holder.commit()
+    thread.join(30)
+    assert [r.successful for r in results] == [3]
+    assert counted.renewed() == {"Gift": 2, "Business": 1}
+    assert counted.others() == []
+
+
+def test_renewals_are_counted_on_sqlite(
+    sqlite_sessions: sessionmaker[Session], counted: Counted
+) -> None:
+    with sqlite_sessions() as s:
+        seed_mixed(s)
+    renewals.sweep(sqlite_sessions, now=NOW, chunk_size=2)
+    assert counted.renewed() == {"Gift": 3, "Professional": 1, "Business": 2}
+
+
+def test_last_sweep_reports_the_latest_sweep_and_its_progress(session: Session) -> None:
+    assert renewals.last_sweep(session) is None
+    seed_mixed(session)
+    planned = plan(session, "s1", chunk_size=2)
+    session.rollback()
+    last = renewals.last_sweep(session)
+    assert last is not None
+    assert (last.chunks, last.pending, last.successful, last.skipped, last.failed) == (
+        3,
+        3,
+        0,
+        0,
+        0,
+    )
+    assert last.planned_at.tzinfo is not None
+    run("s1", 0)
+    session.rollback()
+    last = renewals.last_sweep(session)
+    assert last is not None and (last.pending, last.successful) == (2, 2)
+    assert planned.chunks == 3
+    later = plan(session, "s2", chunk_size=2)  # nothing due any more but the rest of s1's users
+    session.rollback()
+    last = renewals.last_sweep(session)
+    assert last is not None and (last.chunks, last.pending) == (later.chunks, later.chunks)

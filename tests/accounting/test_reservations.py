@@ -140,6 +140,28 @@ def test_reserve_an_amount_holds_it_without_a_ledger_entry(session: Session) -> 
     assert accounts.get_balance(session, "u1").tokens_available == 70
 
 
+def test_held_counts_active_reservations_across_users_through_their_index(
+    session: Session,
+) -> None:
+    assert reservations.held(session) == (0, 0)
+    opened(session, "u1")
+    opened(session, "u2")
+    kept = [reservations.reserve(session, u, amount=a) for u, a in (("u1", 30), ("u2", 20))]
+    gone = reservations.reserve(session, "u1", amount=5)
+    session.commit()
+    reservations.release(session, gone.reservation_id)
+    session.commit()
+    assert reservations.held(session) == (2, 50)
+    reservations.capture(session, kept[0].reservation_id)
+    session.commit()
+    assert reservations.held(session) == (1, 20)
+    # The statement can use the partial index (its condition is a literal the planner sees).
+    session.execute(text("SET LOCAL enable_seqscan = off"))
+    sql = str(reservations.HELD.compile(session.get_bind(), compile_kwargs={"literal_binds": True}))
+    plan = "\n".join(r[0] for r in session.execute(text(f"EXPLAIN {sql}")))
+    assert "ix_reservations_active_expiry" in plan, plan
+
+
 def test_reserve_an_operation_type_holds_its_price(session: Session) -> None:
     opened(session)
     out = reservations.reserve(session, "u1", operation_type="chatgpt_message")
