@@ -1,0 +1,1 @@
+"""Typed producer client for the token worker's Celery task contract."""
