@@ -56,11 +56,13 @@ class Transport:
             "token_worker_client", broker=broker_url, backend=backend_url, set_as_current=False
         )
         self.app.conf.update(
-            task_serializer="json",
-            accept_content=["json"],
-            result_accept_content=["json"],
-            broker_connection_retry_on_startup=True,
-            **(config or {}),
+            {
+                "task_serializer": "json",
+                "accept_content": ["json"],
+                "result_accept_content": ["json"],
+                "broker_connection_retry_on_startup": True,
+                **(config or {}),
+            }
         )
 
     def attempt(self, request: Request, timeout: float) -> Any:
