@@ -11,8 +11,9 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 
+# One pip call, so the worker's dependency on token-worker-client resolves to ./client.
 install: $(BIN)/python
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e './client[test]' -e '.[dev]'
 
 run: install
 	$(BIN)/tokens migrate

@@ -4,7 +4,6 @@ shape the result, retry only transient database trouble, report through signals.
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import time
@@ -13,12 +12,15 @@ from typing import Any, TypeVar
 
 from celery import Task
 from celery.exceptions import Ignore, Retry, SoftTimeLimitExceeded, TimeLimitExceeded
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from accounting.errors import DomainError, validation_error
 from models.schemas import Failure, Payload
+from token_worker_client.errors import InvalidPayload
+from token_worker_client.models import describe as describe  # re-exported for the tests
+from token_worker_client.models import parse_payload
 from worker.celery import app
 from worker.db import session_scope
 from worker.settings import get_settings
@@ -74,27 +76,13 @@ def backoff(retries: int) -> float:
     return random.uniform(0, min(backoff_cap(), 0.5 * 2**retries))
 
 
-def describe(exc: ValidationError) -> str:
-    parts = []
-    for err in exc.errors(include_url=False):
-        field = ".".join(str(p) for p in err["loc"]) or "kwargs"
-        message = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            message = "unknown argument"
-        parts.append(f"{field}: {message}")
-    return "Invalid arguments: " + "; ".join(parts)
-
-
 def validate(schema: type[P], kwargs: dict[str, Any]) -> P:
-    # JSON mode is what producers send: strict ints, ISO 8601 strings for dates.
+    # JSON mode is what producers send: strict ints, ISO 8601 strings for dates. The rules and
+    # the message are the contract's (token_worker_client.models), as a producer's client sees.
     try:
-        raw = json.dumps(kwargs, allow_nan=False)
-    except (TypeError, ValueError) as exc:
-        raise validation_error(f"Invalid arguments: not JSON ({exc})") from None
-    try:
-        return schema.model_validate_json(raw, strict=True)
-    except ValidationError as exc:
-        raise validation_error(describe(exc)) from None
+        return parse_payload(schema, kwargs)
+    except InvalidPayload as exc:
+        raise validation_error(str(exc)) from None
 
 
 def failure_code(exc: BaseException) -> str:

@@ -1,5 +1,6 @@
-"""Layers point down only: tasks/ -> worker/ -> accounting/ -> models/. The domain gets its
-rules and event hooks through seams of its own (accounting/config.py, accounting/events.py)."""
+"""Layers point down only: tasks/ -> worker/ -> accounting/ -> models/ -> the producer client
+(client/, a distribution of its own). The domain gets its rules and event hooks through seams of
+its own (accounting/config.py, accounting/events.py)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ FORBIDDEN = {
     "models": {"accounting", "worker", "tasks", "beat_schedule"},
     "accounting": {"worker", "tasks", "beat_schedule"},
     "worker": {"tasks"},
+    "client/src/token_worker_client": {"models", "accounting", "worker", "tasks", "beat_schedule"},
 }
 
 

@@ -1,0 +1,415 @@
+"""``TokenClient``: one typed, blocking method per contract task."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from datetime import date
+from types import TracebackType
+from typing import Any, TypeVar
+
+from celery import Celery
+from celery.exceptions import TimeoutError as CeleryTimeoutError
+from kombu.exceptions import OperationalError
+
+from token_worker_client import contract
+from token_worker_client.contract import Request, Spec, prepare
+from token_worker_client.errors import TaskFailed, TokenTimeout, TokenUnavailable
+from token_worker_client.models import (
+    BalanceOut,
+    CanAffordOut,
+    DebitBatchOut,
+    DebitIn,
+    DeletedOut,
+    DueOut,
+    EligibilityOut,
+    EntriesOut,
+    ExpireOut,
+    Failure,
+    MovementOut,
+    OpenAccountOut,
+    PingOut,
+    ReconcileOut,
+    ReleaseOut,
+    RenewOut,
+    ReserveOut,
+    StatisticsOut,
+    SweepOut,
+    TotalOut,
+)
+
+R = TypeVar("R")
+Date = date | str  # a date, a datetime or an ISO 8601 string
+
+
+class Transport:
+    """The Celery side, shared by both clients: send one request and wait for its result.
+
+    Celery keeps one result backend per thread (``result_backend_thread_safe`` is off), and the
+    Redis backend subscribes to a task's result when the message is sent: so a request is sent
+    and awaited in the same thread, and each thread has its own backend connection.
+    """
+
+    def __init__(
+        self, broker_url: str, backend_url: str, config: Mapping[str, Any] | None = None
+    ) -> None:
+        self.app = Celery(
+            "token_worker_client", broker=broker_url, backend=backend_url, set_as_current=False
+        )
+        self.app.conf.update(
+            {
+                "task_serializer": "json",
+                "accept_content": ["json"],
+                "result_accept_content": ["json"],
+                "broker_connection_retry_on_startup": True,
+                **(config or {}),
+            }
+        )
+
+    def attempt(self, request: Request, timeout: float) -> Any:
+        """Send ``request`` (again: same task id, same kwargs) and wait up to ``timeout``.
+        Raises Celery's ``TimeoutError`` when no result came."""
+        try:
+            result = self.app.send_task(
+                request.task, kwargs=request.kwargs, task_id=request.task_id
+            )
+        except OperationalError as exc:
+            raise TokenUnavailable(
+                f"{request.task}: the broker refused the message ({exc}). {request.retry_with}",
+                task=request.task,
+                task_id=request.task_id,
+                idempotency_key=request.idempotency_key,
+            ) from exc
+        try:
+            value = result.get(timeout=timeout, propagate=False)
+        except CeleryTimeoutError:
+            # Stop listening for it (the next attempt listens again): a task that never
+            # finishes would otherwise keep its subscription and waiter for good.
+            remove = getattr(result.backend, "remove_pending_result", None)
+            if remove is not None:
+                remove(result)
+            raise
+        if result.state != "SUCCESS":
+            raise TaskFailed(
+                task=request.task,
+                task_id=request.task_id,
+                idempotency_key=request.idempotency_key,
+                state=result.state,
+                error=f"{type(value).__name__}: {value}",
+            )
+        return value
+
+    def timed_out(self, request: Request, attempts: int) -> TokenTimeout:
+        return TokenTimeout(
+            task=request.task,
+            task_id=request.task_id,
+            idempotency_key=request.idempotency_key,
+            attempts=attempts,
+            retry_with=request.retry_with,
+        )
+
+    def close(self) -> None:
+        self.app.close()
+
+
+class TokenClient:
+    """Calls the token worker's tasks and returns their results as pydantic models.
+
+    Each method is the contract task of the same name (``reservations.expire`` is
+    :meth:`expire_reservations`) with its keyword arguments, and returns the task's result model
+    or a :class:`~token_worker_client.models.Failure` for a refusal (``.unwrap()`` raises it as
+    a :class:`~token_worker_client.errors.TokenRefused` subclass instead).
+
+    Every call is sent with one task id and, for the tasks that take one, one
+    ``idempotency_key`` (generated unless given). When no result comes within ``timeout``
+    seconds the same message is sent again, up to ``retries`` times, so a retry never applies
+    twice; then :class:`~token_worker_client.errors.TokenTimeout` carries the key (or, for
+    ``reset_balance``, ``capture``, ``release``, ``renew_user``, ``sweep`` and
+    ``debit_batch``, whose key is the task id, the ``task_id``) to retry with later.
+    Safe to share between threads.
+    """
+
+    def __init__(
+        self,
+        broker_url: str,
+        backend_url: str,
+        *,
+        timeout: float = 10.0,
+        retries: int = 2,
+        config: Mapping[str, Any] | None = None,
+    ) -> None:
+        """``config``: extra Celery settings (say, ``broker_transport_options``)."""
+        self.timeout = timeout
+        self.retries = retries
+        self.transport = Transport(broker_url, backend_url, config)
+
+    def __enter__(self) -> TokenClient:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.transport.close()
+
+    def _call(self, spec: Spec[R], arguments: dict[str, Any]) -> R:
+        request = prepare(spec, arguments)
+        if isinstance(request, Failure):
+            return spec.parse(request.model_dump())
+        timeout = arguments.get("timeout") or self.timeout
+        for _ in range(self.retries + 1):
+            try:
+                return spec.parse(self.transport.attempt(request, timeout))
+            except CeleryTimeoutError:
+                continue
+        raise self.transport.timed_out(request, self.retries + 1)
+
+    # --- accounts ----------------------------------------------------------------------------
+
+    def open_account(
+        self,
+        *,
+        user_id: str,
+        tier: str = "Gift",
+        initial_balance: int = 0,
+        subscription_expires_at: Date | None = None,
+        last_renewal_at: Date | None = None,
+        timeout: float | None = None,
+    ) -> OpenAccountOut | Failure:
+        return self._call(contract.OPEN_ACCOUNT, locals())
+
+    def set_tier(
+        self,
+        *,
+        user_id: str,
+        tier: str,
+        subscription_expires_at: Date | None = None,
+        timeout: float | None = None,
+    ) -> BalanceOut | Failure:
+        return self._call(contract.SET_TIER, locals())
+
+    def get_balance(self, *, user_id: str, timeout: float | None = None) -> BalanceOut | Failure:
+        return self._call(contract.GET_BALANCE, locals())
+
+    def can_afford(
+        self, *, user_id: str, operation_type: str, timeout: float | None = None
+    ) -> CanAffordOut | Failure:
+        return self._call(contract.CAN_AFFORD, locals())
+
+    # --- movements ---------------------------------------------------------------------------
+
+    def debit(
+        self,
+        *,
+        user_id: str,
+        amount: int,
+        operation_type: str,
+        allow_overdraft: bool = False,
+        metadata: Mapping[str, Any] | None = None,
+        idempotency_key: str | None = None,
+        timeout: float | None = None,
+    ) -> MovementOut | Failure:
+        return self._call(contract.DEBIT, locals())
+
+    def debit_batch(
+        self,
+        *,
+        debits: Sequence[DebitIn | Mapping[str, Any]],
+        task_id: str | None = None,
+        timeout: float | None = None,
+    ) -> DebitBatchOut | Failure:
+        """Items without an ``idempotency_key`` are keyed by the batch's task id."""
+        return self._call(contract.DEBIT_BATCH, locals())
+
+    def credit(
+        self,
+        *,
+        user_id: str,
+        amount: int,
+        operation_type: str = "purchase",
+        metadata: Mapping[str, Any] | None = None,
+        idempotency_key: str | None = None,
+        timeout: float | None = None,
+    ) -> MovementOut | Failure:
+        return self._call(contract.CREDIT, locals())
+
+    def charge(
+        self,
+        *,
+        user_id: str,
+        operation_type: str,
+        metadata: Mapping[str, Any] | None = None,
+        idempotency_key: str | None = None,
+        timeout: float | None = None,
+    ) -> MovementOut | Failure:
+        return self._call(contract.CHARGE, locals())
+
+    def refund(
+        self,
+        *,
+        user_id: str,
+        amount: int,
+        reason: str | None = None,
+        original_entry_id: str | int | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        idempotency_key: str | None = None,
+        timeout: float | None = None,
+    ) -> MovementOut | Failure:
+        return self._call(contract.REFUND, locals())
+
+    def reset_balance(
+        self,
+        *,
+        user_id: str,
+        new_balance: int,
+        reason: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        task_id: str | None = None,
+        timeout: float | None = None,
+    ) -> MovementOut | Failure:
+        return self._call(contract.RESET_BALANCE, locals())
+
+    # --- reservations ------------------------------------------------------------------------
+
+    def reserve(
+        self,
+        *,
+        user_id: str,
+        amount: int | None = None,
+        operation_type: str | None = None,
+        ttl_seconds: int = 900,
+        metadata: Mapping[str, Any] | None = None,
+        idempotency_key: str | None = None,
+        timeout: float | None = None,
+    ) -> ReserveOut | Failure:
+        return self._call(contract.RESERVE, locals())
+
+    def capture(
+        self,
+        *,
+        reservation_id: str,
+        amount: int | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        task_id: str | None = None,
+        timeout: float | None = None,
+    ) -> MovementOut | Failure:
+        return self._call(contract.CAPTURE, locals())
+
+    def release(
+        self,
+        *,
+        reservation_id: str,
+        reason: str | None = None,
+        task_id: str | None = None,
+        timeout: float | None = None,
+    ) -> ReleaseOut | Failure:
+        return self._call(contract.RELEASE, locals())
+
+    def expire_reservations(self, *, timeout: float | None = None) -> ExpireOut | Failure:
+        return self._call(contract.EXPIRE_RESERVATIONS, locals())
+
+    # --- ledger ------------------------------------------------------------------------------
+
+    def user_entries(
+        self,
+        *,
+        user_id: str,
+        operation_type: str | None = None,
+        start_date: Date | None = None,
+        end_date: Date | None = None,
+        limit: int = 50,
+        offset: int = 0,
+        timeout: float | None = None,
+    ) -> EntriesOut | Failure:
+        return self._call(contract.USER_ENTRIES, locals())
+
+    def entries_by_type(
+        self,
+        *,
+        operation_type: str,
+        start_date: Date | None = None,
+        end_date: Date | None = None,
+        limit: int = 50,
+        offset: int = 0,
+        timeout: float | None = None,
+    ) -> EntriesOut | Failure:
+        return self._call(contract.ENTRIES_BY_TYPE, locals())
+
+    def total_spent(
+        self,
+        *,
+        user_id: str,
+        start_date: Date | None = None,
+        end_date: Date | None = None,
+        timeout: float | None = None,
+    ) -> TotalOut | Failure:
+        return self._call(contract.TOTAL_SPENT, locals())
+
+    def total_earned(
+        self,
+        *,
+        user_id: str,
+        start_date: Date | None = None,
+        end_date: Date | None = None,
+        timeout: float | None = None,
+    ) -> TotalOut | Failure:
+        return self._call(contract.TOTAL_EARNED, locals())
+
+    def statistics(
+        self,
+        *,
+        user_id: str,
+        start_date: Date | None = None,
+        end_date: Date | None = None,
+        timeout: float | None = None,
+    ) -> StatisticsOut | Failure:
+        return self._call(contract.STATISTICS, locals())
+
+    def delete_old_entries(
+        self, *, older_than: Date, timeout: float | None = None
+    ) -> DeletedOut | Failure:
+        return self._call(contract.DELETE_OLD_ENTRIES, locals())
+
+    def reconcile(
+        self, *, user_id: str | None = None, timeout: float | None = None
+    ) -> ReconcileOut | Failure:
+        return self._call(contract.RECONCILE, locals())
+
+    # --- renewals ----------------------------------------------------------------------------
+
+    def check_eligibility(
+        self, *, user_id: str, timeout: float | None = None
+    ) -> EligibilityOut | Failure:
+        return self._call(contract.CHECK_ELIGIBILITY, locals())
+
+    def renew_user(
+        self, *, user_id: str, task_id: str | None = None, timeout: float | None = None
+    ) -> RenewOut | Failure:
+        return self._call(contract.RENEW_USER, locals())
+
+    def sweep(
+        self,
+        *,
+        tier: str | None = None,
+        limit: int | None = None,
+        dry_run: bool = False,
+        continue_on_error: bool = True,
+        task_id: str | None = None,
+        timeout: float | None = None,
+    ) -> SweepOut | Failure:
+        return self._call(contract.SWEEP, locals())
+
+    def due(
+        self, *, tier: str | None = None, limit: int | None = None, timeout: float | None = None
+    ) -> DueOut | Failure:
+        return self._call(contract.DUE, locals())
+
+    # --- health ------------------------------------------------------------------------------
+
+    def ping(self, *, timeout: float | None = None) -> PingOut | Failure:
+        """``health.ping``: broker, worker, database and result backend all answer."""
+        return self._call(contract.PING, locals())
