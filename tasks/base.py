@@ -209,7 +209,7 @@ class ContractTask(Task):  # type: ignore[misc]
                 self.name,
                 self.request.id,
                 retries + 1,
-                exc,
+                one_line(exc),  # SQLAlchemy's text spans lines: a log line must not
             )
             # Celery stops at its own max_retries (3 by default, also when None is passed here):
             # give it ours, which the check above applies.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import socket
 import subprocess
 import sys
@@ -556,3 +557,51 @@ def test_doctor_names_what_is_wrong(
     assert lines[1] == [
         "FAIL", "schema", f"database {fresh_database} is not migrated: run `tokens migrate`"
     ]  # fmt: skip
+
+
+# --- the README's command list ----------------------------------------------------------------
+
+
+def readme_operations() -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    block = text.split("## Operations", 1)[1].split("```sh\n", 1)[1].split("```", 1)[0]
+    return [line for line in block.splitlines() if line.strip()]
+
+
+def test_every_command_in_the_readme_operations_section_runs(
+    e2e: Celery, beat_lock: tuple[redis.Redis, str]
+) -> None:
+    client, key = beat_lock
+    client.set(key, "a-beat", px=150_000)  # as a running beat holds it (test_doctor_…: a real one)
+    lines = readme_operations()
+    assert len(lines) >= 20
+    printed: dict[str, dict[str, Any]] = {}
+    reserve_line = ""
+    for line in lines:
+        argv = shlex.split(line, comments=True)
+        assert argv[0] == "tokens", line
+        if argv[1] == "release":
+            # The hold `reserve` printed was captured on the line before: take a new one.
+            printed["reserve"] = json.loads(
+                run_readme_line(shlex.split(reserve_line, comments=True)).stdout
+            )
+        argv = [
+            printed["debit"]["ledger_entry_id"] if arg == "ENTRY_ID"
+            else printed["reserve"]["reservation_id"] if arg == "RESERVATION_ID"
+            else arg
+            for arg in argv
+        ]  # fmt: skip
+        result = run_readme_line(argv)
+        assert result.exit_code == 0, (line, result.output, result.exception)
+        if argv[1] not in ("migrate", "doctor"):
+            printed[argv[1]] = json.loads(result.stdout)
+            assert printed[argv[1]]["success"] is True
+        if argv[1] == "reserve":
+            reserve_line = line
+    assert printed["capture"]["amount"] == -40
+    assert printed["renew"]["tokens_added"] == 10000  # bob was set to Business on the way
+    assert printed["reconcile"]["mismatches"] == []
+
+
+def run_readme_line(argv: list[str]) -> Any:
+    return CliRunner().invoke(main, argv[1:])
