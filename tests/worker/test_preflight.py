@@ -42,8 +42,11 @@ def server_env(**overrides: str | None) -> dict[str, str]:
     return env
 
 
-def database_url(**parts: str | int) -> str:
-    return make_url(get_settings().db_url).set(**parts).render_as_string(hide_password=False)
+def database_url(
+    password: str | None = None, port: int | None = None, database: str | None = None
+) -> str:
+    url = make_url(get_settings().db_url).set(password=password, port=port, database=database)
+    return url.render_as_string(hide_password=False)
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +89,7 @@ def one_line(out: subprocess.CompletedProcess[str]) -> str:
     return lines[0]
 
 
-SETTINGS = {
+SETTINGS: dict[str, tuple[dict[str, str | None], str]] = {
     "bad JSON": (
         {"TOKENS_PRICES": "{bad"},
         "configuration error: TOKENS_PRICES: not valid JSON (Expecting property name enclosed "
