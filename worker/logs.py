@@ -27,6 +27,7 @@ import json
 import logging
 import sys
 from collections import OrderedDict
+from datetime import UTC, datetime
 from typing import Any
 
 from celery import current_task
@@ -56,8 +57,13 @@ class JsonLines(JsonFormatter):
             ["levelname", "name", "processName", "message"],
             rename_fields={"levelname": "level", "name": "logger", "processName": "process"},
             reserved_attrs=_SKIPPED,
-            timestamp="time",
         )
+
+    def add_fields(
+        self, log_data: dict[str, Any], record: logging.LogRecord, message_dict: dict[str, Any]
+    ) -> None:
+        log_data["time"] = datetime.fromtimestamp(record.created, UTC).isoformat()  # first
+        super().add_fields(log_data, record, message_dict)
 
     def format(self, record: logging.LogRecord) -> str:
         task = current_task
@@ -154,30 +160,22 @@ def _banner_as_one_line(sender: str, instance: Any, **_: Any) -> None:
     )
 
 
-def operation_fields(
-    operation: str,
-    task_id: str | None,
-    user_id: str | None,
-    operation_type: str | None,
-    amount: int | None,
-    success: bool,
-    replayed: bool,
-    duration: float,
-    error: str | None,
-    error_code: str | None,
-) -> dict[str, Any]:
+def operation_fields(sent: dict[str, Any]) -> dict[str, Any]:
+    """The fields of an outcome's line, from what ``operation_completed`` sent (fields a later
+    version adds to the signal are left out, not an error)."""
+    error_code = sent.get("error_code")
     fields: dict[str, Any] = {
-        "task_id": task_id,
-        "task": operation,
-        "operation_type": operation_type,
-        "user_id": user_id,
-        "amount": amount,
-        "outcome": "ok" if success else (error_code or "FAILED"),
-        "replayed": replayed,
-        "duration_ms": round(duration * 1000, 3),
+        "task_id": sent.get("task_id"),
+        "task": sent.get("operation"),
+        "operation_type": sent.get("operation_type"),
+        "user_id": sent.get("user_id"),
+        "amount": sent.get("amount"),
+        "outcome": "ok" if sent.get("success") else (error_code or "FAILED"),
+        "replayed": bool(sent.get("replayed")),
+        "duration_ms": round(float(sent.get("duration") or 0) * 1000, 3),
     }
-    if error is not None:
-        fields["error"] = error
+    if sent.get("error") is not None:
+        fields["error"] = sent["error"]
     return fields
 
 
@@ -185,9 +183,8 @@ def operation_fields(
 def _log_operation(sender: Any = None, **sent: Any) -> None:
     if not _state["configured"]:  # a process whose logging Celery did not set up (the CLI)
         return
-    sent.pop("signal", None)
-    fields = operation_fields(**sent)
-    failed = not sent["success"] and sent["error_code"] in FAILURE_CODES
+    fields = operation_fields(sent)
+    failed = not sent.get("success") and sent.get("error_code") in FAILURE_CODES
     # Sent from inside the task's ``except`` block: the exception being handled is the failure.
     exc_info = sys.exc_info() if failed and sys.exc_info()[0] is not None else None
     as_json = get_settings().logs_as_json

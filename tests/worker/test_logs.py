@@ -225,3 +225,19 @@ def test_text_logs_are_one_line_per_outcome(app: Celery, database: str, tmp_path
     assert line("refusal").endswith('error="Insufficient tokens. Required: 1000, Available: 90"')
     assert "ERROR" in line("failure") and "DATABASE_ERROR" in line("failure")
     assert 'error="ProgrammingError: (psycopg.errors.UndefinedTable)' in line("failure")
+
+
+def test_a_field_the_signal_gains_later_is_left_out() -> None:
+    from worker.logs import operation_fields
+
+    sent = {"operation": "tokens.debit", "task_id": "t", "success": True, "duration": 0.5}
+    assert operation_fields(sent | {"queue_wait": 2.0}) == {
+        "task_id": "t",
+        "task": "tokens.debit",
+        "operation_type": None,
+        "user_id": None,
+        "amount": None,
+        "outcome": "ok",
+        "replayed": False,
+        "duration_ms": 500.0,
+    }
