@@ -91,6 +91,9 @@ def _workers(timeout: float, broker_reachable: bool) -> Check:
         return Check("workers", "skip", "the broker is unreachable")
     from worker.celery import app
 
+    with app.connection_for_read() as conn:
+        if not conn.supports_exchange_type("fanout"):  # Celery turns remote control off then
+            return Check("workers", "skip", f"{conn.transport_cls} brokers cannot broadcast a ping")
     try:
         replies = app.control.inspect(timeout=timeout).active_queues() or {}
     except Exception as exc:  # a transport without broadcast (the embedded SQLite broker)

@@ -605,3 +605,24 @@ def test_every_command_in_the_readme_operations_section_runs(
 
 def run_readme_line(argv: list[str]) -> Any:
     return CliRunner().invoke(main, argv[1:])
+
+
+def test_doctor_on_the_embedded_default(tmp_path: Path) -> None:
+    bare = {k: v for k, v in os.environ.items() if not k.startswith("TOKENS_")}
+    missing = subprocess.run([str(TOKENS), "doctor"], cwd=tmp_path, env=bare, capture_output=True,
+                             text=True, timeout=60, check=False)  # fmt: skip
+    assert missing.returncode == 1
+    assert missing.stdout.splitlines()[:2] == [
+        "FAIL  database  database sqlite:///var/tokens.sqlite does not exist: run `tokens migrate`",
+        "skip  schema    no database",
+    ]
+    assert not (tmp_path / "var" / "tokens.sqlite").exists()  # looking created nothing
+    subprocess.run([str(TOKENS), "migrate"], cwd=tmp_path, env=bare, check=True, timeout=60,
+                   capture_output=True)  # fmt: skip
+    ready = subprocess.run([str(TOKENS), "doctor"], cwd=tmp_path, env=bare, capture_output=True,
+                           text=True, timeout=60, check=False)  # fmt: skip
+    assert ready.returncode == 0, ready.stdout
+    assert [line.split()[:2] for line in ready.stdout.splitlines()] == [
+        ["ok", "database"], ["ok", "schema"], ["ok", "broker"], ["ok", "backend"],
+        ["skip", "beat"], ["skip", "workers"],
+    ]  # fmt: skip
