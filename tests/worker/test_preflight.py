@@ -11,6 +11,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import psycopg
@@ -70,14 +71,24 @@ def run(argv: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str
     )
 
 
-def cli(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return run([str(BIN / "tokens"), "balance", "nobody"], env)
+CLI = [str(BIN / "tokens"), "balance", "nobody"]
+WORKER = [
+    str(BIN / "celery"), "-A", "worker", "worker", "-n", f"preflight-{os.getpid()}@%h",
+    "-c", "1", "-l", "INFO", "--without-mingle", "--without-gossip",
+]  # fmt: skip
+
+
+def cli_and_worker(
+    env: dict[str, str],
+) -> tuple[subprocess.CompletedProcess[str], subprocess.CompletedProcess[str]]:
+    """``tokens balance`` and ``celery -A worker worker`` with ``env``, side by side."""
+    with ThreadPoolExecutor(2) as pool:
+        cli, worker = (pool.submit(run, argv, env) for argv in (CLI, WORKER))
+        return cli.result(), worker.result()
 
 
 def worker(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    name = f"preflight-{os.getpid()}@%h"
-    argv = [str(BIN / "celery"), "-A", "worker", "worker", "-n", name, "-c", "1", "-l", "INFO"]
-    return run([*argv, "--without-mingle", "--without-gossip"], env)
+    return run(WORKER, env)
 
 
 def one_line(out: subprocess.CompletedProcess[str]) -> str:
@@ -128,10 +139,8 @@ SETTINGS: dict[str, tuple[dict[str, str | None], str]] = {
 @pytest.mark.parametrize("case", SETTINGS)
 def test_a_bad_setting_is_one_line(case: str) -> None:
     overrides, line = SETTINGS[case]
-    env = server_env(**overrides)
-    from_cli = cli(env)
+    from_cli, from_worker = cli_and_worker(server_env(**overrides))
     assert (from_cli.returncode, one_line(from_cli)) == (2, f"tokens: {line}")
-    from_worker = worker(env)
     assert (from_worker.returncode, one_line(from_worker)) == (1, line)
 
 
@@ -162,10 +171,9 @@ def database_cases(empty_database: str) -> dict[str, tuple[str, str]]:
 @pytest.mark.parametrize("case", ["unreachable", "missing", "unmigrated"])
 def test_a_database_the_worker_cannot_use_is_one_line(empty_database: str, case: str) -> None:
     url, problem = database_cases(empty_database)[case]
-    env = server_env(TOKENS_DATABASE_URL=url)
-    from_cli = cli(env)
+    from_cli, from_worker = cli_and_worker(server_env(TOKENS_DATABASE_URL=url))
     assert (from_cli.returncode, one_line(from_cli)) == (3, f"tokens: {problem}")
-    from_worker = worker(env)  # checked before it says ready: it never does
+    # The worker checked its database before it said ready: it never did.
     assert (from_worker.returncode, one_line(from_worker)) == (
         1,
         f"worker refusing to start: {problem}",
