@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any, cast
 
@@ -157,18 +158,71 @@ def delete_old_entries(session: Session, older_than: datetime) -> DeletedOut:
     An earlier ``carried_forward`` entry is folded into the new one, but neither it nor a user
     with nothing else to prune counts or is rewritten: running it again changes nothing.
     """
+    return DeletedOut(deleted=_delete_old_entries(session, older_than, None))
+
+
+def _delete_old_entries(
+    session: Session, older_than: datetime, users: tuple[str, str] | None
+) -> int:
+    """Prune the entries of every user, or of the users from ``users[0]`` to ``users[1]``."""
     if session.get_bind().dialect.name == "postgresql":
-        return DeletedOut(deleted=_delete_old_entries_pg(session, older_than))
-    return DeletedOut(deleted=_delete_old_entries_portable(session, older_than))
+        return _delete_old_entries_pg(session, older_than, users)
+    return _delete_old_entries_portable(session, older_than, users)
 
 
-_PG_CARRY_FORWARD = text(
-    """
+def _prunable(older_than: datetime) -> ColumnElement[bool]:
+    return and_(LedgerEntry.created_at < older_than, LedgerEntry.kind != CARRIED_FORWARD)
+
+
+def count_old_entries(session: Session, older_than: datetime) -> DeletedOut:
+    """What :func:`delete_old_entries` would delete now (its ``deleted``), changing nothing."""
+    count = session.execute(select(func.count()).where(_prunable(older_than))).scalar_one()
+    return DeletedOut(deleted=int(count))
+
+
+def users_with_old_entries(session: Session, older_than: datetime) -> int:
+    """How many users :func:`delete_old_entries` would prune now."""
+    users = select(LedgerEntry.user_id).where(_prunable(older_than)).distinct().subquery()
+    return int(session.execute(select(func.count()).select_from(users)).scalar_one())
+
+
+def delete_old_entries_in_chunks(
+    sessions: Callable[[], Session],
+    older_than: datetime,
+    users_per_chunk: int = 1000,
+    progress: Callable[[int], None] | None = None,
+) -> DeletedOut:
+    """:func:`delete_old_entries` in one transaction per ``users_per_chunk`` users (in user id
+    order), so a large prune holds no lock for long and can report ``progress(users)`` after each
+    commit. A user is always pruned whole, by one statement: their removed entries and the
+    ``carried_forward`` entry holding their sum commit together, so balances equal the ledger at
+    every commit and the result is the one-statement prune's."""
+    deleted = 0
+    after: str | None = None
+    while True:
+        with sessions() as session, session.begin():
+            page = select(LedgerEntry.user_id).where(_prunable(older_than))
+            if after is not None:
+                page = page.where(LedgerEntry.user_id > after)
+            users = session.scalars(
+                page.distinct().order_by(LedgerEntry.user_id).limit(users_per_chunk)
+            ).all()
+            if not users:
+                break
+            deleted += _delete_old_entries(session, older_than, (users[0], users[-1]))
+        if progress is not None:
+            progress(len(users))
+        after = users[-1]
+    return DeletedOut(deleted=deleted)
+
+
+_USERS_IN_RANGE = "AND user_id >= :first AND user_id <= :last"
+_PG_CARRY_FORWARD = """
     WITH gone AS (
         DELETE FROM ledger_entries
-        WHERE created_at < :cutoff
+        WHERE created_at < :cutoff {range}
           AND user_id IN (SELECT user_id FROM ledger_entries
-                          WHERE created_at < :cutoff AND kind <> 'carried_forward')
+                          WHERE created_at < :cutoff AND kind <> 'carried_forward' {range})
         RETURNING id, user_id, kind, tokens_amount, metadata, created_at
     ), caps AS (
         -- a refund against a pruned entry is ENTRY_NOT_FOUND, so its cap has no use left
@@ -190,21 +244,30 @@ _PG_CARRY_FORWARD = text(
     SELECT (SELECT COUNT(*) FROM gone WHERE kind <> 'carried_forward'),
            (SELECT COUNT(*) FROM carried)
     """
-)
+_PG_PRUNE_ALL = text(_PG_CARRY_FORWARD.format(range=""))
+_PG_PRUNE_USERS = text(_PG_CARRY_FORWARD.format(range=_USERS_IN_RANGE))
 
 
-def _delete_old_entries_pg(session: Session, older_than: datetime) -> int:
+def _delete_old_entries_pg(
+    session: Session, older_than: datetime, users: tuple[str, str] | None
+) -> int:
     # One statement: the rows deleted are exactly the rows summed, even while new entries land.
-    deleted, _carried = session.execute(
-        _PG_CARRY_FORWARD, {"cutoff": older_than, "cutoff_text": older_than.isoformat()}
-    ).one()
+    params: dict[str, Any] = {"cutoff": older_than, "cutoff_text": older_than.isoformat()}
+    if users is not None:
+        params |= {"first": users[0], "last": users[1]}
+    statement = _PG_PRUNE_ALL if users is None else _PG_PRUNE_USERS
+    deleted, _carried = session.execute(statement, params).one()
     return int(deleted)
 
 
-def _delete_old_entries_portable(session: Session, older_than: datetime) -> int:
+def _delete_old_entries_portable(
+    session: Session, older_than: datetime, users: tuple[str, str] | None
+) -> int:
     # SQLite has no data-modifying CTE; its writers are serialised (BEGIN IMMEDIATE), so the
     # sum and the delete below see the same rows.
     before = LedgerEntry.created_at < older_than
+    if users is not None:
+        before = and_(before, LedgerEntry.user_id.between(*users))
     earlier_carry = LedgerEntry.kind == CARRIED_FORWARD
     prunable = select(LedgerEntry.user_id).where(before, ~earlier_carry)
     old = and_(before, LedgerEntry.user_id.in_(prunable))

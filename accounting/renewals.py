@@ -1156,11 +1156,13 @@ def sweep(
     now: datetime | None = None,
     chunk_size: int | None = None,
     sweep_id: str | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> SweepOut:
     """Renew every due user (of ``tier``), at most ``limit``, due longest first, in this
     process: plan, run each chunk in order, sum. ``sessions()`` must give a fresh session each
     time (one transaction per chunk, bounded memory). The task ``renewals.sweep`` runs the same
-    steps with its chunks spread over the workers."""
+    steps with its chunks spread over the workers. ``progress(users, planned)`` is called once
+    the sweep is planned (0 users) and after each chunk commits (the users it covered)."""
     if dry_run:
         with sessions() as session:
             return dry_run_totals(session, tier=tier, limit=limit, now=now, chunk_size=chunk_size)
@@ -1175,7 +1177,11 @@ def sweep(
             now=now,
             chunk_size=chunk_size,
         )
+    if progress is not None:
+        progress(0, plan.planned)
     for index in range(plan.chunks):
-        run_chunk(sessions, sweep_id, index)
+        chunk = run_chunk(sessions, sweep_id, index)
+        if progress is not None:
+            progress(chunk.successful + chunk.skipped + chunk.failed, plan.planned)
     with sessions() as session:
         return sweep_totals(session, sweep_id)

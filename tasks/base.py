@@ -24,7 +24,7 @@ from token_worker_client.models import parse_payload
 from worker.celery import app
 from worker.db import session_scope
 from worker.settings import get_settings
-from worker.signals import operation_completed, operation_retried
+from worker.signals import operation_retried, send_completed
 
 log = logging.getLogger(__name__)
 
@@ -163,23 +163,14 @@ class ContractTask(Task):  # type: ignore[misc]
         duration: float,
         failure: BaseException | None = None,
     ) -> None:
-        user_id = kwargs.get("user_id")
-        # A movement reports its signed amount; a refusal or failure, the amount it was asked for.
-        asked = kwargs.get("amount")
-        amount = outcome.get("amount", asked if type(asked) is int else None)
-        operation_type = outcome.get("operation_type", kwargs.get("operation_type"))
-        operation_completed.send(
-            sender=self.name,
-            operation=self.name,
-            task_id=self.request.id,
-            user_id=user_id if isinstance(user_id, str) else None,
-            operation_type=operation_type if isinstance(operation_type, str) else None,
-            amount=amount,
-            success=bool(outcome.get("success")),
-            replayed=outcome.get("replayed") is True,
-            duration=duration,
-            error=one_line(failure) if failure is not None else outcome.get("error"),
-            error_code=failure_code(failure) if failure is not None else outcome.get("error_code"),
+        send_completed(
+            self.name,
+            self.request.id,
+            kwargs,
+            outcome,
+            duration,
+            error=one_line(failure) if failure is not None else None,
+            error_code=failure_code(failure) if failure is not None else None,
         )
 
     def _execute(
@@ -206,7 +197,7 @@ class ContractTask(Task):  # type: ignore[misc]
                 self.name,
                 self.request.id,
                 retries + 1,
-                exc,
+                one_line(exc),  # SQLAlchemy's text spans lines: a log line must not
             )
             # Celery stops at its own max_retries (3 by default, also when None is passed here):
             # give it ours, which the check above applies.

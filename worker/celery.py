@@ -16,10 +16,12 @@ from celery.signals import (
     worker_process_shutdown,
 )
 
+import worker.logs  # noqa: F401  (connects the logging hooks)
 from worker.config import celery_config
 from worker.db import dispose_engines, reset_engines_after_fork
 from worker.limits import time_limit_problems
-from worker.settings import get_settings
+from worker.preflight import start_problems
+from worker.settings import ConfigurationError, get_settings
 from worker.signals import connect_configured_handlers
 
 TASK_MODULES = [
@@ -34,7 +36,12 @@ TASK_MODULES = [
 
 
 def create_app() -> Celery:
-    settings = get_settings()
+    try:
+        settings = get_settings()
+    except ConfigurationError as exc:
+        # Raised while `celery -A worker …` imports the app: SystemExit is the one exception
+        # Celery's command line does not turn into a traceback. One line, status 1.
+        raise SystemExit(f"configuration error: {exc}") from None
     if not (settings.database_url and settings.broker_url and settings.result_backend):
         settings.var_dir.mkdir(parents=True, exist_ok=True)  # the embedded SQLite files live here
     app = Celery("tokens", include=TASK_MODULES)
@@ -43,7 +50,10 @@ def create_app() -> Celery:
 
 
 app = create_app()
-connect_configured_handlers()
+try:
+    connect_configured_handlers()
+except ConfigurationError as exc:
+    raise SystemExit(f"configuration error: {exc}") from None
 
 
 @worker_process_init.connect  # type: ignore[untyped-decorator]
@@ -57,12 +67,16 @@ def _on_child_exit(**_: Any) -> None:
     dispose_engines()
 
 
-@worker_init.connect  # type: ignore[untyped-decorator]
-def _check_time_limits(sender: Any, **_: Any) -> None:
-    # Before the pool starts or the broker is reached; SystemExit passes through Celery's signal
+@celeryd_init.connect  # type: ignore[untyped-decorator]
+def _check_before_start(instance: Any, **_: Any) -> None:
+    # The first thing a worker does (the task modules are imported), before the pool starts,
+    # the consumer connects or the worker says ready. SystemExit passes through Celery's signal
     # dispatch (which logs and swallows exceptions) and ends the command with status 1 and this
-    # one line on stderr.
-    problems = time_limit_problems(sender.app.tasks.values(), get_settings().visibility_timeout)
+    # one line on stderr. A worker that cannot reach its database (or finds it unmigrated), its
+    # broker or its result backend would otherwise say ready and fail every task.
+    problems = time_limit_problems(instance.app.tasks.values(), get_settings().visibility_timeout)
+    if not problems:
+        problems = start_problems()
     if problems:
         raise SystemExit("worker refusing to start: " + "; ".join(problems))
 

@@ -6,11 +6,15 @@ so the worker runs on a bare machine; PostgreSQL and Redis are the production pa
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
+from typing import Any, Literal
 
-from pydantic import Field, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from kombu.utils.url import maybe_sanitize_url
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from accounting import config as domain_config
 from accounting.catalog import (
@@ -26,10 +30,53 @@ __all__ = [
     "DEFAULT_TIERS",
     "FREE_TIERS",
     "SYSTEM_OPERATION_TYPES",
+    "ConfigurationError",
     "Settings",
     "Tier",
     "get_settings",
+    "masked",
 ]
+
+SERVER_URLS = ("database_url", "broker_url", "result_backend")
+URL_FIELDS = (*SERVER_URLS, "redbeat_redis_url")
+_PG_EXAMPLE = "postgresql+psycopg://USER:PASSWORD@HOST:5432/DATABASE"
+
+
+class ConfigurationError(Exception):
+    """A setting the worker cannot run with; the message is one line naming the variable."""
+
+
+def masked(url: str) -> str:
+    """``url`` with its password replaced by ``***``: how every URL is shown or logged."""
+    return str(maybe_sanitize_url(url, mask="***"))
+
+
+def _scheme(url: str) -> str:
+    scheme, sep, _rest = url.partition("://")
+    if not sep or not scheme:
+        raise ValueError(f"not a URL: {masked(url)!r}")
+    return scheme.lower()
+
+
+def normalise_database_url(url: str) -> str:
+    """``postgres://`` and ``postgresql://`` (what Heroku, libpq tools and most hosting panels
+    print) mean PostgreSQL through psycopg 3, the driver this project ships: they are read as
+    ``postgresql+psycopg://``. Any other driver or database is refused with what to write."""
+    scheme = _scheme(url)
+    rest = url.partition("://")[2]
+    if scheme in ("postgres", "postgresql"):
+        return f"postgresql+psycopg://{rest}"
+    if scheme in ("postgresql+psycopg", "sqlite", "sqlite+pysqlite"):
+        return url
+    if scheme.startswith(("postgres+", "postgresql+")):
+        driver = scheme.partition("+")[2]
+        raise ValueError(
+            f"driver {driver!r} is not installed; write "
+            f"{masked('postgresql+psycopg://' + rest)} (psycopg 3)"
+        )
+    raise ValueError(
+        f"unsupported database {scheme!r}; write {_PG_EXAMPLE} (or sqlite:///PATH on one machine)"
+    )
 
 
 class Settings(BaseSettings):
@@ -40,6 +87,9 @@ class Settings(BaseSettings):
     broker_url: str | None = None
     result_backend: str | None = None
     redbeat_redis_url: str | None = None
+    # One JSON object per log line, or Celery's text; default: json with servers, text on the
+    # embedded default (a developer's terminal).
+    log_format: Literal["json", "text"] | None = None
 
     visibility_timeout: int = Field(default=300, ge=10)
     result_expires: int = Field(default=86_400, ge=60)
@@ -85,21 +135,57 @@ class Settings(BaseSettings):
     operation_retried_handlers: list[str] = Field(default_factory=list)
     message_refused_handlers: list[str] = Field(default_factory=list)
 
+    @field_validator("database_url")
+    @classmethod
+    def _database_url(cls, url: str | None) -> str | None:
+        return None if url is None else normalise_database_url(url)
+
+    @field_validator("broker_url")
+    @classmethod
+    def _broker_url(cls, url: str | None) -> str | None:
+        return _redis_url(url, "sqla+sqlite", "redis://HOST:6379/0")
+
+    @field_validator("result_backend")
+    @classmethod
+    def _backend_url(cls, url: str | None) -> str | None:
+        return _redis_url(url, "db+sqlite", "redis://HOST:6379/1")
+
+    @field_validator("redbeat_redis_url")
+    @classmethod
+    def _redbeat_url(cls, url: str | None) -> str | None:
+        return _redis_url(url, None, "redis://HOST:6379/0")
+
     @model_validator(mode="after")
     def _check(self) -> Settings:
+        given = [name for name in SERVER_URLS if getattr(self, name) is not None]
+        if 0 < len(given) < len(SERVER_URLS):
+            missing = [name for name in SERVER_URLS if name not in given]
+            raise ValueError(
+                f"partial configuration: {_env_names(given)} set but {_env_names(missing)} "
+                "not; set all three (servers) or none (the embedded SQLite default)"
+            )
         bad = {k: v for k, v in self.prices.items() if v < 0}
         if bad:
-            raise ValueError(f"prices must not be negative: {bad}")
+            raise ValueError(f"TOKENS_PRICES: must not be negative: {bad}")
         # TOKENS_PRICES replaces the whole list; the types the ledger writes stay on it.
         for name in SYSTEM_OPERATION_TYPES:
             if self.prices.setdefault(name, 0) != 0:
-                raise ValueError(f"prices: {name} is written by the ledger and must cost 0")
+                raise ValueError(f"TOKENS_PRICES: {name} is written by the ledger and must cost 0")
         if not self.task_soft_time_limit < self.task_time_limit < self.visibility_timeout:
             raise ValueError(
-                "need task_soft_time_limit < task_time_limit < visibility_timeout, or a task "
-                "still running is delivered a second time"
+                f"need TOKENS_TASK_SOFT_TIME_LIMIT ({self.task_soft_time_limit}) < "
+                f"TOKENS_TASK_TIME_LIMIT ({self.task_time_limit}) < TOKENS_VISIBILITY_TIMEOUT "
+                f"({self.visibility_timeout}), or a task still running is delivered a second time"
             )
         return self
+
+    def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
+        for name, value in super().__repr_args__():
+            yield name, masked(value) if name in URL_FIELDS and isinstance(value, str) else value
+
+    @property
+    def logs_as_json(self) -> bool:
+        return self.log_format == "json" if self.log_format else not self.embedded
 
     @property
     def embedded(self) -> bool:
@@ -123,9 +209,46 @@ class Settings(BaseSettings):
         return self.broker.startswith(("redis://", "rediss://"))
 
 
+def _redis_url(url: str | None, embedded: str | None, example: str) -> str | None:
+    if url is not None and _scheme(url) not in ("redis", "rediss", embedded):
+        raise ValueError(
+            f"unsupported scheme {_scheme(url)!r}; write {example} (rediss:// for TLS)"
+        )
+    return url
+
+
+def _env_names(fields: list[str]) -> str:
+    names = [f"TOKENS_{f.upper()}" for f in fields]
+    return names[0] + " is" if len(names) == 1 else " and ".join(names) + " are"
+
+
+def describe(exc: ValidationError | SettingsError) -> str:
+    """One line naming each bad variable and why; never the values (they may hold passwords)."""
+    if isinstance(exc, SettingsError):
+        # Raised before validation when a JSON variable does not parse.
+        found = re.search(r'field "(\w+)"', str(exc))
+        name = f"TOKENS_{found.group(1).upper()}" if found else "a TOKENS_* variable"
+        cause = exc.__cause__
+        return f"{name}: not valid JSON ({cause})" if cause else f"{name}: {exc}"
+    problems = []
+    for error in exc.errors(include_url=False, include_input=False):
+        message = error["msg"].removeprefix("Value error, ")
+        if not error["loc"]:
+            problems.append(message)
+            continue
+        field, *path = (str(p) for p in error["loc"])
+        where = f"TOKENS_{field.upper()}" + (f" {'.'.join(path)}" if path else "")
+        problems.append(f"{where}: {message}")
+    return "; ".join(problems) or str(exc).splitlines()[0]
+
+
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
-    return Settings()
+    """The settings; a bad one raises :class:`ConfigurationError` (one line, no values)."""
+    try:
+        return Settings()
+    except (ValidationError, SettingsError) as exc:
+        raise ConfigurationError(describe(exc)) from None
 
 
 # The domain reads its rules (prices, tiers, chunk sizes) through its own seam; these settings

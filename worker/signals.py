@@ -13,6 +13,8 @@
   one line). ``operation_type`` is the movement's (or the one asked for, else None); ``replayed``
   is true when an earlier identical request had already done it. Not for an attempt that is
   retried, nor for a task replaced by another (whoever finishes under its task id reports).
+  A ``tokens`` CLI command sends it too, as the task of the same name would, with ``task_id``
+  None.
 - ``operation_retried(operation, task_id, attempt, error)``: an attempt (1 for the first) failed
   with a transient error and the task will run again.
 - ``message_refused(task_id, task, reason, error)``: the worker refused a message before any task
@@ -33,15 +35,20 @@ from typing import Any
 from celery.utils.dispatch import Signal
 
 from accounting.events import balance_changed, note_balance_change, renewals_counted
-from worker.settings import get_settings
+from worker.settings import ConfigurationError, get_settings
 
 __all__ = [
+    "FAILURE_CODES",
     "balance_changed",
     "connect_configured_handlers",
     "note_balance_change",
     "operation_completed",
     "renewals_counted",
+    "send_completed",
 ]
+
+# The error codes of a final failure (not a refusal: those are the contract's).
+FAILURE_CODES = frozenset({"TIME_LIMIT_EXCEEDED", "DATABASE_ERROR", "INTERNAL_ERROR"})
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +75,37 @@ message_refused = Signal(
 )
 
 
+def send_completed(
+    operation: str,
+    task_id: str | None,
+    kwargs: dict[str, Any],
+    outcome: dict[str, Any],
+    duration: float,
+    error: str | None = None,
+    error_code: str | None = None,
+) -> None:
+    """Send ``operation_completed`` for ``operation`` asked with ``kwargs`` that ended in
+    ``outcome`` (a result dict; empty for a failure, given by ``error``/``error_code``)."""
+    user_id = kwargs.get("user_id")
+    # A movement reports its signed amount; a refusal or failure, the amount it was asked for.
+    asked = kwargs.get("amount")
+    amount = outcome.get("amount", asked if type(asked) is int else None)
+    operation_type = outcome.get("operation_type", kwargs.get("operation_type"))
+    operation_completed.send(
+        sender=operation,
+        operation=operation,
+        task_id=task_id,
+        user_id=user_id if isinstance(user_id, str) else None,
+        operation_type=operation_type if isinstance(operation_type, str) else None,
+        amount=amount,
+        success=bool(outcome.get("success")),
+        replayed=outcome.get("replayed") is True,
+        duration=duration,
+        error=error if error is not None else outcome.get("error"),
+        error_code=error_code if error_code is not None else outcome.get("error_code"),
+    )
+
+
 def resolve(path: str) -> Any:
     module, _, attr = path.replace(":", ".").rpartition(".")
     if not module:
@@ -88,5 +126,10 @@ def connect_configured_handlers() -> None:
     ):
         for path in paths:
             if (signal.name, path) not in _connected:
-                signal.connect(resolve(path), weak=False)
+                try:
+                    handler = resolve(path)
+                except (ImportError, AttributeError, ValueError) as exc:
+                    variable = f"TOKENS_{signal.name.upper()}_HANDLERS"
+                    raise ConfigurationError(f"{variable}: cannot load {path!r}: {exc}") from None
+                signal.connect(handler, weak=False)
                 _connected.add((signal.name, path))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta, timezone
+from typing import Any
 
 from sqlalchemy import select, text
 from sqlalchemy.orm import Session
@@ -11,6 +12,7 @@ from accounting import accounts, ledger, movements
 from models.schemas import EntryOut, TypeStats
 from models.tables import LedgerEntry
 from tests.support import assert_ledger_consistent
+from worker.db import session_factory
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -300,6 +302,66 @@ def test_delete_old_entries_with_nothing_old(session: Session) -> None:
     session.commit()
     assert carried(session) == []
     assert len(ledger.user_entries(session, "u1").entries) == 6
+
+
+def many_users_with_old_entries(session: Session, users: int) -> None:
+    """``users`` users, each with two backdated entries (days 0 and 2) and one of now, and day 0
+    already pruned: each has a carry-forward that the next prune folds in."""
+    for n in range(users):
+        user = f"u{n}"
+        first = opening_entry(session, user, 10 * (n + 1))
+        second = movements.debit(session, user, n + 1, "chatgpt_message").ledger_entry_id
+        movements.credit(session, user, 3)
+        backdate(session, first, day(0))
+        backdate(session, second, day(2))
+    session.commit()
+    ledger.delete_old_entries_in_chunks(session_factory(), day(1))  # u*'s day-0 entries
+    session.commit()
+
+
+def ledger_rows(session: Session) -> list[tuple[Any, ...]]:
+    """Every entry but its id (a carry-forward's id differs between runs)."""
+    return sorted(
+        tuple(row)
+        for row in session.execute(
+            text(
+                "SELECT user_id, kind, operation_type, tokens_amount, balance_before,"
+                " balance_after, metadata::text, created_at FROM ledger_entries"
+            )
+        )
+    )
+
+
+def test_pruning_in_chunks_equals_the_one_statement_prune(session: Session) -> None:
+    many_users_with_old_entries(session, 7)
+    expected_count = ledger.count_old_entries(session, day(3)).deleted
+    assert expected_count == 7  # each user's day-2 debit; the carry-forwards fold, uncounted
+    assert ledger.users_with_old_entries(session, day(3)) == 7
+    # The one statement, rolled back: what the chunked prune must leave.
+    assert ledger.delete_old_entries(session, day(3)).deleted == 7
+    expected = ledger_rows(session)
+    session.rollback()
+
+    reported: list[int] = []
+    out = ledger.delete_old_entries_in_chunks(
+        session_factory(), day(3), users_per_chunk=3, progress=reported.append
+    )
+    assert out.model_dump() == {"success": True, "deleted": 7}
+    assert reported == [3, 3, 1]  # one call per committed transaction
+    assert ledger_rows(session) == expected
+    assert ledger.count_old_entries(session, day(3)).deleted == 0
+    assert ledger.delete_old_entries_in_chunks(session_factory(), day(3)).deleted == 0
+    assert ledger.reconcile(session).mismatches == []
+    assert_ledger_consistent(session)
+
+
+def test_count_old_entries_changes_nothing(session: Session) -> None:
+    history(session)
+    before = session.execute(text("SELECT * FROM ledger_entries ORDER BY id")).all()
+    assert ledger.count_old_entries(session, day(4)).deleted == 4
+    assert ledger.users_with_old_entries(session, day(4)) == 2
+    assert session.execute(text("SELECT * FROM ledger_entries ORDER BY id")).all() == before
+    assert ledger.delete_old_entries(session, day(4)).deleted == 4
 
 
 # --- reconciliation --------------------------------------------------------------------------

@@ -365,6 +365,14 @@ def test_sweep_renews_each_due_user_once_in_order(session: Session, chunk_size: 
     assert_ledger_consistent(session)
 
 
+def test_sweep_reports_progress_once_planned_and_after_each_chunk(session: Session) -> None:
+    seed_mixed(session)
+    calls: list[tuple[int, int]] = []
+    assert sweep(chunk_size=4, progress=lambda done, planned: calls.append((done, planned)))
+    # The two never renewed, then the four renewed before (a chunk never spans the two).
+    assert calls == [(0, 6), (2, 6), (4, 6)]
+
+
 def test_sweep_limit_renews_those_due_longest(session: Session) -> None:
     order = seed_mixed(session)
     assert renewals.due(session, now=NOW, limit=3).user_ids == order[:3]

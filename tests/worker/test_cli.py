@@ -4,23 +4,31 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
+import socket
 import subprocess
 import sys
+import threading
 import uuid
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
+import redis
 from alembic.script import ScriptDirectory
+from celery import Celery
 from click.testing import CliRunner
 from sqlalchemy import create_engine, inspect, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
-from accounting import accounts, ledger, reservations
+from accounting import accounts, ledger, movements, renewals, reservations
 from tests import dbstate
+from tests.polling import wait_for
+from tests.support import ROOT
 from worker.cli import main
 from worker.migrate import alembic_config
 from worker.settings import get_settings
@@ -214,7 +222,7 @@ def test_delete_old_entries(session: Session) -> None:
     for entry in dbstate.entries("u"):
         dbstate.backdate(entry["id"], datetime(2025, 6, 1, tzinfo=UTC))
     tokens("credit", "u", "1")
-    assert tokens("delete-old-entries", "2026-01-01") == {"success": True, "deleted": 2}
+    assert tokens("delete-old-entries", "2026-01-01", "--yes") == {"success": True, "deleted": 2}
     amounts = sorted(e["tokens_amount"] for e in dbstate.entries("u"))
     assert amounts == [1, 15]
     assert tokens("reconcile") == {"success": True, "checked": 1, "mismatches": []}
@@ -243,3 +251,378 @@ def test_arguments_follow_the_task_rules(session: Session, args: list[str]) -> N
     assert result.exit_code == 2, result.output  # a usage error, before any database work
     assert "Invalid value" in result.output
     assert dbstate.snapshot() == before
+
+
+# --- movements, reservations, statistics: what the domain gives -------------------------------
+
+
+def replayed(out: dict[str, Any]) -> dict[str, Any]:
+    return {**out, "replayed": True}
+
+
+def test_movement_commands(session: Session) -> None:
+    tokens("open-account", "u", "--initial-balance", "100")
+    debited = tokens(
+        "debit", "u", "30", "--operation-type", "image_generation",
+        "--metadata", '{"job": "j-1"}', "--idempotency-key", "d1",
+    )  # fmt: skip
+    # The same request to the domain replays what the command did.
+    again = movements.debit(session, "u", 30, "image_generation", metadata={"job": "j-1"},
+                            idempotency_key="d1")  # fmt: skip
+    assert replayed(debited) == again.model_dump(mode="json")
+    assert (debited["amount"], debited["new_balance"]) == (-30, 70)
+    charged = tokens("charge", "u", "chatgpt_message", "--idempotency-key", "c1")
+    assert replayed(charged) == movements.charge(
+        session, "u", "chatgpt_message", idempotency_key="c1"
+    ).model_dump(mode="json")
+    refunded = tokens(
+        "refund", "u", "10", "--original-entry-id", debited["ledger_entry_id"],
+        "--reason", "failed job", "--idempotency-key", "r1",
+    )  # fmt: skip
+    assert replayed(refunded) == movements.refund(
+        session, "u", 10, reason="failed job", original_entry_id=debited["ledger_entry_id"],
+        idempotency_key="r1",
+    ).model_dump(mode="json")  # fmt: skip
+    session.rollback()
+    assert tokens("balance", "u")["tokens_balance"] == 100 - 30 - 5 + 10
+    [entry] = [e for e in dbstate.entries("u") if str(e["id"]) == debited["ledger_entry_id"]]
+    assert entry["metadata"] == {"job": "j-1"}
+
+
+def test_movement_refusals_exit_1_with_the_contract_failure(session: Session) -> None:
+    tokens("open-account", "u", "--initial-balance", "10")
+    before = dbstate.snapshot()
+    assert tokens("debit", "u", "11", "--operation-type", "image_generation", code=1) == {
+        "success": False,
+        "error": "Insufficient tokens. Required: 11, Available: 10",
+        "error_code": "INSUFFICIENT_TOKENS",
+    }
+    assert tokens("charge", "u", "refund", code=1)["error_code"] == "NOT_CHARGEABLE"
+    assert tokens("refund", "u", "5", "--original-entry-id", "999", code=1)["error_code"] == (
+        "ENTRY_NOT_FOUND"
+    )
+    assert tokens("set-tier", "u", "Gold", code=1)["error_code"] == "VALIDATION_ERROR"
+    assert tokens("reserve", "u", code=1)["error_code"] == "VALIDATION_ERROR"
+    assert tokens("capture", "no-such-reservation", code=1)["error_code"] == (
+        "RESERVATION_NOT_FOUND"
+    )
+    assert dbstate.snapshot() == before
+    usage = CliRunner().invoke(
+        main, ["debit", "u", "1", "--operation-type", "x", "--metadata", "{"]
+    )
+    assert usage.exit_code == 2 and "not JSON" in usage.output
+
+
+def test_debit_with_overdraft(session: Session) -> None:
+    tokens("open-account", "u", "--initial-balance", "5")
+    out = tokens("debit", "u", "8", "--operation-type", "image_generation", "--allow-overdraft")
+    assert (out["new_balance"], out["tokens_spent"]) == (-3, 8)
+
+
+def test_set_tier(session: Session) -> None:
+    tokens("open-account", "u")
+    out = tokens("set-tier", "u", "Business", "--subscription-expires-at", "2031-02-03T04:05:06")
+    assert out == accounts.get_balance(session, "u").model_dump(mode="json")
+    assert (out["tier"], out["subscription_expires_at"]) == (
+        "Business",
+        "2031-02-03T04:05:06+00:00",
+    )
+    assert tokens("set-tier", "u", "Gift")["subscription_expires_at"] is None
+
+
+def test_reserve_capture_release(session: Session) -> None:
+    tokens("open-account", "u", "--initial-balance", "100")
+    held = tokens("reserve", "u", "--amount", "50", "--ttl-seconds", "600",
+                  "--idempotency-key", "h1")  # fmt: skip
+    assert replayed(held) == reservations.reserve(
+        session, "u", amount=50, ttl_seconds=600, idempotency_key="h1"
+    ).model_dump(mode="json")
+    session.rollback()
+    assert (held["amount"], held["tokens_available"]) == (50, 50)
+    priced = tokens("reserve", "u", "--operation-type", "chatgpt_message")
+    assert priced["amount"] == 5
+    captured = tokens("capture", held["reservation_id"], "--amount", "40")
+    assert (captured["amount"], captured["new_balance"]) == (-40, 60)
+    [entry] = [e for e in dbstate.entries("u") if str(e["id"]) == captured["ledger_entry_id"]]
+    assert entry["tokens_amount"] == -40
+    assert tokens("release", priced["reservation_id"], "--reason", "cancelled") == {
+        "success": True,
+        "reservation_id": priced["reservation_id"],
+        "status": "released",
+    }
+    assert tokens("release", held["reservation_id"], code=1) == {
+        "success": False,
+        "error": "Reservation is captured",
+        "error_code": "RESERVATION_NOT_ACTIVE",
+    }
+    assert tokens("balance", "u")["tokens_reserved"] == 0
+
+
+def test_stats_due_and_account_show(session: Session) -> None:
+    tokens("open-account", "u", "--tier", "Professional", "--initial-balance", "50")
+    tokens("debit", "u", "20", "--operation-type", "image_generation")
+    stats = tokens("stats", "u")
+    assert stats == ledger.statistics(session, "u").model_dump(mode="json")
+    assert (stats["total_spent"], stats["total_earned"], stats["operation_count"]) == (20, 50, 2)
+    future = tokens("stats", "u", "--start-date", "2999-01-01")
+    assert (future["operation_count"], future["by_type"]) == (0, {})
+    assert tokens("due") == {"success": True, "user_ids": ["u"]}
+    assert tokens("due", "--tier", "Gift") == {"success": True, "user_ids": []}
+    shown = tokens("account", "show", "u", "--limit", "1")
+    assert shown == {
+        "success": True,
+        "balance": accounts.get_balance(session, "u").model_dump(mode="json"),
+        "renewal": renewals.check_eligibility(session, "u").model_dump(mode="json"),
+        "statistics": stats,
+        "entries": ledger.user_entries(session, "u", limit=1).model_dump(mode="json")["entries"],
+    }
+    assert tokens("account", "show", "ghost", code=1)["error_code"] == "USER_NOT_FOUND"
+
+
+def test_delete_old_entries_dry_run_and_confirmation(session: Session) -> None:
+    for user in ("a", "b", "c"):
+        tokens("open-account", user, "--initial-balance", "10")
+        tokens("credit", user, "5")
+    for user in ("a", "b"):
+        for entry in dbstate.entries(user):
+            dbstate.backdate(entry["id"], datetime(2025, 6, 1, tzinfo=UTC))
+    before = dbstate.snapshot()
+    assert tokens("delete-old-entries", "2026-01-01", "--dry-run") == {
+        "success": True,
+        "deleted": 4,
+    }
+    declined = CliRunner().invoke(main, ["delete-old-entries", "2026-01-01"], input="n\n")
+    assert declined.exit_code == 1
+    assert "Delete 4 ledger entries created before 2026-01-01T00:00:00+00:00 of 2 users" in (
+        declined.stderr
+    )
+    assert dbstate.snapshot() == before
+    confirmed = CliRunner().invoke(
+        main, ["delete-old-entries", "2026-01-01", "--users-per-transaction", "1"], input="y\n"
+    )
+    assert confirmed.exit_code == 0, confirmed.output
+    assert json.loads(confirmed.stdout) == {"success": True, "deleted": 4}
+    assert "pruning" in confirmed.stderr  # the progress bar (a label only, off a terminal)
+    assert [e["operation_type"] for e in dbstate.entries("a")] == ["carried_forward"]
+    assert tokens("reconcile")["mismatches"] == []
+
+
+def test_sweep_keeps_stdout_for_its_result(session: Session) -> None:
+    tokens("open-account", "u")
+    result = CliRunner().invoke(main, ["sweep"])
+    assert result.exit_code == 0
+    assert json.loads(result.stdout)["successful"] == 1
+    assert "renewing" in result.stderr
+
+
+# --- migrate --wait, handlers, doctor -----------------------------------------------------------
+
+
+def test_migrate_waits_for_the_database_then_gives_up_in_one_line(fresh_database: str) -> None:
+    from tests.worker.tcp_proxy import TcpProxy
+
+    url = make_url(fresh_database)
+    proxy = TcpProxy((url.host or "127.0.0.1", url.port or 5432))
+    try:
+        through = url.set(host="127.0.0.1", port=proxy.port).render_as_string(False)
+        env = {**os.environ, "TOKENS_DATABASE_URL": through}
+        argv = [str(TOKENS), "migrate", "--wait", "2"]
+        gave_up = subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
+        assert gave_up.returncode == 3
+        [line] = gave_up.stderr.splitlines()
+        assert line.startswith(
+            f"tokens: database {make_url(through).render_as_string()} unreachable after 2 s: "
+            f'connection failed: connection to server at "127.0.0.1", port {proxy.port} failed'
+        )
+        threading.Timer(1.0, proxy.open).start()  # the database comes up while it waits
+        argv = [str(TOKENS), "migrate", "--wait", "30"]
+        waited = subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
+        assert waited.returncode == 0, waited.stderr
+        assert "schema up to date" in waited.stdout
+        assert proxy.refused >= 2
+    finally:
+        proxy.close()
+
+
+def test_configured_handlers_fire_for_a_cli_debit(session: Session, tmp_path: Path) -> None:
+    tokens("open-account", "u", "--initial-balance", "100")
+    sink = tmp_path / "signals.jsonl"
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),  # where tests.worker.signal_sink lives
+        "TOKENS_TEST_SIGNAL_SINK": str(sink),
+        "TOKENS_BALANCE_CHANGED_HANDLERS": '["tests.worker.signal_sink:on_balance_changed"]',
+        "TOKENS_OPERATION_COMPLETED_HANDLERS": json.dumps(
+            ["tests.worker.signal_sink.on_operation_completed"]
+        ),
+    }
+    argv = [str(TOKENS), "debit", "u", "30", "--operation-type", "image_generation"]
+    out = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert out.returncode == 0, out.stderr
+    argv[3] = "300"
+    refused_out = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
+    assert refused_out.returncode == 1
+    events = [json.loads(line) for line in sink.read_text().splitlines()]
+    assert [(e["signal"], e.get("success")) for e in events] == [
+        ("balance_changed", None),
+        ("operation_completed", True),
+        ("operation_completed", False),
+    ]
+    changed, done, refused_op = events
+    assert (changed["user_id"], changed["balance"], changed["operation"]) == ("u", 70, "debit")
+    assert {
+        k: done[k] for k in ("operation", "task_id", "user_id", "amount", "operation_type")
+    } == {
+        "operation": "tokens.debit",
+        "task_id": None,
+        "user_id": "u",
+        "amount": -30,
+        "operation_type": "image_generation",
+    }
+    assert (refused_op["amount"], refused_op["error_code"]) == (300, "INSUFFICIENT_TOKENS")
+
+
+def doctor(*args: str, env: dict[str, str] | None = None) -> tuple[int, list[list[str]]]:
+    argv = [str(TOKENS), "doctor", "--timeout", "1", *args]
+    out = subprocess.run(argv, env=env or dict(os.environ), capture_output=True, text=True,
+                         timeout=60, check=False)  # fmt: skip
+    assert out.stderr == ""
+    return out.returncode, [line.split(None, 2) for line in out.stdout.splitlines()]
+
+
+@pytest.fixture
+def beat_lock() -> Iterator[tuple[redis.Redis, str]]:
+    from worker.celery import app
+
+    client = redis.Redis.from_url(app.conf.redbeat_redis_url)
+    key = f"{app.conf.redbeat_key_prefix}:lock"
+    assert key == "tokens:redbeat::lock"
+    client.delete(key)  # left by an earlier test's beat
+    try:
+        yield client, key
+    finally:
+        client.delete(key)
+        client.close()
+
+
+def test_doctor_names_what_is_wrong(
+    e2e: Celery, beat_lock: tuple[redis.Redis, str], fresh_database: str
+) -> None:
+    from tests.test_beat_schedule import Beat
+
+    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+    code, lines = doctor()
+    assert code == 1
+    assert [line[:2] for line in lines] == [
+        ["ok", "database"], ["ok", "schema"], ["ok", "broker"], ["ok", "backend"],
+        ["FAIL", "beat"], ["ok", "workers"],
+    ]  # fmt: skip
+    assert lines[1][2] == f"at head {head}"
+    assert lines[4][2] == (
+        "no beat holds tokens:redbeat::lock: renewals, expiries, reconcile and pruning are not "
+        "scheduled; start `celery -A worker beat`"
+    )
+    assert lines[5][2].startswith("2 answered: ")
+    assert "(celery, renewals)" in lines[5][2]
+
+    beat = Beat("doctor-beat")
+    try:
+        wait_for(lambda: "beat: Acquired lock" in beat.log(), 60, "the beat to take its lock")
+        code, lines = doctor()
+        assert code == 0, lines
+        assert [line[0] for line in lines] == ["ok"] * 6
+        assert lines[4][2].startswith("tokens:redbeat::lock held; expires in ")
+    finally:
+        beat.stop()
+
+    # No broker, an unmigrated database: each named, the workers not asked.
+    port = socket.socket()
+    port.bind(("127.0.0.1", 0))
+    closed = port.getsockname()[1]
+    port.close()
+    env = {**os.environ, "TOKENS_BROKER_URL": f"redis://default:pw@127.0.0.1:{closed}/0"}
+    code, lines = doctor(env=env)
+    assert code == 1
+    assert lines[2] == [
+        "FAIL", "broker",
+        f"broker redis://default:***@127.0.0.1:{closed}/0 unreachable: Error 111 connecting to "
+        f"127.0.0.1:{closed}. Connection refused",
+    ]  # fmt: skip
+    assert lines[4][:2] == ["FAIL", "beat"]  # its lock lives on the broker's Redis here
+    assert lines[5] == ["skip", "workers", "the broker is unreachable"]
+
+    code, lines = doctor(env={**os.environ, "TOKENS_DATABASE_URL": fresh_database})
+    assert code == 1
+    assert lines[0][:2] == ["ok", "database"]
+    assert lines[1] == [
+        "FAIL", "schema", f"database {fresh_database} is not migrated: run `tokens migrate`"
+    ]  # fmt: skip
+
+
+# --- the README's command list ----------------------------------------------------------------
+
+
+def readme_operations() -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    block = text.split("## Operations", 1)[1].split("```sh\n", 1)[1].split("```", 1)[0]
+    return [line for line in block.splitlines() if line.strip()]
+
+
+def test_every_command_in_the_readme_operations_section_runs(
+    e2e: Celery, beat_lock: tuple[redis.Redis, str]
+) -> None:
+    client, key = beat_lock
+    client.set(key, "a-beat", px=150_000)  # as a running beat holds it (test_doctor_…: a real one)
+    lines = readme_operations()
+    assert len(lines) >= 20
+    printed: dict[str, dict[str, Any]] = {}
+    reserve_line = ""
+    for line in lines:
+        argv = shlex.split(line, comments=True)
+        assert argv[0] == "tokens", line
+        if argv[1] == "release":
+            # The hold `reserve` printed was captured on the line before: take a new one.
+            printed["reserve"] = json.loads(
+                run_readme_line(shlex.split(reserve_line, comments=True)).stdout
+            )
+        argv = [
+            printed["debit"]["ledger_entry_id"] if arg == "ENTRY_ID"
+            else printed["reserve"]["reservation_id"] if arg == "RESERVATION_ID"
+            else arg
+            for arg in argv
+        ]  # fmt: skip
+        result = run_readme_line(argv)
+        assert result.exit_code == 0, (line, result.output, result.exception)
+        if argv[1] not in ("migrate", "doctor"):
+            printed[argv[1]] = json.loads(result.stdout)
+            assert printed[argv[1]]["success"] is True
+        if argv[1] == "reserve":
+            reserve_line = line
+    assert printed["capture"]["amount"] == -40
+    assert printed["renew"]["tokens_added"] == 10000  # bob was set to Business on the way
+    assert printed["reconcile"]["mismatches"] == []
+
+
+def run_readme_line(argv: list[str]) -> Any:
+    return CliRunner().invoke(main, argv[1:])
+
+
+def test_doctor_on_the_embedded_default(tmp_path: Path) -> None:
+    bare = {k: v for k, v in os.environ.items() if not k.startswith("TOKENS_")}
+    missing = subprocess.run([str(TOKENS), "doctor"], cwd=tmp_path, env=bare, capture_output=True,
+                             text=True, timeout=60, check=False)  # fmt: skip
+    assert missing.returncode == 1
+    assert missing.stdout.splitlines()[:2] == [
+        "FAIL  database  database sqlite:///var/tokens.sqlite does not exist: run `tokens migrate`",
+        "skip  schema    no database",
+    ]
+    assert not (tmp_path / "var" / "tokens.sqlite").exists()  # looking created nothing
+    subprocess.run([str(TOKENS), "migrate"], cwd=tmp_path, env=bare, check=True, timeout=60,
+                   capture_output=True)  # fmt: skip
+    ready = subprocess.run([str(TOKENS), "doctor"], cwd=tmp_path, env=bare, capture_output=True,
+                           text=True, timeout=60, check=False)  # fmt: skip
+    assert ready.returncode == 0, ready.stdout
+    assert [line.split()[:2] for line in ready.stdout.splitlines()] == [
+        ["ok", "database"], ["ok", "schema"], ["ok", "broker"], ["ok", "backend"],
+        ["skip", "beat"], ["skip", "workers"],
+    ]  # fmt: skip

@@ -234,3 +234,134 @@ def test_the_app_is_configured_from_the_settings() -> None:
     assert conf.task_acks_late and conf.task_reject_on_worker_lost
     assert conf.accept_content == ["json"]
     assert conf.broker_transport_options["visibility_timeout"] == 300
+
+
+# --- URLs, partial configurations and errors in one line ------------------------------------
+
+
+def problem_with(env: pytest.MonkeyPatch, **variables: str) -> str:
+    """The one line ``get_settings`` raises for these variables."""
+    from worker.settings import ConfigurationError, get_settings
+
+    for key, value in variables.items():
+        env.setenv(key, value)
+    get_settings.cache_clear()
+    try:
+        with pytest.raises(ConfigurationError) as raised:
+            get_settings()
+    finally:
+        get_settings.cache_clear()
+    message = str(raised.value)
+    assert "\n" not in message
+    return message
+
+
+@pytest.mark.parametrize("scheme", ["postgres", "postgresql", "postgresql+psycopg"])
+def test_postgres_urls_mean_psycopg_3(env: pytest.MonkeyPatch, scheme: str) -> None:
+    s = settings_from(env, **REDIS | {"TOKENS_DATABASE_URL": f"{scheme}://u:pw@db:5432/tokens"})
+    assert s.db_url == "postgresql+psycopg://u:pw@db:5432/tokens"
+
+
+@pytest.mark.parametrize(
+    ("variable", "url", "expected"),
+    [
+        (
+            "TOKENS_DATABASE_URL",
+            "mysql://u:pw@db/tokens",
+            "TOKENS_DATABASE_URL: unsupported database 'mysql'; write "
+            "postgresql+psycopg://USER:PASSWORD@HOST:5432/DATABASE (or sqlite:///PATH on one "
+            "machine)",
+        ),
+        (
+            "TOKENS_DATABASE_URL",
+            "postgresql+psycopg2://u:pw@db/tokens",
+            "TOKENS_DATABASE_URL: driver 'psycopg2' is not installed; write "
+            "postgresql+psycopg://u:***@db/tokens (psycopg 3)",
+        ),
+        (
+            "TOKENS_DATABASE_URL",
+            "db.example.com",
+            "TOKENS_DATABASE_URL: not a URL: 'db.example.com'",
+        ),
+        (
+            "TOKENS_BROKER_URL",
+            "amqp://u:pw@mq//",
+            "TOKENS_BROKER_URL: unsupported scheme 'amqp'; write redis://HOST:6379/0 "
+            "(rediss:// for TLS)",
+        ),
+        (
+            "TOKENS_RESULT_BACKEND",
+            "rpc://",
+            "TOKENS_RESULT_BACKEND: unsupported scheme 'rpc'; write redis://HOST:6379/1 "
+            "(rediss:// for TLS)",
+        ),
+    ],
+)
+def test_unsupported_urls_are_named_with_the_fix(
+    env: pytest.MonkeyPatch, variable: str, url: str, expected: str
+) -> None:
+    assert problem_with(env, **REDIS | {variable: url}) == expected
+
+
+def test_a_partial_configuration_is_refused(env: pytest.MonkeyPatch) -> None:
+    partial = {k: v for k, v in REDIS.items() if k != "TOKENS_RESULT_BACKEND"}
+    assert problem_with(env, **partial) == (
+        "partial configuration: TOKENS_DATABASE_URL and TOKENS_BROKER_URL are set but "
+        "TOKENS_RESULT_BACKEND is not; set all three (servers) or none (the embedded SQLite "
+        "default)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("variables", "expected"),
+    [
+        (
+            {"TOKENS_PRICES": "{bad"},
+            "TOKENS_PRICES: not valid JSON (Expecting property name enclosed in double quotes: "
+            "line 1 column 2 (char 1))",
+        ),
+        (
+            {"TOKENS_TASK_SOFT_TIME_LIMIT": "150"},
+            "need TOKENS_TASK_SOFT_TIME_LIMIT (150) < TOKENS_TASK_TIME_LIMIT (150) < "
+            "TOKENS_VISIBILITY_TIMEOUT (300), or a task still running is delivered a second time",
+        ),
+        (
+            {"TOKENS_TIERS": '{"Gift": {"tokens": -1}}'},
+            "TOKENS_TIERS Gift.tokens: Input should be greater than or equal to 0",
+        ),
+        (
+            {"TOKENS_VISIBILITY_TIMEOUT": "soon", "TOKENS_DB_POOL_SIZE": "0"},
+            "TOKENS_VISIBILITY_TIMEOUT: Input should be a valid integer, unable to parse string "
+            "as an integer; TOKENS_DB_POOL_SIZE: Input should be greater than or equal to 1",
+        ),
+    ],
+)
+def test_bad_settings_in_one_line_naming_the_variable(
+    env: pytest.MonkeyPatch, variables: dict[str, str], expected: str
+) -> None:
+    assert problem_with(env, **variables) == expected
+
+
+def test_no_password_in_errors_or_the_settings_repr(env: pytest.MonkeyPatch) -> None:
+    with_password = {
+        "TOKENS_DATABASE_URL": "postgresql+psycopg://u:hunter2@db:5432/tokens",
+        "TOKENS_BROKER_URL": "redis://default:hunter2@redis:6379/0",
+        "TOKENS_RESULT_BACKEND": "redis://:hunter2@redis:6379/1",
+        "TOKENS_REDBEAT_REDIS_URL": "redis://default:hunter2@redis:6379/2",
+    }
+    s = settings_from(env, **with_password)
+    assert "hunter2" not in repr(s) and "hunter2" not in str(s)
+    assert "postgresql+psycopg://u:***@db:5432/tokens" in repr(s)
+    # A validation error's input (every variable given) is never part of the line.
+    assert "hunter2" not in problem_with(env, TOKENS_TASK_TIME_LIMIT="1")
+    assert "hunter2" not in problem_with(
+        env, TOKENS_DATABASE_URL="postgresql+asyncpg://u:hunter2@db/tokens"
+    )
+
+
+def test_log_format_defaults_to_json_with_servers(env: pytest.MonkeyPatch) -> None:
+    assert not settings_from(env).logs_as_json  # the embedded default: a terminal
+    assert settings_from(env, **REDIS).logs_as_json
+    assert not settings_from(env, **REDIS, TOKENS_LOG_FORMAT="text").logs_as_json
+    assert settings_from(env, TOKENS_LOG_FORMAT="json").logs_as_json
+    assert "TOKENS_LOG_FORMAT" in problem_with(env, TOKENS_LOG_FORMAT="xml")

@@ -1,0 +1,123 @@
+"""``tokens doctor``: is everything the service needs there, and what is wrong if not.
+
+Each check is one line: the database (reachable), its schema (at the migrations' head), the
+broker, the result backend, the beat lock (RedBeat: some beat process holds it, so scheduled
+work runs) and the workers (answer a broadcast within the timeout, and every queue has one).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import redis
+from sqlalchemy.exc import SQLAlchemyError
+
+from worker.config import DEFAULT_QUEUE, RENEWALS_QUEUE
+from worker.preflight import (
+    backend_problem,
+    broker_problem,
+    database_revisions,
+    head_revisions,
+    missing_sqlite_file,
+    reason,
+    schema_problem,
+)
+from worker.settings import get_settings, masked
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    status: str  # "ok", "FAIL" or "skip"
+    detail: str
+
+
+def _database(timeout: float) -> list[Check]:
+    url = get_settings().db_url
+    missing = missing_sqlite_file(url)
+    if missing:
+        return [Check("database", "FAIL", missing), Check("schema", "skip", "no database")]
+    try:
+        current = database_revisions(url, timeout)
+    except SQLAlchemyError as exc:
+        return [
+            Check("database", "FAIL", f"{masked(url)} unreachable: {reason(exc)}"),
+            Check("schema", "skip", "the database is unreachable"),
+        ]
+    reachable = Check("database", "ok", f"{masked(url)} reachable")
+    problem = schema_problem(url, current)
+    if problem:
+        return [reachable, Check("schema", "FAIL", problem)]
+    return [reachable, Check("schema", "ok", f"at head {', '.join(sorted(head_revisions()))}")]
+
+
+def _server(name: str, problem: str | None, url: str) -> Check:
+    return (
+        Check(name, "FAIL", problem) if problem else Check(name, "ok", f"{masked(url)} reachable")
+    )
+
+
+def _beat(timeout: float) -> Check:
+    settings = get_settings()
+    if not settings.broker_is_redis:
+        return Check("beat", "skip", "no RedBeat lock on the embedded default")
+    from redbeat.schedulers import RedBeatConfig
+
+    from worker.celery import app
+
+    key = RedBeatConfig(app).lock_key
+    url = app.conf.redbeat_redis_url
+    client = redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout)
+    try:
+        ttl_ms = int(client.pttl(key))
+    except redis.RedisError as exc:
+        return Check("beat", "FAIL", f"cannot read {key} on {masked(url)}: {reason(exc)}")
+    finally:
+        client.close()
+    if ttl_ms == -2:
+        return Check(
+            "beat",
+            "FAIL",
+            f"no beat holds {key}: renewals, expiries, reconcile and pruning are not scheduled; "
+            "start `celery -A worker beat`",
+        )
+    if ttl_ms == -1:
+        return Check("beat", "ok", f"{key} held, with no expiry")
+    return Check("beat", "ok", f"{key} held; expires in {ttl_ms / 1000:.0f} s unless renewed")
+
+
+def _workers(timeout: float, broker_reachable: bool) -> Check:
+    if not broker_reachable:
+        return Check("workers", "skip", "the broker is unreachable")
+    from worker.celery import app
+
+    with app.connection_for_read() as conn:
+        if not conn.supports_exchange_type("fanout"):  # Celery turns remote control off then
+            return Check("workers", "skip", f"{conn.transport_cls} brokers cannot broadcast a ping")
+    try:
+        replies = app.control.inspect(timeout=timeout).active_queues() or {}
+    except Exception as exc:  # a transport without broadcast (the embedded SQLite broker)
+        return Check("workers", "skip", f"cannot ask the workers: {reason(exc)}")
+    if not replies:
+        return Check("workers", "FAIL", f"no worker answered within {timeout:g} s")
+    served = {q["name"] for queues in replies.values() for q in queues or []}
+    who = ", ".join(
+        f"{name} ({', '.join(sorted(q['name'] for q in queues or []))})"
+        for name, queues in sorted(replies.items())
+    )
+    missing = [q for q in (DEFAULT_QUEUE, RENEWALS_QUEUE) if q not in served]
+    if missing:
+        return Check("workers", "FAIL", f"no worker consumes {', '.join(missing)}; answered: {who}")
+    return Check("workers", "ok", f"{len(replies)} answered: {who}")
+
+
+def run_checks(timeout: float) -> list[Check]:
+    settings = get_settings()
+    broker = broker_problem(timeout=timeout)
+    return [
+        *_database(timeout),
+        _server("broker", broker, settings.broker),
+        _server("backend", backend_problem(timeout=timeout), settings.backend),
+        _beat(timeout),
+        _workers(timeout, broker is None),
+    ]
