@@ -1,5 +1,5 @@
 # Two commands do everything on a fresh clone:
-#   make run   - install, migrate and run the worker on the embedded default (SQLite under ./var/)
+#   make run   - install, migrate and run the worker with beat on the embedded default (SQLite under ./var/)
 #   make test  - install, make sure PostgreSQL and Redis are up, lint, type-check and run the tests
 PYTHON ?= python3
 VENV   ?= .venv
@@ -16,7 +16,7 @@ install: $(BIN)/python
 
 run: install
 	$(BIN)/tokens migrate
-	$(BIN)/celery -A worker worker -l INFO
+	$(BIN)/celery -A worker worker -B -l INFO
 
 beat: install
 	$(BIN)/celery -A worker beat -l INFO

@@ -8,6 +8,7 @@ from kombu import Queue  # type: ignore[attr-defined]
 
 from beat_schedule import beat_schedule
 from worker.settings import Settings
+from worker.sqlpolling import BROKER_POLLING_INTERVAL
 
 DEFAULT_QUEUE = "celery"
 RENEWALS_QUEUE = "renewals"
@@ -33,6 +34,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     config: dict[str, Any] = {
         "broker_url": settings.broker,
         "result_backend": settings.backend,
+        **_polling_sql(settings, transport),
         "broker_transport_options": transport,
         "result_backend_transport_options": backend_transport,
         "broker_connection_retry_on_startup": True,
@@ -91,4 +93,25 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         }
     else:
         config["beat_schedule_filename"] = str(settings.var_dir / "celerybeat-schedule")
+    return config
+
+
+def _polling_sql(settings: Settings, transport: dict[str, Any]) -> dict[str, Any]:
+    """A SQLAlchemy broker or database backend through the classes in worker/sqlpolling.py.
+
+    A ``sqla+`` prefix would make kombu pick its own transport whatever ``broker_transport``
+    says, so the URL goes without it; producers that keep the prefix share the same tables.
+    """
+    config: dict[str, Any] = {}
+    if settings.broker.startswith("sqla+"):
+        transport["polling_interval"] = BROKER_POLLING_INTERVAL
+        config |= {
+            "broker_url": settings.broker.removeprefix("sqla+"),
+            "broker_transport": "worker.sqlpolling:Transport",
+        }
+    if settings.backend.startswith("db+"):
+        config |= {
+            "result_backend": "worker.sqlpolling:DatabaseBackend",
+            "database_url": settings.backend.removeprefix("db+"),
+        }
     return config
