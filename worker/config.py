@@ -4,19 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from kombu import Queue  # type: ignore[attr-defined]
-
 from beat_schedule import beat_schedule
+from worker.queues import DEFAULT_QUEUE, RENEWALS_QUEUE, task_queues
 from worker.settings import Settings
 from worker.sqlpolling import BROKER_POLLING_INTERVAL
 
-DEFAULT_QUEUE = "celery"
-RENEWALS_QUEUE = "renewals"
-
 
 def celery_config(settings: Settings) -> dict[str, Any]:
-    # Redis redelivers what a dead worker held after visibility_timeout; the SQLAlchemy transport
-    # hands its options to create_engine, so they apply to Redis only.
+    # Redis redelivers what a dead worker held after visibility_timeout. These options are for
+    # Redis only: the SQLAlchemy transport would hand them to create_engine (worker/sqlpolling.py).
     transport: dict[str, Any] = {}
     if settings.broker_is_redis:
         transport = {
@@ -58,7 +54,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "timezone": "UTC",
         "enable_utc": True,
         "task_default_queue": DEFAULT_QUEUE,
-        "task_queues": (Queue(DEFAULT_QUEUE), Queue(RENEWALS_QUEUE)),  # type: ignore[no-untyped-call]
+        "task_queues": task_queues(),
         "task_routes": {"renewals.*": {"queue": RENEWALS_QUEUE}},
         "worker_hijack_root_logger": False,
         # Every task message is checked where it is decoded, before the pool sees it: a poison
