@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any
@@ -59,11 +60,27 @@ def main() -> None:
 
 
 @main.command()
-def migrate() -> None:
+@click.option(
+    "--wait",
+    type=click.FloatRange(min=0),
+    default=0,
+    help="Seconds to keep retrying while the database does not accept connections yet.",
+)
+def migrate(wait: float) -> None:
     """Apply the database migrations (safe to run again)."""
+    from sqlalchemy.exc import OperationalError
+
     from worker.migrate import upgrade
 
-    upgrade()
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            upgrade()
+            break
+        except OperationalError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(1)
     click.echo(f"schema up to date on {_redacted(get_settings().db_url)}")
 
 
