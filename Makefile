@@ -5,14 +5,19 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: install run beat test lint bench bench-renewals clean
+.PHONY: install lock run beat test lint bench bench-renewals clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 
+# The versions the image ships (requirements.lock) are the versions the tests run on.
 install: $(BIN)/python
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -c requirements.lock -e '.[ops,dev]'
+
+# Refresh requirements.lock after changing dependencies in pyproject.toml.
+lock:
+	scripts/lock-requirements.sh
 
 run: install
 	$(BIN)/tokens migrate
