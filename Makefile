@@ -16,8 +16,9 @@ install: $(BIN)/python
 	$(BIN)/pip install --quiet -c requirements.lock -e '.[ops,dev]'
 
 # Refresh requirements.lock after changing dependencies in pyproject.toml.
+LOCK ?= requirements.lock
 lock:
-	scripts/lock-requirements.sh
+	scripts/lock-requirements.sh $(LOCK)
 
 run: install
 	$(BIN)/tokens migrate

@@ -4,8 +4,10 @@ install`` installs under it as constraints)."""
 
 from __future__ import annotations
 
+import subprocess
 import tomllib
 from importlib import metadata
+from pathlib import Path
 
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
@@ -13,9 +15,9 @@ from packaging.utils import canonicalize_name
 from tests.support import ROOT
 
 
-def locked() -> dict[str, str]:
+def locked(path: Path = ROOT / "requirements.lock") -> dict[str, str]:
     pins: dict[str, str] = {}
-    for line in (ROOT / "requirements.lock").read_text().splitlines():
+    for line in path.read_text().splitlines():
         if line.strip() and not line.startswith("#"):
             name, sep, version = line.partition("==")
             assert sep and version, f"not pinned: {line!r}"
@@ -30,7 +32,10 @@ def image_requirements() -> list[Requirement]:
 
 
 def test_the_lock_pins_what_pyproject_asks_for() -> None:
-    pins = locked()
+    assert_pins_what_pyproject_asks_for(locked())
+
+
+def assert_pins_what_pyproject_asks_for(pins: dict[str, str]) -> None:
     for requirement in image_requirements():
         name = canonicalize_name(requirement.name)
         assert name in pins, f"{name} missing from requirements.lock: run `make lock`"
@@ -56,6 +61,16 @@ def test_the_lock_is_closed_under_dependencies() -> None:
 def test_the_tests_run_on_the_locked_versions() -> None:
     installed = {name: metadata.version(name) for name in locked()}
     assert installed == locked()
+
+
+def test_make_lock_writes_a_fresh_lock(tmp_path: Path) -> None:
+    """The refresh command: a clean venv's resolution of the image's dependencies, pinned."""
+    fresh = tmp_path / "requirements.lock"
+    subprocess.run(["make", f"LOCK={fresh}", "lock"], cwd=ROOT, check=True, timeout=600)
+    pins = locked(fresh)
+    assert_pins_what_pyproject_asks_for(pins)
+    assert pins.keys() == locked().keys()  # the same packages; versions move as releases do
+    assert "token-worker" not in pins
 
 
 def test_the_image_installs_the_lock_before_the_code() -> None:
