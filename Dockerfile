@@ -1,8 +1,13 @@
 FROM python:3.11-slim
 
-ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /app
 RUN useradd --create-home --uid 10001 tokens
+# Dependencies first, at the versions the tests ran on (requirements.lock, refreshed by
+# `make lock`), in a layer that changes only when the lock does.
+COPY requirements.lock ./
+RUN pip install -r requirements.lock
 COPY pyproject.toml README.md ./
 COPY client ./client
 COPY worker ./worker
@@ -11,7 +16,12 @@ COPY models ./models
 COPY accounting ./accounting
 COPY migrations ./migrations
 COPY beat_schedule.py ./
-# one pip call: the worker's dependency on token-worker-client resolves to ./client
-RUN pip install ./client '.[ops]'
+# The worker's dependency on token-worker-client is the local ./client, installed beside it.
+RUN pip install --no-deps ./client '.' && pip check
+# With no TOKENS_* set the worker runs the embedded default, whose SQLite files live in ./var:
+# it must be writable by the user the image runs as.
+RUN install -d -o tokens -g tokens /app/var
 USER tokens
+# Worker metrics (TOKENS_METRICS_PORT) and Flower.
+EXPOSE 9808 5555
 CMD ["celery", "-A", "worker", "worker", "-l", "INFO"]

@@ -1,23 +1,29 @@
 # Two commands do everything on a fresh clone:
-#   make run   - install, migrate and run the worker on the embedded default (SQLite under ./var/)
+#   make run   - install, migrate and run the worker with beat on the embedded default (SQLite under ./var/)
 #   make test  - install, make sure PostgreSQL and Redis are up, lint, type-check and run the tests
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: install run beat test lint bench bench-renewals clean
+.PHONY: install lock run beat test lint bench bench-renewals clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 
-# One pip call, so the worker's dependency on token-worker-client resolves to ./client.
+# One pip call, so the worker's dependency on token-worker-client resolves to ./client; the
+# versions the image ships (requirements.lock) are the versions the tests run on.
 install: $(BIN)/python
-	$(BIN)/pip install --quiet -e './client[test]' -e '.[dev]'
+	$(BIN)/pip install --quiet -c requirements.lock -e './client[test]' -e '.[ops,dev]'
+
+# Refresh requirements.lock after changing dependencies in pyproject.toml.
+LOCK ?= requirements.lock
+lock:
+	scripts/lock-requirements.sh $(LOCK)
 
 run: install
 	$(BIN)/tokens migrate
-	$(BIN)/celery -A worker worker -l INFO
+	$(BIN)/celery -A worker worker -B -l INFO
 
 beat: install
 	$(BIN)/celery -A worker beat -l INFO

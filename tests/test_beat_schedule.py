@@ -26,7 +26,8 @@ from beat_schedule import (
 )
 from tests.polling import wait_for
 from tests.support import ROOT
-from worker.config import RENEWALS_QUEUE, celery_config
+from worker.config import celery_config
+from worker.queues import RENEWALS_QUEUE
 from worker.settings import Settings, get_settings
 
 EMBEDDED = {"database_url": None, "broker_url": None, "result_backend": None}

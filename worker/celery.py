@@ -14,6 +14,7 @@ from celery.signals import (
     worker_init,
     worker_process_init,
     worker_process_shutdown,
+    worker_ready,
 )
 
 import worker.logs  # noqa: F401  (connects the logging hooks)
@@ -21,6 +22,7 @@ from worker.config import celery_config
 from worker.db import dispose_engines, reset_engines_after_fork
 from worker.limits import time_limit_problems
 from worker.preflight import start_problems
+from worker.queues import drop_stale_bindings
 from worker.settings import ConfigurationError, get_settings
 from worker.signals import connect_configured_handlers
 
@@ -117,3 +119,12 @@ def _guard_the_transport(conf: Any, **_: Any) -> None:
     # whose broker page parses the transport name as a URL scheme) keep kombu's own.
     if get_settings().broker_is_redis:
         conf.broker_transport = "worker.transport:Transport"
+
+
+@worker_ready.connect  # type: ignore[untyped-decorator]
+def _drop_stale_bindings(**_: Any) -> None:
+    # Bindings live in Redis, not in the code: one an earlier release declared would go on
+    # copying default-queue messages to `renewals` (worker/queues.py).
+    settings = get_settings()
+    if settings.broker_is_redis:
+        drop_stale_bindings(settings.broker)

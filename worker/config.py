@@ -4,18 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from kombu import Queue  # type: ignore[attr-defined]
-
 from beat_schedule import beat_schedule
+from worker.queues import DEFAULT_QUEUE, RENEWALS_QUEUE, task_queues
 from worker.settings import Settings
-
-DEFAULT_QUEUE = "celery"
-RENEWALS_QUEUE = "renewals"
+from worker.sqlpolling import BROKER_POLLING_INTERVAL
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
-    # Redis redelivers what a dead worker held after visibility_timeout; the SQLAlchemy transport
-    # hands its options to create_engine, so they apply to Redis only.
+    # Redis redelivers what a dead worker held after visibility_timeout. These options are for
+    # Redis only: the SQLAlchemy transport would hand them to create_engine (worker/sqlpolling.py).
     transport: dict[str, Any] = {}
     if settings.broker_is_redis:
         transport = {
@@ -33,6 +30,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     config: dict[str, Any] = {
         "broker_url": settings.broker,
         "result_backend": settings.backend,
+        **_polling_sql(settings, transport),
         "broker_transport_options": transport,
         "result_backend_transport_options": backend_transport,
         "broker_connection_retry_on_startup": True,
@@ -56,7 +54,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "timezone": "UTC",
         "enable_utc": True,
         "task_default_queue": DEFAULT_QUEUE,
-        "task_queues": (Queue(DEFAULT_QUEUE), Queue(RENEWALS_QUEUE)),  # type: ignore[no-untyped-call]
+        "task_queues": task_queues(),
         "task_routes": {"renewals.*": {"queue": RENEWALS_QUEUE}},
         "worker_hijack_root_logger": False,
         # Every task message is checked where it is decoded, before the pool sees it: a poison
@@ -91,4 +89,25 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         }
     else:
         config["beat_schedule_filename"] = str(settings.var_dir / "celerybeat-schedule")
+    return config
+
+
+def _polling_sql(settings: Settings, transport: dict[str, Any]) -> dict[str, Any]:
+    """A SQLAlchemy broker or database backend through the classes in worker/sqlpolling.py.
+
+    A ``sqla+`` prefix would make kombu pick its own transport whatever ``broker_transport``
+    says, so the URL goes without it; producers that keep the prefix share the same tables.
+    """
+    config: dict[str, Any] = {}
+    if settings.broker.startswith("sqla+"):
+        transport["polling_interval"] = BROKER_POLLING_INTERVAL
+        config |= {
+            "broker_url": settings.broker.removeprefix("sqla+"),
+            "broker_transport": "worker.sqlpolling:Transport",
+        }
+    if settings.backend.startswith("db+"):
+        config |= {
+            "result_backend": "worker.sqlpolling:DatabaseBackend",
+            "database_url": settings.backend.removeprefix("db+"),
+        }
     return config

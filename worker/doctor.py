@@ -12,7 +12,6 @@ from dataclasses import dataclass
 import redis
 from sqlalchemy.exc import SQLAlchemyError
 
-from worker.config import DEFAULT_QUEUE, RENEWALS_QUEUE
 from worker.preflight import (
     backend_problem,
     broker_problem,
@@ -22,6 +21,7 @@ from worker.preflight import (
     reason,
     schema_problem,
 )
+from worker.queues import DEFAULT_QUEUE, RENEWALS_QUEUE
 from worker.settings import get_settings, masked
 
 

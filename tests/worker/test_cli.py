@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -29,6 +30,7 @@ from accounting import accounts, ledger, movements, renewals, reservations
 from tests import dbstate
 from tests.polling import wait_for
 from tests.support import ROOT
+from tests.worker.tcp_proxy import TcpProxy
 from worker.cli import main
 from worker.migrate import alembic_config
 from worker.settings import get_settings
@@ -60,9 +62,9 @@ def fresh_database() -> Any:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-def run_migrate(database_url: str) -> subprocess.CompletedProcess[str]:
+def run_migrate(database_url: str, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [str(TOKENS), "migrate"],
+        [str(TOKENS), "migrate", *args],
         env={**os.environ, "TOKENS_DATABASE_URL": database_url},
         capture_output=True,
         text=True,
@@ -105,6 +107,35 @@ def test_migrate_hides_the_password(fresh_database: str) -> None:
     assert out.returncode == 0, out.stderr
     assert "s3cret" not in out.stdout + out.stderr
     assert "***" in out.stdout
+
+
+def test_migrate_waits_for_the_database_within_a_bound(fresh_database: str) -> None:
+    """``--wait`` (docker-compose.yml's migrate): a database that accepts only after a while
+    is waited for; one that never does fails once the wait is over."""
+    url = make_url(fresh_database)
+    proxy = TcpProxy((str(url.host), int(url.port or 5432)))  # shut: resets every connection
+    try:
+        behind_proxy = url.set(host="127.0.0.1", port=proxy.port).render_as_string(False)
+
+        # Opened only once migrate has been turned away twice: it retried rather than gave up.
+        def open_when_turned_away_twice() -> None:
+            wait_for(lambda: proxy.refused >= 2, 30)
+            proxy.open()
+
+        opener = threading.Thread(target=open_when_turned_away_twice)
+        opener.start()
+        waited = run_migrate(behind_proxy, "--wait", "30")
+        opener.join()
+        assert waited.returncode == 0, waited.stderr
+        assert "schema up to date" in waited.stdout
+
+        proxy.shut()
+        start = time.monotonic()
+        gave_up = run_migrate(behind_proxy, "--wait", "1")
+        assert gave_up.returncode != 0
+        assert time.monotonic() - start < 20
+    finally:
+        proxy.close()
 
 
 # --- commands against the domain ------------------------------------------------------------

@@ -12,6 +12,7 @@ from pydantic import ValidationError
 
 from worker.config import celery_config
 from worker.settings import DEFAULT_PRICES, DEFAULT_TIERS, Settings, Tier
+from worker.sqlpolling import BROKER_POLLING_INTERVAL
 
 REDIS = {
     "TOKENS_DATABASE_URL": "postgresql+psycopg://postgres@127.0.0.1:5432/tokens",
@@ -184,10 +185,15 @@ def test_redis_visibility_timeout_is_set_for_broker_and_backend(env: pytest.Monk
 
 
 def test_sqlalchemy_broker_gets_no_redis_transport_options(env: pytest.MonkeyPatch) -> None:
-    # The SQLAlchemy transport hands its options to create_engine, which would refuse them.
-    config = config_from(env)
-    assert config["broker_transport_options"] == {}
+    # kombu's SQLAlchemy channel hands its options to create_engine, which would refuse them;
+    # ours keeps polling_interval (read by the transport) out of the engine's.
+    config = config_from(env, TOKENS_VAR_DIR="/srv/var")
+    assert config["broker_transport_options"] == {"polling_interval": BROKER_POLLING_INTERVAL}
     assert config["result_backend_transport_options"] == {}
+    assert config["broker_url"] == "sqlite:////srv/var/broker.sqlite"  # sqla+ would pick kombu's
+    assert config["broker_transport"] == "worker.sqlpolling:Transport"
+    assert config["result_backend"] == "worker.sqlpolling:DatabaseBackend"
+    assert config["database_url"] == "sqlite:////srv/var/results.sqlite"
 
 
 def test_redbeat_schedules_when_the_broker_is_redis(env: pytest.MonkeyPatch) -> None:
