@@ -472,3 +472,19 @@ def test_compose_interpolation() -> None:
     )
     with pytest.raises(KeyError, match="set it"):
         interpolate("${NOPE:?set it}", env)
+
+
+def test_every_worker_answers_on_its_metrics_port(stack: Stack) -> None:
+    # After the debits and the sweep above (or on their own): each worker container serves
+    # Prometheus text on TOKENS_METRICS_PORT, counting what its own pool processes did.
+    app = producer(stack)
+    assert app.send_task("health.ping").get(timeout=30)["success"] is True
+    workers = [c for c in stack.all() if "TOKENS_METRICS_PORT" in c.env]
+    assert len(workers) == 3  # two debit workers and the renewals worker
+    for container in workers:
+        url = f"http://127.0.0.1:{container.env['TOKENS_METRICS_PORT']}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            assert response.status == 200
+            text = response.read().decode()
+        assert "# TYPE tokens_operations_total counter" in text, container.hostname
+        assert "celery_queue_length" in text, container.hostname

@@ -90,17 +90,19 @@ def _serve_metrics(sender: Any, **_: Any) -> None:
     settings = get_settings()
     if settings.metrics_port is None:
         return
-    if "prometheus_client" in sys.modules:
-        raise SystemExit(
-            "worker refusing to start: prometheus_client was imported before the metrics "
-            "directory was set, so the pool processes' metrics would be lost"
-        )
     node = re.sub(r"[^A-Za-z0-9@._-]", "_", sender.hostname)
     directory = settings.metrics_dir or settings.var_dir / "metrics" / node
     directory.mkdir(parents=True, exist_ok=True)
     for stale in Path(directory).glob("*.db"):  # the previous run's processes
         stale.unlink()
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
+    if "prometheus_client.values" in sys.modules:
+        # Imported already (Celery loads its command plugins first, and Flower's imports
+        # prometheus_client): it picked in-memory values at import. Metrics look the class up
+        # when they are made, so choosing again now, before ours exist, gives per-process files.
+        from prometheus_client import values
+
+        values.ValueClass = values.get_value_class()  # type: ignore[no-untyped-call]
     from worker import metrics
 
     try:
