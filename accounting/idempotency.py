@@ -32,7 +32,7 @@ def request_hash(operation: str, **params: Any) -> str:
 
 def dialect_insert(session: Session, table: Any) -> postgresql.Insert | sqlite.Insert:
     """An INSERT of the session's dialect, which knows ``ON CONFLICT``."""
-    dialect = session.get_bind().dialect.name
+    dialect = clock.dialect_of(session)
     if dialect == "postgresql":
         return postgresql.insert(table)
     if dialect == "sqlite":
@@ -65,7 +65,7 @@ _RECORD = (
 
 
 def _claim_statement(session: Session) -> Insert:
-    dialect = session.get_bind().dialect.name
+    dialect = clock.dialect_of(session)
     stmt = _claims.get(dialect)
     if stmt is None:
         stmt = _claims[dialect] = (

@@ -20,6 +20,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import CursorResult
 from sqlalchemy.orm import Session
 
+from accounting import clock
 from models.schemas import (
     DeletedOut,
     EntriesOut,
@@ -165,7 +166,7 @@ def _delete_old_entries(
     session: Session, older_than: datetime, users: tuple[str, str] | None
 ) -> int:
     """Prune the entries of every user, or of the users from ``users[0]`` to ``users[1]``."""
-    if session.get_bind().dialect.name == "postgresql":
+    if clock.is_postgres(session):
         return _delete_old_entries_pg(session, older_than, users)
     return _delete_old_entries_portable(session, older_than, users)
 

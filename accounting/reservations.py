@@ -183,6 +183,7 @@ def capture(
     if captured > reserved:
         raise capture_exceeds_reservation(reserved, captured)
     # The entry keeps the reservation's metadata, the capture's and the id: bound the whole.
+    # (An active reservation's metadata never changes; only a release, which ends it, adds to it.)
     merged = {**found.meta, **metadata, "reservation_id": reservation_id}
     if (size := metadata_bytes(merged)) > MAX_METADATA_BYTES:
         raise validation_error(
@@ -198,12 +199,12 @@ def capture(
             Reservation.expires_at > now,
         )
         .values(status="captured", settled_at=clock.now_sql(session), captured_amount=captured)
-        .returning(Reservation.operation_type, Reservation.meta)
+        .returning(Reservation.operation_type)
         .execution_options(synchronize_session=False)
     ).first()
     if ended is None:
         raise _refuse(session, reservation_id, now)
-    operation_type, reservation_meta = ended
+    (operation_type,) = ended
     out = apply_movement(
         session,
         user_id=user_id,
@@ -212,7 +213,7 @@ def capture(
         delta=-captured,
         spent_delta=captured,
         release_reserved=reserved,
-        metadata={**reservation_meta, **metadata, "reservation_id": reservation_id},
+        metadata=merged,
         idempotency_key=idempotency_key,
     )
     session.execute(
