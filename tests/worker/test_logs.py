@@ -91,7 +91,16 @@ def run_operations(app: Celery, worker: WorkerProcess, database: str, queue: str
         execute(database, "ALTER TABLE accounts RENAME TO accounts_gone")
         failed = send("tokens.debit", "failure", kwargs=DEBIT)
         wait_for(lambda: failed.state == "FAILURE", 30, "the debit to fail")
+        # The state is stored before the pool process has finished with the task: stopping the
+        # worker then would kill it mid-task and log a WorkerLostError traceback of our making.
+        wait_for(lambda: idle(app, worker), 30, "the worker to finish its last task")
     return ids
+
+
+def idle(app: Celery, worker: WorkerProcess) -> bool:
+    active = app.control.inspect(timeout=1).active() or {}
+    mine = [tasks for node, tasks in active.items() if node.startswith(f"{worker.name}@")]
+    return mine == [[]]
 
 
 def worker_for(name: str, database: str, log: Path, queue: str, **env: str) -> WorkerProcess:
