@@ -3,21 +3,31 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from accounting import clock
+from accounting import clock, grants
 from accounting.catalog import cost_of, known_operation, tier_of
 from accounting.errors import negative_balance, user_not_found
-from accounting.events import note_balance_change
 from accounting.idempotency import insert_ignoring_conflicts
 from models.schemas import BalanceOut, CanAffordOut, OpenAccountOut
-from models.tables import Account, LedgerEntry
+from models.tables import Account
 
 
-def balance_of(account: Account) -> BalanceOut:
+def balance_of(account: Account, session: Session | None = None) -> BalanceOut:
+    """The balance fields; with ``session``, the v1.1 grant fields too (``by_kind``,
+    ``next_expiry``)."""
+    extra: dict[str, Any] = {}
+    if session is not None:
+        extra = {
+            "by_kind": grants.by_kind(session, account.user_id),
+            "next_expiry": grants.next_expiry(session, account.user_id),
+        }
     return BalanceOut(
+        **extra,
+        debt=account.debt,
         user_id=account.user_id,
         tokens_balance=account.tokens_balance,
         tokens_reserved=account.tokens_reserved,
@@ -59,8 +69,9 @@ def open_account(
         .values(
             user_id=user_id,
             tier=tier,
-            tokens_balance=initial_balance,
+            tokens_balance=0,
             tokens_reserved=0,
+            debt=0,
             tokens_spent=0,
             last_renewal_at=last_renewal_at,
             subscription_expires_at=subscription_expires_at,
@@ -71,28 +82,19 @@ def open_account(
     ).first()
     created = inserted is not None
     if inserted is not None and initial_balance:
-        session.add(
-            LedgerEntry(
-                user_id=user_id,
-                kind="adjustment",
-                operation_type=known_operation("adjustment"),
-                tokens_amount=initial_balance,
-                balance_before=0,
-                balance_after=initial_balance,
-                meta={"reason": "initial_balance"},
-                created_at=inserted[0],
-            )
-        )
-        session.flush()
-        note_balance_change(
+        fresh = grants.Locked(user_id, 0, 0, 0, 0, inserted[0])
+        change = grants.Change(fresh)
+        change.grant(session, "adjustment", initial_balance)
+        grants.write(
             session,
-            user_id=user_id,
-            balance=initial_balance,
-            tokens_reserved=0,
-            operation="open_account",
+            change,
+            kind="adjustment",
+            operation_type=known_operation("adjustment"),
+            metadata={"reason": "initial_balance"},
+            event="open_account",
         )
     account = load_account(session, user_id)
-    return OpenAccountOut(**balance_of(account).model_dump(), created=created)
+    return OpenAccountOut(**balance_of(account, session).model_dump(), created=created)
 
 
 def set_tier(
@@ -113,15 +115,17 @@ def set_tier(
     ).first()
     if row is None:
         raise user_not_found()
-    return balance_of(load_account(session, user_id))
+    return balance_of(load_account(session, user_id), session)
 
 
 def get_balance(session: Session, user_id: str) -> BalanceOut:
-    return balance_of(load_account(session, user_id))
+    grants.settle_reads(session, user_id)
+    return balance_of(load_account(session, user_id), session)
 
 
 def can_afford(session: Session, user_id: str, operation_type: str) -> CanAffordOut:
     cost = cost_of(operation_type)
+    grants.settle_reads(session, user_id)
     account = load_account(session, user_id)
     available = account.tokens_balance - account.tokens_reserved
     return CanAffordOut(

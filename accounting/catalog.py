@@ -16,6 +16,7 @@ DEFAULT_PRICES: dict[str, int] = {
     "purchase": 0,
     "monthly_reset": 0,
     "adjustment": 0,
+    "expiry": 0,
 }
 
 
@@ -33,7 +34,7 @@ DEFAULT_TIERS: dict[str, Tier] = {
 }
 
 # Types the ledger itself writes; always on the list, at no cost.
-SYSTEM_OPERATION_TYPES = ("refund", "purchase", "monthly_reset", "adjustment")
+SYSTEM_OPERATION_TYPES = ("refund", "purchase", "monthly_reset", "adjustment", "expiry")
 
 # Tiers whose allowance never lapses with ``subscription_expires_at``.
 FREE_TIERS = frozenset({"Gift"})

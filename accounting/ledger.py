@@ -14,31 +14,34 @@ from sqlalchemy import (
     delete,
     func,
     insert,
+    or_,
     select,
     text,
 )
 from sqlalchemy.engine import CursorResult
 from sqlalchemy.orm import Session
 
-from accounting import clock
+from accounting import clock, grants
 from models.schemas import (
     DeletedOut,
     EntriesOut,
     EntryOut,
+    EntrySplit,
     Mismatch,
     ReconcileOut,
     StatisticsOut,
     TotalOut,
     TypeStats,
 )
-from models.tables import Account, LedgerEntry, RefundTotal
+from models.tables import Account, LedgerEntry, RefundTotal, entry_grant_table, grant_table
 
 CARRIED_FORWARD = "carried_forward"
 MAX_MISMATCHES_LISTED = 1000
 
 
-def entry_out(entry: LedgerEntry) -> EntryOut:
+def entry_out(entry: LedgerEntry, splits: list[EntrySplit] | None = None) -> EntryOut:
     return EntryOut(
+        grants=splits or [],
         id=str(entry.id),
         user_id=entry.user_id,
         operation_type=entry.operation_type,
@@ -65,7 +68,24 @@ def _period(start_date: datetime | None, end_date: datetime | None) -> list[Colu
 def _page(session: Session, stmt: Select[LedgerEntry], limit: int, offset: int) -> EntriesOut:
     stmt = stmt.order_by(LedgerEntry.created_at.desc(), LedgerEntry.id.desc())
     rows = session.scalars(stmt.limit(limit).offset(offset)).all()
-    return EntriesOut(entries=[entry_out(e) for e in rows])
+    splits = _splits(session, [e.id for e in rows])
+    return EntriesOut(entries=[entry_out(e, splits.get(e.id)) for e in rows])
+
+
+def _splits(session: Session, entry_ids: list[int]) -> dict[int, list[EntrySplit]]:
+    """How each of the entries split across grants, for a whole page in one query."""
+    found: dict[int, list[EntrySplit]] = {}
+    if not entry_ids:
+        return found
+    eg = entry_grant_table.c
+    rows = session.execute(
+        select(eg.entry_id, eg.grant_id, eg.amount)
+        .where(eg.entry_id.in_(entry_ids))
+        .order_by(eg.entry_id, eg.seq)
+    )
+    for entry_id, grant_id, amount in rows:
+        found.setdefault(entry_id, []).append(EntrySplit(grant_id=str(grant_id), amount=amount))
+    return found
 
 
 def user_entries(
@@ -77,6 +97,7 @@ def user_entries(
     limit: int = 50,
     offset: int = 0,
 ) -> EntriesOut:
+    grants.settle_reads(session, user_id)
     stmt = select(LedgerEntry).where(LedgerEntry.user_id == user_id, *_period(start_date, end_date))
     if operation_type is not None:
         stmt = stmt.where(LedgerEntry.operation_type == operation_type)
@@ -101,6 +122,7 @@ def _sums(
     session: Session, user_id: str, start_date: datetime | None, end_date: datetime | None
 ) -> tuple[int, int, int]:
     """(spent, earned, count): spent sums the negative entries, earned the positive ones."""
+    grants.settle_reads(session, user_id)
     amount = LedgerEntry.tokens_amount
     row = session.execute(
         select(
@@ -136,7 +158,7 @@ def statistics(
     start_date: datetime | None = None,
     end_date: datetime | None = None,
 ) -> StatisticsOut:
-    spent, earned, count = _sums(session, user_id, start_date, end_date)
+    spent, earned, count = _sums(session, user_id, start_date, end_date)  # settles due grants
     by_type = session.execute(
         select(LedgerEntry.operation_type, func.count(), func.sum(LedgerEntry.tokens_amount))
         .where(LedgerEntry.user_id == user_id, *_period(start_date, end_date))
@@ -310,30 +332,96 @@ def _delete_old_entries_portable(
 
 
 def reconcile(session: Session, user_id: str | None = None) -> ReconcileOut:
-    """Every user whose balance differs from the sum of their ledger (at most 1000 listed)."""
+    """Every user whose balance differs from the sum of their ledger, or from what their grants
+    say (active grants' remaining - debt), or who has a grant whose own arithmetic fails
+    (remaining = amount - spent - expired + returned, 0 <= held <= remaining); at most 1000
+    listed. Set-based: one pass over each table, whatever the number of users."""
     sums = select(LedgerEntry.user_id, func.sum(LedgerEntry.tokens_amount).label("total")).group_by(
         LedgerEntry.user_id
     )
-    accounts = select(Account.user_id, Account.tokens_balance)
+    g = grant_table.c
+    arithmetic_ok = and_(
+        g.remaining == g.amount - g.spent - g.expired + g.returned,
+        g.remaining >= 0,
+        g.held >= 0,
+        g.held <= g.remaining,
+        # Only an active grant holds tokens; an ended one holds none.
+        or_(g.status == "active", g.remaining == 0),
+    )
+    held = select(
+        g.user_id,
+        func.sum(case((g.status == "active", g.remaining), else_=0)).label("remaining"),
+        func.sum(case((arithmetic_ok, 0), else_=1)).label("bad"),
+    ).group_by(g.user_id)
+    accounts = select(Account.user_id, Account.tokens_balance, Account.debt)
     if user_id is not None:
         sums = sums.where(LedgerEntry.user_id == user_id)
+        held = held.where(g.user_id == user_id)
         accounts = accounts.where(Account.user_id == user_id)
     sums_sq = sums.subquery()
+    held_sq = held.subquery()
     accounts_sq = accounts.subquery()
     ledger_sum = func.coalesce(sums_sq.c.total, 0)
+    grants_balance = func.coalesce(held_sq.c.remaining, 0) - accounts_sq.c.debt
     rows = session.execute(
         select(
             accounts_sq.c.user_id,
             accounts_sq.c.tokens_balance,
             ledger_sum,
+            grants_balance,
+            func.coalesce(held_sq.c.bad, 0),
         )
-        .select_from(accounts_sq.outerjoin(sums_sq, sums_sq.c.user_id == accounts_sq.c.user_id))
-        .where(accounts_sq.c.tokens_balance != ledger_sum)
+        .select_from(
+            accounts_sq.outerjoin(sums_sq, sums_sq.c.user_id == accounts_sq.c.user_id).outerjoin(
+                held_sq, held_sq.c.user_id == accounts_sq.c.user_id
+            )
+        )
+        .where(
+            or_(
+                accounts_sq.c.tokens_balance != ledger_sum,
+                accounts_sq.c.tokens_balance != grants_balance,
+                func.coalesce(held_sq.c.bad, 0) > 0,
+            )
+        )
         .order_by(accounts_sq.c.user_id)
         .limit(MAX_MISMATCHES_LISTED)
     ).all()
     checked = session.execute(select(func.count()).select_from(accounts_sq)).scalar_one()
+    bad = _bad_grants(session, [u for u, *_, n in rows if n]) if rows else {}
     return ReconcileOut(
         checked=int(checked),
-        mismatches=[Mismatch(user_id=u, balance=b, ledger_sum=int(s)) for u, b, s in rows],
+        mismatches=[
+            Mismatch(
+                user_id=u,
+                balance=b,
+                ledger_sum=int(s),
+                grants_balance=int(gb),
+                bad_grants=bad.get(u, []),
+            )
+            for u, b, s, gb, _ in rows
+        ],
     )
+
+
+def _bad_grants(session: Session, users: list[str]) -> dict[str, list[str]]:
+    if not users:
+        return {}
+    g = grant_table.c
+    rows = session.execute(
+        select(g.user_id, g.id)
+        .where(g.user_id.in_(users))
+        .where(
+            or_(
+                g.remaining != g.amount - g.spent - g.expired + g.returned,
+                g.remaining < 0,
+                g.held < 0,
+                g.held > g.remaining,
+                and_(g.status != "active", g.remaining != 0),
+            )
+        )
+        .order_by(g.user_id, g.id)
+    )
+    found: dict[str, list[str]] = {}
+    for user, grant_id in rows:
+        found.setdefault(user, []).append(str(grant_id))
+    return found

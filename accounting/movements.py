@@ -1,18 +1,18 @@
-"""Balance movements: each is one guarded UPDATE plus its ledger entry, in one transaction.
+"""Balance movements: each locks the account, spends or makes grants, and writes its ledger
+entry with the split across grants, in one transaction (``accounting.grants``).
 
 Nothing here commits; the caller (a task, the CLI, a test) owns the transaction.
 """
 
 from __future__ import annotations
 
-from functools import cache
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Update, bindparam, case, insert, select, update
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from accounting import clock, idempotency
-from accounting.accounts import load_account
+from accounting import grants, idempotency
 from accounting.catalog import known_operation, price_of
 from accounting.errors import (
     below_reserved,
@@ -21,121 +21,60 @@ from accounting.errors import (
     invalid_amount,
     negative_balance,
     refund_exceeds_original,
+    validation_error,
 )
-from accounting.events import note_balance_change
 from models.schemas import DebitIn, MovementOut
-from models.tables import LedgerEntry, account_table, ledger_table, refund_total_table
+from models.tables import LedgerEntry, entry_grant_table, refund_total_table
 
 # Entries a refund may point at: what took tokens for a service.
 REFUNDABLE_KINDS = ("debit", "charge", "capture")
+# What tokens.credit may make (renewals make allowances, refunds and resets adjustments).
+CREDIT_KINDS = ("purchased", "promo")
 
 
-_accounts = account_table.c
-_reserved_after = _accounts.tokens_reserved - bindparam("release_reserved")
-_spent_after = _accounts.tokens_spent + bindparam("spent_delta")
-_INSERT_ENTRY = insert(ledger_table).returning(ledger_table.c.id)
-
-
-@cache
-def _move_statements(dialect: str) -> tuple[Update, Update]:
-    """(unguarded, guarded) balance UPDATEs for ``dialect``, built once: constructing a statement
-    costs more than running it on the hot path.
-
-    ``updated_at`` is the account's clock: stamped by the database under the row lock and never
-    earlier than the previous change; the ledger entry takes its ``created_at`` from it.
-    """
-    move = (
-        update(account_table)
-        .where(_accounts.user_id == bindparam("uid"))
-        .values(
-            tokens_balance=_accounts.tokens_balance + bindparam("delta"),
-            tokens_reserved=_reserved_after,
-            tokens_spent=case((_spent_after < 0, 0), else_=_spent_after),
-            updated_at=clock.stamp(dialect, _accounts.updated_at),
-        )
-        .returning(
-            _accounts.tokens_balance,
-            _accounts.tokens_reserved,
-            _accounts.tokens_spent,
-            _accounts.updated_at,
-        )
+def movement_result(
+    locked: grants.Locked, operation_type: str, delta: int, entry_id: int
+) -> MovementOut:
+    """The contract's movement result for an entry of ``delta`` leaving the account ``locked``."""
+    return MovementOut(
+        user_id=locked.user_id,
+        operation_type=operation_type,
+        amount=delta,
+        balance_before=locked.balance - delta,
+        new_balance=locked.balance,
+        tokens_spent=locked.spent,
+        ledger_entry_id=str(entry_id),
     )
-    # The guard is part of the statement: concurrent movements serialise on the account row and
-    # each re-checks what is available, so none is lost or overspent.
-    guarded = move.where(
-        _accounts.tokens_balance - _reserved_after >= bindparam("require_available")
-    )
-    return move, guarded
 
 
-def apply_movement(
+def _spend(
     session: Session,
     *,
     user_id: str,
     kind: str,
     operation_type: str,
-    delta: int,
-    spent_delta: int = 0,
-    require_available: int | None = None,
-    release_reserved: int = 0,
-    metadata: dict[str, Any] | None = None,
-    idempotency_key: str | None = None,
-    original_entry_id: int | None = None,
+    amount: int,
+    allow_overdraft: bool,
+    metadata: dict[str, Any],
+    idempotency_key: str | None,
 ) -> MovementOut:
-    """Move ``delta`` tokens and write the ledger entry, atomically.
-
-    With ``require_available`` the UPDATE only matches while ``balance - reserved`` covers it;
-    no value is read and written back. ``release_reserved`` frees held tokens in the same
-    statement (a reservation capture).
-    """
-    move, guarded = _move_statements(clock.dialect_of(session))
-    params = {
-        "uid": user_id,
-        "delta": delta,
-        "spent_delta": spent_delta,
-        "release_reserved": release_reserved,
-    }
-    if require_available is None:
-        row = session.execute(move, params).first()
-    else:
-        row = session.execute(guarded, {**params, "require_available": require_available}).first()
-    if row is None:
-        account = load_account(session, user_id)  # raises USER_NOT_FOUND
-        available = account.tokens_balance - account.tokens_reserved + release_reserved
-        raise insufficient_tokens(require_available or 0, available)
-    new_balance, tokens_reserved, tokens_spent, now = row
-    before = new_balance - delta
-    entry_id = session.execute(
-        _INSERT_ENTRY,
-        {
-            "user_id": user_id,
-            "kind": kind,
-            "operation_type": operation_type,
-            "tokens_amount": delta,
-            "balance_before": before,
-            "balance_after": new_balance,
-            "idempotency_key": idempotency_key,
-            "original_entry_id": original_entry_id,
-            "metadata": metadata or {},
-            "created_at": now,
-        },
-    ).scalar_one()
-    note_balance_change(
+    """A debit or charge: spend ``amount`` in burn order, refused beyond what is available
+    unless ``allow_overdraft`` (then what no grant covers becomes debt)."""
+    locked = grants.lock_current(session, user_id)
+    if not allow_overdraft and locked.available < amount:
+        raise insufficient_tokens(amount, locked.available)
+    change = grants.Change(locked)
+    change.spend(session, amount, into_debt=True)
+    entry_id, after = grants.write(
         session,
-        user_id=user_id,
-        balance=new_balance,
-        tokens_reserved=tokens_reserved,
-        operation=kind,
-    )
-    return MovementOut(
-        user_id=user_id,
+        change,
+        kind=kind,
         operation_type=operation_type,
-        amount=delta,
-        balance_before=before,
-        new_balance=new_balance,
-        tokens_spent=tokens_spent,
-        ledger_entry_id=str(entry_id),
+        spent_delta=amount,
+        metadata=metadata,
+        idempotency_key=idempotency_key,
     )
+    return movement_result(after, operation_type, -amount, entry_id)
 
 
 def _done(session: Session, key: str | None, out: MovementOut) -> MovementOut:
@@ -161,14 +100,13 @@ def debit(
         replay := idempotency.replay(session, user_id, idempotency_key, digest, MovementOut)
     ) is not None:
         return replay
-    out = apply_movement(
+    out = _spend(
         session,
         user_id=user_id,
         kind="debit",
         operation_type=operation_type,
-        delta=-amount,
-        spent_delta=amount,
-        require_available=None if allow_overdraft else amount,
+        amount=amount,
+        allow_overdraft=allow_overdraft,
         metadata=metadata,
         idempotency_key=idempotency_key,
     )
@@ -208,28 +146,49 @@ def credit(
     operation_type: str = "purchase",
     metadata: dict[str, Any] | None = None,
     idempotency_key: str | None = None,
+    grant_kind: str = "purchased",
+    expires_at: datetime | None = None,
+    priority: int | None = None,
 ) -> MovementOut:
+    """Add ``amount`` as a new ``purchased`` (or ``promo``) grant; it pays any debt first."""
     if amount <= 0:
         raise invalid_amount("Credit")
     known_operation(operation_type)
+    if grant_kind not in CREDIT_KINDS:
+        raise validation_error(
+            f"Invalid arguments: grant_kind: must be one of {', '.join(CREDIT_KINDS)}"
+        )
     metadata = metadata or {}
+    # v1.1 arguments enter the key's digest only when given, so a v1 request's digest (and a
+    # key stored before the upgrade) stays what it was.
+    grant_args: dict[str, Any] = {}
+    if grant_kind != "purchased":
+        grant_args["grant_kind"] = grant_kind
+    if expires_at is not None:
+        grant_args["expires_at"] = expires_at.isoformat()
+    if priority is not None:
+        grant_args["priority"] = priority
     digest = idempotency.request_hash(
-        "credit", amount=amount, operation_type=operation_type, metadata=metadata
+        "credit", amount=amount, operation_type=operation_type, metadata=metadata, **grant_args
     )
     if (
         replay := idempotency.replay(session, user_id, idempotency_key, digest, MovementOut)
     ) is not None:
         return replay
-    out = apply_movement(
+    locked = grants.lock_current(session, user_id)
+    if expires_at is not None and expires_at <= locked.now:
+        raise validation_error("Invalid arguments: expires_at: must be in the future")
+    change = grants.Change(locked)
+    change.grant(session, grant_kind, amount, priority=priority, expires_at=expires_at)
+    entry_id, after = grants.write(
         session,
-        user_id=user_id,
+        change,
         kind="credit",
         operation_type=operation_type,
-        delta=amount,
         metadata=metadata,
         idempotency_key=idempotency_key,
     )
-    return _done(session, idempotency_key, out)
+    return _done(session, idempotency_key, movement_result(after, operation_type, amount, entry_id))
 
 
 def charge(
@@ -246,14 +205,13 @@ def charge(
         replay := idempotency.replay(session, user_id, idempotency_key, digest, MovementOut)
     ) is not None:
         return replay
-    out = apply_movement(
+    out = _spend(
         session,
         user_id=user_id,
         kind="charge",
         operation_type=operation_type,
-        delta=-cost,
-        spent_delta=cost,
-        require_available=cost,
+        amount=cost,
+        allow_overdraft=False,
         metadata=metadata,
         idempotency_key=idempotency_key,
     )
@@ -283,20 +241,74 @@ def refund(
         replay := idempotency.replay(session, user_id, idempotency_key, digest, MovementOut)
     ) is not None:
         return replay
-    if original is not None:
-        _check_refundable(session, user_id, original, amount)
-    out = apply_movement(
+    already = 0 if original is None else _check_refundable(session, user_id, original, amount)
+    locked = grants.lock_current(session, user_id)
+    change = grants.Change(locked)
+    ended: list[tuple[int, int]] = []
+    if original is None:
+        change.grant(session, "adjustment", amount)
+    else:
+        ended = _put_back(session, change, original, already, amount)
+    operation_type = known_operation("refund")
+    entry_id, after = grants.write(
         session,
-        user_id=user_id,
+        change,
         kind="refund",
-        operation_type=known_operation("refund"),
-        delta=amount,
+        operation_type=operation_type,
         spent_delta=-amount,
         metadata=metadata,
         idempotency_key=idempotency_key,
         original_entry_id=original,
     )
+    out = movement_result(after, operation_type, amount, entry_id)
+    # A refund never revives an ended grant: what went back into one leaves again at once.
+    for grant_id, tokens in ended:
+        after = grants.expire_grant(session, after, grant_id, tokens)
     return _done(session, idempotency_key, out)
+
+
+def _put_back(
+    session: Session, change: grants.Change, original: int, already: int, amount: int
+) -> list[tuple[int, int]]:
+    """Return ``amount`` to where ``original`` took its tokens from, last spent first, after the
+    ``already`` refunded tokens. What the entry took as debt (spent after every grant) comes
+    back first: it pays the user's debt, and once that is paid it is a new ``adjustment``
+    grant. Returns the (grant, tokens) put back into grants that have ended."""
+    splits = session.execute(
+        select(entry_grant_table.c.grant_id, entry_grant_table.c.amount)
+        .where(entry_grant_table.c.entry_id == original, entry_grant_table.c.amount < 0)
+        .order_by(entry_grant_table.c.seq.desc())
+    ).all()
+    charged = -session.execute(
+        select(LedgerEntry.tokens_amount).where(LedgerEntry.id == original)
+    ).scalar_one()
+    from_grants = sum(-int(a) for _, a in splits)
+    sources: list[tuple[int | None, int]] = [(None, charged - from_grants)]
+    sources += [(int(g), -int(a)) for g, a in splits]
+    skip, left = already, amount
+    ended: list[tuple[int, int]] = []
+    for grant_id, took in sources:
+        if skip >= took:
+            skip -= took
+            continue
+        share = min(took - skip, left)
+        skip = 0
+        left -= share
+        if grant_id is None:
+            debt = change.locked.debt + change.debt_delta
+            paid = min(debt, share)
+            change.debt_delta -= paid
+            if share > paid:
+                change.grant(session, "adjustment", share - paid)
+        elif change.put_back(session, grant_id, share):
+            ended.append((grant_id, share))
+        if left == 0:
+            break
+    if left:
+        # An entry written before grants existed has no split: its tokens come back as one
+        # adjustment grant, as a refund without an original would.
+        change.grant(session, "adjustment", left)
+    return ended
 
 
 def _entry_id(value: str | int) -> int:
@@ -310,8 +322,9 @@ def _entry_id(value: str | int) -> int:
     return int(value)
 
 
-def _check_refundable(session: Session, user_id: str, entry_id: int, amount: int) -> None:
-    """Count ``amount`` against what ``entry_id`` charged, or refuse.
+def _check_refundable(session: Session, user_id: str, entry_id: int, amount: int) -> int:
+    """Count ``amount`` against what ``entry_id`` charged, or refuse; returns what had been
+    refunded against it before.
 
     The running total lives in ``refund_totals``, not in a sum over refund entries that pruning
     may delete. One upsert both checks and adds, so concurrent refunds of one entry serialise on
@@ -340,7 +353,7 @@ def _check_refundable(session: Session, user_id: str, entry_id: int, amount: int
             .returning(totals.refunded)
         ).first()
         if added is not None:
-            return
+            return int(added[0]) - amount
     refunded = session.execute(
         select(refund_total_table.c.refunded).where(refund_total_table.c.entry_id == entry_id)
     ).scalar_one_or_none()
@@ -366,17 +379,24 @@ def reset_balance(
         replay := idempotency.replay(session, user_id, idempotency_key, digest, MovementOut)
     ) is not None:
         return replay
-    account = load_account(session, user_id, lock=True)
+    locked = grants.lock_current(session, user_id)
     # What reservations hold was promised; a balance under it would let a capture overdraw.
-    if new_balance < account.tokens_reserved:
-        raise below_reserved(account.tokens_reserved)
-    out = apply_movement(
+    if new_balance < locked.reserved:
+        raise below_reserved(locked.reserved)
+    change = grants.Change(locked)
+    delta = new_balance - locked.balance
+    if delta > 0:
+        change.grant(session, "adjustment", delta)
+    elif delta < 0:
+        # Never into debt: new_balance >= reserved leaves the free tokens enough.
+        change.spend(session, -delta, into_debt=False)
+    operation_type = known_operation("adjustment")
+    entry_id, after = grants.write(
         session,
-        user_id=user_id,
+        change,
         kind="adjustment",
-        operation_type=known_operation("adjustment"),
-        delta=new_balance - account.tokens_balance,
+        operation_type=operation_type,
         metadata=metadata,
         idempotency_key=idempotency_key,
     )
-    return _done(session, idempotency_key, out)
+    return _done(session, idempotency_key, movement_result(after, operation_type, delta, entry_id))

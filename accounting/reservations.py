@@ -17,8 +17,7 @@ from typing import Any, cast
 from sqlalchemy import ColumnElement, Table, bindparam, func, insert, literal, select, update
 from sqlalchemy.orm import Session
 
-from accounting import clock, idempotency
-from accounting.accounts import load_account
+from accounting import clock, grants, idempotency
 from accounting.catalog import known_operation, price_of
 from accounting.errors import (
     capture_exceeds_reservation,
@@ -29,8 +28,8 @@ from accounting.errors import (
     validation_error,
 )
 from accounting.events import note_balance_change
-from accounting.movements import apply_movement
-from models.schemas import MAX_METADATA_BYTES, MovementOut, ReleaseOut, ReserveOut, metadata_bytes
+from accounting.movements import movement_result
+from models.schemas import MAX_METADATA_BYTES, CaptureOut, ReleaseOut, ReserveOut, metadata_bytes
 from models.tables import Account, Reservation
 
 ACTIVE = "active"
@@ -48,8 +47,12 @@ def reserve(
     ttl_seconds: int = 900,
     metadata: dict[str, Any] | None = None,
     idempotency_key: str | None = None,
+    overcapture_limit: int = 0,
 ) -> ReserveOut:
-    """Hold ``amount`` (or the price of ``operation_type``) until captured, released or expired."""
+    """Hold ``amount`` (or the price of ``operation_type``) until captured, released or expired.
+
+    The hold is of specific grants, chosen in burn order now; a capture may then take up to
+    ``amount + overcapture_limit``."""
     if amount is None and operation_type is None:
         raise validation_error(
             "Invalid arguments: amount: required when operation_type is not given; "
@@ -62,40 +65,29 @@ def reserve(
         amount = price_of(operation_type)
     elif operation_type is not None:
         known_operation(operation_type)
+    if overcapture_limit < 0:
+        raise validation_error("Invalid arguments: overcapture_limit: must be 0 or more")
     metadata = metadata or {}
+    # v1.1's argument enters the digest only when given: a v1 request's digest is unchanged.
+    extra = {"overcapture_limit": overcapture_limit} if overcapture_limit else {}
     digest = idempotency.request_hash(
         "reserve",
         amount=amount,
         operation_type=operation_type,
         ttl_seconds=ttl_seconds,
         metadata=metadata,
+        **extra,
     )
     replay = idempotency.replay(session, user_id, idempotency_key, digest, ReserveOut)
     if replay is not None:
         return replay
 
-    # The guard is in the statement: concurrent holds serialise on the account row and each
-    # re-checks what is left, so they can never together hold more than the balance.
-    row = session.execute(
-        update(Account)
-        .where(
-            Account.user_id == user_id,
-            Account.tokens_balance - Account.tokens_reserved >= amount,
-        )
-        .values(
-            tokens_reserved=Account.tokens_reserved + amount,
-            updated_at=clock.stamp(session, Account.updated_at),
-        )
-        .returning(Account.tokens_balance, Account.tokens_reserved, Account.updated_at)
-        .execution_options(synchronize_session=False)
-    ).first()
-    if row is None:
-        account = load_account(session, user_id)  # raises USER_NOT_FOUND
-        raise insufficient_tokens(amount, account.tokens_balance - account.tokens_reserved)
+    locked = grants.lock_current(session, user_id)
+    if locked.available < amount:
+        raise insufficient_tokens(amount, locked.available)
     # The hold's times are the database's, taken under the account's lock.
-    balance, reserved, now = row
     reservation_id = str(uuid.uuid4())
-    expires_at = now + timedelta(seconds=ttl_seconds)
+    expires_at = locked.now + timedelta(seconds=ttl_seconds)
     session.execute(
         insert(Reservation).values(
             id=reservation_id,
@@ -104,18 +96,18 @@ def reserve(
             operation_type=operation_type,
             status=ACTIVE,
             expires_at=expires_at,
-            created_at=now,
+            created_at=locked.now,
             meta=metadata,
+            overcapture_limit=overcapture_limit,
         )
     )
-    note_balance_change(
-        session, user_id=user_id, balance=balance, tokens_reserved=reserved, operation="reserve"
-    )
+    grants.hold(session, locked, reservation_id, amount)
+    after = grants.move_reserved(session, locked, amount, "reserve")
     out = ReserveOut(
         reservation_id=reservation_id,
         amount=amount,
         expires_at=expires_at,
-        tokens_available=balance - reserved,
+        tokens_available=after.available,
     )
     idempotency.record(session, user_id, idempotency_key, out.model_dump(mode="json"))
     return out
@@ -157,31 +149,30 @@ def capture(
     metadata: dict[str, Any] | None = None,
     idempotency_key: str | None = None,
     now: datetime | None = None,
-) -> MovementOut:
-    """Debit ``amount`` (default: all) of an active reservation and release the rest.
+) -> CaptureOut:
+    """Spend ``amount`` (default: all the hold) of an active reservation and release the rest.
 
-    One ledger entry for the captured amount; the whole hold is freed by the same UPDATE of the
-    account. The entry's metadata is the reservation's, then the capture's, plus
-    ``reservation_id``.
+    The held grants are spent first (even one that has ended meanwhile); past the hold, up to
+    its ``overcapture_limit``, the user's free tokens in burn order, and what they do not cover
+    becomes debt: the work was done. One ledger entry for the captured amount. Its metadata is
+    the reservation's, then the capture's, plus ``reservation_id``.
     """
     if amount is not None and amount <= 0:
         raise invalid_amount("Capture")
     metadata = metadata or {}
     found, db_time = _load_at(session, reservation_id)
     now = now or db_time
-    # user_id and amount of a reservation never change, so they may be read without a lock.
-    user_id, reserved = found.user_id, found.amount
+    # A reservation's user never changes, so it may be read without a lock.
+    user_id = found.user_id
     digest = idempotency.request_hash(
         "capture", reservation_id=reservation_id, amount=amount, metadata=metadata
     )
-    replay = idempotency.replay(session, user_id, idempotency_key, digest, MovementOut)
+    replay = idempotency.replay(session, user_id, idempotency_key, digest, CaptureOut)
     if replay is not None:
         return replay
     if (status := _status(found, now)) != ACTIVE:
         raise reservation_not_active(status)
-    captured = reserved if amount is None else amount
-    if captured > reserved:
-        raise capture_exceeds_reservation(reserved, captured)
+    _check_capture(found.amount, found.overcapture_limit, amount)
     # The entry keeps the reservation's metadata, the capture's and the id: bound the whole.
     # (An active reservation's metadata never changes; only a release, which ends it, adds to it.)
     merged = {**found.meta, **metadata, "reservation_id": reservation_id}
@@ -198,32 +189,56 @@ def capture(
             Reservation.status == ACTIVE,
             Reservation.expires_at > now,
         )
-        .values(status="captured", settled_at=clock.now_sql(session), captured_amount=captured)
-        .returning(Reservation.operation_type)
+        .values(status="captured", settled_at=clock.now_sql(session))
+        .returning(Reservation.operation_type, Reservation.amount, Reservation.overcapture_limit)
         .execution_options(synchronize_session=False)
     ).first()
     if ended is None:
         raise _refuse(session, reservation_id, now)
-    (operation_type,) = ended
-    out = apply_movement(
+    operation_type, reserved, limit = ended[0], int(ended[1]), int(ended[2])
+    # tokens.extend may have grown the hold since it was read: check again under the lock.
+    captured = _check_capture(reserved, limit, amount)
+    locked = grants.lock_current(session, user_id)
+    change = grants.Change(locked)
+    left = captured
+    for grant_id, held in grants.holds_of(session, reservation_id):
+        take = min(held, left)
+        change.spend_held(session, grant_id, take, held - take)
+        left -= take
+    shortfall = change.spend(session, left, into_debt=True) if left else 0
+    entry_id, after = grants.write(
         session,
-        user_id=user_id,
+        change,
         kind="capture",
         operation_type=operation_type or "capture",
-        delta=-captured,
         spent_delta=captured,
-        release_reserved=reserved,
+        reserved_delta=-reserved,
         metadata=merged,
         idempotency_key=idempotency_key,
     )
+    moved = movement_result(after, operation_type or "capture", -captured, entry_id)
+    out = CaptureOut(
+        **moved.model_dump(), overcaptured=max(0, captured - reserved), shortfall=shortfall
+    )
+    # Held tokens of a grant that ended meanwhile, and not captured, now leave with it.
+    grants.expire_due(session, after)
     session.execute(
         update(Reservation)
         .where(Reservation.id == reservation_id)
-        .values(ledger_entry_id=int(out.ledger_entry_id))
+        .values(ledger_entry_id=entry_id, captured_amount=captured)
         .execution_options(synchronize_session=False)
     )
     idempotency.record(session, user_id, idempotency_key, out.model_dump(mode="json"))
     return out
+
+
+def _check_capture(reserved: int, limit: int, amount: int | None) -> int:
+    """What a capture of ``amount`` takes, or ``CAPTURE_EXCEEDS_RESERVATION`` beyond the hold
+    and its over-capture limit."""
+    captured = reserved if amount is None else amount
+    if captured > reserved + limit:
+        raise capture_exceeds_reservation(reserved + limit, captured)
+    return captured
 
 
 def release(
@@ -264,19 +279,11 @@ def release(
             .values(meta={**meta, "release_reason": reason})
             .execution_options(synchronize_session=False)
         )
-    balance, reserved = session.execute(
-        update(Account)
-        .where(Account.user_id == user_id)
-        .values(
-            tokens_reserved=Account.tokens_reserved - held,
-            updated_at=clock.stamp(session, Account.updated_at),
-        )
-        .returning(Account.tokens_balance, Account.tokens_reserved)
-        .execution_options(synchronize_session=False)
-    ).one()
-    note_balance_change(
-        session, user_id=user_id, balance=balance, tokens_reserved=reserved, operation="release"
-    )
+    locked = grants.lock(session, user_id)
+    grants.unhold(session, [reservation_id])
+    after = grants.move_reserved(session, locked, -held, "release")
+    # Tokens it held of a grant that has ended meanwhile leave now.
+    grants.expire_due(session, after)
     out = ReleaseOut(reservation_id=reservation_id, status="released")
     idempotency.record(session, user_id, idempotency_key, out.model_dump(mode="json"))
     return out
@@ -337,37 +344,52 @@ def _expire_batch_postgresql(session: Session, limit: int, now: ColumnElement[da
         .limit(limit)
         .with_for_update(skip_locked=True)
     )
-    gone = (
+    gone = session.execute(
         update(Reservation)
         .where(Reservation.id.in_(due.scalar_subquery()))
         .values(status="expired", settled_at=now)
-        .returning(Reservation.user_id, Reservation.amount)
-        .cte("gone")
-    )
-    per_user = (
-        select(
-            gone.c.user_id,
-            func.sum(gone.c.amount).label("held"),
-            func.count().label("n"),
-        )
-        .group_by(gone.c.user_id)
-        .cte("per_user")
-    )
-    rows = session.execute(
-        update(Account)
-        .where(Account.user_id == per_user.c.user_id)
-        .values(
-            tokens_reserved=Account.tokens_reserved - per_user.c.held,
-            updated_at=clock.stamp(session, Account.updated_at),
-        )
-        .returning(Account.user_id, Account.tokens_balance, Account.tokens_reserved, per_user.c.n)
+        .returning(Reservation.id, Reservation.user_id, Reservation.amount)
         .execution_options(synchronize_session=False)
     ).all()
-    for user_id, balance, reserved, _n in rows:
+    return _end_holds(session, [(r, u, int(a)) for r, u, a in gone])
+
+
+def _end_holds(session: Session, gone: list[tuple[str, str, int]]) -> int:
+    """Free what the expired reservations ``gone`` held: their accounts are locked in user order
+    (as every multi-account statement locks them, so none deadlocks with another), then their
+    grants and ``tokens_reserved``. Tokens freed in a grant that has ended are left to
+    ``grants.expire`` (and to the user's next read or movement, which expires them first)."""
+    if not gone:
+        return 0
+    held: dict[str, int] = defaultdict(int)
+    for _, user_id, amount in gone:
+        held[user_id] += amount
+    users = sorted(held)
+    lock = select(Account.user_id).where(Account.user_id.in_(users)).order_by(Account.user_id)
+    if clock.is_postgres(session):
+        lock = lock.with_for_update()
+    session.execute(lock).all()
+    grants.unhold(session, [r for r, _, _ in gone])
+    accounts = cast(Table, Account.__table__)
+    session.connection().execute(
+        update(accounts)
+        .where(accounts.c.user_id == bindparam("uid"))
+        .values(
+            tokens_reserved=accounts.c.tokens_reserved - bindparam("held"),
+            updated_at=clock.stamp(session, accounts.c.updated_at),
+        ),
+        [{"uid": u, "held": held[u]} for u in users],
+    )
+    changed = session.execute(
+        select(Account.user_id, Account.tokens_balance, Account.tokens_reserved).where(
+            Account.user_id.in_(users)
+        )
+    )
+    for user_id, balance, reserved in changed:
         note_balance_change(
             session, user_id=user_id, balance=balance, tokens_reserved=reserved, operation="expire"
         )
-    return sum(int(n) for *_, n in rows)
+    return len(gone)
 
 
 def _expire_batch_portable(session: Session, limit: int, now: ColumnElement[datetime]) -> int:
@@ -387,26 +409,4 @@ def _expire_batch_portable(session: Session, limit: int, now: ColumnElement[date
         .values(status="expired", settled_at=now)
         .execution_options(synchronize_session=False)
     )
-    held: dict[str, int] = defaultdict(int)
-    for r in due:
-        held[r.user_id] += r.amount
-    accounts = cast(Table, Account.__table__)
-    session.connection().execute(
-        update(accounts)
-        .where(accounts.c.user_id == bindparam("uid"))
-        .values(
-            tokens_reserved=accounts.c.tokens_reserved - bindparam("held"),
-            updated_at=clock.stamp(session, accounts.c.updated_at),
-        ),
-        [{"uid": u, "held": h} for u, h in held.items()],
-    )
-    changed = session.execute(
-        select(Account.user_id, Account.tokens_balance, Account.tokens_reserved).where(
-            Account.user_id.in_(list(held))
-        )
-    )
-    for user_id, balance, reserved in changed:
-        note_balance_change(
-            session, user_id=user_id, balance=balance, tokens_reserved=reserved, operation="expire"
-        )
-    return len(due)
+    return _end_holds(session, [(r.id, r.user_id, int(r.amount)) for r in due])

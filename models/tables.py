@@ -75,6 +75,8 @@ class Account(Base):
     tokens_balance: Mapped[int] = mapped_column(BigInteger, default=0)
     tokens_reserved: Mapped[int] = mapped_column(BigInteger, default=0)
     tokens_spent: Mapped[int] = mapped_column(BigInteger, default=0)
+    # What no grant covers (an allowed overdraft, an over-capture): the next grant pays it first.
+    debt: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     last_renewal_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     subscription_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
@@ -83,6 +85,7 @@ class Account(Base):
     __table_args__ = (
         CheckConstraint("tokens_reserved >= 0", name="reserved_not_negative"),
         CheckConstraint("tokens_spent >= 0", name="spent_not_negative"),
+        CheckConstraint("debt >= 0", name="debt_not_negative"),
         # The renewal sweep pages through due users of a tier, oldest renewal first.
         Index("ix_accounts_tier_last_renewal", "tier", "last_renewal_at", "user_id"),
     )
@@ -232,9 +235,12 @@ class Reservation(Base):
     captured_amount: Mapped[int | None] = mapped_column(BigInteger)
     ledger_entry_id: Mapped[int | None] = mapped_column(BigInteger)
     meta: Mapped[dict[str, Any]] = mapped_column("metadata", JSONType, default=dict)
+    # How far past ``amount`` a capture may go (contract v1.1 settlement).
+    overcapture_limit: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
 
     __table_args__ = (
         CheckConstraint("amount > 0", name="amount_positive"),
+        CheckConstraint("overcapture_limit >= 0", name="overcapture_not_negative"),
         CheckConstraint(
             "status IN ('active', 'captured', 'released', 'expired')", name="status_known"
         ),
@@ -248,6 +254,101 @@ class Reservation(Base):
     )
 
 
+class Grant(Base):
+    """Where a balance's tokens came from and when they end (contract v1.1).
+
+    A user's grants change only under the user's account row lock, so the account row
+    serialises every burn-down, hold, refund and expiry of them.
+    ``remaining = amount - spent - expired + returned`` is not a constraint on purpose:
+    ``ledger.reconcile`` checks it, and a write that forgot a counter is then found.
+    """
+
+    __tablename__ = "grants"
+
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
+    user_id: Mapped[str] = mapped_column(String(128), ForeignKey("accounts.user_id"))
+    kind: Mapped[str] = mapped_column(String(16))
+    amount: Mapped[int] = mapped_column(BigInteger)
+    remaining: Mapped[int] = mapped_column(BigInteger)
+    # What active reservations hold of ``remaining``: neither spendable nor expirable.
+    held: Mapped[int] = mapped_column(BigInteger, default=0)
+    spent: Mapped[int] = mapped_column(BigInteger, default=0)
+    expired: Mapped[int] = mapped_column(BigInteger, default=0)
+    returned: Mapped[int] = mapped_column(BigInteger, default=0)
+    priority: Mapped[int] = mapped_column(Integer)
+    expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    status: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    ended_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    __table_args__ = (
+        CheckConstraint(
+            "kind IN ('allowance', 'rollover', 'purchased', 'promo', 'adjustment')",
+            name="kind_known",
+        ),
+        CheckConstraint("status IN ('active', 'depleted', 'expired')", name="status_known"),
+        CheckConstraint("amount >= 0", name="amount_not_negative"),
+        CheckConstraint("remaining >= 0", name="remaining_not_negative"),
+        CheckConstraint("held >= 0 AND held <= remaining", name="held_within_remaining"),
+        CheckConstraint("priority >= 0 AND priority <= 100", name="priority_range"),
+        # A user's active grants in burn order (movements, tokens.grants).
+        Index(
+            "ix_grants_user_active",
+            "user_id",
+            "priority",
+            "expires_at",
+            "created_at",
+            "id",
+            postgresql_where=text("status = 'active'"),
+            sqlite_where=text("status = 'active'"),
+        ),
+        # Due grants across all users (grants.expire).
+        Index(
+            "ix_grants_active_expiry",
+            "expires_at",
+            "user_id",
+            postgresql_where=text("status = 'active' AND expires_at IS NOT NULL"),
+            sqlite_where=text("status = 'active' AND expires_at IS NOT NULL"),
+        ),
+        Index("ix_grants_user_created", "user_id", "created_at"),
+    )
+
+
+class EntryGrant(Base):
+    """How one ledger entry split across grants: the signed change to each grant's remaining.
+
+    ``tokens_amount`` of the entry = sum of its splits - the change in the user's debt.
+    """
+
+    __tablename__ = "entry_grants"
+
+    entry_id: Mapped[int] = mapped_column(
+        BigInteger, ForeignKey("ledger_entries.id", ondelete="CASCADE"), primary_key=True
+    )
+    grant_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("grants.id"), primary_key=True)
+    amount: Mapped[int] = mapped_column(BigInteger)
+    # The order the entry touched its grants in: a refund puts back the last spent first.
+    seq: Mapped[int] = mapped_column(Integer)
+
+    __table_args__ = (Index("ix_entry_grants_grant", "grant_id"),)
+
+
+class ReservationGrant(Base):
+    """What one reservation holds of one grant (chosen in burn order when it was made)."""
+
+    __tablename__ = "reservation_grants"
+
+    reservation_id: Mapped[str] = mapped_column(
+        String(36), ForeignKey("reservations.id", ondelete="CASCADE"), primary_key=True
+    )
+    grant_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("grants.id"), primary_key=True)
+    amount: Mapped[int] = mapped_column(BigInteger)
+
+    __table_args__ = (CheckConstraint("amount > 0", name="amount_positive"),)
+
+
 # The Core tables, typed, for statements built once with bind parameters.
 account_table = cast(Table, Account.__table__)
 ledger_table = cast(Table, LedgerEntry.__table__)
@@ -256,3 +357,6 @@ reservation_table = cast(Table, Reservation.__table__)
 refund_total_table = cast(Table, RefundTotal.__table__)
 sweep_table = cast(Table, Sweep.__table__)
 sweep_chunk_table = cast(Table, SweepChunk.__table__)
+grant_table = cast(Table, Grant.__table__)
+entry_grant_table = cast(Table, EntryGrant.__table__)
+reservation_grant_table = cast(Table, ReservationGrant.__table__)

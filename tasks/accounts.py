@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from sqlalchemy.orm import Session
 
-from accounting import accounts
+from accounting import accounts, grants
 from models.schemas import (
     BalanceOut,
     CanAffordIn,
     CanAffordOut,
+    GrantsIn,
+    GrantsOut,
     OpenAccountIn,
     OpenAccountOut,
     SetTierIn,
@@ -42,3 +44,8 @@ def get_balance(session: Session, p: UserIn, _task_id: str | None) -> BalanceOut
 @contract_task("tokens.can_afford", CanAffordIn)
 def can_afford(session: Session, p: CanAffordIn, _task_id: str | None) -> CanAffordOut:
     return accounts.can_afford(session, p.user_id, p.operation_type)
+
+
+@contract_task("tokens.grants", GrantsIn)
+def list_grants(session: Session, p: GrantsIn, _task_id: str | None) -> GrantsOut:
+    return grants.list_grants(session, p.user_id, include_ended=p.include_ended)

@@ -39,6 +39,9 @@ def credit(session: Session, p: CreditIn, task_id: str | None) -> MovementOut:
         p.operation_type,
         metadata=p.metadata,
         idempotency_key=p.idempotency_key or task_id,
+        grant_kind=p.grant_kind,
+        expires_at=p.expires_at,
+        priority=p.priority,
     )
 
 

@@ -8,8 +8,8 @@ from sqlalchemy.orm import Session
 from accounting import reservations
 from models.schemas import (
     CaptureIn,
+    CaptureOut,
     ExpireOut,
-    MovementOut,
     NoArgsIn,
     ReleaseIn,
     ReleaseOut,
@@ -30,11 +30,12 @@ def reserve(session: Session, p: ReserveIn, task_id: str | None) -> ReserveOut:
         ttl_seconds=p.ttl_seconds,
         metadata=p.metadata,
         idempotency_key=p.idempotency_key or task_id,
+        overcapture_limit=p.overcapture_limit,
     )
 
 
 @contract_task("tokens.capture", CaptureIn)
-def capture(session: Session, p: CaptureIn, task_id: str | None) -> MovementOut:
+def capture(session: Session, p: CaptureIn, task_id: str | None) -> CaptureOut:
     return reservations.capture(
         session, p.reservation_id, amount=p.amount, metadata=p.metadata, idempotency_key=task_id
     )

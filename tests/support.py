@@ -19,6 +19,9 @@ from worker.devenv import ROOT, WorkerProcess, producer, running_workers
 __all__ = ["ROOT", "TABLES", "WorkerProcess", "call", "free_port", "producer", "running_workers"]
 
 TABLES = (
+    "entry_grants",
+    "reservation_grants",
+    "grants",
     "idempotency_records",
     "refund_totals",
     "reservations",
@@ -138,3 +141,72 @@ def assert_ledger_consistent(session: Session) -> None:
         )
     ).all()
     assert mismatched == [], f"balances differing from their ledger: {mismatched}"
+    assert_grants_consistent(session)
+
+
+def assert_grants_consistent(session: Session) -> None:
+    """The grant invariants (contract v1.1), in plain SQL independent of ``ledger.reconcile``:
+    balance = active grants' remaining - debt; each grant's own arithmetic; what grants hold is
+    what active reservations hold of them, and sums to ``tokens_reserved``; each entry's amount
+    is its split less the change in debt (so every change to a grant is in some entry's split,
+    checked for users whose history was never pruned); an ended grant keeps nothing."""
+
+    def none(sql: str, what: str) -> None:
+        rows = session.execute(text(sql)).all()
+        assert rows == [], f"{what}: {rows}"
+
+    none(
+        """
+        SELECT a.user_id, a.tokens_balance, a.debt, COALESCE(SUM(g.remaining), 0)
+        FROM accounts a LEFT JOIN grants g ON g.user_id = a.user_id AND g.status = 'active'
+        GROUP BY a.user_id, a.tokens_balance, a.debt
+        HAVING a.tokens_balance <> COALESCE(SUM(g.remaining), 0) - a.debt
+        """,
+        "balances differing from their grants less debt",
+    )
+    none(
+        """
+        SELECT id, amount, remaining, spent, expired, returned, held, status FROM grants
+        WHERE remaining <> amount - spent - expired + returned OR remaining < 0
+           OR held < 0 OR held > remaining OR (status <> 'active' AND remaining <> 0)
+           OR (status = 'active' AND remaining = 0)
+        """,
+        "grants whose arithmetic fails",
+    )
+    none(
+        """
+        SELECT g.id, g.held, COALESCE(SUM(rg.amount), 0) FROM grants g
+        LEFT JOIN reservation_grants rg ON rg.grant_id = g.id
+        LEFT JOIN reservations r ON r.id = rg.reservation_id AND r.status = 'active'
+        GROUP BY g.id, g.held
+        HAVING g.held <> COALESCE(SUM(CASE WHEN r.id IS NOT NULL THEN rg.amount END), 0)
+        """,
+        "grants holding other than their active reservations",
+    )
+    none(
+        """
+        SELECT r.id, r.amount, COALESCE(SUM(rg.amount), 0) FROM reservations r
+        LEFT JOIN reservation_grants rg ON rg.reservation_id = r.id
+        WHERE r.status = 'active'
+        GROUP BY r.id, r.amount HAVING r.amount <> COALESCE(SUM(rg.amount), 0)
+        """,
+        "active reservations not backed by grants",
+    )
+    none(
+        """
+        SELECT a.user_id, a.tokens_reserved, COALESCE(SUM(g.held), 0) FROM accounts a
+        LEFT JOIN grants g ON g.user_id = a.user_id
+        GROUP BY a.user_id, a.tokens_reserved
+        HAVING a.tokens_reserved <> COALESCE(SUM(g.held), 0)
+        """,
+        "reserved differing from what grants hold",
+    )
+    none(
+        """
+        SELECT g.id, g.remaining, COALESCE(SUM(eg.amount), 0) FROM grants g
+        LEFT JOIN entry_grants eg ON eg.grant_id = g.id
+        WHERE g.user_id NOT IN (SELECT user_id FROM ledger_entries WHERE kind = 'carried_forward')
+        GROUP BY g.id, g.remaining HAVING g.remaining <> COALESCE(SUM(eg.amount), 0)
+        """,
+        "grants whose remaining is not the sum of their entries' splits",
+    )

@@ -40,6 +40,9 @@ def test_open_account_creates_with_defaults(session: Session) -> None:
         "tier": "Gift",
         "last_renewal_at": None,
         "subscription_expires_at": None,
+        "by_kind": {},
+        "debt": 0,
+        "next_expiry": None,
         "created": True,
     }
     assert entries(session, "u1") == []  # a zero initial balance writes no entry
@@ -84,6 +87,9 @@ def test_existing_account_is_returned_unchanged(session: Session) -> None:
         "tier": "Business",
         "last_renewal_at": None,
         "subscription_expires_at": expires,
+        "by_kind": {"adjustment": 40},
+        "debt": 0,
+        "next_expiry": None,
         "created": False,
     }
     assert [e.tokens_amount for e in entries(session, "u1")] == [40]
@@ -178,6 +184,9 @@ def test_get_balance_subtracts_reserved(session: Session) -> None:
         "tier": "Gift",
         "last_renewal_at": renewed,
         "subscription_expires_at": None,
+        "by_kind": {"adjustment": 100},
+        "debt": 0,
+        "next_expiry": None,
     }
     assert code_and_message(refused(session, accounts.get_balance, "ghost")) == (
         "USER_NOT_FOUND",

@@ -19,6 +19,7 @@ DEFAULT_PRICES = {
     "purchase": 0,
     "monthly_reset": 0,
     "adjustment": 0,
+    "expiry": 0,
 }
 
 

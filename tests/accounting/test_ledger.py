@@ -76,6 +76,7 @@ def test_user_entries_newest_first_with_every_field(session: Session) -> None:
         "original_entry_id": None,
         "metadata": {},
         "created_at": day(5),
+        "grants": [{"grant_id": refund.grants[0].grant_id, "amount": 10}],
     }
     assert refund.model_dump(mode="json")["created_at"] == "2026-01-06T00:00:00+00:00"
     assert ledger.user_entries(session, "nobody").entries == []
@@ -385,14 +386,34 @@ def test_reconcile_reports_only_corrupted_balances(session: Session) -> None:
         "success": True,
         "checked": 3,
         "mismatches": [
-            {"user_id": "empty", "balance": -3, "ledger_sum": 0},
-            {"user_id": "u1", "balance": 122, "ledger_sum": 115},
+            {
+                "user_id": "empty",
+                "balance": -3,
+                "ledger_sum": 0,
+                "grants_balance": 0,
+                "bad_grants": [],
+            },
+            {
+                "user_id": "u1",
+                "balance": 122,
+                "ledger_sum": 115,
+                "grants_balance": 115,
+                "bad_grants": [],
+            },
         ],
     }
     assert ledger.reconcile(session, "u1").model_dump() == {
         "success": True,
         "checked": 1,
-        "mismatches": [{"user_id": "u1", "balance": 122, "ledger_sum": 115}],
+        "mismatches": [
+            {
+                "user_id": "u1",
+                "balance": 122,
+                "ledger_sum": 115,
+                "grants_balance": 115,
+                "bad_grants": [],
+            }
+        ],
     }
     assert ledger.reconcile(session, "u2").model_dump() == {
         "success": True,
@@ -414,4 +435,6 @@ def test_reconcile_sees_a_lost_ledger_entry(session: Session) -> None:
         "user_id": "u1",
         "balance": 115,
         "ledger_sum": 65,
+        "grants_balance": 115,
+        "bad_grants": [],
     }

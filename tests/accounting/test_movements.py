@@ -186,7 +186,7 @@ def test_reset_below_what_reservations_hold_is_refused(session: Session) -> None
 
 def test_overdraft_is_allowed_only_when_asked(session: Session) -> None:
     opened(session, balance=5)
-    session.execute(text("UPDATE accounts SET tokens_reserved = 5"))
+    reservations.reserve(session, "u1", 5)
     session.commit()
     out = movements.debit(session, "u1", 30, "image_generation", allow_overdraft=True)
     session.commit()
@@ -221,7 +221,7 @@ def test_insufficient_tokens(session: Session) -> None:
 
 def test_reserved_tokens_are_not_available(session: Session) -> None:
     opened(session, balance=100)
-    session.execute(text("UPDATE accounts SET tokens_reserved = 85 WHERE user_id = 'u1'"))
+    reservations.reserve(session, "u1", 85)
     session.commit()
     assert fails(session, movements.debit, "u1", 20, "image_generation") == (
         "INSUFFICIENT_TOKENS",

@@ -288,6 +288,8 @@ def test_capture_all_debits_the_hold_with_one_entry(session: Session) -> None:
         "tokens_spent": 10,
         "ledger_entry_id": out.ledger_entry_id,
         "replayed": False,
+        "overcaptured": 0,
+        "shortfall": 0,
     }
     (e,) = entries(session, kind="capture")
     assert (e.id, e.operation_type, e.tokens_amount, e.balance_before, e.balance_after) == (

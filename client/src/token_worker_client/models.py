@@ -184,12 +184,20 @@ class DebitBatchIn(Payload):
     debits: Annotated[list[DebitIn], Field(min_length=1, max_length=MAX_BATCH)]
 
 
+Priority = Annotated[int, Field(ge=0, le=100)]
+
+
 class CreditIn(Payload):
     user_id: UserId
     amount: Amount
     operation_type: OperationType = "purchase"
     metadata: Metadata = Field(default_factory=dict)
     idempotency_key: IdempotencyKey | None = None
+    # v1.1: the grant the tokens become. ``expires_at`` must be in the future (checked by the
+    # worker against the database's clock); ``priority`` defaults by kind (purchased 50, promo 20).
+    grant_kind: Literal["purchased", "promo"] = "purchased"
+    expires_at: UTCDatetime | None = None
+    priority: Priority | None = None
 
 
 class ChargeIn(Payload):
@@ -238,6 +246,8 @@ class ReserveIn(Payload):
     ttl_seconds: Annotated[int, Field(ge=1, le=MAX_TTL_SECONDS)] = 900
     metadata: Metadata = Field(default_factory=dict)
     idempotency_key: IdempotencyKey | None = None
+    # v1.1: a capture may take up to amount + overcapture_limit.
+    overcapture_limit: Annotated[int, Field(ge=0, le=MAX_AMOUNT)] = 0
 
 
 ReservationId = Annotated[str, Field(min_length=1, max_length=64), NoNul]
@@ -252,6 +262,17 @@ class CaptureIn(Payload):
 class ReleaseIn(Payload):
     reservation_id: ReservationId
     reason: Reason | None = None
+
+
+class ExtendIn(Payload):
+    reservation_id: ReservationId
+    amount: Annotated[int, Field(ge=0, le=MAX_AMOUNT)] = 0
+    ttl_seconds: Annotated[int, Field(ge=1, le=MAX_TTL_SECONDS)] | None = None
+
+
+class GrantsIn(Payload):
+    user_id: UserId
+    include_ended: bool = False
 
 
 class NoArgsIn(Payload):
@@ -345,6 +366,11 @@ class Failure(BaseModel):
         raise TokenRefused.of(self)
 
 
+class NextExpiry(BaseModel):
+    at: UTCDatetime
+    tokens: int
+
+
 class BalanceOut(Result):
     user_id: str
     tokens_balance: int
@@ -354,6 +380,10 @@ class BalanceOut(Result):
     tier: str
     last_renewal_at: UTCDatetime | None
     subscription_expires_at: UTCDatetime | None
+    # v1.1 (defaults let this client read a v1 worker's results)
+    by_kind: dict[str, int] = Field(default_factory=dict)
+    debt: int = 0
+    next_expiry: NextExpiry | None = None
 
 
 class OpenAccountOut(BalanceOut):
@@ -378,6 +408,13 @@ class MovementOut(Result):
     replayed: bool = False
 
 
+class CaptureOut(MovementOut):
+    """``tokens.capture``: a movement, and how far it went past the hold (v1.1)."""
+
+    overcaptured: int = 0
+    shortfall: int = 0
+
+
 class DebitBatchOut(Result):
     """One result per item, in the order sent: what ``tokens.debit`` returns for it."""
 
@@ -399,8 +436,44 @@ class ReleaseOut(Result):
     status: str
 
 
+class ExtendOut(Result):
+    reservation_id: str
+    amount: int
+    expires_at: UTCDatetime
+    tokens_available: int
+
+
 class ExpireOut(Result):
     expired: int
+
+
+class GrantsExpireOut(Result):
+    expired: int
+    tokens_expired: int
+
+
+class GrantOut(BaseModel):
+    grant_id: str
+    kind: str
+    amount: int
+    remaining: int
+    # What active reservations hold of ``remaining`` (beyond the contract's fields).
+    held: int = 0
+    priority: int
+    expires_at: UTCDatetime | None
+    created_at: UTCDatetime
+    status: str
+
+
+class GrantsOut(Result):
+    user_id: str
+    grants: list[GrantOut]
+    debt: int
+
+
+class EntrySplit(BaseModel):
+    grant_id: str
+    amount: int
 
 
 class EntryOut(BaseModel):
@@ -414,6 +487,7 @@ class EntryOut(BaseModel):
     original_entry_id: str | None
     metadata: dict[str, Any]
     created_at: UTCDatetime
+    grants: list[EntrySplit] = Field(default_factory=list)
 
 
 class EntriesOut(Result):
@@ -445,6 +519,10 @@ class Mismatch(BaseModel):
     user_id: str
     balance: int
     ledger_sum: int
+    # v1.1: what the grants say (active remaining - debt), and each grant whose own arithmetic
+    # (remaining = amount - spent - expired + returned, 0 <= held <= remaining) fails.
+    grants_balance: int | None = None
+    bad_grants: list[str] = Field(default_factory=list)
 
 
 class ReconcileOut(Result):
@@ -467,6 +545,9 @@ class RenewOut(Result):
     previous_balance: int
     new_balance: int
     renewal_date: UTCDatetime
+    # v1.1 (the reset policy; 0 under add)
+    tokens_expired: int = 0
+    tokens_rolled_over: int = 0
 
 
 class SweepError(BaseModel):
