@@ -20,6 +20,7 @@ ENTRY_KEYS = {
     "original_entry_id",
     "metadata",
     "created_at",
+    "grants",  # v1.1
 }
 BALANCE_KEYS = {
     "success",
@@ -31,6 +32,10 @@ BALANCE_KEYS = {
     "tier",
     "last_renewal_at",
     "subscription_expires_at",
+    # v1.1
+    "by_kind",
+    "debt",
+    "next_expiry",
 }
 MOVEMENT_KEYS = {
     "success",
@@ -43,6 +48,8 @@ MOVEMENT_KEYS = {
     "ledger_entry_id",
     "replayed",
 }
+# v1.1: a capture tells how far it went past its hold.
+CAPTURE_KEYS = MOVEMENT_KEYS | {"overcaptured", "shortfall"}
 FAILURE_KEYS = {"success", "error", "error_code"}
 
 

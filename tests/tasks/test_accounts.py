@@ -25,6 +25,9 @@ def test_open_account_returns_balance_fields_and_writes_initial_balance_as_adjus
         "tier": "Gift",
         "last_renewal_at": None,
         "subscription_expires_at": None,
+        "by_kind": {"adjustment": 250},
+        "debt": 0,
+        "next_expiry": None,
         "created": True,
     }
     [entry] = dbstate.entries("u1")

@@ -78,7 +78,10 @@ def test_entry_fields(e2e: Celery) -> None:
         "original_entry_id": debit["ledger_entry_id"],
         "metadata": {},
         "created_at": newest["created_at"],
+        "grants": newest["grants"],
     }
+    # The refund went back into the grant the debit spent (v1.1).
+    assert newest["grants"] == [{"grant_id": middle["grants"][0]["grant_id"], "amount": 3}]
     assert isinstance(newest["idempotency_key"], str)
     assert (middle["idempotency_key"], middle["metadata"]) == ("job-1", {"job": 1})
     assert (middle["tokens_amount"], middle["original_entry_id"]) == (-10, None)
@@ -188,8 +191,20 @@ def test_reconcile_reports_balances_that_differ_from_their_ledger(
         "success": True,
         "checked": 3,
         "mismatches": [
-            {"user_id": "empty", "balance": 9, "ledger_sum": 0},
-            {"user_id": "v", "balance": 41, "ledger_sum": 40},
+            {
+                "user_id": "empty",
+                "balance": 9,
+                "ledger_sum": 0,
+                "grants_balance": 0,
+                "bad_grants": [],
+            },
+            {
+                "user_id": "v",
+                "balance": 41,
+                "ledger_sum": 40,
+                "grants_balance": 40,
+                "bad_grants": [],
+            },
         ],
     }
     assert call(e2e, "ledger.reconcile", user_id="u") == {

@@ -8,7 +8,7 @@ from typing import Any
 from celery import Celery
 from sqlalchemy import text
 
-from tests.dbstate import MOVEMENT_KEYS
+from tests.dbstate import CAPTURE_KEYS
 from tests.support import call, tasks_done_by_worker, workers_that_ran
 from worker.db import get_engine
 
@@ -86,7 +86,7 @@ def test_reserve_capture_release_through_the_worker(e2e: Celery) -> None:
     assert refused["error"] == "Insufficient tokens. Required: 60, Available: 50"
 
     captured = call(e2e, "tokens.capture", reservation_id=r2["reservation_id"], amount=25)
-    assert set(captured) == MOVEMENT_KEYS
+    assert set(captured) == CAPTURE_KEYS
     assert captured == {
         "success": True,
         "user_id": "u",
@@ -97,6 +97,8 @@ def test_reserve_capture_release_through_the_worker(e2e: Celery) -> None:
         "tokens_spent": 25,
         "ledger_entry_id": captured["ledger_entry_id"],
         "replayed": False,
+        "overcaptured": 0,
+        "shortfall": 0,
     }
     released = call(e2e, "tokens.release", reservation_id=r1["reservation_id"], reason="done")
     assert released == {
