@@ -239,7 +239,9 @@ def test_reconcile_exits_1_on_mismatch(session: Session) -> None:
     dbstate.execute("UPDATE accounts SET tokens_balance = 11 WHERE user_id = 'u'")
     expected = ledger.reconcile(session).model_dump(mode="json")
     assert tokens("reconcile", code=1) == expected
-    assert expected["mismatches"] == [{"user_id": "u", "balance": 11, "ledger_sum": 10}]
+    assert expected["mismatches"] == [
+        {"user_id": "u", "balance": 11, "ledger_sum": 10, "grants_balance": 10, "bad_grants": []}
+    ]
     assert tokens("reconcile", "--user-id", "nobody") == {
         "success": True,
         "checked": 0,

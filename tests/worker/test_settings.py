@@ -83,6 +83,7 @@ def test_prices_from_json_keep_the_types_the_ledger_writes(env: pytest.MonkeyPat
         "purchase": 0,
         "monthly_reset": 0,
         "adjustment": 0,
+        "expiry": 0,
     }
 
 
