@@ -88,6 +88,14 @@ class Account(Base):
         CheckConstraint("debt >= 0", name="debt_not_negative"),
         # The renewal sweep pages through due users of a tier, oldest renewal first.
         Index("ix_accounts_tier_last_renewal", "tier", "last_renewal_at", "user_id"),
+        # Users in debt (few): the total debt a scrape reads follows them, not all accounts.
+        Index(
+            "ix_accounts_in_debt",
+            "user_id",
+            "debt",
+            postgresql_where=text("debt > 0"),
+            sqlite_where=text("debt > 0"),
+        ),
     )
 
 

@@ -34,6 +34,13 @@ def upgrade() -> None:
         )
         reservations.create_check_constraint("overcapture_not_negative", "overcapture_limit >= 0")
 
+    op.create_index(
+        "ix_accounts_in_debt",
+        "accounts",
+        ["user_id", "debt"],
+        postgresql_where=sa.text("debt > 0"),
+        sqlite_where=sa.text("debt > 0"),
+    )
     op.create_table(
         "grants",
         sa.Column("id", ID, autoincrement=True, nullable=False),
@@ -162,6 +169,7 @@ def downgrade() -> None:
     op.drop_index("ix_grants_active_expiry", table_name="grants")
     op.drop_index("ix_grants_user_active", table_name="grants")
     op.drop_table("grants")
+    op.drop_index("ix_accounts_in_debt", table_name="accounts")
     with op.batch_alter_table("reservations") as reservations:
         reservations.drop_constraint("overcapture_not_negative", type_="check")
         reservations.drop_column("overcapture_limit")
