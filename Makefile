@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: install lock run beat test lint bench bench-renewals clean
+.PHONY: install lock run beat test lint bench bench-renewals bench-grants clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,11 @@ test: install lint
 bench: install
 	scripts/ensure-services.sh
 	$(BIN)/python -m bench.debits
+	$(BIN)/python -m bench.grant_debits
+
+bench-grants: install
+	scripts/ensure-services.sh
+	$(BIN)/python -m bench.grant_debits
 
 bench-renewals: install
 	scripts/ensure-services.sh

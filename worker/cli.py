@@ -19,6 +19,7 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 from sqlalchemy.exc import InterfaceError, OperationalError
 
 from accounting import accounts, ledger, movements, renewals, reservations
+from accounting import grants as grant_rows
 from accounting.errors import DomainError
 from models.schemas import (
     MAX_AMOUNT,
@@ -26,6 +27,7 @@ from models.schemas import (
     EntryId,
     ExpireOut,
     Failure,
+    GrantsOut,
     IdempotencyKey,
     Metadata,
     OperationType,
@@ -210,6 +212,47 @@ def account_show(user_id: str, limit: int) -> None:
         _emit(Failure(error=exc.message, error_code=exc.code))
         raise SystemExit(1) from None
     _emit(shown)
+
+
+@main.command()
+@click.argument("user_id", callback=_user_id)
+@click.option("--all", "include_ended", is_flag=True, help="Also depleted and expired grants.")
+@click.option("--json", "as_json", is_flag=True, help="The tokens.grants result as JSON.")
+def grants(user_id: str, include_ended: bool, as_json: bool) -> None:
+    """A user's grants, in burn order (then ended ones, newest first), and their debt."""
+    if as_json:
+        _run("tokens.grants", grant_rows.list_grants, user_id=user_id, include_ended=include_ended)
+        return
+    _ready()
+    try:
+        with session_scope() as session:
+            out = grant_rows.list_grants(session, user_id, include_ended=include_ended)
+    except DomainError as exc:
+        _emit(Failure(error=exc.message, error_code=exc.code))
+        raise SystemExit(1) from None
+    click.echo(grants_table(out))
+
+
+def grants_table(out: GrantsOut) -> str:
+    """One line per grant: id, kind, remaining/amount, held, priority, expiry, status."""
+    header = ("GRANT", "KIND", "REMAINING/AMOUNT", "HELD", "PRIORITY", "EXPIRES_AT", "STATUS")
+    rows = [header] + [
+        (
+            g.grant_id,
+            g.kind,
+            f"{g.remaining}/{g.amount}",
+            str(g.held),
+            str(g.priority),
+            g.expires_at.isoformat() if g.expires_at else "never",
+            g.status,
+        )
+        for g in out.grants
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = [
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows
+    ]
+    return "\n".join([*lines, f"debt: {out.debt}"])
 
 
 @main.command("open-account")

@@ -5,17 +5,23 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import psycopg
 import pytest
 from alembic.autogenerate import compare_metadata
+from alembic.command import downgrade
 from alembic.migration import MigrationContext
-from sqlalchemy import Engine, create_engine, text
+from sqlalchemy import DateTime, Engine, bindparam, create_engine, text
+from sqlalchemy.orm import Session
 
+from accounting.ledger import reconcile
 from models.tables import Base
+from tests.support import assert_ledger_consistent
 from worker.db import get_engine
 from worker.devenv import PG_ADMIN_URL
-from worker.migrate import upgrade
+from worker.migrate import alembic_config, upgrade
 
 
 @pytest.fixture
@@ -72,3 +78,181 @@ def test_0002_carries_refunds_into_refund_totals(blank_database: str) -> None:
         assert [tuple(c) for c in caps] == [(2, "u", 30, 15)]
     finally:
         engine.dispose()
+
+
+# --- 0004: balances become grants --------------------------------------------------------------
+
+T0 = datetime(2026, 10, 1, 12, 0, tzinfo=UTC)
+# user: (balance, ledger amounts that chain to it, amounts of active holds, ended holds' status)
+V1_ACCOUNTS: dict[str, tuple[int, list[int], list[int], list[str]]] = {
+    "positive": (100, [150, -50], [20, 10], ["captured", "released", "expired"]),
+    "zero": (0, [40, -40], [], ["released"]),
+    "negative": (-25, [10, -35], [], []),
+    # v1 let a debit overdraw under a live hold: the hold (40) outgrew the balance (5).
+    "overheld": (5, [60, -55], [40], []),
+    "negative_held": (-10, [20, -30], [15], ["captured"]),
+    "untouched": (0, [], [], []),
+}
+# What 0004 must make of them: the grant GREATEST(balance, reserved), held = reserved, and debt.
+EXPECTED = {  # user: (grant amount or None, held, debt)
+    "positive": (100, 30, 0),
+    "zero": (None, 0, 0),
+    "negative": (None, 0, 25),
+    "overheld": (40, 40, 35),
+    "negative_held": (15, 15, 25),
+    "untouched": (None, 0, 0),
+}
+
+
+def fill_v1(engine: Engine) -> None:
+    """Accounts, chained ledger entries and live and ended reservations, as v1 wrote them."""
+    at = bindparam("t", type_=DateTime(timezone=True))
+    account = text(
+        """
+        INSERT INTO accounts (user_id, tier, tokens_balance, tokens_reserved, tokens_spent,
+                              created_at, updated_at)
+        VALUES (:u, 'Gift', :balance, :reserved, 0, :t, :t)
+        """
+    ).bindparams(at)
+    entry = text(
+        """
+        INSERT INTO ledger_entries (user_id, kind, operation_type, tokens_amount, balance_before,
+                                    balance_after, metadata, created_at)
+        VALUES (:u, :kind, :kind, :amount, :before, :after, '{}', :t)
+        """
+    ).bindparams(at)
+    reservation = text(
+        """
+        INSERT INTO reservations (id, user_id, amount, operation_type, status, expires_at,
+                                  created_at, metadata)
+        VALUES (:id, :u, :amount, 'image_generation', :status, :t, :t, '{}')
+        """
+    ).bindparams(at)
+    tick = 0
+    with engine.begin() as conn:
+        for user, (balance, amounts, holds, ended) in V1_ACCOUNTS.items():
+            row = {"u": user, "balance": balance, "reserved": sum(holds), "t": T0}
+            conn.execute(account, row)
+            running = 0
+            for amount in amounts:
+                tick += 1
+                kind = "adjustment" if amount > 0 else "debit"
+                conn.execute(
+                    entry,
+                    {
+                        "u": user,
+                        "kind": kind,
+                        "amount": amount,
+                        "before": running,
+                        "after": running + amount,
+                        "t": T0 + timedelta(seconds=tick),
+                    },
+                )
+                running += amount
+            assert running == balance
+            statuses = ["active"] * len(holds) + ended
+            for i, (status, amount) in enumerate(
+                zip(statuses, holds + [7] * len(ended), strict=True)
+            ):
+                conn.execute(
+                    reservation,
+                    {
+                        "id": f"{user}-{i}",
+                        "u": user,
+                        "amount": amount,
+                        "status": status,
+                        "t": T0 + timedelta(hours=1),
+                    },
+                )
+
+
+def assert_converted(engine: Engine) -> None:
+    """Each v1 balance became its grant, debt and holds, and every invariant holds but the
+    entry splits (the migrated grants have no creating entry)."""
+    with Session(engine) as session:
+        grants = session.execute(
+            text(
+                """
+                SELECT user_id, kind, amount, remaining, held, spent, expired, returned,
+                       priority, expires_at, status, id FROM grants ORDER BY user_id
+                """
+            )
+        ).all()
+        made = {g.user_id: g for g in grants}
+        assert len(made) == len(grants), "one grant per user"
+        accounts = session.execute(
+            text("SELECT user_id, tokens_balance, tokens_reserved, debt FROM accounts")
+        ).all()
+        for user, balance, reserved, debt in accounts:
+            amount, held, expected_debt = EXPECTED[user]
+            assert (balance, reserved, debt) == (V1_ACCOUNTS[user][0], held, expected_debt), user
+            g = made.get(user)
+            if amount is None:
+                assert g is None, user
+                continue
+            assert g is not None, user
+            assert (g.kind, g.amount, g.remaining, g.held) == ("adjustment", amount, amount, held)
+            assert (g.spent, g.expired, g.returned, g.priority) == (0, 0, 0, 50)
+            assert (g.expires_at, g.status) == (None, "active")
+            assert debt == amount - balance
+        backing = session.execute(
+            text(
+                """
+                SELECT r.id, r.amount, rg.amount, g.user_id = r.user_id
+                FROM reservations r
+                LEFT JOIN reservation_grants rg ON rg.reservation_id = r.id
+                LEFT JOIN grants g ON g.id = rg.grant_id
+                WHERE r.status = 'active' ORDER BY r.id
+                """
+            )
+        ).all()
+        assert [b[0] for b in backing] == [
+            "negative_held-0",
+            "overheld-0",
+            "positive-0",
+            "positive-1",
+        ]
+        assert all(r_amount == rg_amount and mine for _, r_amount, rg_amount, mine in backing)
+        ended_held = session.execute(
+            text(
+                """
+                SELECT COUNT(*) FROM reservation_grants rg
+                JOIN reservations r ON r.id = rg.reservation_id WHERE r.status <> 'active'
+                """
+            )
+        ).scalar_one()
+        assert ended_held == 0
+        assert_ledger_consistent(session, entry_splits=False)
+        report = reconcile(session)
+        assert report.checked == len(V1_ACCOUNTS)
+        assert report.mismatches == []
+
+
+def migrate_0003_to_head_and_back(url: str) -> None:
+    upgrade(url, "0003")
+    engine = create_engine(url)
+    try:
+        fill_v1(engine)
+        upgrade(url)
+        assert_converted(engine)
+        downgrade(alembic_config(url), "0003")
+        with engine.connect() as conn:
+            back = conn.execute(
+                text("SELECT user_id, tokens_balance, tokens_reserved FROM accounts")
+            ).all()
+        assert {u: (b, r) for u, b, r in back} == {
+            u: (v[0], sum(v[2])) for u, v in V1_ACCOUNTS.items()
+        }
+        upgrade(url)
+        assert_converted(engine)
+    finally:
+        engine.dispose()
+
+
+def test_0004_turns_postgresql_balances_into_grants_and_debt(blank_database: str) -> None:
+    migrate_0003_to_head_and_back(blank_database)
+
+
+def test_0004_turns_sqlite_balances_into_grants_and_debt(tmp_path: Path) -> None:
+    """The embedded default migrates a SQLite file (worker/migrate.py)."""
+    migrate_0003_to_head_and_back(f"sqlite:///{tmp_path / 'tokens.db'}")

@@ -27,9 +27,10 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
 from accounting import accounts, ledger, movements, renewals, reservations
+from accounting import grants as grant_rows
 from tests import dbstate
 from tests.polling import wait_for
-from tests.support import ROOT
+from tests.support import ROOT, assert_ledger_consistent
 from tests.worker.tcp_proxy import TcpProxy
 from worker.cli import main
 from worker.migrate import alembic_config
@@ -659,3 +660,41 @@ def test_doctor_on_the_embedded_default(tmp_path: Path) -> None:
         ["ok", "database"], ["ok", "schema"], ["ok", "broker"], ["ok", "backend"],
         ["skip", "beat"], ["skip", "workers"],
     ]  # fmt: skip
+
+
+def table(*args: str) -> tuple[list[list[str]], str]:
+    """``tokens grants``' rows (header first), split on blanks, and its last line."""
+    result = CliRunner().invoke(main, ["grants", *args])
+    assert result.exit_code == 0, (result.output, result.exception)
+    *rows, last = result.stdout.splitlines()
+    return [r.split() for r in rows], last
+
+
+def test_grants_shows_a_users_grants_in_burn_order_and_the_debt(session: Session) -> None:
+    accounts.open_account(session, "g", initial_balance=100)  # adjustment, priority 50
+    ends = datetime.now(UTC) + timedelta(days=10)
+    movements.credit(session, "g", 30, grant_kind="promo", expires_at=ends)  # priority 20
+    movements.credit(session, "g", 50, grant_kind="purchased", priority=5)
+    movements.debit(session, "g", 60, "image_generation")  # all 50 purchased, then 10 promo
+    reservations.reserve(session, "g", amount=25)  # 20 promo, then 5 adjustment
+    accounts.open_account(session, "d")
+    movements.debit(session, "d", 15, "image_generation", allow_overdraft=True)
+    session.commit()
+
+    listed = grant_rows.list_grants(session, "g", include_ended=True).grants
+    adjustment, promo, purchased = (g.grant_id for g in sorted(listed, key=lambda g: g.kind))
+    rows, debt = table("g")
+    assert rows == [
+        ["GRANT", "KIND", "REMAINING/AMOUNT", "HELD", "PRIORITY", "EXPIRES_AT", "STATUS"],
+        [promo, "promo", "20/30", "20", "20", ends.isoformat(), "active"],
+        [adjustment, "adjustment", "100/100", "5", "50", "never", "active"],
+    ]
+    assert debt == "debt: 0"
+    rows, _ = table("g", "--all")
+    assert rows[3] == [purchased, "purchased", "0/50", "0", "5", "never", "depleted"]
+    assert table("d") == ([rows[0]], "debt: 15")
+    assert tokens("grants", "g", "--all", "--json") == grant_rows.list_grants(
+        session, "g", include_ended=True
+    ).model_dump(mode="json")
+    assert tokens("grants", "ghost", code=1)["error_code"] == "USER_NOT_FOUND"
+    assert_ledger_consistent(session)
