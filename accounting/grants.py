@@ -72,6 +72,10 @@ class Locked:
     spent: int
     debt: int
     now: datetime
+    # The user's spendable grants (id, free tokens) in burn order, read with the due ones by
+    # :func:`lock_current` so a movement's first burn needs no query of its own; None once
+    # anything may have changed them.
+    free: list[tuple[int, int]] | None = None
 
     @property
     def available(self) -> int:
@@ -141,12 +145,7 @@ class Change:
         ``into_debt`` what they do not cover becomes debt. Returns what became debt."""
         left = amount
         if left > 0:
-            rows = session.execute(
-                select(_g.id, _g.remaining - _g.held)
-                .where(_g.user_id == self.locked.user_id, _live(self.locked.now))
-                .where(_g.remaining > _g.held)
-                .order_by(*BURN_ORDER)
-            ).all()
+            rows = free_grants(session, self.locked)
             taken = []
             for grant_id, free in rows:
                 take = min(int(free), left)
@@ -169,6 +168,7 @@ class Change:
             _SPEND_HELD,
             {"gid": grant_id, "take": take, "unhold": take + release, "now": self.locked.now},
         )
+        self.locked.free = None
         if take:
             self._add(grant_id, -take)
 
@@ -205,6 +205,7 @@ class Change:
         ).scalar_one()
         self._add(int(grant_id), left)
         self.debt_delta -= paid
+        self.locked.free = None
         return int(grant_id)
 
     def put_back(self, session: Session, grant_id: int, amount: int) -> bool:
@@ -227,6 +228,7 @@ class Change:
             )
         ).scalar_one()
         self._add(grant_id, amount)
+        self.locked.free = None
         return bool(ended)
 
 
@@ -334,17 +336,36 @@ _MOVE = (
 _INSERT_ENTRY = insert(ledger_table).returning(ledger_table.c.id)
 
 
+def free_grants(session: Session, locked: Locked) -> list[tuple[int, int]]:
+    """The user's spendable grants and their free tokens (remaining - held), in burn order:
+    those :func:`lock_current` read, else read now. Used once: a burn changes them."""
+    if locked.free is not None:
+        rows, locked.free = locked.free, None
+        return rows
+    found = session.execute(
+        select(_g.id, _g.remaining - _g.held)
+        .where(_g.user_id == locked.user_id, _live(locked.now), _g.remaining > _g.held)
+        .order_by(*BURN_ORDER)
+    ).all()
+    return [(int(g), int(f)) for g, f in found]
+
+
 def expire_due(session: Session, locked: Locked) -> Locked:
     """Expire what is left (less what reservations hold) of the user's grants due at
     ``locked.now``: one ``expiry`` entry per grant, before the movement that found them.
-    The account must be locked. Returns the account after."""
+    The account must be locked. Returns the account after, with its spendable grants read by
+    the same query (:func:`free_grants`)."""
+    due = and_(_g.expires_at.is_not(None), _g.expires_at <= locked.now)
     rows = session.execute(
-        select(_g.id, _g.remaining - _g.held)
-        .where(_g.user_id == locked.user_id, _due(locked.now))
-        .order_by(_g.expires_at, _g.id)
+        select(_g.id, _g.remaining - _g.held, due, _g.expires_at)
+        .where(_g.user_id == locked.user_id, _g.status == ACTIVE, _g.remaining > _g.held)
+        .order_by(*BURN_ORDER)
     ).all()
-    for grant_id, left in rows:
+    ending = sorted(((e, g, f) for g, f, d, e in rows if d), key=lambda r: (r[0], r[1]))
+    free = [(int(g), int(f)) for g, f, d, _ in rows if not d]
+    for _, grant_id, left in ending:
         locked = expire_grant(session, locked, int(grant_id), int(left))
+    locked.free = free
     return locked
 
 
@@ -449,13 +470,19 @@ def by_kind(session: Session, user_id: str) -> dict[str, int]:
 
 
 def next_expiry(session: Session, user_id: str) -> NextExpiry | None:
-    """The soonest-ending active grant still to end, and what it would take with it."""
-    row = session.execute(
+    """The soonest moment an active grant ends, and the tokens of every grant ending then (an
+    allowance and its rollover often end together: a user is told both)."""
+    ending = (
         select(_g.expires_at, _g.remaining)
         .where(_g.user_id == user_id, _g.status == ACTIVE, _g.remaining > 0)
         .where(_g.expires_at > clock.now_sql(session))
-        .order_by(_g.expires_at, _g.id)
-        .limit(1)
+        .subquery()
+    )
+    soonest = select(func.min(ending.c.expires_at)).scalar_subquery()
+    row = session.execute(
+        select(ending.c.expires_at, func.sum(ending.c.remaining))
+        .where(ending.c.expires_at == soonest)
+        .group_by(ending.c.expires_at)
     ).first()
     return None if row is None else NextExpiry(at=row[0], tokens=int(row[1]))
 
@@ -473,11 +500,7 @@ def hold(session: Session, locked: Locked, reservation_id: str, amount: int) -> 
     """Hold ``amount`` of the user's free tokens for a reservation, chosen in burn order, and
     count it in ``tokens_reserved``. The caller has checked ``locked.available``, which leaves
     the free tokens enough (available = free - debt)."""
-    rows = session.execute(
-        select(_g.id, _g.remaining - _g.held)
-        .where(_g.user_id == locked.user_id, _live(locked.now), _g.remaining > _g.held)
-        .order_by(*BURN_ORDER)
-    ).all()
+    rows = free_grants(session, locked)
     left, taken = amount, []
     for grant_id, free in rows:
         take = min(int(free), left)
