@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from accounting import accounts, grants, ledger, movements
 from accounting.errors import DomainError
 from models.tables import entry_grant_table
+from tests.support import run_in_threads
 from worker.db import get_engine
 
 
@@ -109,3 +110,8 @@ def attempt(
         except DomainError as exc:
             s.rollback()
             return exc
+
+
+def race(*racers: Callable[[], Any]) -> list[Any]:
+    """Run the racers in threads released together; their outcomes in order."""
+    return run_in_threads(len(racers), lambda i: racers[i]())

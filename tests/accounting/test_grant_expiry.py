@@ -17,11 +17,12 @@ from tests.accounting.grant_helpers import (
     expiry_entries,
     make_due,
     opened,
+    race,
     racing_sessions,
     raw_grant,
     split_of,
 )
-from tests.support import assert_ledger_consistent, run_in_threads
+from tests.support import assert_ledger_consistent
 from worker.db import session_factory
 
 
@@ -120,7 +121,7 @@ def test_expiry_racing_debits_captures_refunds_and_reads_spends_and_expires_once
             r = reservations.reserve(session, user, amount=20)
             session.commit()
             make_due(session, ending)
-            racers = [
+            outcomes = race(
                 partial(attempt, sessions, movements.debit, user, 5, "chatgpt_message"),
                 partial(attempt, sessions, reservations.capture, r.reservation_id),
                 partial(
@@ -133,8 +134,7 @@ def test_expiry_racing_debits_captures_refunds_and_reads_spends_and_expires_once
                 ),
                 partial(attempt, sessions, accounts.get_balance, user),
                 partial(attempt, sessions, grants.list_grants, user),
-            ]
-            outcomes = run_in_threads(len(racers), lambda i, racers=racers: racers[i]())
+            )
             debited, captured, refunded, *reads = outcomes
             assert isinstance(debited, MovementOut)
             assert isinstance(captured, CaptureOut)

@@ -4,18 +4,19 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import create_engine, text
+from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
 
 from accounting import accounts, clock, grants, ledger, movements, reservations
-from accounting.errors import DomainError
 from models.schemas import CaptureOut, ExtendOut
-from tests.support import assert_ledger_consistent, refused, run_in_threads
-from worker.db import get_engine, make_engine
+from tests.accounting.grant_helpers import attempt, race, racing_sessions
+from tests.support import assert_ledger_consistent, refused
+from worker.db import make_engine
 from worker.migrate import upgrade
 
 TABLES = ("accounts", "grants", "reservations", "reservation_grants", "ledger_entries")
@@ -276,24 +277,8 @@ def test_extend_replays_its_task_id(session: Session) -> None:
 
 @pytest.fixture
 def sessions() -> Iterator[sessionmaker[Session]]:
-    engine = create_engine(get_engine().url, pool_size=4, max_overflow=0, pool_timeout=60)
-    try:
-        yield sessionmaker(bind=engine, expire_on_commit=False, autoflush=False)
-    finally:
-        engine.dispose()
-
-
-def attempt(
-    factory: sessionmaker[Session], action: Callable[..., Any], /, *a: Any, **kw: Any
-) -> Any:
-    with factory() as s:
-        try:
-            out = action(s, *a, **kw)
-            s.commit()
-            return out
-        except DomainError as exc:
-            s.rollback()
-            return exc
+    with racing_sessions(4) as factory:
+        yield factory
 
 
 def test_extend_racing_a_full_capture_settles_one_hold(
@@ -306,13 +291,9 @@ def test_extend_racing_a_full_capture_settles_one_hold(
         opened(session, user)
         r = reservations.reserve(session, user, amount=30).reservation_id
         session.commit()
-        captured, extended = run_in_threads(
-            2,
-            lambda i, r=r: (
-                attempt(sessions, reservations.capture, r)
-                if i == 0
-                else attempt(sessions, reservations.extend, r, amount=20)
-            ),
+        captured, extended = race(
+            partial(attempt, sessions, reservations.capture, r),
+            partial(attempt, sessions, reservations.extend, r, amount=20),
         )
         assert isinstance(captured, CaptureOut)
         if isinstance(extended, ExtendOut):
