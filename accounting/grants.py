@@ -138,6 +138,12 @@ class Change:
         return sum(amount for _, amount in self.splits) - self.debt_delta
 
     def _add(self, grant_id: int, amount: int) -> None:
+        # One split per grant and entry: an over-capture may spend more of a grant the
+        # capture's hold already took from; it keeps the place of the first.
+        for i, (gid, before) in enumerate(self.splits):
+            if gid == grant_id:
+                self.splits[i] = (gid, before + amount)
+                return
         self.splits.append((grant_id, amount))
 
     def spend(self, session: Session, amount: int, *, into_debt: bool) -> int:

@@ -29,11 +29,20 @@ from accounting.errors import (
 )
 from accounting.events import note_balance_change
 from accounting.movements import movement_result
-from models.schemas import MAX_METADATA_BYTES, CaptureOut, ReleaseOut, ReserveOut, metadata_bytes
+from models.schemas import (
+    MAX_METADATA_BYTES,
+    CaptureOut,
+    ExtendOut,
+    ReleaseOut,
+    ReserveOut,
+    metadata_bytes,
+)
 from models.tables import Account, Reservation
 
 ACTIVE = "active"
 EXPIRE_CHUNK = 5000
+# A hold never lasts past this long after it was made, however often it is extended.
+MAX_HOLD = timedelta(seconds=604800)
 # Serialises expiry sweeps (per database): two overlapping sweeps would otherwise update the
 # accounts of their chunks in plan-dependent orders and could deadlock each other.
 EXPIRE_LOCK_KEY = 0x7265_7365_7276
@@ -287,6 +296,69 @@ def release(
     out = ReleaseOut(reservation_id=reservation_id, status="released")
     idempotency.record(session, user_id, idempotency_key, out.model_dump(mode="json"))
     return out
+
+
+def extend(
+    session: Session,
+    reservation_id: str,
+    amount: int = 0,
+    ttl_seconds: int | None = None,
+    idempotency_key: str | None = None,
+) -> ExtendOut:
+    """Hold ``amount`` more (of the user's available tokens, in burn order) and/or move the
+    expiry to now + ``ttl_seconds``, never past 7 days after the reservation was made.
+
+    Lock order: the key (the task id), the reservation row, then the account. A capture reads
+    the hold again under its own conditional update, so it sees what an extension committed.
+    """
+    if amount < 0:
+        raise validation_error("Invalid arguments: amount: must be 0 or more")
+    found = _load(session, reservation_id)
+    user_id = found.user_id
+    digest = idempotency.request_hash(
+        "extend", reservation_id=reservation_id, amount=amount, ttl_seconds=ttl_seconds
+    )
+    stored = idempotency.claim(session, user_id, idempotency_key, digest)
+    if stored is not None:
+        return ExtendOut(**stored)
+    row = _lock_reservation(session, reservation_id)
+    if row.status != ACTIVE:
+        raise reservation_not_active(row.status)
+    locked = grants.lock_current(session, user_id)
+    if row.expires_at <= locked.now:
+        raise reservation_not_active("expired")
+    if amount and locked.available < amount:
+        raise insufficient_tokens(amount, locked.available)
+    expires_at = row.expires_at
+    if ttl_seconds is not None:
+        expires_at = min(locked.now + timedelta(seconds=ttl_seconds), row.created_at + MAX_HOLD)
+    if amount:
+        grants.hold(session, locked, reservation_id, amount)
+        locked = grants.move_reserved(session, locked, amount, "extend")
+    session.execute(
+        update(Reservation)
+        .where(Reservation.id == reservation_id)
+        .values(amount=Reservation.amount + amount, expires_at=expires_at)
+        .execution_options(synchronize_session=False)
+    )
+    out = ExtendOut(
+        reservation_id=reservation_id,
+        amount=int(row.amount) + amount,
+        expires_at=expires_at,
+        tokens_available=locked.available,
+    )
+    idempotency.record(session, user_id, idempotency_key, out.model_dump(mode="json"))
+    return out
+
+
+def _lock_reservation(session: Session, reservation_id: str) -> Any:
+    """The reservation's row, locked (PostgreSQL; SQLite has one writer at a time)."""
+    stmt = select(
+        Reservation.status, Reservation.amount, Reservation.expires_at, Reservation.created_at
+    ).where(Reservation.id == reservation_id)
+    if clock.is_postgres(session):
+        stmt = stmt.with_for_update()
+    return session.execute(stmt).one()
 
 
 # Active reservations and the tokens they hold, across all users. The status is a literal: the

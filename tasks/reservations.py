@@ -10,6 +10,8 @@ from models.schemas import (
     CaptureIn,
     CaptureOut,
     ExpireOut,
+    ExtendIn,
+    ExtendOut,
     NoArgsIn,
     ReleaseIn,
     ReleaseOut,
@@ -50,3 +52,14 @@ def release(session: Session, p: ReleaseIn, task_id: str | None) -> ReleaseOut:
 def expire(_session: Session, _p: NoArgsIn, _task_id: str | None) -> ExpireOut:
     # Commits one transaction per chunk, so it takes sessions of its own (as renewals.sweep).
     return ExpireOut(expired=reservations.expire_all(session_factory()))
+
+
+@contract_task("tokens.extend", ExtendIn)
+def extend(session: Session, p: ExtendIn, task_id: str | None) -> ExtendOut:
+    return reservations.extend(
+        session,
+        p.reservation_id,
+        amount=p.amount,
+        ttl_seconds=p.ttl_seconds,
+        idempotency_key=task_id,
+    )

@@ -3,16 +3,25 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
 import pytest
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from accounting import accounts, movements, reservations
+from accounting import accounts, clock, grants, movements, reservations
 from accounting.errors import DomainError
 from models.schemas import MovementOut
 from models.tables import LedgerEntry
+from tests.accounting.grant_helpers import (
+    credited,
+    expiry_entries,
+    grant_rows,
+    make_due,
+    raw_grant,
+    split_of,
+)
 from tests.support import assert_ledger_consistent, attempt, refused, run_in_threads
 
 THREADS = 6  # the engine's pool holds 7 connections; the race needs each thread on its own
@@ -442,4 +451,78 @@ def test_concurrent_refunds_never_exceed_the_original(session: Session) -> None:
         session.commit()
         original = movements.debit(session, "u1", 100, "image_generation").ledger_entry_id
         session.commit()
+    assert_ledger_consistent(session)
+
+
+# --- refunds into grants (contract v1.1) -------------------------------------------------------
+
+
+def test_refunds_go_back_into_the_grants_spent_last_spent_first(session: Session) -> None:
+    opened(session, balance=0)
+    promo = credited(session, 10, kind="promo")  # spent first
+    ending = credited(session, 10, expires_at=clock.db_now(session) + timedelta(days=1))
+    rest = credited(session, 100)
+    debit = movements.debit(session, "u1", 30, "image_generation")
+    session.commit()
+    assert split_of(session, debit.ledger_entry_id) == [(promo, -10), (ending, -10), (rest, -10)]
+    refunds = [
+        movements.refund(session, "u1", n, original_entry_id=debit.ledger_entry_id)
+        for n in (5, 10, 15)
+    ]
+    session.commit()
+    assert [split_of(session, r.ledger_entry_id) for r in refunds] == [
+        [(rest, 5)],
+        [(rest, 5), (ending, 5)],
+        [(ending, 5), (promo, 10)],
+    ]
+    rows = grant_rows(session)
+    assert [(rows[g].remaining, rows[g].status) for g in (promo, ending, rest)] == [
+        (10, "active"),
+        (10, "active"),
+        (100, "active"),
+    ]
+    assert_ledger_consistent(session)
+
+
+def test_a_refund_into_an_ended_grant_expires_again_at_once(session: Session) -> None:
+    opened(session, balance=0)
+    ending = credited(
+        session, 30, priority=10, expires_at=clock.db_now(session) + timedelta(days=1)
+    )
+    credited(session, 100)
+    debit = movements.debit(session, "u1", 20, "image_generation")
+    session.commit()
+    make_due(session, ending)
+    refund = movements.refund(session, "u1", 15, original_entry_id=debit.ledger_entry_id)
+    session.commit()
+    assert split_of(session, refund.ledger_entry_id) == [(ending, 15)]
+    # The 10 left expired before the refund; the 15 put back leave in the same transaction.
+    assert expiry_entries(session, ending) == [-10, -15]
+    last = session.execute(
+        text("SELECT kind, tokens_amount, created_at FROM ledger_entries ORDER BY id DESC LIMIT 2")
+    ).all()
+    assert [(k, a) for k, a, _ in last] == [("expiry", -15), ("refund", 15)]
+    assert last[0].created_at == last[1].created_at  # one transaction, one time
+    g = raw_grant(session, ending)
+    assert (g.remaining, g.returned, g.expired, g.status) == (0, 15, 25, "expired")
+    b = accounts.get_balance(session, "u1")
+    assert (b.tokens_balance, b.tokens_spent, b.by_kind) == (100, 5, {"purchased": 100})
+    assert_ledger_consistent(session)
+
+
+def test_a_refund_of_an_overdraft_debit_pays_the_debt_first(session: Session) -> None:
+    opened(session, balance=10)
+    (grant,) = grants.list_grants(session, "u1").grants
+    debit = movements.debit(session, "u1", 30, "image_generation", allow_overdraft=True)
+    session.commit()
+    assert grants.list_grants(session, "u1").debt == 20
+    first = movements.refund(session, "u1", 15, original_entry_id=debit.ledger_entry_id)
+    session.commit()
+    assert split_of(session, first.ledger_entry_id) == []  # the debt part came back first
+    assert (first.new_balance, grants.list_grants(session, "u1").debt) == (-5, 5)
+    second = movements.refund(session, "u1", 10, original_entry_id=debit.ledger_entry_id)
+    session.commit()
+    assert split_of(session, second.ledger_entry_id) == [(grant.grant_id, 5)]
+    b = accounts.get_balance(session, "u1")
+    assert (b.tokens_balance, b.debt, b.by_kind) == (5, 0, {"adjustment": 5})
     assert_ledger_consistent(session)

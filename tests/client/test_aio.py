@@ -18,6 +18,7 @@ from tests.polling import wait_for
 from tests.support import call
 from token_worker_client import (
     AsyncTokenClient,
+    CaptureOut,
     ErrorCode,
     Failure,
     MovementOut,
@@ -106,7 +107,7 @@ def test_a_timed_out_capture_is_retried_by_its_task_id(e2e: Celery, held: Held) 
     assert dbstate.balance("u") == 75
 
 
-async def capture_retried_by_task_id(e2e: Celery, held: Held, reservation: str) -> MovementOut:
+async def capture_retried_by_task_id(e2e: Celery, held: Held, reservation: str) -> CaptureOut:
     async with AsyncTokenClient(*urls(), timeout=0.3, retries=1,
                                 config={"task_default_queue": HELD}) as slow:  # fmt: skip
         with pytest.raises(TokenTimeout) as timed_out:
@@ -117,7 +118,7 @@ async def capture_retried_by_task_id(e2e: Celery, held: Held, reservation: str) 
 
     async with AsyncTokenClient(*urls(), timeout=30) as client:
         retried = exactly(
-            MovementOut,
+            CaptureOut,
             await client.capture(reservation_id=reservation, amount=25, task_id=lost.task_id),
         )
         assert retried.new_balance == 75
@@ -131,5 +132,5 @@ async def capture_retried_by_task_id(e2e: Celery, held: Held, reservation: str) 
         held.drained()
         wait_for(lambda: idle(e2e), 30, "the held attempts to finish")
         again = await client.capture(reservation_id=reservation, amount=25, task_id=lost.task_id)
-        assert exactly(MovementOut, again).ledger_entry_id == retried.ledger_entry_id
+        assert exactly(CaptureOut, again).ledger_entry_id == retried.ledger_entry_id
     return retried

@@ -21,6 +21,7 @@ from token_worker_client import (
     AsyncTokenClient,
     BalanceOut,
     CanAffordOut,
+    CaptureOut,
     DebitBatchOut,
     DebitIn,
     DeletedOut,
@@ -30,7 +31,11 @@ from token_worker_client import (
     EntryOut,
     ErrorCode,
     ExpireOut,
+    ExtendOut,
     Failure,
+    GrantOut,
+    GrantsExpireOut,
+    GrantsOut,
     InsufficientTokens,
     InvalidArguments,
     MovementOut,
@@ -88,7 +93,8 @@ def test_one_method_per_contract_task_named_without_its_prefix() -> None:
     assert {spec_of(m).name for m in PUBLIC} == served
     for method in PUBLIC:
         name = spec_of(method).name
-        expected = "expire_reservations" if name == "reservations.expire" else name.split(".")[1]
+        special = {"reservations.expire": "expire_reservations", "grants.expire": "expire_grants"}
+        expected = special.get(name, name.split(".")[1])
         assert method == expected
 
 
@@ -179,12 +185,20 @@ def every_method(e2e: Celery, client: Any) -> None:
     assert (reset.amount, reset.new_balance) == (120, 200)
 
     held = exactly(ReserveOut, client.reserve(user_id="u", amount=50, ttl_seconds=60))
-    captured = exactly(MovementOut, client.capture(reservation_id=held.reservation_id, amount=20))
+    captured = exactly(CaptureOut, client.capture(reservation_id=held.reservation_id, amount=20))
     assert (captured.amount, captured.new_balance) == (-20, 180)
     other = exactly(ReserveOut, client.reserve(user_id="u", operation_type="sora_image"))
     released = exactly(ReleaseOut, client.release(reservation_id=other.reservation_id))
     assert released.status == "released"
     assert exactly(ExpireOut, client.expire_reservations()).expired == 0
+    estimate = exactly(ReserveOut, client.reserve(user_id="u", amount=5, overcapture_limit=5))
+    grown = exactly(ExtendOut, client.extend(reservation_id=estimate.reservation_id, amount=5))
+    assert (grown.amount, grown.tokens_available) == (10, 170)
+    client.release(reservation_id=estimate.reservation_id).unwrap()
+    listed = exactly(GrantsOut, client.grants(user_id="u", include_ended=True))
+    assert (sum(g.remaining for g in listed.grants), listed.debt) == (180, 0)
+    assert [type(g) for g in listed.grants] == [GrantOut] * len(listed.grants)
+    assert exactly(GrantsExpireOut, client.expire_grants()).expired == 0
 
     batch = exactly(
         DebitBatchOut,

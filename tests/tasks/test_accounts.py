@@ -6,7 +6,8 @@ from celery import Celery
 
 from tests import dbstate
 from tests.dbstate import BALANCE_KEYS, FAILURE_KEYS
-from tests.support import call
+from tests.support import assert_ledger_consistent, call
+from worker.db import session_scope
 
 NOT_FOUND = {"success": False, "error": "User not found", "error_code": "USER_NOT_FOUND"}
 
@@ -183,3 +184,36 @@ def test_business_refusal_is_a_successful_task(e2e: Celery) -> None:
     result = e2e.send_task("tokens.get_balance", kwargs={"user_id": "ghost"})
     assert result.get(timeout=30) == NOT_FOUND
     assert result.state == "SUCCESS"
+
+
+def test_grants_lists_active_grants_in_burn_order_then_ended_ones(e2e: Celery) -> None:
+    call(e2e, "tokens.open_account", user_id="g", initial_balance=10)  # adjustment, priority 50
+    promo = call(e2e, "tokens.credit", user_id="g", amount=5, grant_kind="promo",
+                 expires_at="2999-01-01T00:00:00Z")  # fmt: skip
+    bought = call(e2e, "tokens.credit", user_id="g", amount=30, priority=60)
+    call(e2e, "tokens.debit", user_id="g", amount=8, operation_type="image_generation")
+    listed = call(e2e, "tokens.grants", user_id="g")
+    assert (listed["success"], listed["user_id"], listed["debt"]) == (True, "g", 0)
+    assert [(g["kind"], g["remaining"], g["priority"]) for g in listed["grants"]] == [
+        ("adjustment", 7, 50),
+        ("purchased", 30, 60),
+    ]
+    everything = call(e2e, "tokens.grants", user_id="g", include_ended=True)["grants"]
+    assert [(g["kind"], g["status"], g["expires_at"]) for g in everything] == [
+        ("adjustment", "active", None),
+        ("purchased", "active", None),
+        ("promo", "depleted", "2999-01-01T00:00:00+00:00"),
+    ]
+    entries = call(e2e, "ledger.user_entries", user_id="g")["entries"]
+    (debit,) = [e for e in entries if e["operation_type"] == "image_generation"]
+    ids = {g["kind"]: g["grant_id"] for g in everything}
+    assert debit["grants"] == [
+        {"grant_id": ids["promo"], "amount": -5},
+        {"grant_id": ids["adjustment"], "amount": -3},
+    ]
+    assert {promo["success"], bought["success"]} == {True}
+    assert call(e2e, "tokens.grants", user_id="nobody") == NOT_FOUND
+    refused = call(e2e, "tokens.credit", user_id="g", amount=1, expires_at="2000-01-01T00:00:00Z")
+    assert refused["error_code"] == "VALIDATION_ERROR" and "expires_at" in refused["error"]
+    with session_scope() as session:
+        assert_ledger_consistent(session)

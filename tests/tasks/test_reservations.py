@@ -9,8 +9,8 @@ from celery import Celery
 from sqlalchemy import text
 
 from tests.dbstate import CAPTURE_KEYS
-from tests.support import call, tasks_done_by_worker, workers_that_ran
-from worker.db import get_engine
+from tests.support import assert_ledger_consistent, call, tasks_done_by_worker, workers_that_ran
+from worker.db import get_engine, session_scope
 
 
 def sql(statement: str, **params: Any) -> list[Any]:
@@ -269,3 +269,56 @@ def test_capture_racing_release_through_the_workers_ends_once(e2e: Celery) -> No
         expected = 70 if captured["success"] else 100
         assert (balance["tokens_balance"], balance["tokens_reserved"]) == (expected, 15)
     assert_consistent(e2e)
+
+
+def ledger_consistent() -> None:
+    with session_scope() as session:
+        assert_ledger_consistent(session)
+
+
+def test_settle_metered_usage_extend_then_over_capture_through_the_worker(e2e: Celery) -> None:
+    call(e2e, "tokens.open_account", user_id="m", initial_balance=100)
+    held = call(e2e, "tokens.reserve", user_id="m", amount=40, overcapture_limit=30, ttl_seconds=60)
+    assert held["tokens_available"] == 60
+    # The stream runs long: hold more and keep it alive; a redelivered extend applies once.
+    task_id = str(uuid.uuid4())
+    kwargs = {"reservation_id": held["reservation_id"], "amount": 20, "ttl_seconds": 600}
+    grown = e2e.send_task("tokens.extend", kwargs=kwargs, task_id=task_id).get(timeout=30)
+    e2e.backend.forget(task_id)
+    again = e2e.send_task("tokens.extend", kwargs=kwargs, task_id=task_id).get(timeout=30)
+    assert grown == again
+    assert (grown["success"], grown["amount"], grown["tokens_available"]) == (True, 60, 40)
+    assert grown["expires_at"] > held["expires_at"]
+    assert call(e2e, "tokens.extend", reservation_id=held["reservation_id"], amount=41) == {
+        "success": False,
+        "error": "Insufficient tokens. Required: 41, Available: 40",
+        "error_code": "INSUFFICIENT_TOKENS",
+    }
+    beyond = call(e2e, "tokens.capture", reservation_id=held["reservation_id"], amount=91)
+    assert (beyond["error_code"], beyond["error"]) == (
+        "CAPTURE_EXCEEDS_RESERVATION",
+        "Capture exceeds reservation. Reserved: 90, Requested: 91",
+    )
+    # The actual cost came in at 90: 60 held, 30 beyond the hold from the 40 available.
+    captured = call(e2e, "tokens.capture", reservation_id=held["reservation_id"], amount=90)
+    assert {k: captured[k] for k in ("amount", "new_balance", "overcaptured", "shortfall")} == {
+        "amount": -90,
+        "new_balance": 10,
+        "overcaptured": 30,
+        "shortfall": 0,
+    }
+    assert call(e2e, "tokens.extend", reservation_id=held["reservation_id"], ttl_seconds=60) == {
+        "success": False,
+        "error": "Reservation is captured",
+        "error_code": "RESERVATION_NOT_ACTIVE",
+    }
+    # An estimate too low with nothing left: the shortfall becomes debt, paid by the next credit.
+    low = call(e2e, "tokens.reserve", user_id="m", amount=10, overcapture_limit=15)
+    short = call(e2e, "tokens.capture", reservation_id=low["reservation_id"], amount=25)
+    assert (short["new_balance"], short["overcaptured"], short["shortfall"]) == (-15, 15, 15)
+    balance = call(e2e, "tokens.get_balance", user_id="m")
+    assert (balance["tokens_balance"], balance["debt"]) == (-15, 15)
+    assert call(e2e, "tokens.credit", user_id="m", amount=20)["new_balance"] == 5
+    assert call(e2e, "tokens.get_balance", user_id="m")["debt"] == 0
+    assert_consistent(e2e)
+    ledger_consistent()

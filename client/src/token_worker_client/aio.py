@@ -23,6 +23,7 @@ from token_worker_client.contract import Spec, prepare
 from token_worker_client.models import (
     BalanceOut,
     CanAffordOut,
+    CaptureOut,
     DebitBatchOut,
     DebitIn,
     DeletedOut,
@@ -30,7 +31,10 @@ from token_worker_client.models import (
     EligibilityOut,
     EntriesOut,
     ExpireOut,
+    ExtendOut,
     Failure,
+    GrantsExpireOut,
+    GrantsOut,
     MovementOut,
     OpenAccountOut,
     PingOut,
@@ -167,8 +171,13 @@ class AsyncTokenClient:
         operation_type: str = "purchase",
         metadata: Mapping[str, Any] | None = None,
         idempotency_key: str | None = None,
+        grant_kind: str = "purchased",
+        expires_at: Date | None = None,
+        priority: int | None = None,
         timeout: float | None = None,
     ) -> MovementOut | Failure:
+        """v1.1: the tokens become a ``purchased`` (or ``promo``) grant; ``expires_at`` must be
+        in the future; ``priority`` defaults by kind (purchased 50, promo 20)."""
         return await self._call(contract.CREDIT, locals())
 
     async def charge(
@@ -218,8 +227,10 @@ class AsyncTokenClient:
         ttl_seconds: int = 900,
         metadata: Mapping[str, Any] | None = None,
         idempotency_key: str | None = None,
+        overcapture_limit: int = 0,
         timeout: float | None = None,
     ) -> ReserveOut | Failure:
+        """A capture may take up to ``amount + overcapture_limit`` (v1.1)."""
         return await self._call(contract.RESERVE, locals())
 
     async def capture(
@@ -230,7 +241,7 @@ class AsyncTokenClient:
         metadata: Mapping[str, Any] | None = None,
         task_id: str | None = None,
         timeout: float | None = None,
-    ) -> MovementOut | Failure:
+    ) -> CaptureOut | Failure:
         return await self._call(contract.CAPTURE, locals())
 
     async def release(
@@ -243,8 +254,32 @@ class AsyncTokenClient:
     ) -> ReleaseOut | Failure:
         return await self._call(contract.RELEASE, locals())
 
+    async def extend(
+        self,
+        *,
+        reservation_id: str,
+        amount: int = 0,
+        ttl_seconds: int | None = None,
+        task_id: str | None = None,
+        timeout: float | None = None,
+    ) -> ExtendOut | Failure:
+        """Hold ``amount`` more and/or move the expiry to now + ``ttl_seconds`` (at most 7 days
+        after the reservation was made)."""
+        return await self._call(contract.EXTEND, locals())
+
     async def expire_reservations(self, *, timeout: float | None = None) -> ExpireOut | Failure:
         return await self._call(contract.EXPIRE_RESERVATIONS, locals())
+
+    # --- grants ------------------------------------------------------------------------------
+
+    async def grants(
+        self, *, user_id: str, include_ended: bool = False, timeout: float | None = None
+    ) -> GrantsOut | Failure:
+        """Active grants in burn order, then (``include_ended``) ended ones newest first."""
+        return await self._call(contract.GRANTS, locals())
+
+    async def expire_grants(self, *, timeout: float | None = None) -> GrantsExpireOut | Failure:
+        return await self._call(contract.EXPIRE_GRANTS, locals())
 
     # --- ledger ------------------------------------------------------------------------------
 

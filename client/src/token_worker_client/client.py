@@ -17,6 +17,7 @@ from token_worker_client.errors import TaskFailed, TokenTimeout, TokenUnavailabl
 from token_worker_client.models import (
     BalanceOut,
     CanAffordOut,
+    CaptureOut,
     DebitBatchOut,
     DebitIn,
     DeletedOut,
@@ -24,7 +25,10 @@ from token_worker_client.models import (
     EligibilityOut,
     EntriesOut,
     ExpireOut,
+    ExtendOut,
     Failure,
+    GrantsExpireOut,
+    GrantsOut,
     MovementOut,
     OpenAccountOut,
     PingOut,
@@ -233,8 +237,13 @@ class TokenClient:
         operation_type: str = "purchase",
         metadata: Mapping[str, Any] | None = None,
         idempotency_key: str | None = None,
+        grant_kind: str = "purchased",
+        expires_at: Date | None = None,
+        priority: int | None = None,
         timeout: float | None = None,
     ) -> MovementOut | Failure:
+        """v1.1: the tokens become a ``purchased`` (or ``promo``) grant; ``expires_at`` must be
+        in the future; ``priority`` defaults by kind (purchased 50, promo 20)."""
         return self._call(contract.CREDIT, locals())
 
     def charge(
@@ -284,8 +293,10 @@ class TokenClient:
         ttl_seconds: int = 900,
         metadata: Mapping[str, Any] | None = None,
         idempotency_key: str | None = None,
+        overcapture_limit: int = 0,
         timeout: float | None = None,
     ) -> ReserveOut | Failure:
+        """A capture may take up to ``amount + overcapture_limit`` (v1.1)."""
         return self._call(contract.RESERVE, locals())
 
     def capture(
@@ -296,7 +307,7 @@ class TokenClient:
         metadata: Mapping[str, Any] | None = None,
         task_id: str | None = None,
         timeout: float | None = None,
-    ) -> MovementOut | Failure:
+    ) -> CaptureOut | Failure:
         return self._call(contract.CAPTURE, locals())
 
     def release(
@@ -309,8 +320,32 @@ class TokenClient:
     ) -> ReleaseOut | Failure:
         return self._call(contract.RELEASE, locals())
 
+    def extend(
+        self,
+        *,
+        reservation_id: str,
+        amount: int = 0,
+        ttl_seconds: int | None = None,
+        task_id: str | None = None,
+        timeout: float | None = None,
+    ) -> ExtendOut | Failure:
+        """Hold ``amount`` more and/or move the expiry to now + ``ttl_seconds`` (at most 7 days
+        after the reservation was made)."""
+        return self._call(contract.EXTEND, locals())
+
     def expire_reservations(self, *, timeout: float | None = None) -> ExpireOut | Failure:
         return self._call(contract.EXPIRE_RESERVATIONS, locals())
+
+    # --- grants ------------------------------------------------------------------------------
+
+    def grants(
+        self, *, user_id: str, include_ended: bool = False, timeout: float | None = None
+    ) -> GrantsOut | Failure:
+        """Active grants in burn order, then (``include_ended``) ended ones newest first."""
+        return self._call(contract.GRANTS, locals())
+
+    def expire_grants(self, *, timeout: float | None = None) -> GrantsExpireOut | Failure:
+        return self._call(contract.EXPIRE_GRANTS, locals())
 
     # --- ledger ------------------------------------------------------------------------------
 

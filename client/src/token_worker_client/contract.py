@@ -4,7 +4,7 @@ what makes a repeat of it safe.
 A message delivered twice never applies twice (the worker's guarantee). A call the client sends
 again because no result came in time is such a repeat only if it carries the same key: the
 contract's ``idempotency_key`` for the tasks that take one, else the task id, which is the key
-of ``reset_balance``, ``capture``, ``release``, ``renew_user``, ``sweep`` (its plan) and
+of ``reset_balance``, ``capture``, ``release``, ``extend``, ``renew_user``, ``sweep`` (its plan) and
 ``debit_batch`` (its items' default keys).
 """
 
@@ -26,6 +26,7 @@ from token_worker_client.models import (
     CanAffordIn,
     CanAffordOut,
     CaptureIn,
+    CaptureOut,
     ChargeIn,
     CreditIn,
     DebitBatchIn,
@@ -39,7 +40,12 @@ from token_worker_client.models import (
     EntriesByTypeIn,
     EntriesOut,
     ExpireOut,
+    ExtendIn,
+    ExtendOut,
     Failure,
+    GrantsExpireOut,
+    GrantsIn,
+    GrantsOut,
     MovementOut,
     NoArgsIn,
     OpenAccountIn,
@@ -115,9 +121,12 @@ RESET_BALANCE: Spec[MovementOut | Failure] = _spec(
     "tokens.reset_balance", ResetBalanceIn, MovementOut, Key.TASK_ID
 )
 RESERVE: Spec[ReserveOut | Failure] = _spec("tokens.reserve", ReserveIn, ReserveOut, Key.KWARG)
-CAPTURE: Spec[MovementOut | Failure] = _spec("tokens.capture", CaptureIn, MovementOut, Key.TASK_ID)
+CAPTURE: Spec[CaptureOut | Failure] = _spec("tokens.capture", CaptureIn, CaptureOut, Key.TASK_ID)
 RELEASE: Spec[ReleaseOut | Failure] = _spec("tokens.release", ReleaseIn, ReleaseOut, Key.TASK_ID)
 EXPIRE_RESERVATIONS: Spec[ExpireOut | Failure] = _spec("reservations.expire", NoArgsIn, ExpireOut)
+EXTEND: Spec[ExtendOut | Failure] = _spec("tokens.extend", ExtendIn, ExtendOut, Key.TASK_ID)
+GRANTS: Spec[GrantsOut | Failure] = _spec("tokens.grants", GrantsIn, GrantsOut)
+EXPIRE_GRANTS: Spec[GrantsExpireOut | Failure] = _spec("grants.expire", NoArgsIn, GrantsExpireOut)
 USER_ENTRIES: Spec[EntriesOut | Failure] = _spec("ledger.user_entries", UserEntriesIn, EntriesOut)
 ENTRIES_BY_TYPE: Spec[EntriesOut | Failure] = _spec(
     "ledger.entries_by_type", EntriesByTypeIn, EntriesOut
