@@ -108,7 +108,7 @@ def _reset(
     expired = -sum(amount for _, amount in splits)
     base = sum(int(rem - held) for _, kind, rem, held in rows if kind == ALLOWANCE)
     rolled = min(base, rollover_max)
-    change = Change(locked, splits)
+    change = Change(locked, list(splits))
     if rolled:
         change.splits.append((_rollover(session, locked, rolled, ends), rolled))
     _, after = grants.write(
