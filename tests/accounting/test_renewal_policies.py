@@ -20,16 +20,16 @@ from models.tables import Account, EntryGrant, Grant, LedgerEntry
 from tests.support import assert_ledger_consistent
 from worker.db import make_engine, session_factory
 from worker.migrate import upgrade
-from worker.settings import get_settings
+from worker.settings import Tier, get_settings
 
 TIERS = {
-    "Gift": {"tokens": 100},
-    "Add": {"tokens": 1000},
-    "Reset": {"tokens": 1000, "renewal": "reset"},
-    "Roll": {"tokens": 1000, "renewal": "reset", "rollover_max": 300},
-    "Zero": {"tokens": 0, "renewal": "reset", "rollover_max": 50},
+    "Gift": Tier(tokens=100),
+    "Add": Tier(tokens=1000),
+    "Reset": Tier(tokens=1000, renewal="reset"),
+    "Roll": Tier(tokens=1000, renewal="reset", rollover_max=300),
+    "Zero": Tier(tokens=0, renewal="reset", rollover_max=50),
     # A rollover cap above the allowance: a rollover that rolled again would show.
-    "Carry": {"tokens": 200, "renewal": "reset", "rollover_max": 500},
+    "Carry": Tier(tokens=200, renewal="reset", rollover_max=500),
 }
 PERIOD = timedelta(days=30)
 # What each user spends after each renewal: some months nothing (a rollover must not roll
@@ -41,7 +41,9 @@ INITIAL = 100  # an adjustment grant (priority 50, never expires): spent after t
 
 @pytest.fixture(autouse=True)
 def tiers(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    monkeypatch.setenv("TOKENS_TIERS", json.dumps(TIERS))
+    monkeypatch.setenv(
+        "TOKENS_TIERS", json.dumps({name: t.model_dump() for name, t in TIERS.items()})
+    )
     get_settings.cache_clear()
     yield
     monkeypatch.undo()
@@ -97,13 +99,13 @@ class Model:
         """The renewal; returns (expired, rolled over)."""
         config = TIERS[self.tier]
         expired = rolled = 0
-        if config.get("renewal") == "reset":
+        if config.renewal == "reset":
             expired = self.allowance + self.rollover
-            rolled = min(self.allowance, int(config.get("rollover_max", 0)))
+            rolled = min(self.allowance, config.rollover_max)
             self.allowance, self.rollover = 0, rolled
-        self.paid = min(self.debt, int(config["tokens"]))
+        self.paid = min(self.debt, config.tokens)
         self.debt -= self.paid
-        self.allowance += int(config["tokens"]) - self.paid
+        self.allowance += config.tokens - self.paid
         return expired, rolled
 
     def by_kind(self) -> dict[str, int]:
@@ -140,7 +142,7 @@ def check_renewal_entries(s: Session, user_id: str, after_id: int, model: Model)
         )
     )
     assert entries[-1].operation_type == "monthly_reset"
-    assert entries[-1].tokens_amount == TIERS[model.tier]["tokens"]
+    assert entries[-1].tokens_amount == TIERS[model.tier].tokens
     for previous, entry in pairwise(entries):
         assert entry.balance_before == previous.balance_after
         assert entry.created_at == previous.created_at
@@ -173,9 +175,9 @@ def check_renewal_entries(s: Session, user_id: str, after_id: int, model: Model)
     else:
         assert len(entries) == 1
     allowance = splits[entries[-1].id]
-    if TIERS[model.tier]["tokens"]:
+    if TIERS[model.tier].tokens:
         assert [kinds[g] for g, _ in allowance] == ["allowance"]
-        assert allowance[0][1] == TIERS[model.tier]["tokens"] - model.paid
+        assert allowance[0][1] == TIERS[model.tier].tokens - model.paid
     else:
         assert allowance == []
 
@@ -198,7 +200,7 @@ def rolled_grants_rolled_once(s: Session, user_id: str, tier: str) -> None:
     for status, amount, expired, spent in rows[:-1]:
         assert status in ("expired", "depleted") and expired + spent == amount
     for _, amount, _, _ in rows:
-        assert amount <= min(TIERS[tier]["tokens"], TIERS[tier].get("rollover_max", 0))
+        assert amount <= min(TIERS[tier].tokens, TIERS[tier].rollover_max)
 
 
 @pytest.mark.parametrize("tier", ["Add", "Reset", "Roll", "Zero", "Carry"])
@@ -235,7 +237,7 @@ def test_thirteen_renewals_follow_the_policy_exactly(
         # Reset grants end the day after the next renewal date; add grants never end.
         expected_end = (
             renewals.next_renewal_date(now, 30) + timedelta(days=1)
-            if TIERS[tier].get("renewal") == "reset"
+            if TIERS[tier].renewal == "reset"
             else None
         )
         newest = s.scalars(
@@ -244,7 +246,7 @@ def test_thirteen_renewals_follow_the_policy_exactly(
             .order_by(Grant.id.desc())
             .limit(1)
         ).one_or_none()
-        if TIERS[tier]["tokens"]:
+        if TIERS[tier].tokens:
             assert newest == expected_end
         else:
             assert s.scalar(select(Grant.id).where(Grant.kind == "allowance")) is None
