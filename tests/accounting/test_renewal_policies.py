@@ -4,6 +4,7 @@ renew_user and the sweep, on PostgreSQL (set-based) and SQLite (portable)."""
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -11,14 +12,15 @@ from itertools import pairwise
 from pathlib import Path
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from accounting import accounts, clock, grants, movements, renewals, reservations
 from models.schemas import RenewOut
 from models.tables import Account, EntryGrant, Grant, LedgerEntry
+from tests.polling import wait_for
 from tests.support import assert_ledger_consistent
-from worker.db import make_engine, session_factory
+from worker.db import get_engine, make_engine, session_factory
 from worker.migrate import upgrade
 from worker.settings import Tier, get_settings
 
@@ -397,4 +399,48 @@ def test_debt_is_paid_first_by_the_allowance_not_by_the_rollover(
             .limit(1)
         ).one()
         assert (reset.tokens_amount, reset.balance_after) == (1000, 1050)
+        assert_ledger_consistent(s)
+
+
+def waiting_on_a_lock() -> bool:
+    # A fresh connection each time: pg_stat_activity is a snapshot for a whole transaction.
+    with get_engine().connect() as conn:
+        return bool(
+            conn.execute(
+                text(
+                    "SELECT count(*) FROM pg_stat_activity"
+                    " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+                )
+            ).scalar_one()
+        )
+
+
+def test_a_reset_waited_for_reads_the_grants_its_holder_left(clean_db: None) -> None:
+    """PostgreSQL: the sweep skips a user a debit holds, waits for it after its own commit,
+    then resets from the allowance as the debit left it (the statement's snapshot predates the
+    debit; the grants' lock re-reads them): 100 left, so 100 expire and 100 roll over."""
+    sessions = session_factory()
+    open_users(sessions, {u: "Roll" for u in ("a", "b", "c")})
+    with sessions() as s:
+        first = start(s)
+        for user_id in ("a", "b", "c"):
+            renewals.renew_user(s, user_id, now=first)
+        s.commit()
+    results: list[int] = []
+    with sessions() as holder:
+        movements.debit(holder, "b", 900, "image_generation")  # uncommitted: "b" stays locked
+        thread = threading.Thread(
+            target=lambda: results.append(
+                renewals.sweep(sessions, now=first + PERIOD, chunk_size=5).successful
+            )
+        )
+        thread.start()
+        wait_for(waiting_on_a_lock, 10, "the sweep waiting for b")
+        holder.commit()
+    thread.join(30)
+    assert results == [3]
+    with sessions() as s:
+        assert balance_of(s, "b") == (1100 - 900 - 100 + 100 + 1000, 0)
+        assert grants.by_kind(s, "b") == {"allowance": 1000, "rollover": 100, "adjustment": 100}
+        assert grants.by_kind(s, "a") == {"allowance": 1000, "rollover": 300, "adjustment": 100}
         assert_ledger_consistent(s)
