@@ -395,12 +395,19 @@ _LOCKED_COLUMNS = "a.user_id, a.tier, a.debt, GREATEST(clock_timestamp(), a.upda
 # rule, one user at a time). Under the ``reset`` policy the users' previous allowance and
 # rollover grants are locked (account first, then its grants; expired ones never come back, so
 # they are left alone) and re-read: the statement's snapshot may predate a movement its lock
-# waited for, the lock gives the current rows. ``sums``: per user, what is left of them (less
+# waited for, the lock gives the current rows. ``ending``: per user, what is left of them (less
 # what reservations hold), and of the allowances still running, which may roll over.
+#
+# Linear in the chunk: no CTE is joined to another on user_id (the planner, blind to their
+# sizes, would loop over one for each row of the other). ``candidates`` gathers each locked
+# user's account and grant figures with UNION ALL and GROUP BY, the UPDATE looks accounts up by
+# key, and what follows reads ``renewed`` alone: the ids of the grants and entries it makes are
+# drawn in its RETURNING (an expiry entry's id before its monthly_reset's, a rollover's before
+# its allowance's: entries chain, and grants burn, in id order among equals), the old grants'
+# ids travel in arrays.
 #
 # The write time of a renewal: the database's clock under the row lock, never before the
 # account's previous change (accounting.clock.stamp), and the entries' created_at is that value.
-# A user's entries are inserted in order (expiry, then monthly_reset), so they chain by id.
 _RENEW = f"""previous AS (
     SELECT g.id, g.user_id, g.kind, g.remaining, g.held, g.expires_at, g.status, l.at
     FROM grants g JOIN locked l ON g.user_id = l.user_id JOIN tiers t ON t.tier = l.tier
@@ -408,29 +415,47 @@ _RENEW = f"""previous AS (
     FOR UPDATE OF g
 ),
 ending AS (
-    SELECT id, user_id, kind, remaining, held, expires_at, remaining - held AS "left", at
-    FROM previous WHERE status = 'active'
-),
-sums AS (
-    SELECT user_id, CAST(sum("left") AS bigint) AS expired,
-           CAST(COALESCE(sum("left") FILTER (
+    SELECT user_id, CAST(sum(remaining - held) AS bigint) AS expired,
+           CAST(COALESCE(sum(remaining - held) FILTER (
                WHERE kind = 'allowance' AND (expires_at IS NULL OR expires_at > at)
            ), 0) AS bigint) AS base,
-           array_agg(id ORDER BY id) FILTER (WHERE "left" > 0) AS ids
-    FROM ending GROUP BY user_id
+           array_agg(id ORDER BY id) AS ended_ids,
+           array_agg(id ORDER BY id) FILTER (WHERE remaining > held) AS ids,
+           array_agg(remaining - held ORDER BY id) FILTER (WHERE remaining > held) AS lefts
+    FROM previous WHERE status = 'active' GROUP BY user_id
+),
+candidates AS (
+    SELECT user_id, max(debt) AS debt, max(expired) AS expired, max(base) AS base,
+           max(ended_ids) AS ended_ids, max(ids) AS ids, max(lefts) AS lefts
+    FROM (
+        SELECT user_id, debt, CAST(NULL AS bigint) AS expired, CAST(NULL AS bigint) AS base,
+               CAST(NULL AS bigint[]) AS ended_ids, CAST(NULL AS bigint[]) AS ids,
+               CAST(NULL AS bigint[]) AS lefts
+        FROM locked
+        UNION ALL
+        SELECT user_id, NULL, expired, base, ended_ids, ids, lefts FROM ending
+    ) AS u
+    GROUP BY user_id
 ),
 renewed AS (
     UPDATE accounts a
     SET tokens_balance = a.tokens_balance + t.allocation
-            - COALESCE(s.expired, 0) + LEAST(COALESCE(s.base, 0), t.rollover_max),
+            - COALESCE(c.expired, 0) + LEAST(COALESCE(c.base, 0), t.rollover_max),
         debt = a.debt - LEAST(a.debt, t.allocation),
         last_renewal_at = :now,
         updated_at = GREATEST(clock_timestamp(), a.updated_at)
-    FROM locked l LEFT JOIN sums s ON s.user_id = l.user_id, tiers t
-    WHERE a.user_id = l.user_id AND a.tier = t.tier AND {_GUARD}
+    FROM candidates c, tiers t
+    WHERE a.user_id = c.user_id AND a.tier = t.tier AND {_GUARD}
     RETURNING a.user_id, a.tier, a.tokens_balance, a.tokens_reserved, t.allocation, a.updated_at,
-        LEAST(l.debt, t.allocation) AS paid, COALESCE(s.expired, 0) AS expired,
-        LEAST(COALESCE(s.base, 0), t.rollover_max) AS rolled, s.ids, t.ends
+        LEAST(c.debt, t.allocation) AS paid, COALESCE(c.expired, 0) AS expired,
+        LEAST(COALESCE(c.base, 0), t.rollover_max) AS rolled, c.ended_ids, c.ids, c.lefts,
+        t.ends,
+        CASE WHEN COALESCE(c.expired, 0) > 0 THEN nextval('ledger_entries_id_seq') END
+            AS expiry_id,
+        nextval('ledger_entries_id_seq') AS reset_id,
+        CASE WHEN LEAST(COALESCE(c.base, 0), t.rollover_max) > 0 THEN nextval('grants_id_seq')
+        END AS rollover_id,
+        CASE WHEN t.allocation > 0 THEN nextval('grants_id_seq') END AS allowance_id
 ),
 ended AS (
     UPDATE grants g
@@ -438,63 +463,56 @@ ended AS (
         status = CASE WHEN g.held = 0 THEN 'expired' ELSE g.status END,
         ended_at = CASE WHEN g.held = 0 THEN r.updated_at ELSE g.ended_at END,
         expires_at = LEAST(COALESCE(g.expires_at, r.updated_at), r.updated_at)
-    FROM ending e JOIN renewed r ON r.user_id = e.user_id
+    FROM renewed r CROSS JOIN LATERAL unnest(r.ended_ids) AS e(id)
     WHERE g.id = e.id
     RETURNING g.id
 ),
 made AS (
-    INSERT INTO grants (user_id, kind, amount, remaining, held, spent, expired, returned,
+    INSERT INTO grants (id, user_id, kind, amount, remaining, held, spent, expired, returned,
                         priority, expires_at, status, created_at, ended_at)
-    SELECT user_id, kind, amount, amount - paid, 0, paid, 0, 0, {PRIORITY}, ends,
+    SELECT id, user_id, kind, amount, amount - paid, 0, paid, 0, 0, {PRIORITY}, ends,
            CASE WHEN amount > paid THEN 'active' ELSE 'depleted' END, updated_at,
            CASE WHEN amount > paid THEN NULL ELSE updated_at END
     FROM (
-        SELECT user_id, 'rollover' AS kind, rolled AS amount, 0 AS paid, ends, updated_at,
-               0 AS seq
+        SELECT rollover_id AS id, user_id, 'rollover' AS kind, rolled AS amount, 0 AS paid,
+               ends, updated_at
         FROM renewed WHERE rolled > 0
         UNION ALL
-        SELECT user_id, 'allowance', allocation, paid, ends, updated_at, 1
+        SELECT allowance_id, user_id, 'allowance', allocation, paid, ends, updated_at
         FROM renewed WHERE allocation > 0
     ) AS n
-    ORDER BY user_id, seq
-    RETURNING id, user_id, kind, remaining
+    RETURNING id
 ),
 entries AS (
     INSERT INTO ledger_entries
-        (user_id, kind, operation_type, tokens_amount, balance_before, balance_after, metadata,
-         created_at)
-    SELECT user_id, kind, operation_type, amount, before, before + amount, meta, updated_at
+        (id, user_id, kind, operation_type, tokens_amount, balance_before, balance_after,
+         metadata, created_at)
+    SELECT id, user_id, kind, operation_type, amount, before, before + amount, meta, updated_at
     FROM (
-        SELECT user_id, 'expiry' AS kind, 'expiry' AS operation_type, rolled - expired AS amount,
+        SELECT expiry_id AS id, user_id, 'expiry' AS kind, 'expiry' AS operation_type,
+               rolled - expired AS amount,
                tokens_balance - allocation - (rolled - expired) AS before,
                jsonb_build_object(
                    'grant_id', CAST(ids[1] AS text), 'grant_ids', to_jsonb(CAST(ids AS text[])),
                    'reason', 'renewal'
-               ) AS meta, updated_at, 0 AS seq
+               ) AS meta, updated_at
         FROM renewed WHERE expired > 0
         UNION ALL
-        SELECT user_id, :kind, :operation, allocation, tokens_balance - allocation,
-               jsonb_build_object('tier', tier, 'source', CAST(:source AS text)), updated_at, 1
+        SELECT reset_id, user_id, :kind, :operation, allocation, tokens_balance - allocation,
+               jsonb_build_object('tier', tier, 'source', CAST(:source AS text)), updated_at
         FROM renewed
     ) AS e
-    ORDER BY user_id, seq
-    RETURNING id, user_id, operation_type
+    RETURNING id
 ),
 splits AS (
     INSERT INTO entry_grants (entry_id, grant_id, amount, seq)
-    SELECT x.id, g.id, -g."left", CAST(row_number() OVER (PARTITION BY x.id ORDER BY g.id) - 1
-                                       AS integer)
-    FROM entries x JOIN ending g ON g.user_id = x.user_id AND g."left" > 0
-    WHERE x.operation_type = 'expiry'
+    SELECT r.expiry_id, e.id, -e."left", CAST(e.n - 1 AS integer)
+    FROM renewed r CROSS JOIN LATERAL unnest(r.ids, r.lefts) WITH ORDINALITY AS e(id, "left", n)
+    WHERE r.expired > 0
     UNION ALL
-    SELECT x.id, m.id, m.remaining, CAST(cardinality(r.ids) AS integer)
-    FROM entries x JOIN made m ON m.user_id = x.user_id AND m.kind = 'rollover'
-    JOIN renewed r ON r.user_id = x.user_id
-    WHERE x.operation_type = 'expiry'
+    SELECT expiry_id, rollover_id, rolled, cardinality(ids) FROM renewed WHERE rolled > 0
     UNION ALL
-    SELECT x.id, m.id, m.remaining, 0
-    FROM entries x JOIN made m ON m.user_id = x.user_id AND m.kind = 'allowance'
-    WHERE x.operation_type = :operation
+    SELECT reset_id, allowance_id, allocation - paid, 0 FROM renewed WHERE allocation > 0
     RETURNING entry_id
 )"""
 _CHANGES = """CASE WHEN :with_changes THEN (
