@@ -12,6 +12,7 @@ from itertools import pairwise
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 from sqlalchemy import select, text
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -444,3 +445,15 @@ def test_a_reset_waited_for_reads_the_grants_its_holder_left(clean_db: None) -> 
         assert grants.by_kind(s, "b") == {"allowance": 1000, "rollover": 100, "adjustment": 100}
         assert grants.by_kind(s, "a") == {"allowance": 1000, "rollover": 300, "adjustment": 100}
         assert_ledger_consistent(s)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [{"tokens": 10, "renewal": "rollover"}, {"tokens": 10, "renewal": "reset", "rollover_max": -1}],
+)
+def test_a_tier_with_an_unknown_policy_or_a_negative_rollover_is_refused(
+    config: dict[str, object],
+) -> None:
+    with pytest.raises(ValidationError):
+        Tier.model_validate(config)
+    assert Tier.model_validate({"tokens": 10}).renewal == "add"
