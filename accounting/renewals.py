@@ -19,6 +19,11 @@ Two instants, both from the database's clock (``accounting.clock``), never a wor
   updated_at)`` under the row lock, and the renewal entry takes its ``created_at`` from it, so a
   user's entries in ``created_at`` order are the order they were applied.
 
+A renewal grants the tier's allocation as an ``allowance`` that pays the user's debt first; under
+a tier's ``reset`` policy it first ends the previous allowance and rollover (one ``expiry``
+entry, keeping up to ``rollover_max`` as a rollover). ``accounting.renewal_grants`` does it for
+one user; the PostgreSQL chunk statements do the same set-based.
+
 ``check_eligibility``, ``renew_user`` and ``due`` work in the caller's session and never commit.
 
 The sweep fans out. ``plan_sweep`` fixes a sweep once (its instant, the tiers' cutoffs, and
