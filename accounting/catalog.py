@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 from accounting.config import rules
@@ -25,6 +27,11 @@ class Tier(BaseModel):
 
     tokens: int = Field(ge=0)
     period_days: int = Field(default=30, ge=1)
+    # v1.1 renewal policy: "add" (v1: the allowance never expires, renewals add up) or "reset"
+    # (a renewal expires what is left of the previous allowance and rollover, keeping at most
+    # ``rollover_max`` of the allowance as a rollover grant until the next renewal).
+    renewal: Literal["add", "reset"] = "add"
+    rollover_max: int = Field(default=0, ge=0)
 
 
 DEFAULT_TIERS: dict[str, Tier] = {

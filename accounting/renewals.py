@@ -19,6 +19,11 @@ Two instants, both from the database's clock (``accounting.clock``), never a wor
   updated_at)`` under the row lock, and the renewal entry takes its ``created_at`` from it, so a
   user's entries in ``created_at`` order are the order they were applied.
 
+A renewal grants the tier's allocation as an ``allowance`` that pays the user's debt first; under
+a tier's ``reset`` policy it first ends the previous allowance and rollover (one ``expiry``
+entry, keeping up to ``rollover_max`` as a rollover). ``accounting.renewal_grants`` does it for
+one user; the PostgreSQL chunk statements do the same set-based.
+
 ``check_eligibility``, ``renew_user`` and ``due`` work in the caller's session and never commit.
 
 The sweep fans out. ``plan_sweep`` fixes a sweep once (its instant, the tiers' cutoffs, and
@@ -55,13 +60,14 @@ from sqlalchemy import (
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
-from accounting import clock, idempotency
+from accounting import clock, grants, idempotency
 from accounting.accounts import load_account
 from accounting.catalog import FREE_TIERS, known_operation, tier_of
 from accounting.config import rules
 from accounting.errors import not_due, subscription_expired
 from accounting.events import balance_changed, note_balance_change, note_renewals
 from accounting.idempotency import insert_ignoring_conflicts
+from accounting.renewal_grants import PRIORITY, renew_grants
 from models.schemas import (
     DueOut,
     EligibilityOut,
@@ -70,7 +76,7 @@ from models.schemas import (
     SweepError,
     SweepOut,
 )
-from models.tables import Account, LedgerEntry, sweep_chunk_table, sweep_table
+from models.tables import Account, sweep_chunk_table, sweep_table
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +86,9 @@ MAX_ERRORS_LISTED = 100
 MAX_ERROR_LENGTH = 500
 # Sweep plans and tallies are kept this long (a redelivered message is minutes old, not days).
 SWEEP_RETENTION = timedelta(days=7)
+# Under the reset policy, allowance and rollover grants end this long after the next renewal
+# date, so they end even if no renewal comes (a lapsed subscription).
+RESET_GRACE = timedelta(days=1)
 
 
 # --- the rule ---------------------------------------------------------------------------------
@@ -102,12 +111,24 @@ def renewal_cutoff(now: datetime, period_days: int) -> datetime:
 
 @dataclass(frozen=True)
 class TierPlan:
-    """What a sweep at ``now`` does to users of one tier."""
+    """What a sweep at ``now`` does to users of one tier.
+
+    ``renewal`` is the tier's policy (``add`` or ``reset``); under ``reset`` the allowance and
+    rollover grants a renewal at ``now`` makes end at ``ends`` (the next renewal date + 1 day)
+    and at most ``rollover_max`` of the previous allowance rolls over.
+    """
 
     name: str
     allocation: int
     cutoff: datetime
     paid: bool
+    renewal: str = "add"
+    rollover_max: int = 0
+    ends: datetime | None = None
+
+    @property
+    def resets(self) -> bool:
+        return self.renewal == "reset"
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -115,15 +136,23 @@ class TierPlan:
             "allocation": self.allocation,
             "cutoff": self.cutoff.isoformat(),
             "paid": self.paid,
+            "renewal": self.renewal,
+            "rollover_max": self.rollover_max,
+            "ends": None if self.ends is None else self.ends.isoformat(),
         }
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> TierPlan:
+        # Plans stored before v1.1 carry no policy: "add".
+        ends = data.get("ends")
         return cls(
             name=data["name"],
             allocation=data["allocation"],
             cutoff=datetime.fromisoformat(data["cutoff"]),
             paid=data["paid"],
+            renewal=data.get("renewal", "add"),
+            rollover_max=data.get("rollover_max", 0),
+            ends=None if ends is None else datetime.fromisoformat(ends),
         )
 
 
@@ -134,11 +163,15 @@ def plans_at(now: datetime, tier: str | None = None) -> dict[str, TierPlan]:
     plans = {}
     for name in names:
         config = tier_of(name)
+        resets = config.renewal == "reset"
         plans[name] = TierPlan(
             name=name,
             allocation=config.tokens,
             cutoff=renewal_cutoff(now, config.period_days),
             paid=name not in FREE_TIERS,
+            renewal=config.renewal,
+            rollover_max=config.rollover_max if resets else 0,
+            ends=next_renewal_date(now, config.period_days) + RESET_GRACE if resets else None,
         )
     return plans
 
@@ -233,53 +266,41 @@ def renew_user(
     raise not_due(_verdict(account, now).days_until_renewal)
 
 
-def _allocation(plans: dict[str, TierPlan]) -> ColumnElement[int]:
-    return case({p.name: p.allocation for p in plans.values()}, value=Account.tier, else_=0)
-
-
 def _renew_one(
     session: Session, user_id: str, plans: dict[str, TierPlan], now: datetime, source: str
 ) -> RenewOut | None:
-    """The conditional UPDATE for one user; None when the user is not due (or unknown)."""
-    row = session.execute(
+    """The conditional UPDATE for one user, then its grants and entries under that row lock;
+    None when the user is not due (or unknown)."""
+    tier = session.execute(
         update(Account)
         .where(Account.user_id == user_id, due_clause(plans, now))
-        .values(
-            tokens_balance=Account.tokens_balance + _allocation(plans),
-            last_renewal_at=now,
-            updated_at=clock.stamp(session, Account.updated_at),
-        )
-        .returning(
-            Account.tier, Account.tokens_balance, Account.tokens_reserved, Account.updated_at
-        )
+        .values(last_renewal_at=now)
+        .returning(Account.tier)
         .execution_options(synchronize_session=False)
-    ).first()
-    if row is None:
+    ).scalar()
+    if tier is None:
         return None
-    tier, new_balance, reserved, stamped = row
-    added = plans[tier].allocation
-    session.execute(
-        insert(LedgerEntry).values(
-            user_id=user_id,
-            kind=KIND,
-            operation_type=known_operation(OPERATION),
-            tokens_amount=added,
-            balance_before=new_balance - added,
-            balance_after=new_balance,
-            meta={"tier": tier, "source": source},
-            created_at=stamped,
-        )
-    )
-    note_balance_change(
-        session, user_id=user_id, balance=new_balance, tokens_reserved=reserved, operation=KIND
+    plan = plans[tier]
+    done = renew_grants(
+        session,
+        grants.lock_current(session, user_id),
+        allocation=plan.allocation,
+        resets=plan.resets,
+        rollover_max=plan.rollover_max,
+        ends=plan.ends,
+        kind=KIND,
+        operation_type=known_operation(OPERATION),
+        metadata={"tier": tier, "source": source},
     )
     return RenewOut(
         user_id=user_id,
         tier=tier,
-        tokens_added=added,
-        previous_balance=new_balance - added,
-        new_balance=new_balance,
+        tokens_added=plan.allocation,
+        previous_balance=done.before,
+        new_balance=done.after.balance,
         renewal_date=now,
+        tokens_expired=done.expired,
+        tokens_rolled_over=done.rolled,
     )
 
 
@@ -310,8 +331,9 @@ Page = Sequence[tuple[str, datetime | None]]
 _TIERS = """tiers AS (
     SELECT * FROM unnest(
         CAST(:tier_names AS text[]), CAST(:allocations AS bigint[]),
-        CAST(:cutoffs AS timestamptz[]), CAST(:paid AS boolean[])
-    ) AS t(tier, allocation, cutoff, paid)
+        CAST(:cutoffs AS timestamptz[]), CAST(:paid AS boolean[]), CAST(:resets AS boolean[]),
+        CAST(:rollover_maxes AS bigint[]), CAST(:ends AS timestamptz[])
+    ) AS t(tier, allocation, cutoff, paid, resets, rollover_max, ends)
 )"""
 _NOT_EXPIRED = (
     "(NOT t.paid OR a.subscription_expires_at IS NULL OR a.subscription_expires_at > :now)"
@@ -371,24 +393,132 @@ FROM (SELECT 1) AS one
 LEFT JOIN LATERAL (SELECT * FROM page ORDER BY {_ORDER_DESC} LIMIT 1) k ON true"""
 
 
+# The locked rows: the account as it is now (the lock re-reads it), and the write time.
+_LOCKED_COLUMNS = "a.user_id, a.tier, a.debt, GREATEST(clock_timestamp(), a.updated_at) AS at"
+
+# What a renewal does, set-based over the locked users (see accounting.renewal_grants for the
+# rule, one user at a time). Under the ``reset`` policy the users' previous allowance and
+# rollover grants are locked (account first, then its grants; expired ones never come back, so
+# they are left alone) and re-read: the statement's snapshot may predate a movement its lock
+# waited for, the lock gives the current rows. ``ending``: per user, what is left of them (less
+# what reservations hold), and of the allowances still running, which may roll over.
+#
+# Linear in the chunk: no CTE is joined to another on user_id (the planner, blind to their
+# sizes, would loop over one for each row of the other). ``candidates`` gathers each locked
+# user's account and grant figures with UNION ALL and GROUP BY, the UPDATE looks accounts up by
+# key, and what follows reads ``renewed`` alone: the ids of the grants and entries it makes are
+# drawn in its RETURNING (an expiry entry's id before its monthly_reset's, a rollover's before
+# its allowance's: entries chain, and grants burn, in id order among equals), the old grants'
+# ids travel in arrays.
+#
 # The write time of a renewal: the database's clock under the row lock, never before the
-# account's previous change (accounting.clock.stamp), and the entry's created_at is that value.
-_RENEW = f"""renewed AS (
+# account's previous change (accounting.clock.stamp), and the entries' created_at is that value.
+_RENEW = f"""previous AS (
+    SELECT g.id, g.user_id, g.kind, g.remaining, g.held, g.expires_at, g.status, l.at
+    FROM grants g JOIN locked l ON g.user_id = l.user_id JOIN tiers t ON t.tier = l.tier
+    WHERE t.resets AND g.kind IN ('allowance', 'rollover') AND g.status <> 'expired'
+    FOR UPDATE OF g
+),
+ending AS (
+    SELECT user_id, CAST(sum(remaining - held) AS bigint) AS expired,
+           CAST(COALESCE(sum(remaining - held) FILTER (
+               WHERE kind = 'allowance' AND (expires_at IS NULL OR expires_at > at)
+           ), 0) AS bigint) AS base,
+           array_agg(id ORDER BY id) AS ended_ids,
+           array_agg(id ORDER BY id) FILTER (WHERE remaining > held) AS ids,
+           array_agg(remaining - held ORDER BY id) FILTER (WHERE remaining > held) AS lefts
+    FROM previous WHERE status = 'active' GROUP BY user_id
+),
+candidates AS (
+    SELECT user_id, max(debt) AS debt, max(expired) AS expired, max(base) AS base,
+           max(ended_ids) AS ended_ids, max(ids) AS ids, max(lefts) AS lefts
+    FROM (
+        SELECT user_id, debt, CAST(NULL AS bigint) AS expired, CAST(NULL AS bigint) AS base,
+               CAST(NULL AS bigint[]) AS ended_ids, CAST(NULL AS bigint[]) AS ids,
+               CAST(NULL AS bigint[]) AS lefts
+        FROM locked
+        UNION ALL
+        SELECT user_id, NULL, expired, base, ended_ids, ids, lefts FROM ending
+    ) AS u
+    GROUP BY user_id
+),
+renewed AS (
     UPDATE accounts a
-    SET tokens_balance = a.tokens_balance + t.allocation, last_renewal_at = :now,
+    SET tokens_balance = a.tokens_balance + t.allocation
+            - COALESCE(c.expired, 0) + LEAST(COALESCE(c.base, 0), t.rollover_max),
+        debt = a.debt - LEAST(a.debt, t.allocation),
+        last_renewal_at = :now,
         updated_at = GREATEST(clock_timestamp(), a.updated_at)
-    FROM locked l, tiers t
-    WHERE a.user_id = l.user_id AND a.tier = t.tier AND {_GUARD}
-    RETURNING a.user_id, a.tier, a.tokens_balance, a.tokens_reserved, t.allocation, a.updated_at
+    FROM candidates c, tiers t
+    WHERE a.user_id = c.user_id AND a.tier = t.tier AND {_GUARD}
+    RETURNING a.user_id, a.tier, a.tokens_balance, a.tokens_reserved, t.allocation, a.updated_at,
+        LEAST(c.debt, t.allocation) AS paid, COALESCE(c.expired, 0) AS expired,
+        LEAST(COALESCE(c.base, 0), t.rollover_max) AS rolled, c.ended_ids, c.ids, c.lefts,
+        t.ends,
+        CASE WHEN COALESCE(c.expired, 0) > 0 THEN nextval('ledger_entries_id_seq') END
+            AS expiry_id,
+        nextval('ledger_entries_id_seq') AS reset_id,
+        CASE WHEN LEAST(COALESCE(c.base, 0), t.rollover_max) > 0 THEN nextval('grants_id_seq')
+        END AS rollover_id,
+        CASE WHEN t.allocation > 0 THEN nextval('grants_id_seq') END AS allowance_id
+),
+ended AS (
+    UPDATE grants g
+    SET remaining = g.held, expired = g.expired + g.remaining - g.held,
+        status = CASE WHEN g.held = 0 THEN 'expired' ELSE g.status END,
+        ended_at = CASE WHEN g.held = 0 THEN r.updated_at ELSE g.ended_at END,
+        expires_at = LEAST(COALESCE(g.expires_at, r.updated_at), r.updated_at)
+    FROM renewed r CROSS JOIN LATERAL unnest(r.ended_ids) AS e(id)
+    WHERE g.id = e.id
+    RETURNING g.id
+),
+made AS (
+    INSERT INTO grants (id, user_id, kind, amount, remaining, held, spent, expired, returned,
+                        priority, expires_at, status, created_at, ended_at)
+    SELECT id, user_id, kind, amount, amount - paid, 0, paid, 0, 0, {PRIORITY}, ends,
+           CASE WHEN amount > paid THEN 'active' ELSE 'depleted' END, updated_at,
+           CASE WHEN amount > paid THEN NULL ELSE updated_at END
+    FROM (
+        SELECT rollover_id AS id, user_id, 'rollover' AS kind, rolled AS amount, 0 AS paid,
+               ends, updated_at
+        FROM renewed WHERE rolled > 0
+        UNION ALL
+        SELECT allowance_id, user_id, 'allowance', allocation, paid, ends, updated_at
+        FROM renewed WHERE allocation > 0
+    ) AS n
+    RETURNING id
 ),
 entries AS (
     INSERT INTO ledger_entries
-        (user_id, kind, operation_type, tokens_amount, balance_before, balance_after, metadata,
-         created_at)
-    SELECT user_id, :kind, :operation, allocation, tokens_balance - allocation, tokens_balance,
-           jsonb_build_object('tier', tier, 'source', CAST(:source AS text)), updated_at
-    FROM renewed
-    RETURNING user_id
+        (id, user_id, kind, operation_type, tokens_amount, balance_before, balance_after,
+         metadata, created_at)
+    SELECT id, user_id, kind, operation_type, amount, before, before + amount, meta, updated_at
+    FROM (
+        SELECT expiry_id AS id, user_id, 'expiry' AS kind, 'expiry' AS operation_type,
+               rolled - expired AS amount,
+               tokens_balance - allocation - (rolled - expired) AS before,
+               jsonb_build_object(
+                   'grant_id', CAST(ids[1] AS text), 'grant_ids', to_jsonb(CAST(ids AS text[])),
+                   'reason', 'renewal'
+               ) AS meta, updated_at
+        FROM renewed WHERE expired > 0
+        UNION ALL
+        SELECT reset_id, user_id, :kind, :operation, allocation, tokens_balance - allocation,
+               jsonb_build_object('tier', tier, 'source', CAST(:source AS text)), updated_at
+        FROM renewed
+    ) AS e
+    RETURNING id
+),
+splits AS (
+    INSERT INTO entry_grants (entry_id, grant_id, amount, seq)
+    SELECT r.expiry_id, e.id, -e."left", CAST(e.n - 1 AS integer)
+    FROM renewed r CROSS JOIN LATERAL unnest(r.ids, r.lefts) WITH ORDINALITY AS e(id, "left", n)
+    WHERE r.expired > 0
+    UNION ALL
+    SELECT expiry_id, rollover_id, rolled, cardinality(ids) FROM renewed WHERE rolled > 0
+    UNION ALL
+    SELECT reset_id, allowance_id, allocation - paid, 0 FROM renewed WHERE allocation > 0
+    RETURNING entry_id
 )"""
 _CHANGES = """CASE WHEN :with_changes THEN (
     SELECT json_agg(json_build_array(user_id, tokens_balance, tokens_reserved)) FROM renewed
@@ -409,13 +539,13 @@ def _chunk_sql(phase: Phase, plans: dict[str, TierPlan]) -> str:
     """
     return f"""WITH {_TIERS}, {_page_cte(phase, plans, bounded=True)},
 locked AS (
-    SELECT a.user_id FROM accounts a WHERE a.ctid = ANY(ARRAY(SELECT ctid FROM page))
+    SELECT {_LOCKED_COLUMNS} FROM accounts a WHERE a.ctid = ANY(ARRAY(SELECT ctid FROM page))
     FOR UPDATE OF a SKIP LOCKED
 ),
 {_RENEW}
 SELECT
     (SELECT count(*) FROM page) AS scanned,
-    (SELECT count(*) FROM entries) AS renewed,
+    (SELECT count(*) FROM renewed) AS renewed,
     (SELECT array_agg(p.user_id) FROM page p
      WHERE p.user_id NOT IN (SELECT user_id FROM locked)) AS contested,
     {_CHANGES} AS changes,
@@ -426,12 +556,12 @@ SELECT
 # two sweeps cannot deadlock), then renewed only if still due once their holder has finished.
 _CONTESTED_SQL = f"""WITH {_TIERS},
 locked AS (
-    SELECT a.user_id FROM accounts a WHERE a.user_id = ANY(CAST(:contested AS text[]))
+    SELECT {_LOCKED_COLUMNS} FROM accounts a WHERE a.user_id = ANY(CAST(:contested AS text[]))
     ORDER BY a.user_id
     FOR UPDATE OF a
 ),
 {_RENEW}
-SELECT (SELECT count(*) FROM entries) AS renewed, {_CHANGES} AS changes, {_BY_TIER} AS by_tier"""
+SELECT (SELECT count(*) FROM renewed) AS renewed, {_CHANGES} AS changes, {_BY_TIER} AS by_tier"""
 
 
 def _params(
@@ -446,6 +576,9 @@ def _params(
         "allocations": [p.allocation for p in plans.values()],
         "cutoffs": [p.cutoff for p in plans.values()],
         "paid": [p.paid for p in plans.values()],
+        "resets": [p.resets for p in plans.values()],
+        "rollover_maxes": [p.rollover_max for p in plans.values()],
+        "ends": [p.ends for p in plans.values()],
         "now": now,
         "kind": KIND,
         "operation": OPERATION,
@@ -927,52 +1060,17 @@ def _renew_chunk(session: Session, chunk: _Chunk) -> tuple[SweepChunkOut, list[s
 
 
 def _renew_range_portable(session: Session, chunk: _Chunk) -> Counter[str]:
-    """The same chunk as a few set-based statements any dialect runs (users renewed, per tier).
-    SQLite (the embedded default) takes one writer at a time, so there is nothing to lock or
-    skip."""
+    """The same chunk on any dialect: its page, then each user renewed as ``renew_user`` does
+    (users renewed, per tier). SQLite (the embedded default) takes one writer at a time, so
+    there is nothing to lock or skip."""
     r, plans, now = chunk.range, chunk.plans, chunk.as_of
     page = _page(session, plans, r.phase, r.after, r.planned, now, r.upto)
-    if not page:
-        return Counter()
-    rows = session.execute(
-        update(Account)
-        .where(Account.user_id.in_([u for u, _ in page]), due_clause(plans, now))
-        .values(
-            tokens_balance=Account.tokens_balance + _allocation(plans),
-            last_renewal_at=now,
-            updated_at=clock.stamp(session, Account.updated_at),
-        )
-        .returning(
-            Account.user_id,
-            Account.tier,
-            Account.tokens_balance,
-            Account.tokens_reserved,
-            Account.updated_at,
-        )
-        .execution_options(synchronize_session=False)
-    ).all()
-    if rows:
-        session.execute(
-            insert(LedgerEntry),
-            [
-                {
-                    "user_id": user_id,
-                    "kind": KIND,
-                    "operation_type": OPERATION,
-                    "tokens_amount": plans[tier].allocation,
-                    "balance_before": balance - plans[tier].allocation,
-                    "balance_after": balance,
-                    "meta": {"tier": tier, "source": "sweep"},
-                    "created_at": stamped,
-                }
-                for user_id, tier, balance, _, stamped in rows
-            ],
-        )
-    for user_id, _, balance, reserved, _ in rows:
-        note_balance_change(
-            session, user_id=user_id, balance=balance, tokens_reserved=reserved, operation=KIND
-        )
-    return Counter(tier for _, tier, _, _, _ in rows)
+    renewed: Counter[str] = Counter()
+    for user_id, _ in page:
+        out = _renew_one(session, user_id, plans, now, source="sweep")
+        if out is not None:
+            renewed[out.tier] += 1
+    return renewed
 
 
 def _renew_chunk_one_by_one(session: Session, chunk: _Chunk) -> SweepChunkOut:

@@ -235,6 +235,8 @@ def test_renew_user_adds_the_allocation_with_its_ledger_entry(session: Session) 
         "previous_balance": 15,
         "new_balance": 2015,
         "renewal_date": NOW,
+        "tokens_expired": 0,
+        "tokens_rolled_over": 0,
     }
     (entry,) = renewal_entries(session, "pro")
     assert (entry.operation_type, entry.tokens_amount, entry.balance_before) == (

@@ -60,6 +60,8 @@ def test_check_eligibility_and_renew_user(e2e: Celery) -> None:
         "tokens_added": 2000,
         "previous_balance": 5,
         "new_balance": 2005,
+        "tokens_expired": 0,
+        "tokens_rolled_over": 0,
     }
     assert renewal_date.utcoffset() == timedelta(0)
     assert abs(datetime.now(UTC) - renewal_date) < timedelta(minutes=1)
