@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: install lock run beat test lint bench bench-renewals bench-grants clean
+.PHONY: install lock run beat test lint bench bench-renewals bench-grants bench-expiry clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,7 @@ bench: install
 	scripts/ensure-services.sh
 	$(BIN)/python -m bench.debits
 	$(BIN)/python -m bench.grant_debits
+	$(BIN)/python -m bench.grant_expiry --users 100000
 
 bench-grants: install
 	scripts/ensure-services.sh
@@ -50,6 +51,10 @@ bench-grants: install
 bench-renewals: install
 	scripts/ensure-services.sh
 	$(BIN)/python -m bench.renewal_sweep
+
+bench-expiry: install
+	scripts/ensure-services.sh
+	$(BIN)/python -m bench.grant_expiry
 
 clean:
 	rm -rf var .pytest_cache .mypy_cache .ruff_cache

@@ -2,6 +2,7 @@
 
 - ``renewals.sweep`` daily at ``TOKENS_RENEWAL_CRON`` (default ``0 2 * * *``);
 - ``reservations.expire`` every ``TOKENS_RESERVATION_EXPIRY_SECONDS`` (default 60);
+- ``grants.expire`` every minute (contract v1.1);
 - ``ledger.reconcile`` daily at ``TOKENS_RECONCILE_CRON`` (default ``30 3 * * *``);
 - ``idempotency.prune`` daily at ``TOKENS_IDEMPOTENCY_PRUNE_CRON`` (default ``45 3 * * *``).
 
@@ -22,6 +23,8 @@ SWEEP = "renewals-sweep"
 EXPIRE_RESERVATIONS = "reservations-expire"
 RECONCILE = "ledger-reconcile"
 PRUNE_IDEMPOTENCY = "idempotency-prune"
+EXPIRE_GRANTS = "grants-expire"
+GRANT_EXPIRY_SECONDS = 60
 
 
 def cron(expression: str) -> crontab:
@@ -49,6 +52,12 @@ def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
             # Runs that piled up while no worker was consuming are worthless: the next one
             # releases everything due anyway.
             "options": {"expires": expiry},
+        },
+        EXPIRE_GRANTS: {
+            "task": "grants.expire",
+            "schedule": timedelta(seconds=GRANT_EXPIRY_SECONDS),
+            # As for reservations: the next run writes everything due anyway.
+            "options": {"expires": GRANT_EXPIRY_SECONDS},
         },
         RECONCILE: {"task": "ledger.reconcile", "schedule": cron(settings.reconcile_cron)},
         PRUNE_IDEMPOTENCY: {

@@ -7,6 +7,8 @@ rolled back:
   renewed and the tokens they were given; ``skipped`` and ``failed`` count the chunk's users not
   renewed (their tier is not looked up: ``tier`` is the sweep's one tier, or None when it
   covered several). A chunk that replays its stored tally sends nothing.
+- ``grants_expired(grants, tokens)``: grants' unheld remaining left balances through ``expiry``
+  entries (a ``grants.expire`` chunk's total, or one grant a movement or read expired).
 
 The domain's own seam: the worker (metrics, caches) connects to it; the domain never imports the
 worker.
@@ -29,6 +31,7 @@ balance_changed = Signal(
 renewals_counted = Signal(
     name="renewals_counted", providing_args={"renewed", "tokens", "skipped", "failed", "tier"}
 )
+grants_expired = Signal(name="grants_expired", providing_args={"grants", "tokens"})
 
 _PENDING = "pending_domain_events"
 
@@ -68,6 +71,12 @@ def note_renewals(
             failed=failed,
             tier=tier,
         )
+
+
+def note_grants_expired(session: Session, *, grants: int, tokens: int) -> None:
+    """Queue a ``grants_expired`` to be sent once ``session`` commits (nothing if none)."""
+    if grants:
+        _note(session, grants_expired, grants=grants, tokens=tokens)
 
 
 def _note(session: Session, signal: Signal, **fields: Any) -> None:

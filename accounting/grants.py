@@ -39,7 +39,7 @@ from sqlalchemy.orm import Session
 
 from accounting import clock
 from accounting.errors import user_not_found
-from accounting.events import note_balance_change
+from accounting.events import note_balance_change, note_grants_expired
 from models.schemas import GrantOut, GrantsOut, NextExpiry
 from models.tables import (
     account_table,
@@ -119,6 +119,12 @@ def _due(now: datetime | ColumnElement[datetime]) -> ColumnElement[bool]:
         _g.expires_at <= now,
         _g.remaining > _g.held,
     )
+
+
+def due_unheld(now: datetime | ColumnElement[datetime]) -> ColumnElement[bool]:
+    """Grants with tokens to expire at ``now`` (active, past their end, not all held): what
+    ``grants.expire`` looks for across users (accounting/expiry.py)."""
+    return _due(now)
 
 
 @dataclass
@@ -395,6 +401,7 @@ def expire_grant(session: Session, locked: Locked, grant_id: int, tokens: int) -
         operation_type=EXPIRY,
         metadata={"grant_id": str(grant_id)},
     )
+    note_grants_expired(session, grants=1, tokens=tokens)
     return after
 
 

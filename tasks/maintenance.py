@@ -6,8 +6,8 @@ from datetime import timedelta
 
 from sqlalchemy.orm import Session
 
-from accounting import idempotency
-from models.schemas import DeletedOut, NoArgsIn
+from accounting import expiry, idempotency
+from models.schemas import DeletedOut, GrantsExpireOut, NoArgsIn
 from tasks.base import contract_task
 from worker.db import session_factory
 from worker.settings import get_settings
@@ -18,3 +18,10 @@ def prune_idempotency(_session: Session, _p: NoArgsIn, _task_id: str | None) -> 
     # Commits one transaction per chunk, so it takes sessions of its own (as reservations.expire).
     retention = timedelta(days=get_settings().idempotency_retention_days)
     return DeletedOut(deleted=idempotency.prune_all(session_factory(), retention))
+
+
+@contract_task("grants.expire", NoArgsIn)
+def expire_grants(_session: Session, _p: NoArgsIn, _task_id: str | None) -> GrantsExpireOut:
+    # One transaction per chunk of due grants (accounting/expiry.py), on sessions of its own.
+    expired, tokens = expiry.expire_all(session_factory())
+    return GrantsExpireOut(expired=expired, tokens_expired=tokens)

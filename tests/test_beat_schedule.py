@@ -17,6 +17,7 @@ import redis
 from celery import Celery
 
 from beat_schedule import (
+    EXPIRE_GRANTS,
     EXPIRE_RESERVATIONS,
     PRUNE_IDEMPOTENCY,
     RECONCILE,
@@ -38,6 +39,7 @@ def test_default_schedule() -> None:
     assert {name: entry["task"] for name, entry in schedule.items()} == {
         SWEEP: "renewals.sweep",
         EXPIRE_RESERVATIONS: "reservations.expire",
+        EXPIRE_GRANTS: "grants.expire",
         RECONCILE: "ledger.reconcile",
         PRUNE_IDEMPOTENCY: "idempotency.prune",
     }
@@ -50,6 +52,8 @@ def test_default_schedule() -> None:
     assert (reconcile.minute, reconcile.hour) == ({30}, {3})
     assert schedule[EXPIRE_RESERVATIONS]["schedule"] == timedelta(seconds=60)
     assert schedule[EXPIRE_RESERVATIONS]["options"] == {"expires": 60}
+    assert schedule[EXPIRE_GRANTS]["schedule"] == timedelta(seconds=60)
+    assert schedule[EXPIRE_GRANTS]["options"] == {"expires": 60}
 
 
 def test_the_sweep_fires_at_two_utc() -> None:
@@ -86,6 +90,7 @@ def test_config_uses_redbeat_with_redis_and_celerys_scheduler_embedded() -> None
     assert redis_config["beat_schedule"].keys() == {
         SWEEP,
         EXPIRE_RESERVATIONS,
+        EXPIRE_GRANTS,
         RECONCILE,
         PRUNE_IDEMPOTENCY,
     }
@@ -109,6 +114,7 @@ def test_scheduled_sweeps_go_to_the_renewals_queue() -> None:
 
     assert queue("renewals.sweep") == RENEWALS_QUEUE
     assert queue("reservations.expire") == queue("ledger.reconcile") == "celery"
+    assert queue("grants.expire") == "celery"
 
 
 # --- celery -A worker beat, for real ----------------------------------------------------------
@@ -189,7 +195,7 @@ def test_two_beats_start_with_redbeat_and_one_holds_the_lock(
         assert 0 < client.ttl(lock_key) <= celery_config(get_settings())["redbeat_lock_timeout"]
 
         scheduled = set(client.zrange(schedule_key, 0, -1))
-        entries = (SWEEP, EXPIRE_RESERVATIONS, RECONCILE, PRUNE_IDEMPOTENCY)
+        entries = (SWEEP, EXPIRE_RESERVATIONS, EXPIRE_GRANTS, RECONCILE, PRUNE_IDEMPOTENCY)
         assert scheduled == {f"{prefix}{name}" for name in entries}
         definition = json.loads(str(client.hget(f"{prefix}{SWEEP}", "definition")))
         assert definition["task"] == "renewals.sweep"

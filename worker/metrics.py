@@ -15,6 +15,9 @@ per task, no database work):
   ``tokens_replays_total`` and ``tokens_moved_total`` (movements that applied);
 - ``renewals_counted`` (the domain's event, after a renewal commits): ``tokens_renewals_total``
   and the renewals' share of ``tokens_moved_total``;
+- ``grants_expired`` (the domain's event, after an expiry commits: ``grants.expire`` chunks and
+  the expiries movements and reads write first): ``tokens_expired_total``,
+  ``tokens_grants_expired_total`` and the expiries' share of ``tokens_moved_total``;
 - ``operation_retried``, ``message_refused`` (main process);
 - Celery's task signals: ``celery_task_*`` as celery-exporter names them, and the results of
   ``tokens.debit_batch`` and ``ledger.reconcile`` (``task_success``);
@@ -59,7 +62,8 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
 from accounting import renewals, reservations
-from accounting.events import renewals_counted
+from accounting.events import grants_expired, renewals_counted
+from accounting.grants import EXPIRY
 from worker.poison import REASONS
 from worker.settings import get_settings
 from worker.signals import message_refused, operation_completed, operation_retried
@@ -104,6 +108,16 @@ RENEWALS = Counter(
     "Users renewed, skipped or failed by sweeps and renew_user. tier is the account's for"
     " renewed; for skipped and failed, the sweep's tier, or all when it swept every tier.",
     ["tier", "outcome"],
+    registry=None,
+)
+EXPIRED_TOKENS = Counter(
+    "tokens_expired",
+    "Tokens that left balances through expiry entries (what was left of due grants, less holds).",
+    registry=None,
+)
+EXPIRED_GRANTS = Counter(
+    "tokens_grants_expired",
+    "Expiry entries written: one per grant whose unheld remaining expired.",
     registry=None,
 )
 REFUSED = Counter(
@@ -169,7 +183,8 @@ ACTIVE = Gauge(
 )
 
 FILE_METRICS: tuple[Counter | Gauge | Histogram, ...] = (
-    OPERATIONS, REPLAYS, MOVED, BATCH_ITEMS, RETRIES, RENEWALS, REFUSED, DURATION,
+    OPERATIONS, REPLAYS, MOVED, BATCH_ITEMS, RETRIES, RENEWALS, EXPIRED_TOKENS, EXPIRED_GRANTS,
+    REFUSED, DURATION,
     RECONCILE_MISMATCHES, LAST_RECONCILE, SENT, RECEIVED, STARTED, SUCCEEDED, FAILED, RETRIED,
     RUNTIME, QUEUE_WAIT, ACTIVE,
 )  # fmt: skip
@@ -259,6 +274,14 @@ def on_renewals_counted(
         of(RENEWALS, tier or "all", "skipped").inc(skipped)
     if failed:
         of(RENEWALS, tier or "all", "failed").inc(failed)
+
+
+def on_grants_expired(sender: Any = None, *, grants: int, tokens: int, **_: Any) -> None:
+    EXPIRED_GRANTS.inc(grants)
+    if tokens:
+        EXPIRED_TOKENS.inc(tokens)
+        # Expiry entries are ledger entries too: credits - debits stays the ledger's growth.
+        moved(EXPIRY, -tokens)
 
 
 def on_operation_retried(sender: Any = None, *, operation: str, **_: Any) -> None:
@@ -538,6 +561,7 @@ def _one_line(exc: BaseException) -> str:
 _HANDLERS: tuple[tuple[Any, Any], ...] = (
     (operation_completed, on_operation_completed),
     (renewals_counted, on_renewals_counted),
+    (grants_expired, on_grants_expired),
     (operation_retried, on_operation_retried),
     (message_refused, on_message_refused),
     (task_received, on_task_received),

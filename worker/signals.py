@@ -6,6 +6,8 @@
 - ``renewals_counted(renewed, tokens, skipped, failed, tier)``: the domain's event
   (``accounting/events.py``), sent after a sweep chunk's or a ``renew_user``'s renewals have
   committed: users renewed and tokens given per tier, users skipped or failed (metrics).
+- ``grants_expired(grants, tokens)``: the domain's event (``accounting/events.py``), sent after
+  expiry entries have committed: how many grants expired and the tokens they took (metrics).
 - ``operation_completed(operation, task_id, user_id, operation_type, amount, success, replayed,
   duration, error, error_code)``: sent once per task outcome: a success, a refusal
   (``error``/``error_code`` of the contract), or a final failure (``error_code``
@@ -34,13 +36,19 @@ from typing import Any
 
 from celery.utils.dispatch import Signal
 
-from accounting.events import balance_changed, note_balance_change, renewals_counted
+from accounting.events import (
+    balance_changed,
+    grants_expired,
+    note_balance_change,
+    renewals_counted,
+)
 from worker.settings import ConfigurationError, get_settings
 
 __all__ = [
     "FAILURE_CODES",
     "balance_changed",
     "connect_configured_handlers",
+    "grants_expired",
     "note_balance_change",
     "operation_completed",
     "renewals_counted",

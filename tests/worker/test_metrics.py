@@ -19,7 +19,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, cast
 
@@ -29,7 +29,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import text
 
-from accounting import accounts
+from accounting import accounts, movements
 from tests import dbstate
 from tests.polling import wait_for
 from tests.support import ROOT, WorkerProcess, call
@@ -405,3 +405,26 @@ def test_the_handlers_cost_a_small_share_of_a_task() -> None:
     )
     micros = float(done.stdout.split(": ")[1].split(" us")[0])
     assert 0 < micros < 1000  # a debit costs ~4000 us of worker CPU; loaded machines vary
+
+
+def test_expired_tokens_are_counted_once_committed(
+    e2e: Celery, workers: tuple[WorkerProcess, ...]
+) -> None:
+    """``grants.expire`` and a debit that expires its user's due grant first both count."""
+    soon = datetime.now(UTC) + timedelta(hours=1)
+    with session_scope() as s:
+        for user_id in ("x-1", "x-2", "x-3"):
+            accounts.open_account(s, user_id, initial_balance=100)
+            movements.credit(s, user_id, 40, expires_at=soon)
+            movements.credit(s, user_id, 2, grant_kind="promo", expires_at=soon)
+    dbstate.execute("UPDATE grants SET expires_at = clock_timestamp() WHERE expires_at IS NOT NULL")
+    before = settled(workers)
+    debit = {"user_id": "x-3", "amount": 1, "operation_type": IMG}
+    assert call(e2e, DEBIT, **debit)["new_balance"] == 99
+    assert call(e2e, "grants.expire") == {"success": True, "expired": 4, "tokens_expired": 84}
+    old, new = summed(before), summed(settled(workers))
+    assert grew(old, new, "tokens_expired_total") == {(): 3 * 42}
+    assert grew(old, new, "tokens_grants_expired_total") == {(): 6}
+    assert grew(old, new, "tokens_moved_total")[
+        lab(operation_type="expiry", direction="debit")
+    ] == (3 * 42)
