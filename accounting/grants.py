@@ -500,6 +500,20 @@ def next_expiry(session: Session, user_id: str) -> NextExpiry | None:
     return None if row is None else NextExpiry(at=row[0], tokens=int(row[1]))
 
 
+# Users in debt and what they owe, through the partial index of accounts in debt: the cost follows
+# the debtors, not the number of accounts (the metrics read it on each scrape). A literal, so the
+# planner can match the index's condition.
+DEBT = select(func.count(), func.coalesce(func.sum(_a.debt), 0)).where(
+    _a.debt > literal(0, literal_execute=True)
+)
+
+
+def total_debt(session: Session) -> tuple[int, int]:
+    """How many users are in debt and the tokens they owe, across all users."""
+    users, tokens = session.execute(DEBT).one()
+    return int(users), int(tokens)
+
+
 def rowcount(result: Any) -> int:
     return int(cast(CursorResult[Any], result).rowcount)
 

@@ -61,7 +61,7 @@ from sqlalchemy import Engine, create_engine
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
-from accounting import renewals, reservations
+from accounting import grants, renewals, reservations
 from accounting.events import grants_expired, renewals_counted
 from accounting.grants import EXPIRY
 from worker.poison import REASONS
@@ -426,6 +426,8 @@ class DatabaseState:
     reservations: int
     reserved_tokens: int
     last_sweep: renewals.LastSweep | None
+    debtors: int = 0
+    debt: int = 0
 
 
 class DatabaseReads:
@@ -444,7 +446,10 @@ class DatabaseReads:
                 self.engine = self._engine()
             with Session(self.engine) as session:
                 count, tokens = reservations.held(session)
-                return DatabaseState(count, tokens, renewals.last_sweep(session))
+                debtors, debt = grants.total_debt(session)
+                return DatabaseState(
+                    count, tokens, renewals.last_sweep(session), debtors=debtors, debt=debt
+                )
 
     def _engine(self) -> Engine:
         if make_url(self.url).get_backend_name() == "sqlite":
@@ -485,6 +490,10 @@ def _families() -> list[GaugeMetricFamily]:
             "tokens_last_sweep_chunks_pending",
             "Chunks of the latest sweep not yet run (0: it is complete).",
         ),
+        GaugeMetricFamily("tokens_accounts_in_debt", "Users whose balance is below zero."),
+        GaugeMetricFamily(
+            "tokens_debt_tokens", "Tokens owed: overdrafts and over-captures no grant covered."
+        ),
         GaugeMetricFamily(
             "tokens_scrape_source_up",
             "Whether the source answered this scrape (1) or not (0).",
@@ -509,7 +518,7 @@ class ScrapeCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         self._forget_dead_processes()
-        queues, active, held, swept_at, swept, pending, up = _families()
+        queues, active, held, swept_at, swept, pending, debtors, debt, up = _families()
         try:
             for queue, length in self.broker.lengths().items():
                 queues.add_metric([queue], length)
@@ -521,6 +530,8 @@ class ScrapeCollector(Collector):
             state = self.database.read()
             active.add_metric([], state.reservations)
             held.add_metric([], state.reserved_tokens)
+            debtors.add_metric([], state.debtors)
+            debt.add_metric([], state.debt)
             last = state.last_sweep
             if last is not None:
                 swept_at.add_metric([], last.planned_at.timestamp())
@@ -532,7 +543,7 @@ class ScrapeCollector(Collector):
         except Exception as exc:
             log.warning("metrics: could not read the database: %s", _one_line(exc))
             up.add_metric(["database"], 0)
-        yield from (queues, active, held, swept_at, swept, pending, up)
+        yield from (queues, active, held, swept_at, swept, pending, debtors, debt, up)
 
     def _forget_dead_processes(self) -> None:
         for path in self.directory.glob("gauge_live*_*.db"):

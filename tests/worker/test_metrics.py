@@ -376,6 +376,34 @@ def test_unreachable_sources_are_reported_down_not_raised(tmp_path: Path) -> Non
     assert families["celery_queue_length"] == families["tokens_reservations_active"] == []
 
 
+def test_debt_is_read_on_each_scrape(tmp_path: Path) -> None:
+    """Users in debt and what they owe, read from the database when scraped (so every worker
+    agrees, and a restart loses nothing): an overdraft makes debt, the next credit pays it."""
+    with session_scope() as session:
+        for user in ("d1", "d2", "fine"):
+            accounts.open_account(session, user, initial_balance=10)
+        movements.debit(session, "d1", 25, "image_generation", allow_overdraft=True)
+        movements.debit(session, "d2", 13, "image_generation", allow_overdraft=True)
+        movements.debit(session, "fine", 5, "image_generation")
+    collector = ScrapeCollector(
+        tmp_path,
+        BrokerQueues(Celery("scrape", broker="redis://127.0.0.1:6379/0"), ["celery"]),
+        DatabaseReads(get_engine().url.render_as_string(hide_password=False)),
+    )
+
+    def read() -> tuple[float, float]:
+        families = {f.name: f.samples for f in collector.collect()}
+        return families["tokens_accounts_in_debt"][0].value, families["tokens_debt_tokens"][0].value
+
+    try:
+        assert read() == (2, 15 + 3)
+        with session_scope() as session:
+            movements.credit(session, "d1", 20)
+        assert read() == (1, 3)
+    finally:
+        collector.database.forget()
+
+
 def test_a_dead_process_in_progress_count_is_forgotten(tmp_path: Path) -> None:
     """A pool process killed mid-task (hard time limit, OOM) never decrements its in-progress
     gauge; the next scrape drops the files of every process no longer alive. Counters stay."""
