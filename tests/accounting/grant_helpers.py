@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import create_engine, select, text
 from sqlalchemy.orm import Session, sessionmaker
@@ -88,6 +88,9 @@ def expiry_entries(session: Session, grant_id: str) -> list[int]:
     ]
 
 
+R = TypeVar("R")
+
+
 @contextmanager
 def racing_sessions(size: int) -> Iterator[sessionmaker[Session]]:
     """Sessions on an engine of their own with a connection per racing thread."""
@@ -99,8 +102,8 @@ def racing_sessions(size: int) -> Iterator[sessionmaker[Session]]:
 
 
 def attempt(
-    factory: sessionmaker[Session], action: Callable[..., Any], /, *args: Any, **kw: Any
-) -> Any:
+    factory: sessionmaker[Session], action: Callable[..., R], /, *args: Any, **kw: Any
+) -> R | DomainError:
     """``action`` in its own committed transaction, or the refusal (rolled back)."""
     with factory() as s:
         try:

@@ -16,6 +16,7 @@ from accounting import accounts, movements, reservations
 from accounting.errors import DomainError
 from models.schemas import MovementOut, ReleaseOut, ReserveOut
 from models.tables import LedgerEntry, Reservation, utcnow
+from tests.accounting.grant_helpers import attempt
 from tests.support import assert_ledger_consistent, refused, run_in_threads
 from worker.db import get_engine
 
@@ -35,20 +36,6 @@ def sessions() -> Iterator[sessionmaker[Session]]:
         yield sessionmaker(bind=engine, expire_on_commit=False, autoflush=False)
     finally:
         engine.dispose()
-
-
-def attempt(
-    factory: sessionmaker[Session], action: Callable[..., R], /, *args: Any, **kw: Any
-) -> R | DomainError:
-    """``action`` in its own committed transaction, or the refusal (rolled back)."""
-    with factory() as s:
-        try:
-            out = action(s, *args, **kw)
-            s.commit()
-            return out
-        except DomainError as exc:
-            s.rollback()
-            return exc
 
 
 def opened(session: Session, user_id: str = "u1", balance: int = 100) -> None:
