@@ -87,9 +87,17 @@ def debit_batch(session: Session, items: Sequence[DebitIn], task_id: str | None)
 
     Returns one result per item: its movement, or the refusal ``tokens.debit`` would return.
     """
+    return debit_many(session, items, [item_key(i, task_id, n) for n, i in enumerate(items)])
+
+
+def debit_many(
+    session: Session, items: Sequence[DebitIn], keys: Sequence[str | None]
+) -> DebitBatchOut:
+    """:func:`debit_batch` with each item's idempotency key given (the coalescer gives each
+    single debit its own, as ``tokens.debit`` would: its key, else its task id)."""
     if clock.is_postgres(session):
-        return _set_based(session, items, task_id)
-    return debit_batch_item_by_item(session, items, task_id)
+        return _set_based(session, items, keys)
+    return _all_item_by_item(session, items, keys)
 
 
 def debit_batch_item_by_item(
@@ -97,7 +105,12 @@ def debit_batch_item_by_item(
 ) -> DebitBatchOut:
     """Every item through ``movements.debit`` in its own savepoint (SQLite; and the baseline
     ``bench/debit_batches.py`` measures the set-based path against)."""
-    keys = [item_key(item, task_id, index) for index, item in enumerate(items)]
+    return _all_item_by_item(session, items, [item_key(i, task_id, n) for n, i in enumerate(items)])
+
+
+def _all_item_by_item(
+    session: Session, items: Sequence[DebitIn], keys: Sequence[str | None]
+) -> DebitBatchOut:
     idempotency.claim_many(
         session,
         (
@@ -229,9 +242,10 @@ class _Applied:
     splits: list[tuple[int, int]]
 
 
-def _set_based(session: Session, items: Sequence[DebitIn], task_id: str | None) -> DebitBatchOut:
+def _set_based(
+    session: Session, items: Sequence[DebitIn], keys: Sequence[str | None]
+) -> DebitBatchOut:
     results: list[MovementOut | Failure | None] = [None] * len(items)
-    keys = [item_key(item, task_id, index) for index, item in enumerate(items)]
     digests: dict[int, str] = {}
     pending: list[int] = []  # items that pass the checks tokens.debit makes before its key
     for index, item in enumerate(items):
