@@ -44,6 +44,7 @@ bench: install
 	$(BIN)/python -m bench.grant_debits
 	$(BIN)/python -m bench.grant_expiry --users 100000
 	$(BIN)/python -m bench.debit_batches
+	$(BIN)/python -m bench.coalescer
 
 bench-grants: install
 	scripts/ensure-services.sh
@@ -52,6 +53,7 @@ bench-grants: install
 bench-batches: install
 	scripts/ensure-services.sh
 	$(BIN)/python -m bench.debit_batches
+	$(BIN)/python -m bench.coalescer
 
 bench-renewals: install
 	scripts/ensure-services.sh

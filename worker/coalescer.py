@@ -30,6 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import redis
 from celery import bootsteps, states
 from kombu import Exchange, Queue  # type: ignore[attr-defined]
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
@@ -71,6 +72,33 @@ class _Debit:
         return self.payload.idempotency_key or self.task_id
 
 
+def store_results(backend: Any, results: list[tuple[str, dict[str, Any]]]) -> None:
+    """Store each (task id, result) as SUCCESS, as ``backend.store_result`` would (a task id
+    whose SUCCESS is stored already keeps it), in two Redis round trips for them all."""
+    client = getattr(backend, "client", None)
+    if not isinstance(client, redis.Redis):
+        for task_id, result in results:
+            backend.store_result(task_id, result, states.SUCCESS)
+        return
+    keys = [backend.get_key_for_task(task_id) for task_id, _ in results]
+    stored = client.mget(keys)
+    with client.pipeline() as pipe:
+        for key, (task_id, result), before in zip(keys, results, stored, strict=True):
+            if before is not None and backend.decode_result(before)["status"] == states.SUCCESS:
+                continue
+            meta = backend._get_result_meta(
+                result=result, state=states.SUCCESS, traceback=None, request=None
+            )
+            meta["task_id"] = task_id
+            value = backend.encode(meta)
+            if backend.expires:
+                pipe.setex(key, backend.expires, value)
+            else:
+                pipe.set(key, value)
+            pipe.publish(key, value)
+        pipe.execute()
+
+
 class Coalescer:
     """Collects messages (``add``) and applies them (``flush``); the thread is :class:`Step`."""
 
@@ -94,8 +122,13 @@ class Coalescer:
                 self._alone(debit)
             return
         duration = time.perf_counter() - started
-        for debit, result in zip(debits, out.results, strict=True):
-            self._answer(debit, result.model_dump(mode="json"), duration)
+        outcomes = [r.model_dump(mode="json") for r in out.results]
+        # Committed: store the answers, then acknowledge. A crash between the two redelivers
+        # the messages, which replay (the first answer stored under a task id stands).
+        store_results(self.backend, [(d.task_id, o) for d, o in zip(debits, outcomes, strict=True)])
+        for debit, outcome in zip(debits, outcomes, strict=True):
+            send_completed(TASK, debit.task_id, debit.kwargs, outcome, duration)
+            debit.message.ack()
 
     def _read(self, message: Any) -> _Debit | None:
         """The message's debit, or None once it is refused and answered."""
