@@ -18,6 +18,7 @@ from celery.signals import (
 )
 
 import worker.logs  # noqa: F401  (connects the logging hooks)
+from worker import coalescer
 from worker.config import celery_config
 from worker.db import dispose_engines, reset_engines_after_fork
 from worker.limits import time_limit_problems
@@ -48,6 +49,8 @@ def create_app() -> Celery:
         settings.var_dir.mkdir(parents=True, exist_ok=True)  # the embedded SQLite files live here
     app = Celery("tokens", include=TASK_MODULES)
     app.config_from_object(celery_config(settings))
+    # The single-debit coalescer's thread; it runs only with TOKENS_COALESCE_MS > 0.
+    app.steps["worker"].add(coalescer.Step)
     return app
 
 

@@ -100,6 +100,11 @@ class Settings(BaseSettings):
     worker_concurrency: int | None = None
     task_events: bool = True
     db_pool_size: int = Field(default=5, ge=1)
+    # The single-debit coalescer (worker/coalescer.py): off at 0; else the worker also consumes
+    # the queue ``tokens.debit``, collecting its messages for this many milliseconds (or until
+    # coalesce_max of them) into one transaction.
+    coalesce_ms: int = Field(default=0, ge=0, le=1000)
+    coalesce_max: int = Field(default=500, ge=1, le=1000)
 
     prices: dict[str, int] = Field(default_factory=lambda: dict(DEFAULT_PRICES))
     tiers: dict[str, Tier] = Field(default_factory=lambda: dict(DEFAULT_TIERS))
