@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: install lock run beat test lint bench bench-renewals bench-grants bench-expiry clean
+.PHONY: install lock run beat test lint bench bench-renewals bench-grants bench-expiry bench-brokers bench-reads clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,18 @@ bench: install
 	$(BIN)/python -m bench.debits
 	$(BIN)/python -m bench.grant_debits
 	$(BIN)/python -m bench.grant_expiry --users 100000
+	$(BIN)/python -m bench.brokers
+	$(BIN)/python -m bench.ledger_reads
+
+# tokens.debit over Redis, RabbitMQ classic and RabbitMQ quorum queues, interleaved in one run.
+bench-brokers: install
+	scripts/ensure-services.sh
+	$(BIN)/python -m bench.brokers
+
+# A history page and a month's statistics at 10 million ledger rows (builds them: ~3 minutes).
+bench-reads: install
+	scripts/ensure-services.sh
+	$(BIN)/python -m bench.ledger_reads
 
 bench-grants: install
 	scripts/ensure-services.sh

@@ -15,6 +15,7 @@ days apart over 400 days, each with its split across grants (``entry_grants``).
 Then, for random users, each read in its own transaction as a task runs it, it times:
 
 0. the baseline: ``SELECT 1`` in a session (a round trip and a commit: the floor of any read);
+   and the newest page read as before (entries, then their splits: two round trips);
 1. ``ledger.user_entries`` limit 50, offset 0 (the newest page), and offset 50 (the oldest page
    of a 100-entry history); each includes ``grants.settle_reads`` and the page's splits query;
 2. ``ledger.statistics`` over a one-month period at a random point of the history.
@@ -202,7 +203,7 @@ def main(argv: list[str] | None = None) -> None:
         scratch.env["TOKENS_DATABASE_URL"] = scratch.database_url
     scratch.export()
 
-    from accounting import ledger
+    from accounting import grants, ledger
     from worker.db import make_engine
     from worker.migrate import upgrade
 
@@ -239,8 +240,26 @@ def main(argv: list[str] | None = None) -> None:
             begin = start + timedelta(days=rng.uniform(0, DAYS - 30))
             return begin, begin + timedelta(days=30)
 
+        def two_queries(s: Session) -> Any:
+            """The page as it was read before: entries, then their splits (two round trips)."""
+            from sqlalchemy import select
+
+            from models.tables import LedgerEntry
+
+            who = user()
+            grants.settle_reads(s, who)
+            rows = s.scalars(
+                select(LedgerEntry)
+                .where(LedgerEntry.user_id == who)
+                .order_by(LedgerEntry.created_at.desc(), LedgerEntry.id.desc())
+                .limit(50)
+            ).all()
+            splits = ledger._splits(s, [e.id for e in rows])
+            return [ledger.entry_out(e, splits.get(e.id)) for e in rows]
+
         reads: list[tuple[str, Callable[[Session], Any]]] = [
             ("baseline: SELECT 1", lambda s: s.execute(text("SELECT 1")).scalar_one()),
+            ("page as two queries (old)", two_queries),
             ("history page, offset 0", lambda s: ledger.user_entries(s, user(), limit=50)),
             (
                 "history page, offset 50",
@@ -257,7 +276,7 @@ def main(argv: list[str] | None = None) -> None:
                 timings[name] += time_reads(name, sessions, args.reps // 3, read).samples
 
         print("\nplans (one call each; EXPLAIN ANALYZE of each statement it ran):")
-        for name, read in reads[1:]:
+        for name, read in reads[2:]:
             print(f"  {name}:")
             explain(engine, sessions, read)
 
