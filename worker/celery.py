@@ -119,11 +119,15 @@ def _serve_metrics(sender: Any, **_: Any) -> None:
 
 @celeryd_init.connect  # type: ignore[untyped-decorator]
 def _guard_the_transport(conf: Any, **_: Any) -> None:
-    # A worker reads Redis through kombu's transport made to refuse envelopes it would stop on
-    # (worker/transport.py). Set for workers only: other processes (producers, beat, Flower,
-    # whose broker page parses the transport name as a URL scheme) keep kombu's own.
-    if get_settings().broker_is_redis:
+    # A worker reads Redis (RabbitMQ) through kombu's transport made to refuse envelopes it would
+    # stop on (bodies it would inflate) (worker/transport.py). Set for workers only: other
+    # processes (producers, beat, Flower, whose broker page parses the transport name as a URL
+    # scheme) keep kombu's own.
+    settings = get_settings()
+    if settings.broker_is_redis:
         conf.broker_transport = "worker.transport:Transport"
+    elif settings.broker_is_amqp:
+        conf.broker_transport = "worker.transport:AmqpTransport"
 
 
 @worker_ready.connect  # type: ignore[untyped-decorator]
