@@ -113,8 +113,9 @@ class Arrivals:
     PREFIX = "celery-task-meta-"
 
     def __init__(self, backend_url: str) -> None:
-        client = redis.Redis.from_url(backend_url)
-        self.pubsub = client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+        # Kept: a client that is garbage-collected closes its pool, the subscription's included.
+        self.client = redis.Redis.from_url(backend_url)
+        self.pubsub = self.client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
         self.pubsub.psubscribe(self.PREFIX + "*")
         self.seen: dict[str, float] = {}
         self.changed = threading.Condition()
@@ -143,6 +144,7 @@ class Arrivals:
         self.stopped = True
         self.thread.join()
         self.pubsub.close()
+        self.client.close()
 
 
 def percentiles(samples: list[float]) -> tuple[float, float]:
