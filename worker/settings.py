@@ -99,7 +99,8 @@ class Settings(BaseSettings):
     retry_backoff_max: int = Field(default=30, ge=1)
     worker_concurrency: int | None = None
     task_events: bool = True
-    # Messages each worker process reserves beyond the one it runs (README "Configuration").
+    # Messages a worker reserves: this times its concurrency, running ones included (README
+    # "Configuration": what a killed worker then redelivers).
     prefetch_multiplier: int = Field(default=1, ge=1, le=1000)
     db_pool_size: int = Field(default=5, ge=1)
     # The single-debit coalescer (worker/coalescer.py): off at 0; else the worker also consumes
