@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: install lock run beat test lint bench bench-renewals bench-grants bench-expiry bench-batches bench-brokers bench-reads clean
+.PHONY: install lock run beat test lint bench bench-transport bench-renewals bench-grants bench-expiry bench-batches bench-brokers bench-reads profile clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +46,7 @@ test: install lint
 bench: install
 	scripts/ensure-services.sh
 	$(BIN)/python -m bench.debits
+	$(BIN)/python -m bench.transport
 	$(BIN)/python -m bench.grant_debits
 	$(BIN)/python -m bench.grant_expiry --users 100000
 	$(BIN)/python -m bench.debit_batches
@@ -62,6 +63,18 @@ bench-brokers: install
 bench-reads: install
 	scripts/ensure-services.sh
 	$(BIN)/python -m bench.ledger_reads
+
+# tokens.debit against a Celery no-op task on the same worker (rate and worker CPU), and the
+# p50/p99 of a debit round trip at low load and at half the maximum rate.
+bench-transport: install
+	scripts/ensure-services.sh
+	$(BIN)/python -m bench.transport
+
+# A worker under a debit load, sampled by py-spy: a speedscope file under var/profile/ and a
+# summary of where the worker's CPU went.
+profile: install
+	scripts/ensure-services.sh
+	$(BIN)/python -m bench.profile
 
 bench-grants: install
 	scripts/ensure-services.sh

@@ -47,7 +47,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # At-least-once: a task whose worker dies is delivered again; tasks are idempotent.
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
-        "worker_prefetch_multiplier": 1,
+        "worker_prefetch_multiplier": settings.prefetch_multiplier,
         "worker_cancel_long_running_tasks_on_connection_loss": True,
         "task_soft_time_limit": settings.task_soft_time_limit,
         "task_time_limit": settings.task_time_limit,

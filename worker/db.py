@@ -34,7 +34,7 @@ def make_engine(url: str) -> Engine:
         return engine
     engine = create_engine(
         url,
-        pool_pre_ping=True,
+        pool_pre_ping=get_settings().db_pool_pre_ping,
         pool_size=get_settings().db_pool_size,
         max_overflow=2,
         connect_args={"connect_timeout": 10},

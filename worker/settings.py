@@ -103,12 +103,18 @@ class Settings(BaseSettings):
     # RabbitMQ only: "classic" queues (one node), or "quorum" (replicated by Raft across a
     # cluster; every producer must then declare them so too). Redis ignores it.
     queue_type: Literal["classic", "quorum"] = "classic"
+    # Messages a worker reserves: this times its concurrency, running ones included (README
+    # "Configuration": what a killed worker then redelivers).
+    prefetch_multiplier: int = Field(default=1, ge=1, le=1000)
     db_pool_size: int = Field(default=5, ge=1)
     # The single-debit coalescer (worker/coalescer.py): off at 0; else the worker also consumes
     # the queue ``tokens.debit``, collecting its messages for this many milliseconds (or until
     # coalesce_max of them) into one transaction.
     coalesce_ms: int = Field(default=0, ge=0, le=1000)
     coalesce_max: int = Field(default=500, ge=1, le=1000)
+    # A SELECT 1 before each checkout from the pool; off, a dropped connection fails its first
+    # statement and the task's transient-error retry (tasks/base.py) runs it on a fresh one.
+    db_pool_pre_ping: bool = False
 
     prices: dict[str, int] = Field(default_factory=lambda: dict(DEFAULT_PRICES))
     tiers: dict[str, Tier] = Field(default_factory=lambda: dict(DEFAULT_TIERS))

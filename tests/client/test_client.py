@@ -77,7 +77,12 @@ PUBLIC = [
     for name, _ in inspect.getmembers(TokenClient, inspect.isfunction)
     if not name.startswith("_") and name != "close"
 ]
-INTERNAL = {"renewals.sweep_chunk", "renewals.sweep_totals", "idempotency.prune"}
+INTERNAL = {
+    "renewals.sweep_chunk",
+    "renewals.sweep_totals",
+    "idempotency.prune",
+    "health.noop",
+}
 
 
 def spec_of(method: str) -> contract.Spec[Any]:

@@ -101,3 +101,34 @@ def test_an_ordinary_error_still_rolls_back_and_keeps_the_connection(account: st
     assert backend_alive(pid)
     pool = get_engine().pool
     assert isinstance(pool, QueuePool) and pool.checkedout() == 0
+
+
+def test_without_pre_ping_a_dropped_connection_is_a_transient_error_then_replaced(
+    account: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # TOKENS_DB_POOL_PRE_PING=false: no SELECT 1 before each checkout. A connection the server
+    # dropped fails the unit of work's first statement, before anything is written, with an
+    # error the task retries (tasks/base.py is_transient); the pool is refreshed, so the retry
+    # runs on a new connection.
+    from tasks.base import is_transient
+
+    settings = get_settings().model_copy(update={"db_pool_pre_ping": False})
+    monkeypatch.setattr(db, "get_settings", lambda: settings)
+    engine = db.make_engine(settings.db_url)
+    assert engine.pool._pre_ping is False
+    monkeypatch.setattr(db, "session_factory", lambda: sessionmaker(bind=engine))
+    try:
+        with session_scope() as session:
+            pid = session.execute(text("SELECT pg_backend_pid()")).scalar_one()
+        with get_engine().connect() as other:  # another pool's connection
+            other.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+        wait_for(lambda: not backend_alive(pid), 5, "the dropped backend to end")
+        with pytest.raises(Exception) as dropped, session_scope() as session:
+            session.execute(UPDATE)
+        assert is_transient(dropped.value)
+        with session_scope() as session:
+            assert session.execute(text("SELECT pg_backend_pid()")).scalar_one() != pid
+            session.execute(UPDATE)
+    finally:
+        engine.dispose()
+    assert dbstate.balance("u") == 99

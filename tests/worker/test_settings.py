@@ -256,6 +256,16 @@ def test_worker_concurrency(env: pytest.MonkeyPatch) -> None:
     assert config_from(env, **REDIS, TOKENS_WORKER_CONCURRENCY="6")["worker_concurrency"] == 6
 
 
+def test_prefetch_multiplier(env: pytest.MonkeyPatch) -> None:
+    # Late acks and idempotent tasks make a higher prefetch safe (README "Configuration").
+    assert config_from(env, **REDIS)["worker_prefetch_multiplier"] == 1
+    assert (
+        config_from(env, **REDIS, TOKENS_PREFETCH_MULTIPLIER="4")["worker_prefetch_multiplier"] == 4
+    )
+    with pytest.raises(ValidationError, match="prefetch_multiplier"):
+        settings_from(env, TOKENS_PREFETCH_MULTIPLIER="0")
+
+
 def test_task_events_for_flower_can_be_switched_off(env: pytest.MonkeyPatch) -> None:
     on = config_from(env)
     assert (on["worker_send_task_events"], on["task_send_sent_event"]) == (True, True)
