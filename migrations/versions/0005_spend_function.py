@@ -106,7 +106,8 @@ BEGIN
         VALUES (p_user, 'expiry', 'expiry', -g.free, balance + g.free, balance, NULL, NULL,
                 jsonb_build_object('grant_id', g.id::text), v_now)
         RETURNING id INTO v_entry;
-        INSERT INTO entry_grants (entry_id, grant_id, amount, seq) VALUES (v_entry, g.id, -g.free, 0);
+        INSERT INTO entry_grants (entry_id, grant_id, amount, seq)
+        VALUES (v_entry, g.id, -g.free, 0);
         expired_tokens := expired_tokens || g.free;
         expired_balances := expired_balances || balance;
     END LOOP;
