@@ -231,16 +231,19 @@ def _step(rng: random.Random, pair: Pair, step: int, keys: list[tuple[str, int, 
                 return lambda s: reservations.capture(s, rid, take, idempotency_key=f"cp{step}")
             return lambda s: reservations.release(s, rid, idempotency_key=f"rl{step}")
     else:
-        # Time passes for one grant: it becomes due, and the next movement expires it.
+        # Time passes for up to three grants: they become due, not in id order, and the next
+        # movement expires them, each through its own entry.
         rank = rng.randrange(8)
 
         def action(u: str) -> Callable[[Session], Any]:
             def due(s: Session) -> None:
                 s.execute(
                     text(
-                        "UPDATE grants SET expires_at = clock_timestamp() - interval '1 second'"
-                        " WHERE id = (SELECT id FROM grants WHERE user_id = :u"
-                        " ORDER BY id OFFSET :r LIMIT 1) AND status = 'active'"
+                        "UPDATE grants SET expires_at ="
+                        " clock_timestamp() - interval '1 second' * (1 + r.n % 2)"
+                        " FROM (SELECT id, row_number() OVER (ORDER BY id) AS n FROM grants"
+                        " WHERE user_id = :u ORDER BY id OFFSET :r LIMIT 3) AS r"
+                        " WHERE grants.id = r.id AND grants.status = 'active'"
                     ),
                     {"u": u, "r": rank},
                 )
