@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: install lock run beat test lint bench bench-renewals bench-grants bench-expiry clean
+.PHONY: install lock run beat test lint bench bench-renewals bench-grants bench-expiry bench-domain-debit clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -43,10 +43,15 @@ bench: install
 	$(BIN)/python -m bench.debits
 	$(BIN)/python -m bench.grant_debits
 	$(BIN)/python -m bench.grant_expiry --users 100000
+	$(BIN)/python -m bench.domain_debit
 
 bench-grants: install
 	scripts/ensure-services.sh
 	$(BIN)/python -m bench.grant_debits
+
+bench-domain-debit: install
+	scripts/ensure-services.sh
+	$(BIN)/python -m bench.domain_debit
 
 bench-renewals: install
 	scripts/ensure-services.sh

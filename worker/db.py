@@ -110,8 +110,17 @@ def dispose_engines() -> None:
         del _engines[key]
 
 
+_makers: dict[int, tuple[Engine, sessionmaker[Session]]] = {}
+
+
 def session_factory() -> sessionmaker[Session]:
-    return sessionmaker(bind=get_engine(), expire_on_commit=False, autoflush=False)
+    """This process's session maker, made once per engine rather than once per unit of work."""
+    engine = get_engine()
+    made = _makers.get(id(engine))
+    if made is None or made[0] is not engine:
+        maker = sessionmaker(bind=engine, expire_on_commit=False, autoflush=False)
+        made = _makers[id(engine)] = (engine, maker)
+    return made[1]
 
 
 @contextmanager
