@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 
 from accounting import accounts, events, movements, reservations, spend
 from accounting.errors import DomainError
-from tests.support import assert_ledger_consistent
+from tests.support import assert_ledger_consistent, attempt, run_in_threads
 from worker.db import get_engine, session_factory
 
 USERS = ("ref", "fn")
@@ -315,3 +315,38 @@ def test_a_debit_is_one_statement(clean_db: None) -> None:
         finally:
             event.remove(get_engine(), "before_cursor_execute", count)
         assert len(statements) >= 7  # what the Python path costs, for the record
+
+
+def test_racing_statements_read_the_grants_after_the_lock(clean_db: None) -> None:
+    """Under READ COMMITTED each statement of tokens_spend() reads after the account lock: racing
+    debits over several grants (one due) never burn a grant twice nor past what it has, and
+    exactly what was available is spent."""
+    with session_factory()() as s, s.begin():
+        accounts.open_account(s, "u", initial_balance=0)
+        for priority, amount in ((5, 70), (20, 50), (50, 80)):
+            movements.credit(s, "u", amount, "purchase", grant_kind="promo", priority=priority)
+        movements.credit(s, "u", 30, "purchase", grant_kind="promo", priority=1)
+        s.execute(
+            text(
+                "UPDATE grants SET expires_at = clock_timestamp() - interval '1 second'"
+                " WHERE user_id = 'u' AND priority = 1"
+            )
+        )
+
+    def debits(t: int) -> list[Any]:
+        return [
+            attempt(movements.debit, "u", 3, "image_generation", idempotency_key=f"{t}-{i}")
+            for i in range(12)
+        ]
+
+    outcomes = [o for batch in run_in_threads(8, debits) for o in batch]
+    ok = [o for o in outcomes if not isinstance(o, DomainError)]
+    assert len(ok) == 200 // 3
+    assert {o.code for o in outcomes if isinstance(o, DomainError)} == {"INSUFFICIENT_TOKENS"}
+    assert sorted(o.new_balance for o in ok) == list(range(200 - 3 * len(ok), 200, 3))
+    with session_factory()() as s:
+        state = _state(s, "u")
+        assert state["account"] == (200 % 3, 0, 3 * len(ok), 0)
+        assert [g[3] for g in state["grants"]] == [0, 0, 200 % 3, 0]  # burn order, then expired
+        assert [e[1] for e in state["entries"]].count("expiry") == 1
+        assert_ledger_consistent(s)
