@@ -101,3 +101,49 @@ def test_an_ordinary_error_still_rolls_back_and_keeps_the_connection(account: st
     assert backend_alive(pid)
     pool = get_engine().pool
     assert isinstance(pool, QueuePool) and pool.checkedout() == 0
+
+
+def _backend_pid(engine: Any) -> int:
+    with engine.connect() as conn:
+        return int(conn.execute(text("SELECT pg_backend_pid()")).scalar_one())
+
+
+def _one_connection_engine() -> Any:
+    monkey = pytest.MonkeyPatch()
+    monkey.setattr(get_settings(), "db_pool_size", 1)
+    try:
+        return db.make_engine(get_settings().db_url)
+    finally:
+        monkey.undo()
+
+
+def test_a_connection_in_steady_use_is_not_pinged(monkeypatch: pytest.MonkeyPatch) -> None:
+    engine = _one_connection_engine()
+    pings: list[Any] = []
+
+    def ping(conn: Any) -> bool:
+        pings.append(conn)
+        return True
+
+    monkeypatch.setattr(engine.dialect, "do_ping", ping)
+    monkeypatch.setattr(db, "PING_AFTER_IDLE", 3600.0)
+    first = _backend_pid(engine)
+    assert _backend_pid(engine) == first
+    assert pings == []  # checked in and out again at once: no round trip spent on a ping
+    monkeypatch.setattr(db, "PING_AFTER_IDLE", 0.0)  # as if it had sat idle in the pool
+    assert _backend_pid(engine) == first
+    assert len(pings) == 1
+    engine.dispose()
+
+
+def test_a_connection_that_died_while_idle_is_replaced_before_use(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    engine = _one_connection_engine()
+    pid = _backend_pid(engine)
+    with get_engine().connect() as other:
+        other.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+    wait_for(lambda: not backend_alive(pid), 10, "the backend to end")
+    monkeypatch.setattr(db, "PING_AFTER_IDLE", 0.0)  # as if it had sat idle in the pool
+    assert _backend_pid(engine) != pid
+    engine.dispose()
