@@ -7,7 +7,9 @@ Measures, each for ``--seconds`` and ``--runs`` times interleaved (medians print
 - ``movements.debit`` through ``worker.db.session_scope`` (what a task does), on the portable
   Python path (accounting/grants.py: about 8 statements) and on the one statement
   ``tokens_spend()`` (migration 0005), one thread, random users and fresh keys;
-- the same statement on a bare pooled connection (no Session): the floor of the Python side;
+- the same statement on a bare pooled connection (no Session): the floor of the Python side,
+  from worker.db's engine (a ping only after a second idle) and from one with ``pool_pre_ping``
+  (a ping on every checkout, as before);
 - ``pgbench -n -M prepared -f debit.sql -c 1`` running that statement with random users and keys;
 - one hot account: 16 threads debiting it in-process, against ``pgbench -c 16`` on it.
 
@@ -139,7 +141,7 @@ def _run(url: str, seconds: int, users: int, hot_clients: int, runs: int) -> Non
         " false, '{}')"
     )
 
-    no_ping = create_engine(url, pool_size=2)
+    pre_ping = create_engine(url, pool_size=2, pool_pre_ping=True)
 
     def bare(engine: Engine) -> Callable[[int, int], None]:
         def work(t: int, i: int) -> None:
@@ -153,7 +155,7 @@ def _run(url: str, seconds: int, users: int, hot_clients: int, runs: int) -> Non
         "python": lambda: _for(seconds, 1, debit(spread, True)),
         "statement": lambda: _for(seconds, 1, debit(spread, False)),
         "bare": lambda: _for(seconds, 1, bare(get_engine())),
-        "bare_no_ping": lambda: _for(seconds, 1, bare(no_ping)),
+        "bare_pre_ping": lambda: _for(seconds, 1, bare(pre_ping)),
         "pgbench": lambda: _pgbench(url, _script(users, False), 1, seconds),
         "pgbench_tx": lambda: _pgbench(url, _script(users, True), 1, seconds),
         "hot_python": lambda: _for(seconds, hot_clients, debit(lambda i: "hot", True)),
@@ -174,14 +176,14 @@ def _run(url: str, seconds: int, users: int, hot_clients: int, runs: int) -> Non
         n = s.execute(text("SELECT count(*) FROM ledger_entries")).scalar_one()
 
     print(f"{seconds}s each, median of {runs} interleaved runs, {users} users, {n} entries at end")
-    print(f"{'measure':58} {'rate':>9} {'ratio':>7}")
+    print(f"{'measure':58} {'rate':>9} {'ratio':>7}   (runs' min-max)")
     rows = [
         ("pgbench -c 1: SELECT tokens_spend(...) (baseline)", m["pgbench"], m["pgbench"]),
         ("pgbench -c 1: BEGIN; SELECT tokens_spend(...); COMMIT", m["pgbench_tx"], m["pgbench"]),
         ("domain debit, Python path (before), session_scope", m["python"], m["pgbench"]),
         ("domain debit, one statement (after), session_scope", m["statement"], m["pgbench"]),
         ("  the statement on a pooled Connection, no Session", m["bare"], m["pgbench"]),
-        ("  the same, pool without pre-ping", m["bare_no_ping"], m["pgbench"]),
+        ("  the same, pool_pre_ping=True (a ping per checkout)", m["bare_pre_ping"], m["pgbench"]),
         (
             f"pgbench -c {hot_clients}, one hot account (baseline)",
             m["hot_pgbench"],
@@ -198,10 +200,12 @@ def _run(url: str, seconds: int, users: int, hot_clients: int, runs: int) -> Non
             m["hot_pgbench"],
         ),
     ]
+    spread = {m[name]: (min(r), max(r)) for name, r in rates.items()}
     for label, rate, base in rows:
-        print(f"{label:58} {rate:8.0f}/s {rate / base:7.2f}")
+        low, high = spread[rate]
+        print(f"{label:58} {rate:8.0f}/s {rate / base:7.2f}   ({low:.0f}-{high:.0f})")
     print(
-        f"one statement vs pgbench BEGIN/SELECT/COMMIT (same round trips but pre-ping): "
+        f"one statement vs pgbench BEGIN/SELECT/COMMIT (the same round trips): "
         f"{m['statement'] / m['pgbench_tx']:.2f}"
     )
     print(
