@@ -178,32 +178,20 @@ def _run(url: str, seconds: int, users: int, hot_clients: int, runs: int) -> Non
     print(f"{seconds}s each, median of {runs} interleaved runs, {users} users, {n} entries at end")
     print(f"{'measure':58} {'rate':>9} {'ratio':>7}   (runs' min-max)")
     rows = [
-        ("pgbench -c 1: SELECT tokens_spend(...) (baseline)", m["pgbench"], m["pgbench"]),
-        ("pgbench -c 1: BEGIN; SELECT tokens_spend(...); COMMIT", m["pgbench_tx"], m["pgbench"]),
-        ("domain debit, Python path (before), session_scope", m["python"], m["pgbench"]),
-        ("domain debit, one statement (after), session_scope", m["statement"], m["pgbench"]),
-        ("  the statement on a pooled Connection, no Session", m["bare"], m["pgbench"]),
-        ("  the same, pool_pre_ping=True (a ping per checkout)", m["bare_pre_ping"], m["pgbench"]),
-        (
-            f"pgbench -c {hot_clients}, one hot account (baseline)",
-            m["hot_pgbench"],
-            m["hot_pgbench"],
-        ),
-        (
-            f"hot account, {hot_clients} threads, Python path (before)",
-            m["hot_python"],
-            m["hot_pgbench"],
-        ),
-        (
-            f"hot account, {hot_clients} threads, one statement (after)",
-            m["hot_statement"],
-            m["hot_pgbench"],
-        ),
+        ("pgbench -c 1: SELECT tokens_spend(...) (baseline)", "pgbench", "pgbench"),
+        ("pgbench -c 1: BEGIN; SELECT tokens_spend(...); COMMIT", "pgbench_tx", "pgbench"),
+        ("domain debit, Python path (before), session_scope", "python", "pgbench"),
+        ("domain debit, one statement (after), session_scope", "statement", "pgbench"),
+        ("  the statement on a pooled Connection, no Session", "bare", "pgbench"),
+        ("  the same, pool_pre_ping=True (a ping per checkout)", "bare_pre_ping", "pgbench"),
+        (f"pgbench -c {hot_clients}, one hot account (baseline)", "hot_pgbench", "hot_pgbench"),
+        (f"hot account, {hot_clients} threads, Python path (before)", "hot_python", "hot_pgbench"),
+        (f"hot account, {hot_clients} threads, one statement", "hot_statement", "hot_pgbench"),
     ]
-    spread = {m[name]: (min(r), max(r)) for name, r in rates.items()}
-    for label, rate, base in rows:
-        low, high = spread[rate]
-        print(f"{label:58} {rate:8.0f}/s {rate / base:7.2f}   ({low:.0f}-{high:.0f})")
+    for label, name, base in rows:
+        low, high = min(rates[name]), max(rates[name])
+        ratio = m[name] / m[base]
+        print(f"{label:58} {m[name]:8.0f}/s {ratio:7.2f}   ({low:.0f}-{high:.0f})")
     print(
         f"one statement vs pgbench BEGIN/SELECT/COMMIT (the same round trips): "
         f"{m['statement'] / m['pgbench_tx']:.2f}"
