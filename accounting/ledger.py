@@ -18,6 +18,7 @@ from sqlalchemy import (
     select,
     text,
 )
+from sqlalchemy.dialects.postgresql import aggregate_order_by
 from sqlalchemy.engine import CursorResult
 from sqlalchemy.orm import Session
 
@@ -67,7 +68,27 @@ def _period(start_date: datetime | None, end_date: datetime | None) -> list[Colu
 
 def _page(session: Session, stmt: Select[LedgerEntry], limit: int, offset: int) -> EntriesOut:
     stmt = stmt.order_by(LedgerEntry.created_at.desc(), LedgerEntry.id.desc())
-    rows = session.scalars(stmt.limit(limit).offset(offset)).all()
+    stmt = stmt.limit(limit).offset(offset)
+    if clock.is_postgres(session):
+        # The page and each entry's split in one statement (one round trip, not two: at 10M
+        # rows the queries cost well under a millisecond, the round trips most of the rest).
+        eg = entry_grant_table.c
+        split = (
+            select(
+                func.json_agg(
+                    aggregate_order_by(func.json_build_array(eg.grant_id, eg.amount), eg.seq)
+                )
+            )
+            .where(eg.entry_id == LedgerEntry.id)
+            .scalar_subquery()
+        )
+        return EntriesOut(
+            entries=[
+                entry_out(e, [EntrySplit(grant_id=str(g), amount=int(a)) for g, a in js or ()])
+                for e, js in session.execute(stmt.add_columns(split))
+            ]
+        )
+    rows = session.scalars(stmt).all()
     splits = _splits(session, [e.id for e in rows])
     return EntriesOut(entries=[entry_out(e, splits.get(e.id)) for e in rows])
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Make sure the PostgreSQL and Redis the tests use are up; start the local ones if they are not.
+# Make sure the PostgreSQL, Redis and RabbitMQ the tests use are up; start the local ones if they are not.
 set -euo pipefail
 
 pg_up() { pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null; }
@@ -25,9 +25,20 @@ if ! redis_up; then
     exit 1
   fi
 fi
-for _ in $(seq 1 30); do
-  if pg_up && redis_up; then exit 0; fi
+# RabbitMQ: the tests' second broker (make test runs the end-to-end suite on it too).
+rabbit_up() { rabbitmq-diagnostics -q check_port_listener 5672 >/dev/null 2>&1; }
+if ! rabbit_up; then
+  echo "RabbitMQ is down; starting it" >&2
+  if command -v rabbitmq-server >/dev/null; then
+    rabbitmq-server -detached
+  else
+    echo "no rabbitmq-server here: start RabbitMQ on 127.0.0.1:5672 (guest/guest)" >&2
+    exit 1
+  fi
+fi
+for _ in $(seq 1 60); do
+  if pg_up && redis_up && rabbit_up; then exit 0; fi
   sleep 1
 done
-echo "PostgreSQL or Redis did not come up within 30 s" >&2
+echo "PostgreSQL, Redis or RabbitMQ did not come up within 60 s" >&2
 exit 1

@@ -18,6 +18,7 @@ from celery.signals import (
 )
 
 import worker.logs  # noqa: F401  (connects the logging hooks)
+from worker import coalescer
 from worker.config import celery_config
 from worker.db import dispose_engines, reset_engines_after_fork
 from worker.limits import time_limit_problems
@@ -48,6 +49,8 @@ def create_app() -> Celery:
         settings.var_dir.mkdir(parents=True, exist_ok=True)  # the embedded SQLite files live here
     app = Celery("tokens", include=TASK_MODULES)
     app.config_from_object(celery_config(settings))
+    # The single-debit coalescer's thread; it runs only with TOKENS_COALESCE_MS > 0.
+    app.steps["worker"].add(coalescer.Step)
     return app
 
 
@@ -116,11 +119,15 @@ def _serve_metrics(sender: Any, **_: Any) -> None:
 
 @celeryd_init.connect  # type: ignore[untyped-decorator]
 def _guard_the_transport(conf: Any, **_: Any) -> None:
-    # A worker reads Redis through kombu's transport made to refuse envelopes it would stop on
-    # (worker/transport.py). Set for workers only: other processes (producers, beat, Flower,
-    # whose broker page parses the transport name as a URL scheme) keep kombu's own.
-    if get_settings().broker_is_redis:
+    # A worker reads Redis (RabbitMQ) through kombu's transport made to refuse envelopes it would
+    # stop on (bodies it would inflate) (worker/transport.py). Set for workers only: other
+    # processes (producers, beat, Flower, whose broker page parses the transport name as a URL
+    # scheme) keep kombu's own.
+    settings = get_settings()
+    if settings.broker_is_redis:
         conf.broker_transport = "worker.transport:Transport"
+    elif settings.broker_is_amqp:
+        conf.broker_transport = "worker.transport:AmqpTransport"
 
 
 @worker_ready.connect  # type: ignore[untyped-decorator]

@@ -18,7 +18,7 @@ import click
 from pydantic import BaseModel, TypeAdapter, ValidationError
 from sqlalchemy.exc import InterfaceError, OperationalError
 
-from accounting import accounts, ledger, movements, renewals, reservations
+from accounting import accounts, expiry, ledger, movements, renewals, reservations
 from accounting import grants as grant_rows
 from accounting.errors import DomainError
 from models.schemas import (
@@ -27,6 +27,7 @@ from models.schemas import (
     EntryId,
     ExpireOut,
     Failure,
+    GrantsExpireOut,
     GrantsOut,
     IdempotencyKey,
     Metadata,
@@ -326,14 +327,27 @@ def debit(
 )
 @_metadata_option
 @_key_option
+@click.option(
+    "--grant-kind",
+    type=click.Choice(["purchased", "promo"]),
+    default="purchased",
+    show_default=True,
+)
+@click.option("--expires-at", default=None, callback=_date, help="ISO 8601, in the future.")
+@click.option(
+    "--priority", type=click.IntRange(0, 100), default=None, help="Default: by kind (50, 20)."
+)
 def credit(
     user_id: str,
     amount: int,
     operation_type: str,
     metadata: dict[str, Any] | None,
     idempotency_key: str | None,
+    grant_kind: str,
+    expires_at: datetime | None,
+    priority: int | None,
 ) -> None:
-    """Credit tokens to a user."""
+    """Credit tokens to a user, as a new purchased (or promo) grant."""
     _run(
         "tokens.credit",
         movements.credit,
@@ -342,6 +356,9 @@ def credit(
         operation_type=operation_type,
         metadata=metadata,
         idempotency_key=idempotency_key,
+        grant_kind=grant_kind,
+        expires_at=expires_at,
+        priority=priority,
     )
 
 
@@ -427,6 +444,13 @@ def reset_balance(user_id: str, new_balance: int, reason: str | None) -> None:
 @click.option("--ttl-seconds", type=click.IntRange(1, MAX_TTL_SECONDS), default=900)
 @_metadata_option
 @_key_option
+@click.option(
+    "--overcapture-limit",
+    type=click.IntRange(0, MAX_AMOUNT),
+    default=0,
+    show_default=True,
+    help="How far past the hold a capture may go (into debt if need be).",
+)
 def reserve(
     user_id: str,
     amount: int | None,
@@ -434,6 +458,7 @@ def reserve(
     ttl_seconds: int,
     metadata: dict[str, Any] | None,
     idempotency_key: str | None,
+    overcapture_limit: int,
 ) -> None:
     """Hold tokens until captured, released or expired."""
     _run(
@@ -445,6 +470,22 @@ def reserve(
         ttl_seconds=ttl_seconds,
         metadata=metadata,
         idempotency_key=idempotency_key,
+        overcapture_limit=overcapture_limit,
+    )
+
+
+@main.command()
+@click.argument("reservation_id", callback=_checked(ReservationId))
+@click.option("--amount", type=click.IntRange(0, MAX_AMOUNT), default=0, help="Tokens to add.")
+@click.option("--ttl-seconds", type=click.IntRange(1, MAX_TTL_SECONDS), default=None)
+def extend(reservation_id: str, amount: int, ttl_seconds: int | None) -> None:
+    """Hold more of a reservation and/or keep it alive longer (at most 7 days in all)."""
+    _run(
+        "tokens.extend",
+        reservations.extend,
+        reservation_id=reservation_id,
+        amount=amount,
+        ttl_seconds=ttl_seconds,
     )
 
 
@@ -476,6 +517,14 @@ def expire_reservations() -> None:
     """Release every reservation past its expiry now."""
     _ready()
     _emit(ExpireOut(expired=reservations.expire_all(session_factory())))
+
+
+@main.command("expire-grants")
+def expire_grants() -> None:
+    """Expire every grant past its end now (what the beat's grants.expire does each minute)."""
+    _ready()
+    expired, tokens = expiry.expire_all(session_factory())
+    _emit(GrantsExpireOut(expired=expired, tokens_expired=tokens))
 
 
 # --- the ledger -----------------------------------------------------------------------------

@@ -24,6 +24,11 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             "health_check_interval": 25,
             "socket_keepalive": True,
         }
+    # RabbitMQ has no visibility timeout: it redelivers what a worker held as soon as the
+    # worker's connection closes (a crash included), and closes a channel holding a message
+    # unacknowledged past its own consumer_timeout (30 min by default, server-side), far above
+    # TOKENS_TASK_TIME_LIMIT. Nothing to set here; TOKENS_VISIBILITY_TIMEOUT only bounds the
+    # time limits.
     backend_transport: dict[str, Any] = {}
     if settings.backend.startswith(("redis://", "rediss://")):
         backend_transport = {"visibility_timeout": settings.visibility_timeout}
@@ -54,7 +59,13 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "timezone": "UTC",
         "enable_utc": True,
         "task_default_queue": DEFAULT_QUEUE,
-        "task_queues": task_queues(),
+        "task_queues": task_queues(settings.queue_type),
+        # Queues Celery declares itself (a queue named by a task and not listed) get the same
+        # type. Quorum queues have no global QoS: Celery detects them (the default) and sets
+        # the prefetch per consumer instead, a static count.
+        "task_default_queue_type": settings.queue_type,
+        "task_create_missing_queue_type": settings.queue_type,
+        "worker_detect_quorum_queues": True,
         "task_routes": {"renewals.*": {"queue": RENEWALS_QUEUE}},
         "worker_hijack_root_logger": False,
         # Every task message is checked where it is decoded, before the pool sees it: a poison
@@ -67,10 +78,12 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     elif settings.embedded:
         # SQLite takes one writer at a time; more processes would only queue on its lock.
         config["worker_concurrency"] = 1
-    if settings.broker_is_redis:
+    # RedBeat keeps the schedule and the one-beat lock in Redis: the Redis broker's, or with
+    # RabbitMQ the Redis of TOKENS_REDBEAT_REDIS_URL (without it: one beat, schedule in a file).
+    if settings.redbeat_url is not None:
         config |= {
             "beat_scheduler": "redbeat.RedBeatScheduler",
-            "redbeat_redis_url": settings.redbeat_redis_url or settings.broker,
+            "redbeat_redis_url": settings.redbeat_url,
             # Explicit: RedBeat 2.4.2 deprecates falling back to broker_transport_options (and
             # does not pass those to its client). retry_period: ride out a Redis blip for less
             # than the lock timeout instead of crashing the beat.

@@ -24,23 +24,43 @@ ROOT = Path(__file__).resolve().parent.parent
 PG_ADMIN_URL = os.environ.get("TOKENS_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("TOKENS_TEST_REDIS", "redis://127.0.0.1:6379")
 _SLOTS = 7  # Redis databases 2..15, a broker/backend pair per concurrent run
+AMQP_URL = os.environ.get("TOKENS_TEST_AMQP", "amqp://guest:guest@127.0.0.1:5672")
+#: The broker the scratch environment uses: "redis" (the default), "amqp" (RabbitMQ, classic
+#: queues) or "quorum" (RabbitMQ, quorum queues); RabbitMQ gets a virtual host of its own.
+BROKERS = ("redis", "amqp", "quorum")
+
+
+def _rabbitmqctl(*args: str) -> None:
+    """``rabbitmqctl`` on this machine (the tests' RabbitMQ is local, like their PostgreSQL)."""
+    done = subprocess.run(["rabbitmqctl", "-q", *args], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"rabbitmqctl {' '.join(args)}: {done.stderr.strip() or done.stdout}")
 
 
 class Scratch:
     """A fresh database and Redis pair; ``env`` holds the TOKENS_* variables pointing at them."""
 
-    def __init__(self, prefix: str) -> None:
+    def __init__(self, prefix: str, broker: str | None = None) -> None:
+        self.broker = broker or os.environ.get("TOKENS_TEST_BROKER") or "redis"
+        if self.broker not in BROKERS:
+            raise ValueError(f"TOKENS_TEST_BROKER={self.broker!r}: one of {', '.join(BROKERS)}")
         self.slot = self._claim_redis_slot()
         self.broker_url = f"{REDIS_URL}/{2 * self.slot}"
         self.backend_url = f"{REDIS_URL}/{2 * self.slot + 1}"
         self.db_name = f"{prefix}_{os.getpid()}_{uuid.uuid4().hex[:6]}"
         base = PG_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1)
         self.database_url = f"{base}/{self.db_name}"
+        self.vhost: str | None = None
+        if self.broker != "redis":
+            self.vhost = self.db_name
+            self.broker_url = f"{AMQP_URL}/{self.vhost}"
         self.env = {
             "TOKENS_DATABASE_URL": self.database_url,
             "TOKENS_BROKER_URL": self.broker_url,
             "TOKENS_RESULT_BACKEND": self.backend_url,
         }
+        if self.broker == "quorum":
+            self.env["TOKENS_QUEUE_TYPE"] = "quorum"
 
     @staticmethod
     def _claim_redis_slot() -> int:
@@ -61,24 +81,34 @@ class Scratch:
     def create(self) -> None:
         with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
             conn.execute(f'CREATE DATABASE "{self.db_name}"')
-        for url in (self.broker_url, self.backend_url):
-            redis.Redis.from_url(url).flushdb()
+        if self.vhost is not None:
+            _rabbitmqctl("add_vhost", self.vhost)
+            _rabbitmqctl("set_permissions", "-p", self.vhost, "guest", ".*", ".*", ".*")
+        redis.Redis.from_url(f"{REDIS_URL}/{2 * self.slot}").flushdb()
+        redis.Redis.from_url(self.backend_url).flushdb()
 
     def destroy(self) -> None:
         with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{self.db_name}" WITH (FORCE)')
-        for url in (self.broker_url, self.backend_url):
-            redis.Redis.from_url(url).flushdb()
+        if self.vhost is not None:
+            _rabbitmqctl("delete_vhost", self.vhost)
+        redis.Redis.from_url(f"{REDIS_URL}/{2 * self.slot}").flushdb()
+        redis.Redis.from_url(self.backend_url).flushdb()
         redis.Redis.from_url(f"{REDIS_URL}/0").delete(f"tokens-test-slot:{self.slot}")
 
 
 def producer() -> Celery:
-    """A producer as the contract describes it: broker and backend URLs, nothing else."""
-    return Celery(
+    """A producer as the contract describes it: broker and backend URLs, nothing else (and
+    with RabbitMQ quorum queues, the queue type every producer must declare them with)."""
+    app = Celery(
         "producer",
         broker=os.environ["TOKENS_BROKER_URL"],
         backend=os.environ["TOKENS_RESULT_BACKEND"],
     )
+    if os.environ.get("TOKENS_QUEUE_TYPE") == "quorum":
+        app.conf.task_default_queue_type = "quorum"
+        app.conf.task_create_missing_queue_type = "quorum"  # a queue named by a send_task
+    return app
 
 
 class WorkerProcess:

@@ -59,8 +59,13 @@ def _server(name: str, problem: str | None, url: str) -> Check:
 
 def _beat(timeout: float) -> Check:
     settings = get_settings()
-    if not settings.broker_is_redis:
-        return Check("beat", "skip", "no RedBeat lock on the embedded default")
+    if settings.redbeat_url is None:
+        where = (
+            "the embedded default"
+            if not settings.broker_is_amqp
+            else "RabbitMQ without TOKENS_REDBEAT_REDIS_URL"
+        )
+        return Check("beat", "skip", f"no RedBeat lock on {where}")
     from redbeat.schedulers import RedBeatConfig
 
     from worker.celery import app

@@ -22,8 +22,8 @@ from worker.settings import get_settings
 
 def beat_problem() -> str | None:
     settings = get_settings()
-    if not settings.broker_is_redis:
-        return "beat: no RedBeat to check (the broker is not Redis)"
+    if settings.redbeat_url is None:
+        return "beat: no RedBeat to check (no Redis for it: TOKENS_REDBEAT_REDIS_URL)"
     config = celery_config(settings)
     prefix = config["redbeat_key_prefix"]
     client = redis.Redis.from_url(config["redbeat_redis_url"], socket_timeout=5)

@@ -389,27 +389,33 @@ class BrokerQueues:
     def lengths(self) -> dict[str, int]:
         with self.lock:
             try:
-                if self.connection is None:
-                    self.connection = self.app.connection_for_read(
-                        transport_options={
-                            "max_retries": 1,
-                            "interval_start": 0,
-                            "connect_retries_timeout": SCRAPE_TIMEOUT,
-                            "socket_timeout": SCRAPE_TIMEOUT,
-                            "socket_connect_timeout": SCRAPE_TIMEOUT,
-                        }
-                    )
-                channel = self.connection.default_channel
-                return {queue: self._length(channel, queue) for queue in self.queues}
+                return {queue: self._length(queue) for queue in self.queues}
             except Exception:
                 self.forget()
                 raise
 
-    @staticmethod
-    def _length(channel: Any, queue: str) -> int:
+    def _length(self, queue: str) -> int:
+        # Redis: the list's length; RabbitMQ: the ready messages (not those delivered and
+        # unacknowledged) of a passive declare, which neither creates nor changes the queue.
+        if self.connection is None:
+            self.connection = self.app.connection_for_read(
+                transport_options={
+                    "max_retries": 1,
+                    "interval_start": 0,
+                    "connect_retries_timeout": SCRAPE_TIMEOUT,
+                    "socket_timeout": SCRAPE_TIMEOUT,
+                    "socket_connect_timeout": SCRAPE_TIMEOUT,
+                }
+            )
+        connection = self.connection
         try:
-            return int(channel.queue_declare(queue=queue, passive=True).message_count)
-        except ChannelError:  # Redis has no key for an empty queue: "no such queue"
+            declared = connection.default_channel.queue_declare(queue=queue, passive=True)
+            return int(declared.message_count)
+        except (ChannelError, *connection.channel_errors):
+            # Redis has no key for an empty queue: "no such queue". RabbitMQ answers 404 for a
+            # queue not declared yet, and closes the channel: the next queue opens another.
+            if connection.transport.driver_type == "amqp":
+                self.forget()
             return 0
 
     def forget(self, close: bool = True) -> None:

@@ -25,9 +25,22 @@ RENEWALS_QUEUE = "renewals"
 STALE_BINDINGS = ((DEFAULT_QUEUE, DEFAULT_QUEUE, RENEWALS_QUEUE),)
 
 
-def task_queues() -> tuple[Queue, ...]:
+def queue_arguments(queue_type: str = "classic") -> dict[str, str] | None:
+    """RabbitMQ's arguments for a queue of ``queue_type``. A queue's type is fixed when it is
+    first declared, and RabbitMQ refuses (406 PRECONDITION_FAILED) a declaration with other
+    arguments: every producer and worker must declare the queues alike (a Celery producer:
+    ``task_default_queue_type = "quorum"``). Redis ignores them."""
+    return {"x-queue-type": "quorum"} if queue_type == "quorum" else None
+
+
+def task_queues(queue_type: str = "classic") -> tuple[Queue, ...]:
     return tuple(
-        Queue(name, Exchange(name, type="direct"), routing_key=name)  # type: ignore[no-untyped-call]
+        Queue(  # type: ignore[no-untyped-call]
+            name,
+            Exchange(name, type="direct"),  # type: ignore[no-untyped-call]
+            routing_key=name,
+            queue_arguments=queue_arguments(queue_type),
+        )
         for name in (DEFAULT_QUEUE, RENEWALS_QUEUE)
     )
 

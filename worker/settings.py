@@ -39,6 +39,7 @@ __all__ = [
 
 SERVER_URLS = ("database_url", "broker_url", "result_backend")
 URL_FIELDS = (*SERVER_URLS, "redbeat_redis_url")
+AMQP_SCHEMES = ("amqp", "amqps", "pyamqp")
 _PG_EXAMPLE = "postgresql+psycopg://USER:PASSWORD@HOST:5432/DATABASE"
 
 
@@ -99,7 +100,15 @@ class Settings(BaseSettings):
     retry_backoff_max: int = Field(default=30, ge=1)
     worker_concurrency: int | None = None
     task_events: bool = True
+    # RabbitMQ only: "classic" queues (one node), or "quorum" (replicated by Raft across a
+    # cluster; every producer must then declare them so too). Redis ignores it.
+    queue_type: Literal["classic", "quorum"] = "classic"
     db_pool_size: int = Field(default=5, ge=1)
+    # The single-debit coalescer (worker/coalescer.py): off at 0; else the worker also consumes
+    # the queue ``tokens.debit``, collecting its messages for this many milliseconds (or until
+    # coalesce_max of them) into one transaction.
+    coalesce_ms: int = Field(default=0, ge=0, le=1000)
+    coalesce_max: int = Field(default=500, ge=1, le=1000)
 
     prices: dict[str, int] = Field(default_factory=lambda: dict(DEFAULT_PRICES))
     tiers: dict[str, Tier] = Field(default_factory=lambda: dict(DEFAULT_TIERS))
@@ -143,7 +152,11 @@ class Settings(BaseSettings):
     @field_validator("broker_url")
     @classmethod
     def _broker_url(cls, url: str | None) -> str | None:
-        return _redis_url(url, "sqla+sqlite", "redis://HOST:6379/0")
+        if url is not None and _scheme(url) in AMQP_SCHEMES:
+            return url
+        return _redis_url(
+            url, "sqla+sqlite", "redis://HOST:6379/0 or amqp://USER:PASSWORD@HOST:5672/VHOST"
+        )
 
     @field_validator("result_backend")
     @classmethod
@@ -207,6 +220,18 @@ class Settings(BaseSettings):
     @property
     def broker_is_redis(self) -> bool:
         return self.broker.startswith(("redis://", "rediss://"))
+
+    @property
+    def broker_is_amqp(self) -> bool:
+        return _scheme(self.broker) in AMQP_SCHEMES
+
+    @property
+    def redbeat_url(self) -> str | None:
+        """Where RedBeat keeps the schedule and its lock: the Redis broker, or with RabbitMQ
+        ``TOKENS_REDBEAT_REDIS_URL`` (no RedBeat, one file-scheduled beat, without it)."""
+        if self.broker_is_redis:
+            return self.redbeat_redis_url or self.broker
+        return self.redbeat_redis_url if self.broker_is_amqp else None
 
 
 def _redis_url(url: str | None, embedded: str | None, example: str) -> str | None:

@@ -1,5 +1,13 @@
-"""kombu's Redis transport, made to survive any envelope (``broker_transport`` when the broker is
-Redis).
+"""kombu's Redis and AMQP transports, made to survive any envelope (``broker_transport`` of a
+worker).
+
+RabbitMQ: the AMQP client decodes the frames (headers are typed AMQP tables, the body is bytes),
+so what reaches kombu is always a message, and worker/consumer.py checks it. One thing happens
+before that check: kombu inflates a body whose ``compression`` header names a method, before
+anything bounds its size. :class:`AmqpTransport` builds messages without inflating; the header
+stays on the message and the consumer refuses it, as on Redis.
+
+Redis:
 
 Before Celery sees a message, kombu's Redis channel pops the raw envelope off the queue (BRPOP),
 parses it with ``json.loads`` and builds a message from it. An envelope that is not JSON, is
@@ -15,6 +23,7 @@ import binascii
 import logging
 from typing import Any
 
+import kombu.transport.pyamqp as kombu_amqp
 import kombu.transport.redis as kombu_redis
 from kombu.utils.json import loads as kombu_loads
 
@@ -89,3 +98,29 @@ class Transport(kombu_redis.Transport):
         from worker.celery import app  # the app imports the config naming this class
 
         refuse(refusal, app.backend)
+
+
+# --- RabbitMQ ---------------------------------------------------------------------------------
+
+
+class AmqpMessage(kombu_amqp.Message):
+    """kombu's AMQP message, minus inflating a compressed body (the consumer refuses it)."""
+
+    def __init__(self, msg: Any, channel: Any = None, **kwargs: Any) -> None:
+        headers = msg.properties.get("application_headers")
+        compression = headers.pop("compression", None) if isinstance(headers, dict) else None
+        super().__init__(msg, channel=channel, **kwargs)  # type: ignore[no-untyped-call]
+        if compression is not None:
+            self.headers["compression"] = compression
+
+
+class AmqpChannel(kombu_amqp.Channel):
+    Message = AmqpMessage
+
+
+class AmqpConnection(kombu_amqp.Connection):
+    Channel = AmqpChannel
+
+
+class AmqpTransport(kombu_amqp.Transport):
+    Connection = AmqpConnection

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import func, select
@@ -13,7 +14,8 @@ from accounting import accounts, batches, movements
 from models.schemas import DebitBatchOut, DebitIn, Failure, MovementOut
 from models.tables import IdempotencyRecord, LedgerEntry
 from tests.support import assert_ledger_consistent, run_in_threads
-from worker.db import session_scope
+from worker.db import make_engine, session_scope
+from worker.migrate import upgrade
 
 THREADS = 6  # the engine's pool holds 7 connections; the race needs each thread on its own
 
@@ -237,3 +239,142 @@ def test_a_batch_and_single_debits_sharing_keys_never_deadlock(session: Session)
     assert counts(session) == (2 + rounds * keys * 2, rounds * keys * 2)
     assert balances(session, "u", "v") == [10_000 - rounds * keys] * 2
     assert_ledger_consistent(session)
+
+
+# --- the set-based path gives what the item-by-item path gives ---------------------------------
+
+
+def _state(session: Session, out: DebitBatchOut) -> dict[str, Any]:
+    """Everything a batch changed, with ledger ids as (user, the entry's rank among the user's)
+    (ids and clocks differ between two runs of the same batch, and the order across users)."""
+    from sqlalchemy import text
+
+    rank: dict[str, tuple[str, int]] = {}
+    for i, user_id in session.execute(text("SELECT id, user_id FROM ledger_entries ORDER BY id")):
+        rank[str(i)] = (user_id, sum(r[0] == user_id for r in rank.values()))
+
+    def norm(r: MovementOut | Failure) -> Any:
+        if isinstance(r, MovementOut):
+            return r.model_copy(update={"ledger_entry_id": rank[r.ledger_entry_id]})
+        return r
+
+    def rows(sql: str) -> list[Any]:
+        return [tuple(r) for r in session.execute(text(sql))]
+
+    records = [
+        (u, k, h, None if r is None else {**r, "ledger_entry_id": rank[r["ledger_entry_id"]]})
+        for u, k, h, r in rows(
+            "SELECT user_id, key, request_hash, response FROM idempotency_records ORDER BY 1, 2"
+        )
+    ]
+    events = session.info.get("pending_domain_events", [])
+    return {
+        "results": [norm(r) for r in out.results],
+        "counts": (out.applied, out.refused),
+        "accounts": rows(
+            "SELECT user_id, tokens_balance, tokens_reserved, tokens_spent, debt FROM accounts"
+            " ORDER BY 1"
+        ),
+        "grants": rows(
+            "SELECT id, remaining, held, spent, expired, status, ended_at IS NULL FROM grants"
+            " ORDER BY 1"
+        ),
+        # Per user in the order applied (a batch may apply users in another order).
+        "entries": rows(
+            "SELECT user_id, kind, operation_type, tokens_amount, balance_before, balance_after,"
+            " idempotency_key, metadata::text FROM ledger_entries ORDER BY user_id, id"
+        ),
+        "splits": sorted(
+            (rank[str(e)], g, a, s)
+            for e, g, a, s in rows("SELECT entry_id, grant_id, amount, seq FROM entry_grants")
+        ),
+        "records": records,
+        "events": sorted(repr(sorted(f.items())) for _, _, f in events),
+    }
+
+
+def test_set_based_and_item_by_item_agree(session: Session) -> None:
+    from datetime import timedelta
+
+    from accounting import clock, reservations
+    from tests.accounting.grant_helpers import credited, make_due
+
+    users = [f"g{i}" for i in range(6)]
+    opened(session, **dict.fromkeys(users, 0))
+    later = clock.db_now(session) + timedelta(days=3)
+    for i, u in enumerate(users):
+        credited(session, 40 + 10 * i, u, kind="promo", priority=5, expires_at=later)
+        credited(session, 30, u, kind="promo", expires_at=later + timedelta(days=i))
+        credited(session, 25 + i, u)
+    due = credited(session, 15, "g1", kind="promo", expires_at=later)
+    make_due(session, due)
+    reservations.reserve(session, "g2", 50)
+    movements.debit(session, "g3", 200, "image_generation", allow_overdraft=True)
+    movements.debit(session, "g4", 7, "image_generation", idempotency_key="old")
+    movements.debit(session, "g5", 7, "image_generation", idempotency_key="old")
+    session.commit()
+
+    rng = random.Random(12)
+    items = [
+        d(
+            rng.choice([*users, "ghost"]),
+            rng.choice([0, 1, 5, 20, 45, 90]),
+            rng.choice(["image_generation", "chatgpt_message"] * 5 + ["nope"]),
+            allow_overdraft=rng.random() < 0.2,
+            metadata={"n": n} if n % 3 else {},
+            idempotency_key=rng.choice([None, None, f"k{n}"]),
+        )
+        for n in range(120)
+    ]
+    items.append(d("g4", 7, idempotency_key="old"))  # a replay of the earlier debit
+    items.append(d("g5", 8, idempotency_key="old"))  # a conflict with it
+    items.append(d("g5", 3, idempotency_key="k1"))  # another user's key: not the same key
+    items += [d("g0", 3, idempotency_key="twice"), d("g0", 3, idempotency_key="twice")]
+
+    states = []
+    for apply in (batches.debit_batch, batches.debit_batch_item_by_item):
+        out = apply(session, items, "t1")
+        session.flush()
+        states.append(_state(session, out))
+        assert_ledger_consistent(session)
+        session.rollback()
+    set_based, item_by_item = states
+    for part in item_by_item:
+        assert set_based[part] == item_by_item[part], part
+    kinds = {type(r).__name__ for r in item_by_item["results"]}
+    assert kinds == {"MovementOut", "Failure"}
+    codes = {r.error_code for r in item_by_item["results"] if isinstance(r, Failure)}
+    assert codes == {
+        "INVALID_AMOUNT",
+        "UNKNOWN_OPERATION_TYPE",
+        "USER_NOT_FOUND",
+        "INSUFFICIENT_TOKENS",
+        "IDEMPOTENCY_CONFLICT",
+    }
+    assert any(r.replayed for r in item_by_item["results"] if isinstance(r, MovementOut))
+
+
+def test_on_sqlite_item_by_item(tmp_path: Path) -> None:
+    """The embedded default keeps the portable path: each item through movements.debit."""
+    url = f"sqlite:///{tmp_path / 'tokens.sqlite'}"
+    upgrade(url)
+    engine = make_engine(url)
+    try:
+        with Session(engine, expire_on_commit=False) as s:
+            opened(s, u1=100)
+            items = [d("u1", 60), d("u1", 60), d("ghost", 1), d("u1", 40, idempotency_key="k")]
+            out = batches.debit_batch(s, items, "t1")
+            s.commit()
+            again = batches.debit_batch(s, items, "t1")
+            s.commit()
+            assert [r.success for r in out.results] == [True, False, False, True]
+            assert balances(s, "u1") == [0]
+            assert [isinstance(r, MovementOut) and r.replayed for r in again.results] == [
+                True,
+                False,
+                False,
+                True,
+            ]
+            assert_ledger_consistent(s)
+    finally:
+        engine.dispose()

@@ -210,6 +210,40 @@ def test_expire_reservations(session: Session) -> None:
     assert tokens("balance", "u")["tokens_reserved"] == 20
 
 
+def test_grants_from_the_command_line_settle_and_expire(session: Session) -> None:
+    """The v1.1 commands: a promo credit with its end and priority, a hold with an over-capture
+    limit, extended and captured past the hold into debt, and expire-grants writing off a due
+    grant."""
+    tokens("open-account", "u", "--initial-balance", "10")
+    soon = (datetime.now(UTC) + timedelta(hours=1)).isoformat()
+    promo = tokens("credit", "u", "40", "--grant-kind", "promo", "--expires-at", soon)
+    assert promo["new_balance"] == 50
+    listed = tokens("grants", "u", "--json")["grants"]
+    assert [(g["kind"], g["priority"], g["remaining"]) for g in listed] == [
+        ("promo", 20, 40),
+        ("adjustment", 50, 10),
+    ]
+    held = tokens("reserve", "u", "--amount", "30", "--overcapture-limit", "50")
+    grown = tokens("extend", held["reservation_id"], "--amount", "15", "--ttl-seconds", "60")
+    assert (grown["amount"], grown["tokens_available"]) == (45, 5)
+    captured = tokens("capture", held["reservation_id"], "--amount", "60")
+    assert (captured["new_balance"], captured["overcaptured"], captured["shortfall"]) == (
+        -10,
+        15,
+        10,
+    )
+    assert tokens("balance", "u")["debt"] == 10
+    assert tokens("credit", "u", "25", "--expires-at", soon)["new_balance"] == 15
+    session.execute(text("UPDATE grants SET expires_at = now() - interval '1 second'"))
+    session.commit()
+    assert tokens("expire-grants") == {"success": True, "expired": 1, "tokens_expired": 15}
+    assert tokens("expire-grants") == {"success": True, "expired": 0, "tokens_expired": 0}
+    assert tokens("balance", "u")["tokens_balance"] == 0
+    refused = tokens("credit", "u", "5", "--expires-at", "2020-01-01T00:00:00Z", code=1)
+    assert refused["error_code"] == "VALIDATION_ERROR"
+    assert_ledger_consistent(session)
+
+
 def test_credit_with_idempotency_key(session: Session) -> None:
     tokens("open-account", "u", "--initial-balance", "10")
     first = tokens("credit", "u", "25", "--idempotency-key", "ops-1")
@@ -627,7 +661,7 @@ def test_every_command_in_the_readme_operations_section_runs(
         ]  # fmt: skip
         result = run_readme_line(argv)
         assert result.exit_code == 0, (line, result.output, result.exception)
-        if argv[1] not in ("migrate", "doctor"):
+        if argv[1] not in ("migrate", "doctor", "grants"):  # these print tables
             printed[argv[1]] = json.loads(result.stdout)
             assert printed[argv[1]]["success"] is True
         if argv[1] == "reserve":

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
@@ -456,3 +457,28 @@ def test_expired_tokens_are_counted_once_committed(
     assert grew(old, new, "tokens_moved_total")[
         lab(operation_type="expiry", direction="debit")
     ] == (3 * 42)
+
+
+def test_rabbitmq_queue_lengths_are_ready_message_counts() -> None:
+    """On RabbitMQ the lengths come from a passive declare (creating nothing); a queue not
+    declared yet counts 0, and the channel RabbitMQ closes for it does not break the next read."""
+    from kombu import Connection, Exchange, Queue  # type: ignore[attr-defined]
+
+    from worker.devenv import AMQP_URL
+
+    url = f"{AMQP_URL}//"
+    name = f"tokens-metrics-test-{uuid.uuid4().hex[:8]}"
+    missing = f"tokens-metrics-absent-{uuid.uuid4().hex[:8]}"  # read first (sorted)
+    with Connection(url) as conn:  # type: ignore[no-untyped-call]
+        exchange = Exchange(name, type="direct")  # type: ignore[no-untyped-call]
+        queue = Queue(name, exchange, routing_key=name, auto_delete=False)  # type: ignore[no-untyped-call]
+        producer = conn.Producer()
+        for i in range(3):
+            producer.publish({"n": i}, exchange=queue.exchange, routing_key=name, declare=[queue])
+        try:
+            queues = BrokerQueues(Celery("scrape", broker=url), [name, missing])
+            assert queues.lengths() == {name: 3, missing: 0}
+            assert queues.lengths() == {name: 3, missing: 0}
+            queues.forget()
+        finally:
+            queue(conn.channel()).delete()  # type: ignore[no-untyped-call]

@@ -206,6 +206,44 @@ def test_redbeat_schedules_when_the_broker_is_redis(env: pytest.MonkeyPatch) -> 
     assert separate["redbeat_redis_url"] == "redis://10.0.0.1:6379/5"
 
 
+AMQP = REDIS | {"TOKENS_BROKER_URL": "amqp://guest:guest@127.0.0.1:5672//"}
+
+
+def test_rabbitmq_brokers_get_classic_queues_and_no_redis_options(env: pytest.MonkeyPatch) -> None:
+    settings = settings_from(env, **AMQP)
+    assert settings.broker_is_amqp and not settings.broker_is_redis
+    config = celery_config(settings)
+    assert config["broker_url"] == AMQP["TOKENS_BROKER_URL"]
+    # RabbitMQ redelivers on a closed connection: no visibility timeout, no Redis socket options.
+    assert config["broker_transport_options"] == {}
+    assert [q.queue_arguments for q in config["task_queues"]] == [None, None]
+    assert config["task_default_queue_type"] == "classic"
+    for scheme in ("amqps", "pyamqp"):
+        assert settings_from(env, TOKENS_BROKER_URL=f"{scheme}://u:p@mq//").broker_is_amqp
+
+
+def test_quorum_queues_are_declared_as_such_everywhere(env: pytest.MonkeyPatch) -> None:
+    config = config_from(env, **AMQP, TOKENS_QUEUE_TYPE="quorum")
+    assert [q.queue_arguments for q in config["task_queues"]] == [{"x-queue-type": "quorum"}] * 2
+    assert config["task_default_queue_type"] == "quorum"
+    assert config["task_create_missing_queue_type"] == "quorum"
+    # Quorum queues refuse global QoS; Celery switches to per-consumer prefetch when it sees them.
+    assert config["worker_detect_quorum_queues"] is True
+    with pytest.raises(ValidationError, match="queue_type"):
+        settings_from(env, **AMQP, TOKENS_QUEUE_TYPE="stream")
+
+
+def test_rabbitmq_beat_uses_redbeat_only_with_a_redis_for_it(
+    env: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    alone = config_from(env, **AMQP, TOKENS_VAR_DIR=str(tmp_path))
+    assert "beat_scheduler" not in alone
+    assert alone["beat_schedule_filename"] == str(tmp_path / "celerybeat-schedule")
+    redbeat = config_from(env, **AMQP, TOKENS_REDBEAT_REDIS_URL="redis://10.0.0.1:6379/5")
+    assert redbeat["beat_scheduler"] == "redbeat.RedBeatScheduler"
+    assert redbeat["redbeat_redis_url"] == "redis://10.0.0.1:6379/5"
+
+
 def test_embedded_beat_uses_a_schedule_file(env: pytest.MonkeyPatch, tmp_path: Path) -> None:
     config = config_from(env, TOKENS_VAR_DIR=str(tmp_path))
     assert "beat_scheduler" not in config
@@ -292,9 +330,9 @@ def test_postgres_urls_mean_psycopg_3(env: pytest.MonkeyPatch, scheme: str) -> N
         ),
         (
             "TOKENS_BROKER_URL",
-            "amqp://u:pw@mq//",
-            "TOKENS_BROKER_URL: unsupported scheme 'amqp'; write redis://HOST:6379/0 "
-            "(rediss:// for TLS)",
+            "sqs://u:pw@mq//",
+            "TOKENS_BROKER_URL: unsupported scheme 'sqs'; write redis://HOST:6379/0 or "
+            "amqp://USER:PASSWORD@HOST:5672/VHOST (rediss:// for TLS)",
         ),
         (
             "TOKENS_RESULT_BACKEND",

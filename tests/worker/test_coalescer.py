@@ -1,0 +1,206 @@
+"""The single-debit coalescer (worker/coalescer.py) through real worker processes and Redis:
+concurrent producers' debits applied once each with their own results, a worker killed in the
+middle of a coalesced transaction, a committed message delivered again.
+
+Each worker consumes only the coalescer's queue (and a private one), so the session's workers
+never take these messages, and these workers never take theirs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from collections import Counter
+from typing import Any
+
+import pytest
+from celery import Celery
+from celery.result import AsyncResult
+
+from accounting.accounts import open_account
+from tests import dbstate
+from tests.polling import wait_for
+from tests.support import WorkerProcess, run_in_threads, running_workers
+from tests.worker.test_faults import FAST_REDELIVERY, backend_alive, lock_waiters, row_locked
+from worker.coalescer import QUEUE
+from worker.db import session_scope
+
+USERS = [f"c{i}" for i in range(5)]
+COALESCE = {"TOKENS_COALESCE_MS": "30", **FAST_REDELIVERY}
+
+
+@pytest.fixture
+def accounts(clean_db: None) -> list[str]:
+    with session_scope() as session:
+        for user in USERS:
+            open_account(session, user, initial_balance=1000)
+    return USERS
+
+
+def coalescing_worker(role: str) -> WorkerProcess:
+    own = f"coalesce-own-{uuid.uuid4().hex[:8]}"
+    return WorkerProcess(f"{role}-{os.getpid()}", concurrency=1, env=COALESCE, queues=own)
+
+
+def debit(app: Celery, user: str, amount: int, **kw: Any) -> AsyncResult:
+    kwargs = {"user_id": user, "amount": amount, "operation_type": "image_generation"}
+    return app.send_task(
+        "tokens.debit", kwargs={**kwargs, **kw.pop("extra", {})}, queue=QUEUE, **kw
+    )
+
+
+def debits_of(user: str) -> list[dict[str, Any]]:
+    return [e for e in dbstate.entries(user) if e["tokens_amount"] < 0]
+
+
+def test_concurrent_producers_each_applied_once_with_their_own_result(
+    app: Celery, accounts: list[str]
+) -> None:
+    producers, each = 4, 25
+
+    def produce(i: int) -> list[tuple[str, AsyncResult]]:
+        sent = []
+        for n in range(each):
+            user = USERS[(i + n) % len(USERS)]
+            sent.append((user, debit(app, user, 1 + n % 3)))
+        return sent
+
+    w = coalescing_worker("coalesce-many")
+    with running_workers(app, w):
+        sent = [s for per in run_in_threads(producers, produce) for s in per]
+        outs = {r.id: (user, r.get(timeout=60)) for user, r in sent}
+        applied = {u: debits_of(u) for u in USERS}
+        balances = {u: dbstate.balance(u) for u in USERS}
+        refused = debit(app, "c0", 5000).get(timeout=30)
+        malformed = debit(app, "c0", 1, extra={"amount": "1"}).get(timeout=30)
+        # A committed message delivered again (same task id): its key replays it.
+        again_id = sent[0][1].id
+        debit(app, sent[0][0], 1, task_id=again_id)
+        # Celery keeps a task id's first SUCCESS; a debit sent after it shows it was consumed.
+        after = debit(app, "c1", 1).get(timeout=30)
+
+    assert all(o["success"] and not o["replayed"] for _, o in outs.values())
+    for user in USERS:
+        mine = sorted((o for u, o in outs.values() if u == user), key=lambda o: -o["new_balance"])
+        entries = applied[user]
+        assert len(entries) == len(mine)
+        # Each result is its own entry, and the results chain from 1000 down.
+        assert {o["ledger_entry_id"] for o in mine} == {str(e["id"]) for e in entries}
+        balance = 1000
+        for o in mine:
+            assert (o["balance_before"], o["new_balance"]) == (balance, balance + o["amount"])
+            balance = o["new_balance"]
+        assert balances[user] == balance
+        assert {e["idempotency_key"] for e in entries} == {
+            tid for tid, (u, _) in outs.items() if u == user
+        }
+    # Coalesced: some user has several entries of one transaction (one clock reading each).
+    stamps = Counter((e["user_id"], e["created_at"]) for u in USERS for e in applied[u])
+    assert max(stamps.values()) > 1
+    assert (refused["success"], refused["error_code"]) == (False, "INSUFFICIENT_TOKENS")
+    assert (malformed["success"], malformed["error_code"]) == (False, "VALIDATION_ERROR")
+    assert [e["idempotency_key"] for e in debits_of(sent[0][0])].count(again_id) == 1
+    assert after["success"]
+    assert sum(len(debits_of(u)) for u in USERS) == producers * each + 1
+
+
+def test_a_worker_killed_mid_batch_redelivers_and_nothing_applies_twice(
+    app: Celery, accounts: list[str]
+) -> None:
+    first = coalescing_worker("coalesce-crash-a")
+    with row_locked("c0"), running_workers(app, first):
+        sent = [(user, debit(app, user, 10)) for user in USERS for _ in range(2)]
+        [orphan] = wait_for(lock_waiters, 15, "the coalesced batch blocked on the row lock")
+        first.kill()  # the whole process group, mid-transaction
+    wait_for(lambda: not backend_alive(orphan), 10, "the orphaned backend to end")
+    assert all(debits_of(u) == [] for u in USERS)
+
+    second = coalescing_worker("coalesce-crash-b")
+    with running_workers(app, second):
+        outs = [(user, r.id, r.get(timeout=60)) for user, r in sent]
+    for user in USERS:
+        mine = [o for u, _, o in outs if u == user]
+        assert sorted(o["new_balance"] for o in mine) == [980, 990]
+        assert not any(o["replayed"] for o in mine)
+        assert {e["idempotency_key"] for e in debits_of(user)} == {
+            tid for u, tid, _ in outs if u == user
+        }
+        assert dbstate.balance(user) == 980
+
+
+# --- a failed transaction: each message alone ----------------------------------------------
+
+
+class FakeMessage:
+    """What the coalescer uses of a kombu message."""
+
+    content_type = "application/json"
+
+    def __init__(self, kwargs: dict[str, Any]) -> None:
+        self.headers = {"id": str(uuid.uuid4()), "task": "tokens.debit"}
+        self.body = json.dumps([[], kwargs, {}])
+        self.state = "unacked"
+
+    def decode(self) -> Any:
+        return json.loads(self.body)
+
+    def ack(self) -> None:
+        self.state = "acked"
+
+    def requeue(self) -> None:
+        self.state = "requeued"
+
+
+class FakeBackend:
+    def __init__(self) -> None:
+        self.results: dict[str, tuple[str, Any]] = {}
+
+    def store_result(self, task_id: str, result: Any, state: str) -> None:
+        self.results[task_id] = (state, result)
+
+    def mark_as_failure(self, task_id: str, exc: BaseException) -> None:
+        self.results[task_id] = ("FAILURE", exc)
+
+
+def test_a_failed_transaction_tries_each_message_alone(
+    accounts: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sqlalchemy.exc import OperationalError
+
+    from accounting import batches
+    from worker import coalescer
+    from worker.poison import MessageCheck
+
+    real = batches.debit_many
+    calls: list[int] = []
+
+    def flaky(session: Any, items: Any, keys: Any) -> Any:
+        calls.append(len(items))
+        if len(items) > 1:  # the whole collection fails...
+            raise OperationalError("SELECT", {}, Exception("connection reset"))
+        if items[0].user_id == "c1":  # ...and c1's debit fails alone too: back to the queue
+            raise OperationalError("SELECT", {}, Exception("connection reset"))
+        if items[0].user_id == "c2":  # a bug, not the database: answered as a failure
+            raise RuntimeError("boom")
+        return real(session, items, keys)
+
+    monkeypatch.setattr(batches, "debit_many", flaky)
+    backend = FakeBackend()
+    messages = [
+        FakeMessage({"user_id": u, "amount": 5, "operation_type": "image_generation"})
+        for u in ("c0", "c1", "c2", "c3")
+    ]
+    bad = FakeMessage({"user_id": "c0", "amount": "1", "operation_type": "image_generation"})
+    coalescer.Coalescer(backend, MessageCheck(32, 2**20, 300)).flush([*messages, bad])
+
+    assert calls == [4, 1, 1, 1, 1]
+    assert [m.state for m in messages] == ["acked", "requeued", "acked", "acked"]
+    ids = [m.headers["id"] for m in messages]
+    assert backend.results[ids[0]][1]["new_balance"] == 995
+    assert ids[1] not in backend.results
+    assert backend.results[ids[2]][0] == "FAILURE"
+    assert backend.results[ids[3]][1]["new_balance"] == 995
+    assert [dbstate.balance(u) for u in USERS] == [995, 1000, 1000, 995, 1000]
+    assert bad.state == "acked"
+    assert backend.results[bad.headers["id"]][1]["error_code"] == "VALIDATION_ERROR"

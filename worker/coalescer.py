@@ -1,0 +1,256 @@
+"""The single-debit coalescer: ``tokens.debit`` messages collected for a few milliseconds and
+applied in one transaction (``accounting.batches.debit_many``), for producers that cannot batch.
+
+Opt-in: with ``TOKENS_COALESCE_MS`` above 0 a worker also consumes the queue ``tokens.debit``
+(:data:`QUEUE`) with a thread of its main process and a connection of its own. Producers route
+single debits there (``send_task("tokens.debit", kwargs=..., queue="tokens.debit")``); messages
+on the other queues run as before.
+
+What each message gets, whatever happens to the others:
+
+- its own result, stored in the result backend under its own task id, what ``tokens.debit``
+  would have returned (its key is its ``idempotency_key``, else its task id, as there);
+- its acknowledgement only once its debit is committed and its result stored. A worker killed
+  before that leaves the message unacknowledged: the broker delivers it again (after the
+  visibility timeout on Redis), and its key makes it a replay if it had committed;
+- if the transaction of the whole collection fails, each message is tried again alone, in a
+  transaction of its own; one that still fails with a transient error (connection lost,
+  deadlock) goes back to the queue, one that fails otherwise is answered with that failure, as
+  a task's would be, and acknowledged. A malformed message is refused as the consumer refuses
+  one (worker/poison.py), with a VALIDATION_ERROR result.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+from celery import bootsteps, states
+from kombu import Exchange, Queue  # type: ignore[attr-defined]
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+
+from accounting import batches
+from models.schemas import DebitIn, Failure
+from token_worker_client.errors import InvalidPayload
+from token_worker_client.models import parse_payload
+from worker.db import session_scope
+from worker.poison import MessageCheck, refuse
+from worker.settings import get_settings
+from worker.signals import send_completed
+
+log = logging.getLogger(__name__)
+
+TASK = "tokens.debit"
+QUEUE = "tokens.debit"
+
+
+def queue() -> Queue:
+    return Queue(QUEUE, Exchange(QUEUE, type="direct"), routing_key=QUEUE)  # type: ignore[no-untyped-call]
+
+
+def _transient(exc: BaseException) -> bool:
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True
+    return isinstance(exc, OperationalError | InterfaceError)
+
+
+@dataclass
+class _Debit:
+    message: Any
+    task_id: str
+    kwargs: dict[str, Any]
+    payload: DebitIn
+
+    @property
+    def key(self) -> str:
+        return self.payload.idempotency_key or self.task_id
+
+
+def store_results(backend: Any, results: list[tuple[str, dict[str, Any]]]) -> None:
+    """Store each (task id, result) as SUCCESS, as ``backend.store_result`` would (a task id
+    whose SUCCESS is stored already keeps it), in two Redis round trips for them all."""
+    client = getattr(backend, "client", None)
+    if not isinstance(client, redis.Redis):
+        for task_id, result in results:
+            backend.store_result(task_id, result, states.SUCCESS)
+        return
+    keys = [backend.get_key_for_task(task_id) for task_id, _ in results]
+    stored = client.mget(keys)
+    with client.pipeline() as pipe:
+        for key, (task_id, result), before in zip(keys, results, stored, strict=True):
+            if before is not None and backend.decode_result(before)["status"] == states.SUCCESS:
+                continue
+            meta = backend._get_result_meta(
+                result=result, state=states.SUCCESS, traceback=None, request=None
+            )
+            meta["task_id"] = task_id
+            value = backend.encode(meta)
+            if backend.expires:
+                pipe.setex(key, backend.expires, value)
+            else:
+                pipe.set(key, value)
+            pipe.publish(key, value)
+        pipe.execute()
+
+
+class Coalescer:
+    """Collects messages (``add``) and applies them (``flush``); the thread is :class:`Step`."""
+
+    def __init__(self, backend: Any, check: MessageCheck) -> None:
+        self.backend = backend
+        self.check = check
+
+    def flush(self, messages: list[Any]) -> None:
+        started = time.perf_counter()
+        debits = [d for d in (self._read(m) for m in messages) if d is not None]
+        if not debits:
+            return
+        try:
+            with session_scope() as session:
+                out = batches.debit_many(
+                    session, [d.payload for d in debits], [d.key for d in debits]
+                )
+        except Exception:
+            log.warning("coalesced debits failed together; trying each alone", exc_info=True)
+            for debit in debits:
+                self._alone(debit)
+            return
+        duration = time.perf_counter() - started
+        outcomes = [r.model_dump(mode="json") for r in out.results]
+        # Committed: store the answers, then acknowledge. A crash between the two redelivers
+        # the messages, which replay (the first answer stored under a task id stands).
+        store_results(self.backend, [(d.task_id, o) for d, o in zip(debits, outcomes, strict=True)])
+        for debit, outcome in zip(debits, outcomes, strict=True):
+            send_completed(TASK, debit.task_id, debit.kwargs, outcome, duration)
+            debit.message.ack()
+
+    def _read(self, message: Any) -> _Debit | None:
+        """The message's debit, or None once it is refused and answered."""
+        refusal = self.check.problem(message, (TASK,))
+        if refusal is not None:
+            refuse(refusal, self.backend)
+            message.ack()
+            return None
+        task_id: str = message.headers["id"]
+        args, kwargs, _embed = message.decode()
+        try:
+            if args:
+                raise InvalidPayload("Invalid arguments: send keyword arguments, not positional")
+            payload = parse_payload(DebitIn, kwargs)
+        except InvalidPayload as exc:  # as tokens.debit answers it (tasks/base.py validate)
+            failure = Failure(error=str(exc), error_code="VALIDATION_ERROR")
+            self._answer_failure(message, task_id, kwargs, failure)
+            return None
+        return _Debit(message, task_id, kwargs, payload)
+
+    def _answer_failure(
+        self, message: Any, task_id: str, kwargs: dict[str, Any], failure: Failure
+    ) -> None:
+        self.backend.store_result(task_id, failure.model_dump(), states.SUCCESS)
+        send_completed(TASK, task_id, kwargs, failure.model_dump(), 0.0)
+        message.ack()
+
+    def _alone(self, debit: _Debit) -> None:
+        started = time.perf_counter()
+        try:
+            with session_scope() as session:
+                out = batches.debit_many(session, [debit.payload], [debit.key])
+        except Exception as exc:
+            if _transient(exc):
+                log.warning(
+                    "%s[%s]: transient database error, back to the queue", TASK, debit.task_id
+                )
+                debit.message.requeue()
+                return
+            log.exception("%s[%s] failed", TASK, debit.task_id)
+            self.backend.mark_as_failure(debit.task_id, exc)
+            send_completed(
+                TASK,
+                debit.task_id,
+                debit.kwargs,
+                {},
+                time.perf_counter() - started,
+                error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}",
+                error_code="DATABASE_ERROR" if isinstance(exc, DBAPIError) else "INTERNAL_ERROR",
+            )
+            debit.message.ack()
+            return
+        self._answer(debit, out.results[0].model_dump(mode="json"), time.perf_counter() - started)
+
+    def _answer(self, debit: _Debit, outcome: dict[str, Any], duration: float) -> None:
+        # Committed: store the answer, then acknowledge. A crash between the two redelivers the
+        # message, which replays and stores the same answer again.
+        self.backend.store_result(debit.task_id, outcome, states.SUCCESS)
+        send_completed(TASK, debit.task_id, debit.kwargs, outcome, duration)
+        debit.message.ack()
+
+
+class Step(bootsteps.StartStopStep):  # type: ignore[misc]
+    """A worker bootstep running the coalescer's consumer thread (enabled by the setting)."""
+
+    label = "coalescer"
+    # After the pool has forked its processes: the thread's connections stay in this process.
+    requires = ("celery.worker.components:Pool",)
+
+    def __init__(self, parent: Any, **kwargs: Any) -> None:
+        super().__init__(parent, **kwargs)
+        settings = get_settings()
+        self.window = settings.coalesce_ms / 1000
+        self.max = settings.coalesce_max
+        self.stopping = threading.Event()
+        self.thread: threading.Thread | None = None
+
+    def include_if(self, parent: Any) -> bool:
+        return bool(self.window > 0)
+
+    def start(self, parent: Any) -> None:
+        self.thread = threading.Thread(
+            target=self._run, args=(parent.app,), name="coalescer", daemon=True
+        )
+        self.thread.start()
+
+    def stop(self, parent: Any) -> None:
+        self.stopping.set()
+        if self.thread is not None:
+            self.thread.join(10)
+
+    def _run(self, app: Any) -> None:
+        # The app's backend is per thread: this thread's own.
+        coalescer = Coalescer(app.backend, MessageCheck.from_settings(get_settings()))
+        while not self.stopping.is_set():
+            try:
+                with app.connection_for_read() as conn:
+                    self._consume(conn, coalescer.flush)
+            except Exception:
+                log.exception("coalescer: consumer failed; reconnecting")
+                self.stopping.wait(1)
+
+    def _consume(self, conn: Any, flush: Callable[[list[Any]], None]) -> None:
+        pending: list[Any] = []
+        with conn.Consumer(
+            queue(),
+            callbacks=[lambda _body, message: pending.append(message)],
+            accept=["json"],
+            prefetch_count=self.max,
+        ):
+            first = 0.0
+            while not self.stopping.is_set():
+                wait = 1.0 if not pending else max(0.0, first + self.window - time.monotonic())
+                had = len(pending)
+                with contextlib.suppress(TimeoutError):
+                    conn.drain_events(timeout=wait)
+                if pending and not had:
+                    first = time.monotonic()
+                if pending and (
+                    len(pending) >= self.max or time.monotonic() >= first + self.window
+                ):
+                    batch, pending[:] = list(pending), []
+                    flush(batch)
+            if pending:  # stopping: what was collected is applied, not left to the timeout
+                flush(pending)
