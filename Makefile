@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: install lock run beat test lint bench bench-transport bench-renewals bench-grants bench-expiry bench-batches bench-brokers bench-reads profile clean
+.PHONY: install lock run beat test lint bench bench-transport bench-renewals bench-grants bench-expiry bench-batches bench-brokers bench-reads bench-domain-debit profile clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +49,7 @@ bench: install
 	$(BIN)/python -m bench.transport
 	$(BIN)/python -m bench.grant_debits
 	$(BIN)/python -m bench.grant_expiry --users 100000
+	$(BIN)/python -m bench.domain_debit
 	$(BIN)/python -m bench.debit_batches
 	$(BIN)/python -m bench.coalescer
 	$(BIN)/python -m bench.brokers
@@ -79,6 +80,10 @@ profile: install
 bench-grants: install
 	scripts/ensure-services.sh
 	$(BIN)/python -m bench.grant_debits
+
+bench-domain-debit: install
+	scripts/ensure-services.sh
+	$(BIN)/python -m bench.domain_debit
 
 bench-batches: install
 	scripts/ensure-services.sh

@@ -12,7 +12,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from accounting import grants, idempotency
+from accounting import grants, idempotency, spend
 from accounting.catalog import known_operation, price_of
 from accounting.errors import (
     below_reserved,
@@ -96,6 +96,18 @@ def debit(
     known_operation(operation_type)
     metadata = metadata or {}
     digest = debit_digest(amount, operation_type, allow_overdraft, metadata)
+    if spend.applies(session):
+        return spend.spend(
+            session,
+            user_id=user_id,
+            kind="debit",
+            operation_type=operation_type,
+            amount=amount,
+            allow_overdraft=allow_overdraft,
+            metadata=metadata,
+            idempotency_key=idempotency_key,
+            digest=digest,
+        )
     if (
         replay := idempotency.replay(session, user_id, idempotency_key, digest, MovementOut)
     ) is not None:
@@ -201,6 +213,18 @@ def charge(
     cost = price_of(operation_type)
     metadata = metadata or {}
     digest = idempotency.request_hash("charge", operation_type=operation_type, metadata=metadata)
+    if spend.applies(session):
+        return spend.spend(
+            session,
+            user_id=user_id,
+            kind="charge",
+            operation_type=operation_type,
+            amount=cost,
+            allow_overdraft=False,
+            metadata=metadata,
+            idempotency_key=idempotency_key,
+            digest=digest,
+        )
     if (
         replay := idempotency.replay(session, user_id, idempotency_key, digest, MovementOut)
     ) is not None:

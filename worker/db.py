@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import ExceptionContext, make_url
+from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.orm import Session, sessionmaker
 
 from worker.settings import get_settings
@@ -40,7 +42,37 @@ def make_engine(url: str) -> Engine:
         connect_args={"connect_timeout": 10},
     )
     event.listen(engine, "handle_error", _discard_interrupted_connection)
+    if not get_settings().db_pool_pre_ping:
+        _ping_when_idle(engine)
     return engine
+
+
+# A pooled connection idle at least this long is pinged before use; one in steady use is not.
+PING_AFTER_IDLE = 1.0
+
+
+def _ping_when_idle(engine: Engine) -> None:
+    """``pool_pre_ping``, but only for a connection that sat idle in the pool for
+    :data:`PING_AFTER_IDLE` seconds: the ping was a round trip on every task, as dear as the
+    debit's own statement. A connection that died while idle (the server restarted, a firewall
+    dropped it) is still replaced before use; one that breaks between two busy tasks fails its
+    statement, the pool is invalidated, and the task retries as a transient error (tasks/base.py
+    ``is_transient``)."""
+
+    @event.listens_for(engine, "checkin")
+    def _idle_from(dbapi_connection: Any, record: Any) -> None:
+        record.info["idle_since"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _ping(dbapi_connection: Any, record: Any, proxy: Any) -> None:
+        since = record.info.pop("idle_since", None)
+        if since is None or time.monotonic() - since < PING_AFTER_IDLE:
+            return  # just connected, or just used
+        try:
+            engine.dialect.do_ping(dbapi_connection)
+        except Exception as exc:
+            # The pool discards this connection and checks out (or opens) another.
+            raise DisconnectionError(f"ping failed: {exc!r}") from exc
 
 
 def _discard_interrupted_connection(context: ExceptionContext) -> None:
@@ -110,8 +142,17 @@ def dispose_engines() -> None:
         del _engines[key]
 
 
+_makers: dict[int, tuple[Engine, sessionmaker[Session]]] = {}
+
+
 def session_factory() -> sessionmaker[Session]:
-    return sessionmaker(bind=get_engine(), expire_on_commit=False, autoflush=False)
+    """This process's session maker, made once per engine rather than once per unit of work."""
+    engine = get_engine()
+    made = _makers.get(id(engine))
+    if made is None or made[0] is not engine:
+        maker = sessionmaker(bind=engine, expire_on_commit=False, autoflush=False)
+        made = _makers[id(engine)] = (engine, maker)
+    return made[1]
 
 
 @contextmanager

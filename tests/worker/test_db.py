@@ -106,12 +106,13 @@ def test_an_ordinary_error_still_rolls_back_and_keeps_the_connection(account: st
 def test_without_pre_ping_a_dropped_connection_is_a_transient_error_then_replaced(
     account: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # TOKENS_DB_POOL_PRE_PING=false: no SELECT 1 before each checkout. A connection the server
-    # dropped fails the unit of work's first statement, before anything is written, with an
-    # error the task retries (tasks/base.py is_transient); the pool is refreshed, so the retry
-    # runs on a new connection.
+    # TOKENS_DB_POOL_PRE_PING=false: no SELECT 1 before each checkout of a connection in steady
+    # use. One the server dropped between two busy tasks fails the unit of work's first
+    # statement, before anything is written, with an error the task retries (tasks/base.py
+    # is_transient); the pool is refreshed, so the retry runs on a new connection.
     from tasks.base import is_transient
 
+    monkeypatch.setattr(db, "PING_AFTER_IDLE", 3600.0)  # in steady use: never idle long
     settings = get_settings().model_copy(update={"db_pool_pre_ping": False})
     monkeypatch.setattr(db, "get_settings", lambda: settings)
     engine = db.make_engine(settings.db_url)
@@ -132,3 +133,49 @@ def test_without_pre_ping_a_dropped_connection_is_a_transient_error_then_replace
     finally:
         engine.dispose()
     assert dbstate.balance("u") == 99
+
+
+def _backend_pid(engine: Any) -> int:
+    with engine.connect() as conn:
+        return int(conn.execute(text("SELECT pg_backend_pid()")).scalar_one())
+
+
+def _one_connection_engine() -> Any:
+    monkey = pytest.MonkeyPatch()
+    monkey.setattr(get_settings(), "db_pool_size", 1)
+    try:
+        return db.make_engine(get_settings().db_url)
+    finally:
+        monkey.undo()
+
+
+def test_a_connection_in_steady_use_is_not_pinged(monkeypatch: pytest.MonkeyPatch) -> None:
+    engine = _one_connection_engine()
+    pings: list[Any] = []
+
+    def ping(conn: Any) -> bool:
+        pings.append(conn)
+        return True
+
+    monkeypatch.setattr(engine.dialect, "do_ping", ping)
+    monkeypatch.setattr(db, "PING_AFTER_IDLE", 3600.0)
+    first = _backend_pid(engine)
+    assert _backend_pid(engine) == first
+    assert pings == []  # checked in and out again at once: no round trip spent on a ping
+    monkeypatch.setattr(db, "PING_AFTER_IDLE", 0.0)  # as if it had sat idle in the pool
+    assert _backend_pid(engine) == first
+    assert len(pings) == 1
+    engine.dispose()
+
+
+def test_a_connection_that_died_while_idle_is_replaced_before_use(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    engine = _one_connection_engine()
+    pid = _backend_pid(engine)
+    with get_engine().connect() as other:
+        other.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+    wait_for(lambda: not backend_alive(pid), 10, "the backend to end")
+    monkeypatch.setattr(db, "PING_AFTER_IDLE", 0.0)  # as if it had sat idle in the pool
+    assert _backend_pid(engine) != pid
+    engine.dispose()

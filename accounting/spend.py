@@ -1,0 +1,91 @@
+"""A debit or charge on PostgreSQL in one statement: ``tokens_spend()`` (migration 0005).
+
+The function does in one round trip what :func:`accounting.movements._spend` does through
+:mod:`accounting.grants` with the idempotency claim and record around it; the Python code stays
+the reference (and what SQLite runs), and tests/accounting/test_spend_statement.py runs the same
+random movements through both and compares every row. The refusals, the result and the events
+are the same: a refusal leaves the claim (and any expiry) in the caller's transaction, which rolls
+back as today.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from sqlalchemy import text
+from sqlalchemy.orm import Session
+
+from accounting import clock
+from accounting.errors import idempotency_conflict, insufficient_tokens, user_not_found
+from accounting.events import note_balance_change, note_grants_expired
+from models.schemas import MovementOut
+
+# Off: every movement takes the portable Python path (tests compare the two; bench measures).
+ENABLED = True
+
+_CALL = text(
+    "SELECT * FROM tokens_spend(:user_id, :key, :digest, :kind, :op, :amount, :overdraft,"
+    " CAST(:metadata AS jsonb))"
+)
+
+
+def applies(session: Session) -> bool:
+    """Whether ``session``'s movements run through the function (PostgreSQL, unless disabled)."""
+    return ENABLED and clock.is_postgres(session)
+
+
+def spend(
+    session: Session,
+    *,
+    user_id: str,
+    kind: str,
+    operation_type: str,
+    amount: int,
+    allow_overdraft: bool,
+    metadata: dict[str, Any],
+    idempotency_key: str | None,
+    digest: str,
+) -> MovementOut:
+    """Claim, lock, expire, guard, burn, write and record in one statement; the replay, the
+    refusals and the events as the Python path has them."""
+    row = session.execute(
+        _CALL,
+        {
+            "user_id": user_id,
+            "key": idempotency_key,
+            "digest": digest,
+            "kind": kind,
+            "op": operation_type,
+            "amount": amount,
+            "overdraft": allow_overdraft,
+            "metadata": json.dumps(metadata),
+        },
+    ).one()
+    status = row.status
+    if status == "replay":
+        return MovementOut(**{**row.response, "replayed": True})
+    if status == "conflict":
+        raise idempotency_conflict()
+    if status == "not_found":
+        raise user_not_found()
+    reserved = int(row.reserved)
+    for tokens, balance in zip(row.expired_tokens, row.expired_balances, strict=True):
+        note_balance_change(
+            session,
+            user_id=user_id,
+            balance=int(balance),
+            tokens_reserved=reserved,
+            operation="expiry",
+        )
+        note_grants_expired(session, grants=1, tokens=int(tokens))
+    if status == "insufficient":
+        raise insufficient_tokens(amount, int(row.available))
+    note_balance_change(
+        session,
+        user_id=user_id,
+        balance=int(row.balance),
+        tokens_reserved=reserved,
+        operation=kind,
+    )
+    return MovementOut(**row.response)
