@@ -47,6 +47,49 @@ def movement_result(
     )
 
 
+def _spend_once(
+    session: Session,
+    *,
+    user_id: str,
+    kind: str,
+    operation_type: str,
+    amount: int,
+    allow_overdraft: bool,
+    metadata: dict[str, Any],
+    idempotency_key: str | None,
+    digest: str,
+) -> MovementOut:
+    """A debit or charge under its idempotency key: on PostgreSQL the one statement
+    (``accounting.spend``), elsewhere the portable path (replay, else :func:`_spend`)."""
+    if spend.applies(session):
+        return spend.spend(
+            session,
+            user_id=user_id,
+            kind=kind,
+            operation_type=operation_type,
+            amount=amount,
+            allow_overdraft=allow_overdraft,
+            metadata=metadata,
+            idempotency_key=idempotency_key,
+            digest=digest,
+        )
+    if (
+        replay := idempotency.replay(session, user_id, idempotency_key, digest, MovementOut)
+    ) is not None:
+        return replay
+    out = _spend(
+        session,
+        user_id=user_id,
+        kind=kind,
+        operation_type=operation_type,
+        amount=amount,
+        allow_overdraft=allow_overdraft,
+        metadata=metadata,
+        idempotency_key=idempotency_key,
+    )
+    return _done(session, idempotency_key, out)
+
+
 def _spend(
     session: Session,
     *,
@@ -96,23 +139,7 @@ def debit(
     known_operation(operation_type)
     metadata = metadata or {}
     digest = debit_digest(amount, operation_type, allow_overdraft, metadata)
-    if spend.applies(session):
-        return spend.spend(
-            session,
-            user_id=user_id,
-            kind="debit",
-            operation_type=operation_type,
-            amount=amount,
-            allow_overdraft=allow_overdraft,
-            metadata=metadata,
-            idempotency_key=idempotency_key,
-            digest=digest,
-        )
-    if (
-        replay := idempotency.replay(session, user_id, idempotency_key, digest, MovementOut)
-    ) is not None:
-        return replay
-    out = _spend(
+    return _spend_once(
         session,
         user_id=user_id,
         kind="debit",
@@ -121,8 +148,8 @@ def debit(
         allow_overdraft=allow_overdraft,
         metadata=metadata,
         idempotency_key=idempotency_key,
+        digest=digest,
     )
-    return _done(session, idempotency_key, out)
 
 
 def debit_digest(
@@ -213,23 +240,7 @@ def charge(
     cost = price_of(operation_type)
     metadata = metadata or {}
     digest = idempotency.request_hash("charge", operation_type=operation_type, metadata=metadata)
-    if spend.applies(session):
-        return spend.spend(
-            session,
-            user_id=user_id,
-            kind="charge",
-            operation_type=operation_type,
-            amount=cost,
-            allow_overdraft=False,
-            metadata=metadata,
-            idempotency_key=idempotency_key,
-            digest=digest,
-        )
-    if (
-        replay := idempotency.replay(session, user_id, idempotency_key, digest, MovementOut)
-    ) is not None:
-        return replay
-    out = _spend(
+    return _spend_once(
         session,
         user_id=user_id,
         kind="charge",
@@ -238,8 +249,8 @@ def charge(
         allow_overdraft=False,
         metadata=metadata,
         idempotency_key=idempotency_key,
+        digest=digest,
     )
-    return _done(session, idempotency_key, out)
 
 
 def refund(
