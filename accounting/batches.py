@@ -359,16 +359,11 @@ def _spend(account: _Account | None, index: int, item: DebitIn, key: str | None)
     available = account.balance - account.reserved
     if not item.allow_overdraft and available < item.amount:
         raise insufficient_tokens(item.amount, available)
-    left, splits = item.amount, []
+    taken, left = grants.burn(account.free, item.amount)
+    took = dict(taken)
     for grant in account.free:
-        if left == 0:
-            break
-        if grant[1] == 0:
-            continue
-        take = min(grant[1], left)
-        grant[1] -= take
-        left -= take
-        splits.append((grant[0], -take))
+        grant[1] -= took.get(grant[0], 0)
+    splits = [(grant_id, -take) for grant_id, take in taken]
     account.debt += left
     account.balance -= item.amount
     account.spent = max(account.spent + item.amount, 0)

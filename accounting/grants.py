@@ -16,13 +16,13 @@ commits.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, cast
+from typing import Any
 
 from sqlalchemy import (
     ColumnElement,
-    CursorResult,
     Select,
     and_,
     bindparam,
@@ -155,19 +155,13 @@ class Change:
     def spend(self, session: Session, amount: int, *, into_debt: bool) -> int:
         """Spend ``amount`` of the user's free tokens (not held, not due) in burn order; with
         ``into_debt`` what they do not cover becomes debt. Returns what became debt."""
-        left = amount
-        if left > 0:
-            rows = free_grants(session, self.locked)
-            taken = []
-            for grant_id, free in rows:
-                take = min(int(free), left)
-                taken.append({"gid": grant_id, "take": take, "now": self.locked.now})
+        taken, left = burn(free_grants(session, self.locked), amount) if amount else ([], 0)
+        if taken:
+            session.execute(
+                _SPEND, [{"gid": g, "take": t, "now": self.locked.now} for g, t in taken]
+            )
+            for grant_id, take in taken:
                 self._add(grant_id, -take)
-                left -= take
-                if left == 0:
-                    break
-            if taken:
-                session.execute(_SPEND, taken)
         if left and not into_debt:
             raise AssertionError("spend beyond the free tokens without into_debt")
         self.debt_delta += left
@@ -348,6 +342,21 @@ _MOVE = (
 _INSERT_ENTRY = insert(ledger_table).returning(ledger_table.c.id)
 
 
+def burn(free: Iterable[Sequence[int]], amount: int) -> tuple[list[tuple[int, int]], int]:
+    """Take ``amount`` from (grant id, free tokens) rows given in burn order: what is taken of
+    each grant, in that order, and what no grant covered. The one allocation every burn-down
+    uses (a movement's spend, a hold, a batch's items)."""
+    left, taken = amount, []
+    for grant_id, tokens in free:
+        if left == 0:
+            break
+        if tokens > 0:
+            take = min(tokens, left)
+            taken.append((grant_id, take))
+            left -= take
+    return taken, left
+
+
 def free_grants(session: Session, locked: Locked) -> list[tuple[int, int]]:
     """The user's spendable grants and their free tokens (remaining - held), in burn order:
     those :func:`lock_current` read, else read now. Used once: a burn changes them."""
@@ -514,10 +523,6 @@ def total_debt(session: Session) -> tuple[int, int]:
     return int(users), int(tokens)
 
 
-def rowcount(result: Any) -> int:
-    return int(cast(CursorResult[Any], result).rowcount)
-
-
 # --- holds (reservations) ----------------------------------------------------------------------
 
 _rg = reservation_grant_table.c
@@ -527,16 +532,10 @@ def hold(session: Session, locked: Locked, reservation_id: str, amount: int) -> 
     """Hold ``amount`` of the user's free tokens for a reservation, chosen in burn order, and
     count it in ``tokens_reserved``. The caller has checked ``locked.available``, which leaves
     the free tokens enough (available = free - debt)."""
-    rows = free_grants(session, locked)
-    left, taken = amount, []
-    for grant_id, free in rows:
-        take = min(int(free), left)
-        taken.append({"gid": grant_id, "take": take, "rid": reservation_id})
-        left -= take
-        if left == 0:
-            break
+    burnt, left = burn(free_grants(session, locked), amount)
     if left:
         raise AssertionError(f"hold of {amount} beyond the free tokens")
+    taken = [{"gid": g, "take": t, "rid": reservation_id} for g, t in burnt]
     session.execute(_HOLD, taken)
     # A reservation extended (tokens.extend) may hold more of a grant it already holds.
     existing = {
