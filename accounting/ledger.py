@@ -14,6 +14,7 @@ from sqlalchemy import (
     delete,
     func,
     insert,
+    not_,
     or_,
     select,
     text,
@@ -352,6 +353,18 @@ def _delete_old_entries_portable(
     return int(deleted) - int(folded)
 
 
+_g = grant_table.c
+# A grant's own arithmetic; reconcile counts the grants failing it and then names them.
+_GRANT_ARITHMETIC_OK = and_(
+    _g.remaining == _g.amount - _g.spent - _g.expired + _g.returned,
+    _g.remaining >= 0,
+    _g.held >= 0,
+    _g.held <= _g.remaining,
+    # Only an active grant holds tokens; an ended one holds none.
+    or_(_g.status == "active", _g.remaining == 0),
+)
+
+
 def reconcile(session: Session, user_id: str | None = None) -> ReconcileOut:
     """Every user whose balance differs from the sum of their ledger, or from what their grants
     say (active grants' remaining - debt), or who has a grant whose own arithmetic fails
@@ -360,24 +373,15 @@ def reconcile(session: Session, user_id: str | None = None) -> ReconcileOut:
     sums = select(LedgerEntry.user_id, func.sum(LedgerEntry.tokens_amount).label("total")).group_by(
         LedgerEntry.user_id
     )
-    g = grant_table.c
-    arithmetic_ok = and_(
-        g.remaining == g.amount - g.spent - g.expired + g.returned,
-        g.remaining >= 0,
-        g.held >= 0,
-        g.held <= g.remaining,
-        # Only an active grant holds tokens; an ended one holds none.
-        or_(g.status == "active", g.remaining == 0),
-    )
     held = select(
-        g.user_id,
-        func.sum(case((g.status == "active", g.remaining), else_=0)).label("remaining"),
-        func.sum(case((arithmetic_ok, 0), else_=1)).label("bad"),
-    ).group_by(g.user_id)
+        _g.user_id,
+        func.sum(case((_g.status == "active", _g.remaining), else_=0)).label("remaining"),
+        func.sum(case((_GRANT_ARITHMETIC_OK, 0), else_=1)).label("bad"),
+    ).group_by(_g.user_id)
     accounts = select(Account.user_id, Account.tokens_balance, Account.debt)
     if user_id is not None:
         sums = sums.where(LedgerEntry.user_id == user_id)
-        held = held.where(g.user_id == user_id)
+        held = held.where(_g.user_id == user_id)
         accounts = accounts.where(Account.user_id == user_id)
     sums_sq = sums.subquery()
     held_sq = held.subquery()
@@ -408,7 +412,7 @@ def reconcile(session: Session, user_id: str | None = None) -> ReconcileOut:
         .limit(MAX_MISMATCHES_LISTED)
     ).all()
     checked = session.execute(select(func.count()).select_from(accounts_sq)).scalar_one()
-    bad = _bad_grants(session, [u for u, *_, n in rows if n]) if rows else {}
+    bad = _bad_grants(session, [u for u, *_, n in rows if n])
     return ReconcileOut(
         checked=int(checked),
         mismatches=[
@@ -427,20 +431,10 @@ def reconcile(session: Session, user_id: str | None = None) -> ReconcileOut:
 def _bad_grants(session: Session, users: list[str]) -> dict[str, list[str]]:
     if not users:
         return {}
-    g = grant_table.c
     rows = session.execute(
-        select(g.user_id, g.id)
-        .where(g.user_id.in_(users))
-        .where(
-            or_(
-                g.remaining != g.amount - g.spent - g.expired + g.returned,
-                g.remaining < 0,
-                g.held < 0,
-                g.held > g.remaining,
-                and_(g.status != "active", g.remaining != 0),
-            )
-        )
-        .order_by(g.user_id, g.id)
+        select(_g.user_id, _g.id)
+        .where(_g.user_id.in_(users), not_(_GRANT_ARITHMETIC_OK))
+        .order_by(_g.user_id, _g.id)
     )
     found: dict[str, list[str]] = {}
     for user, grant_id in rows:
