@@ -23,7 +23,9 @@ from accounting.grants import ACTIVE, EXPIRED, EXPIRY, Change, Locked
 from models.tables import UTCDateTime, grant_table
 
 ALLOWANCE, ROLLOVER = "allowance", "rollover"
-PRIORITY = 10
+# Allowances and rollovers share one priority (the PostgreSQL sweep writes both with it).
+PRIORITY = grants.DEFAULT_PRIORITY[ALLOWANCE]
+assert grants.DEFAULT_PRIORITY[ROLLOVER] == PRIORITY
 
 _g = grant_table.c
 _now = bindparam("now", type_=UTCDateTime())
