@@ -12,7 +12,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from accounting import grants, idempotency, spend
+from accounting import grants, idempotency, spend, statements
 from accounting.catalog import known_operation, price_of
 from accounting.errors import (
     below_reserved,
@@ -61,7 +61,7 @@ def _spend_once(
 ) -> MovementOut:
     """A debit or charge under its idempotency key: on PostgreSQL the one statement
     (``accounting.spend``), elsewhere the portable path (replay, else :func:`_spend`)."""
-    if spend.applies(session):
+    if statements.applies(session):
         return spend.spend(
             session,
             user_id=user_id,
@@ -73,6 +73,7 @@ def _spend_once(
             idempotency_key=idempotency_key,
             digest=digest,
         )
+    statements.need_transaction(session)
     if (
         replay := idempotency.replay(session, user_id, idempotency_key, digest, MovementOut)
     ) is not None:

@@ -4,8 +4,7 @@ The function does in one round trip what :func:`accounting.movements._spend` doe
 :mod:`accounting.grants` with the idempotency claim and record around it; the Python code stays
 the reference (and what SQLite runs), and tests/accounting/test_spend_statement.py runs the same
 random movements through both and compares every row. The refusals, the result and the events
-are the same: a refusal leaves the claim (and any expiry) in the caller's transaction, which rolls
-back as today.
+are the same. It runs in the caller's transaction or alone (:mod:`accounting.statements`).
 """
 
 from __future__ import annotations
@@ -13,26 +12,17 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from sqlalchemy import text
 from sqlalchemy.orm import Session
 
-from accounting import clock
+from accounting import statements
 from accounting.errors import idempotency_conflict, insufficient_tokens, user_not_found
 from accounting.events import note_balance_change, note_grants_expired
 from models.schemas import MovementOut
 
-# Off: every movement takes the portable Python path (tests compare the two; bench measures).
-ENABLED = True
-
-_CALL = text(
-    "SELECT * FROM tokens_spend(:user_id, :key, :digest, :kind, :op, :amount, :overdraft,"
+_CALL = (
+    "tokens_spend(:user_id, :key, :digest, :kind, :op, :amount, :overdraft,"
     " CAST(:metadata AS jsonb))"
 )
-
-
-def applies(session: Session) -> bool:
-    """Whether ``session``'s movements run through the function (PostgreSQL, unless disabled)."""
-    return ENABLED and clock.is_postgres(session)
 
 
 def spend(
@@ -49,7 +39,8 @@ def spend(
 ) -> MovementOut:
     """Claim, lock, expire, guard, burn, write and record in one statement; the replay, the
     refusals and the events as the Python path has them."""
-    row = session.execute(
+    row = statements.call(
+        session,
         _CALL,
         {
             "user_id": user_id,
@@ -61,7 +52,7 @@ def spend(
             "overdraft": allow_overdraft,
             "metadata": json.dumps(metadata),
         },
-    ).one()
+    )
     status = row.status
     if status == "replay":
         return MovementOut(**{**row.response, "replayed": True})

@@ -115,7 +115,7 @@ def main() -> None:
 def _run(url: str, seconds: int, users: int, hot_clients: int, runs: int) -> None:
     from sqlalchemy import Engine, create_engine, text
 
-    from accounting import accounts, movements, spend
+    from accounting import accounts, movements, statements
     from worker.db import get_engine, session_scope
     from worker.migrate import upgrade
 
@@ -128,7 +128,7 @@ def _run(url: str, seconds: int, users: int, hot_clients: int, runs: int) -> Non
 
     def debit(user: Callable[[int], str], python: bool) -> Callable[[int, int], None]:
         def work(t: int, i: int) -> None:
-            spend.ENABLED = not python
+            statements.ENABLED = not python
             with session_scope() as s:
                 movements.debit(
                     s, user(i), 1, "chatgpt_message", idempotency_key=f"{tag}-{t}-{i}-{python}"
@@ -166,7 +166,7 @@ def _run(url: str, seconds: int, users: int, hot_clients: int, runs: int) -> Non
     for _ in range(runs):
         for name, measure in measures.items():
             rates[name].append(measure())
-    spend.ENABLED = True
+    statements.ENABLED = True
     m = {name: statistics.median(r) for name, r in rates.items()}
 
     with session_scope() as s:

@@ -8,6 +8,7 @@ import logging
 import random
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any, TypeVar
 
 from celery import Task
@@ -22,7 +23,7 @@ from token_worker_client.errors import InvalidPayload
 from token_worker_client.models import describe as describe  # re-exported for the tests
 from token_worker_client.models import parse_payload
 from worker.celery import app
-from worker.db import session_scope
+from worker.db import session_scope, statement_scope
 from worker.settings import get_settings
 from worker.signals import operation_retried, send_completed
 
@@ -30,6 +31,7 @@ log = logging.getLogger(__name__)
 
 P = TypeVar("P", bound=Payload)
 Handler = Callable[[Session, P, str | None], BaseModel]
+Scope = Callable[[], AbstractContextManager[Session]]
 
 
 TIME_LIMITS = (SoftTimeLimitExceeded, TimeLimitExceeded)
@@ -111,6 +113,7 @@ class ContractTask(Task):  # type: ignore[misc]
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         then: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+        scope: Scope = session_scope,
     ) -> dict[str, Any]:
         """Run the task and report its outcome: one ``operation_completed`` for a success, a
         refusal or a final failure; ``operation_retried`` for an attempt that will run again;
@@ -118,10 +121,11 @@ class ContractTask(Task):  # type: ignore[misc]
         replacement finishes under the same task id and reports.
 
         ``then`` continues with the committed outcome (a sweep publishing its chunks), inside
-        the same reporting: it may replace the task."""
+        the same reporting: it may replace the task. ``scope`` gives the session the handler
+        runs in."""
         started = time.perf_counter()
         try:
-            outcome = self._execute(schema, handler, args, kwargs)
+            outcome = self._execute(schema, handler, args, kwargs, scope)
             if then is not None:
                 outcome = then(outcome)
         except Retry as retry:
@@ -174,13 +178,18 @@ class ContractTask(Task):  # type: ignore[misc]
         )
 
     def _execute(
-        self, schema: type[P], handler: Handler[P], args: tuple[Any, ...], kwargs: dict[str, Any]
+        self,
+        schema: type[P],
+        handler: Handler[P],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        scope: Scope,
     ) -> dict[str, Any]:
         try:
             if args:
                 raise validation_error("Invalid arguments: send keyword arguments, not positional")
             payload = validate(schema, kwargs)
-            with session_scope() as session:
+            with scope() as session:
                 result = handler(session, payload, self.request.id)
             return result.model_dump(mode="json")
         except DomainError as exc:
@@ -206,14 +215,18 @@ class ContractTask(Task):  # type: ignore[misc]
             ) from exc
 
 
-def contract_task(name: str, schema: type[P], **options: Any) -> Callable[[Handler[P]], Any]:
+def contract_task(
+    name: str, schema: type[P], alone: bool = False, **options: Any
+) -> Callable[[Handler[P]], Any]:
     """Register ``handler(session, payload, task_id)`` as the contract task ``name``
-    (``options``: Celery task options, such as time limits)."""
+    (``options``: Celery task options, such as time limits). ``alone``: the handler's movement is
+    one statement on PostgreSQL, which runs as its own transaction (``statement_scope``)."""
+    scope = statement_scope if alone else session_scope
 
     def register(handler: Handler[P]) -> Any:
         @app.task(name=name, bind=True, base=ContractTask, **options)  # type: ignore[untyped-decorator]
         def run(self: ContractTask, *args: Any, **kwargs: Any) -> dict[str, Any]:
-            return self.execute(schema, handler, args, kwargs)
+            return self.execute(schema, handler, args, kwargs, scope=scope)
 
         return run
 

@@ -19,7 +19,7 @@ from models.schemas import (
 from tasks.base import contract_task
 
 
-@contract_task("tokens.debit", DebitIn)
+@contract_task("tokens.debit", DebitIn, alone=True)
 def debit(session: Session, p: DebitIn, task_id: str | None) -> MovementOut:
     return movements.debit_payload(session, p, p.idempotency_key or task_id)
 
@@ -45,7 +45,7 @@ def credit(session: Session, p: CreditIn, task_id: str | None) -> MovementOut:
     )
 
 
-@contract_task("tokens.charge", ChargeIn)
+@contract_task("tokens.charge", ChargeIn, alone=True)
 def charge(session: Session, p: ChargeIn, task_id: str | None) -> MovementOut:
     return movements.charge(
         session,

@@ -15,6 +15,7 @@ from sqlalchemy.engine import ExceptionContext, make_url
 from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.orm import Session, sessionmaker
 
+from accounting import statements
 from worker.settings import get_settings
 
 log = logging.getLogger(__name__)
@@ -168,6 +169,18 @@ def session_scope() -> Iterator[Session]:
         raise
     finally:
         session.close()
+
+
+@contextmanager
+def statement_scope() -> Iterator[Session]:
+    """A unit of work that is one movement statement (accounting/statements.py). On PostgreSQL
+    its connection is in autocommit: the statement is its own transaction and one round trip,
+    without BEGIN and COMMIT, and the events are sent at the end as after any commit. Elsewhere,
+    or with the statements off, a :func:`session_scope`."""
+    with session_scope() as session:
+        if statements.applies(session):
+            session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
+        yield session
 
 
 def _roll_back_or_discard(session: Session) -> None:

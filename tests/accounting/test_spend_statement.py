@@ -18,7 +18,7 @@ import pytest
 from sqlalchemy import event, text
 from sqlalchemy.orm import Session
 
-from accounting import accounts, events, movements, reservations, spend
+from accounting import accounts, events, movements, reservations, statements
 from accounting.errors import DomainError
 from tests.support import assert_ledger_consistent, attempt, run_in_threads
 from worker.db import get_engine, session_factory
@@ -28,12 +28,12 @@ USERS = ("ref", "fn")
 
 @contextmanager
 def python_path(on: bool) -> Iterator[None]:
-    before = spend.ENABLED
-    spend.ENABLED = not on
+    before = statements.ENABLED
+    statements.ENABLED = not on
     try:
         yield
     finally:
-        spend.ENABLED = before
+        statements.ENABLED = before
 
 
 def _state(session: Session, user: str) -> dict[str, Any]:
@@ -135,15 +135,19 @@ def _outcome(result: Any) -> Any:
 class Pair:
     """Both users' histories, step by step."""
 
-    def __init__(self) -> None:
+    def __init__(self, alone: bool = False) -> None:
+        self.alone = alone
         self.entries: dict[str, list[int]] = {u: [] for u in USERS}
         self.reservations: dict[str, list[str]] = {u: [] for u in USERS}
         self.events: dict[str, list[tuple[Any, ...]]] = {u: [] for u in USERS}
         self.outcomes: list[Any] = []
 
-    def run(self, user: str, action: Callable[[Session], Any]) -> Any:
+    def run(self, user: str, action: Callable[[Session], Any], one_statement: bool = False) -> Any:
+        """``action`` in a transaction; ``fn``'s one-statement movements alone when ``alone``."""
         session = session_factory()()
         try:
+            if self.alone and one_statement and user == "fn":
+                session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
             with python_path(user == "ref"):
                 result = action(session)
             session.commit()
@@ -250,15 +254,19 @@ def _step(rng: random.Random, pair: Pair, step: int, keys: list[tuple[str, int, 
 
             return due
 
-    results = [_outcome(pair.run(u, action(u))) for u in USERS]
+    results = [_outcome(pair.run(u, action(u), one_statement=roll < 0.45)) for u in USERS]
     assert results[0] == results[1], f"step {step}: {results}"
     pair.outcomes.append(results[1])
 
 
-@pytest.mark.parametrize("seed", [1, 2, 3])
-def test_one_statement_agrees_with_the_python_path(clean_db: None, seed: int) -> None:
+@pytest.mark.parametrize(
+    ("seed", "alone"), [(1, False), (2, False), (3, False), (4, True), (5, True)]
+)
+def test_one_statement_agrees_with_the_python_path(clean_db: None, seed: int, alone: bool) -> None:
+    """In a caller's transaction, and alone (autocommit: a refusal must leave nothing, as the
+    Python path's rollback does)."""
     rng = random.Random(seed)
-    pair = Pair()
+    pair = Pair(alone)
 
     def on_balance(sender: Any, **fields: Any) -> None:
         pair.events[fields["user_id"]].append(
@@ -291,10 +299,10 @@ def test_one_statement_agrees_with_the_python_path(clean_db: None, seed: int) ->
 def test_a_debit_is_one_statement(clean_db: None) -> None:
     with session_factory()() as s, s.begin():
         accounts.open_account(s, "u", initial_balance=100)
-    statements: list[str] = []
+    sent: list[str] = []
 
     def count(conn: Any, cursor: Any, sql: str, *args: Any) -> None:
-        statements.append(sql)
+        sent.append(sql)
 
     event.listen(get_engine(), "before_cursor_execute", count)
     try:
@@ -304,17 +312,17 @@ def test_a_debit_is_one_statement(clean_db: None) -> None:
             again = movements.charge(s, "u", "image_generation", idempotency_key="two")
     finally:
         event.remove(get_engine(), "before_cursor_execute", count)
-    assert len(statements) == 2, statements
+    assert len(sent) == 2, sent
     assert (out.new_balance, again.new_balance) == (90, 80)
     with python_path(True):
-        statements.clear()
+        sent.clear()
         event.listen(get_engine(), "before_cursor_execute", count)
         try:
             with session_factory()() as s, s.begin():
                 movements.debit(s, "u", 10, "image_generation", idempotency_key="three")
         finally:
             event.remove(get_engine(), "before_cursor_execute", count)
-        assert len(statements) >= 7  # what the Python path costs, for the record
+        assert len(sent) >= 7  # what the Python path costs, for the record
 
 
 def test_racing_statements_read_the_grants_after_the_lock(clean_db: None) -> None:

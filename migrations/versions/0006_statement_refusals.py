@@ -1,0 +1,48 @@
+"""tokens_ok(): a one-statement movement's refusal rolls the statement back when it runs alone
+
+A movement function (``tokens_spend()`` and those after it) returns its refusal as a ``status``
+and leaves what it did (the idempotency claim, expiries) to the caller's transaction, which rolls
+back. A movement that runs alone, its connection in autocommit so that the statement is the
+whole transaction (no BEGIN or COMMIT round trip), is called as
+``SELECT r.* FROM tokens_x(...) AS r WHERE tokens_ok(to_jsonb(r))``: on a refusal ``tokens_ok``
+raises SQLSTATE ``TKREF`` with the function's row as the error's DETAIL, and the error undoes
+every effect of the statement (accounting/statements.py).
+
+Revision ID: 0006
+Revises: 0005
+Create Date: 2026-12-04
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from alembic import op
+
+revision: str = "0006"
+down_revision: str | None = "0005"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+OK = r"""
+CREATE OR REPLACE FUNCTION tokens_ok(p_row jsonb) RETURNS boolean
+LANGUAGE plpgsql VOLATILE AS $fn$
+BEGIN
+    IF p_row->>'status' IN ('ok', 'replay') THEN
+        RETURN true;
+    END IF;
+    RAISE EXCEPTION USING ERRCODE = 'TKREF', MESSAGE = 'refused: ' || (p_row->>'status'),
+                          DETAIL = p_row::text;
+END
+$fn$;
+"""
+
+
+def upgrade() -> None:
+    if op.get_bind().dialect.name == "postgresql":
+        op.execute(OK)
+
+
+def downgrade() -> None:
+    if op.get_bind().dialect.name == "postgresql":
+        op.execute("DROP FUNCTION IF EXISTS tokens_ok(jsonb)")
