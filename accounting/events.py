@@ -84,16 +84,21 @@ def _note(session: Session, signal: Signal, **fields: Any) -> None:
     session.info.setdefault(_PENDING, []).append((noted_in, signal, fields))
 
 
-@event.listens_for(Session, "after_commit")
-def _send_after_commit(session: Session) -> None:
-    # SQLAlchemy sends after_commit when a savepoint is released too; nothing is committed yet.
-    if session.in_nested_transaction():
-        return
+def send_noted(session: Session) -> None:
+    """Send now what was noted on ``session``: for a session that never began a transaction
+    because its statements each committed alone (``worker.db.statement_scope``)."""
     for _noted_in, signal, fields in session.info.pop(_PENDING, []):
         # A broken handler must not turn a committed movement into a failed task.
         for _receiver, response in signal.send(sender=None, **fields):
             if isinstance(response, Exception):
                 log.error("%s handler failed: %r", signal.name, response)
+
+
+@event.listens_for(Session, "after_commit")
+def _send_after_commit(session: Session) -> None:
+    # SQLAlchemy sends after_commit when a savepoint is released too; nothing is committed yet.
+    if not session.in_nested_transaction():
+        send_noted(session)
 
 
 def _within(transaction: SessionTransaction | None, outer: SessionTransaction) -> bool:

@@ -4,10 +4,13 @@ In a caller's transaction (the CLI, tests, a batch's savepoint) a function retur
 as a ``status`` and leaves what it did (the key's claim, expiries) to the caller, whose
 transaction rolls back as it would on the portable path.
 
-*Alone* (the session's connection in autocommit: ``worker.db.statement_scope``) the statement is
-the whole transaction, one round trip with no BEGIN or COMMIT. It is then filtered through
-``tokens_ok()`` (migration 0006), which raises on a refusal so that the statement leaves nothing
-behind; the refusal comes back from the error's detail as the row the function returned.
+*Alone* (``worker.db.statement_scope``) the statement is the whole transaction, one round trip
+with no BEGIN or COMMIT, on a pooled connection in autocommit used directly, without the
+Session's or the Core's per-statement machinery: the session then carries, under
+:data:`ALONE`, the function that runs a statement so (a :data:`Runner`). The statement is
+filtered through ``tokens_ok()`` (migration 0006), which raises on a refusal so that it leaves
+nothing behind; the refusal comes back from the error's detail as the row the function returned.
+The events are noted on the session as in a transaction and sent when the scope commits it.
 Only a movement that is one statement may run alone: the portable path calls
 :func:`need_transaction` first.
 """
@@ -15,6 +18,8 @@ Only a movement that is one statement may run alone: the portable path calls
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
 
@@ -30,7 +35,15 @@ ENABLED = True
 # tokens_ok()'s SQLSTATE for a refusal.
 REFUSED = "TKREF"
 
-_texts: dict[tuple[str, bool], TextClause] = {}
+# session.info key of the Runner of a session whose movements run alone.
+ALONE = "tokens_alone"
+# Runs one statement (driver placeholders, ``%(name)s``) in autocommit and returns its one row
+# with attribute access; a database error comes as SQLAlchemy's DBAPIError, as from a Session.
+Runner = Callable[[str, dict[str, Any]], Any]
+
+_texts: dict[str, TextClause] = {}
+_driver_sql: dict[str, str] = {}
+_NAMED = re.compile(r"(?<![:\w]):(\w+)")
 
 
 def applies(session: Session) -> bool:
@@ -39,9 +52,8 @@ def applies(session: Session) -> bool:
 
 
 def alone(session: Session) -> bool:
-    """Whether each statement ``session`` runs is its own transaction (autocommit)."""
-    options = session.connection().get_execution_options()
-    return options.get("isolation_level") == "AUTOCOMMIT"
+    """Whether ``session``'s movements run alone, each statement its own transaction."""
+    return ALONE in session.info
 
 
 def need_transaction(session: Session) -> None:
@@ -55,19 +67,20 @@ def call(session: Session, function: str, params: dict[str, Any]) -> Any:
     ``tokens_spend(:user_id, ...)``): the function's one row, with attribute access. Alone, a
     refusal is the same row, rebuilt from ``tokens_ok()``'s error after the statement rolled
     back (JSON: arrays as lists, ``jsonb`` as dicts, as psycopg returns them)."""
-    by_itself = alone(session)
-    statement = _texts.get((function, by_itself))
-    if statement is None:
-        sql = (
-            f"SELECT r.* FROM {function} AS r WHERE tokens_ok(to_jsonb(r))"
-            if by_itself
-            else f"SELECT * FROM {function}"
-        )
-        statement = _texts[(function, by_itself)] = text(sql)
-    try:
+    run: Runner | None = session.info.get(ALONE)
+    if run is None:
+        statement = _texts.get(function)
+        if statement is None:
+            statement = _texts[function] = text(f"SELECT * FROM {function}")
         return session.execute(statement, params).one()
+    sql = _driver_sql.get(function)
+    if sql is None:
+        named = _NAMED.sub(r"%(\1)s", function)
+        sql = _driver_sql[function] = f"SELECT r.* FROM {named} AS r WHERE tokens_ok(to_jsonb(r))"
+    try:
+        return run(sql, params)
     except DBAPIError as exc:
-        if not by_itself or getattr(exc.orig, "sqlstate", None) != REFUSED:
+        if getattr(exc.orig, "sqlstate", None) != REFUSED:
             raise
         detail = exc.orig.diag.message_detail  # type: ignore[union-attr]
         return SimpleNamespace(**json.loads(detail))

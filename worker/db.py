@@ -7,15 +7,18 @@ import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+from psycopg.rows import namedtuple_row
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import ExceptionContext, make_url
-from sqlalchemy.exc import DisconnectionError
+from sqlalchemy.exc import DBAPIError, DisconnectionError
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import PoolProxiedConnection
 
-from accounting import statements
+from accounting import events, statements
 from worker.settings import get_settings
 
 log = logging.getLogger(__name__)
@@ -89,19 +92,24 @@ def _discard_interrupted_connection(context: ExceptionContext) -> None:
         connection = context.connection
         if connection is None or connection.invalidated:
             return
-        dbapi_connection = connection.connection.dbapi_connection
-        info = getattr(dbapi_connection, "info", None)
-        if getattr(info, "transaction_status", None) != _COMMAND_IN_PROGRESS:
-            return
-        context.is_disconnect = True
-        context.invalidate_pool_on_disconnect = False
-        cancel_safe = getattr(dbapi_connection, "cancel_safe", None)
-        if cancel_safe is not None:  # psycopg 3.2+: bounded, never blocks long
-            cancel_safe(timeout=5.0)
-        elif dbapi_connection is not None:
-            dbapi_connection.cancel()
+        if _cancel_command(connection.connection.dbapi_connection):
+            context.is_disconnect = True
+            context.invalidate_pool_on_disconnect = False
     except Exception as exc:  # the connection is discarded all the same
         log.warning("could not cancel an interrupted statement: %r", exc)
+
+
+def _cancel_command(dbapi_connection: Any) -> bool:
+    """Cancel the command ``dbapi_connection`` is in the middle of, if any; whether it was."""
+    info = getattr(dbapi_connection, "info", None)
+    if getattr(info, "transaction_status", None) != _COMMAND_IN_PROGRESS:
+        return False
+    cancel_safe = getattr(dbapi_connection, "cancel_safe", None)
+    if cancel_safe is not None:  # psycopg 3.2+: bounded, never blocks long
+        cancel_safe(timeout=5.0)
+    elif dbapi_connection is not None:
+        dbapi_connection.cancel()
+    return True
 
 
 def _serialise_sqlite_writers(engine: Engine) -> None:
@@ -174,13 +182,77 @@ def session_scope() -> Iterator[Session]:
 @contextmanager
 def statement_scope() -> Iterator[Session]:
     """A unit of work that is one movement statement (accounting/statements.py). On PostgreSQL
-    its connection is in autocommit: the statement is its own transaction and one round trip,
-    without BEGIN and COMMIT, and the events are sent at the end as after any commit. Elsewhere,
-    or with the statements off, a :func:`session_scope`."""
-    with session_scope() as session:
-        if statements.applies(session):
-            session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
+    the statement runs alone: on a pooled connection in autocommit, used through the driver, it
+    is its own transaction and one round trip, without BEGIN and COMMIT nor the Session's and
+    the Core's per-statement work. The session carries the events, sent at the end as after a
+    commit (and dropped after an exception, as a rollback drops them). Elsewhere, or with the
+    statements off, a :func:`session_scope`."""
+    session = session_factory()()
+    if not statements.applies(session):
+        session.close()
+        with session_scope() as session:
+            yield session
+        return
+    engine = get_engine()
+    pooled = _checkout(engine)
+    driver = pooled.driver_connection
+    assert driver is not None
+    try:
+        driver.autocommit = True
+        session.info[statements.ALONE] = partial(_run_alone, engine, pooled)
         yield session
+        if session.in_transaction():  # nothing uses the session itself today, but if it did
+            session.commit()
+        else:
+            events.send_noted(session)
+    except BaseException:
+        _roll_back_or_discard(session)
+        raise
+    finally:
+        session.close()
+        if pooled.is_valid:
+            driver.autocommit = False
+        pooled.close()  # back to the pool
+
+
+def _checkout(engine: Engine) -> PoolProxiedConnection:
+    """A pooled connection as ``engine.connect()`` would check it out (the idle ping applies),
+    a failure to connect raised as the Core raises it (tasks retry its OperationalError)."""
+    dbapi = engine.dialect.loaded_dbapi
+    try:
+        return engine.raw_connection()
+    except dbapi.Error as exc:
+        raise DBAPIError.instance(None, None, exc, dbapi.Error, dialect=engine.dialect) from exc
+
+
+def _run_alone(
+    engine: Engine, pooled: PoolProxiedConnection, sql: str, params: dict[str, Any]
+) -> Any:
+    """A :data:`accounting.statements.Runner`: ``sql`` on ``pooled`` in autocommit, its row as a
+    named tuple. Errors as the Core gives them (tasks retry its OperationalError); a lost
+    connection is discarded, and so is one a time limit interrupted, after cancelling its
+    command in the server (as :func:`_discard_interrupted_connection` does for the Core)."""
+    driver = pooled.driver_connection
+    assert driver is not None
+    dbapi = engine.dialect.loaded_dbapi
+    try:
+        with driver.cursor(row_factory=namedtuple_row) as cursor:
+            cursor.execute(sql, params)
+            return cursor.fetchone()
+    except dbapi.Error as exc:
+        lost = engine.dialect.is_disconnect(exc, pooled, None)
+        if lost:
+            pooled.invalidate(exc)
+        raise DBAPIError.instance(
+            sql, params, exc, dbapi.Error, connection_invalidated=lost, dialect=engine.dialect
+        ) from exc
+    except BaseException:
+        try:
+            _cancel_command(driver)
+        except Exception as cancel_failed:
+            log.warning("could not cancel an interrupted statement: %r", cancel_failed)
+        pooled.invalidate()
+        raise
 
 
 def _roll_back_or_discard(session: Session) -> None:

@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 from accounting import accounts, events, movements, reservations, statements
 from accounting.errors import DomainError
 from tests.support import assert_ledger_consistent, attempt, run_in_threads
-from worker.db import get_engine, session_factory
+from worker.db import get_engine, session_factory, session_scope, statement_scope
 
 USERS = ("ref", "fn")
 
@@ -144,18 +144,12 @@ class Pair:
 
     def run(self, user: str, action: Callable[[Session], Any], one_statement: bool = False) -> Any:
         """``action`` in a transaction; ``fn``'s one-statement movements alone when ``alone``."""
-        session = session_factory()()
+        scope = statement_scope if self.alone and one_statement and user == "fn" else session_scope
         try:
-            if self.alone and one_statement and user == "fn":
-                session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
-            with python_path(user == "ref"):
+            with python_path(user == "ref"), scope() as session:
                 result = action(session)
-            session.commit()
         except DomainError as exc:
-            session.rollback()
             result = exc
-        finally:
-            session.close()
         entry = getattr(result, "ledger_entry_id", None)
         if entry is not None and not getattr(result, "replayed", False):
             self.entries[user].append(int(entry))

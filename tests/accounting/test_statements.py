@@ -61,14 +61,22 @@ def user(clean_db: None) -> str:
 
 
 def test_a_debit_alone_is_one_round_trip_and_commits_by_itself(user: str) -> None:
-    sent: list[str] = []
+    through_core: list[str] = []
+    alone: list[str] = []
 
     def count(conn: Any, cursor: Any, sql: str, *args: Any) -> None:
-        sent.append(sql)
+        through_core.append(sql)
 
     event.listen(get_engine(), "before_cursor_execute", count)
     try:
         with statement_scope() as s:
+            run = s.info[statements.ALONE]
+
+            def counted(sql: str, params: dict[str, Any]) -> Any:
+                alone.append(sql)
+                return run(sql, params)
+
+            s.info[statements.ALONE] = counted
             out = movements.debit(s, user, 10, "image_generation", idempotency_key="k")
             event.remove(get_engine(), "before_cursor_execute", count)
             # Committed before the scope ends: another connection sees it already.
@@ -76,7 +84,8 @@ def test_a_debit_alone_is_one_round_trip_and_commits_by_itself(user: str) -> Non
     finally:
         if event.contains(get_engine(), "before_cursor_execute", count):
             event.remove(get_engine(), "before_cursor_execute", count)
-    assert [q.split("(")[0] for q in sent] == ["SELECT r.* FROM tokens_spend"], sent
+    assert through_core == []
+    assert [q.split("(")[0] for q in alone] == ["SELECT r.* FROM tokens_spend"], alone
     assert out.new_balance == 60
     with session_factory()() as s:
         assert_ledger_consistent(s)
@@ -121,11 +130,11 @@ def test_replay_conflict_and_unknown_user_alone(user: str) -> None:
 def test_the_portable_path_refuses_to_run_alone(user: str) -> None:
     """Its statements would each commit on their own: no atomicity. It must never run so."""
     before = _rows(user)
-    statements.ENABLED = False
     try:
-        with pytest.raises(RuntimeError), session_factory()() as s:
-            s.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
+        with pytest.raises(RuntimeError), statement_scope() as s:
+            statements.ENABLED = False
             movements.debit(s, user, 10, "image_generation", idempotency_key="p")
+        statements.ENABLED = False
         # statement_scope itself keeps a transaction when the statements are off.
         with statement_scope() as s:
             movements.debit(s, user, 10, "image_generation", idempotency_key="p")
