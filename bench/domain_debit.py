@@ -4,9 +4,11 @@
 
 Measures, each for ``--seconds`` and ``--runs`` times interleaved (medians printed):
 
-- ``movements.debit`` through ``worker.db.session_scope`` (what a task does), on the portable
-  Python path (accounting/grants.py: about 8 statements) and on the one statement
-  ``tokens_spend()`` (migration 0005), one thread, random users and fresh keys;
+- ``movements.debit`` through ``worker.db.session_scope``, on the portable Python path
+  (accounting/grants.py: about 8 statements) and on the one statement ``tokens_spend()``
+  (migration 0005) in a transaction, then through ``worker.db.statement_scope``: the statement
+  alone in autocommit on a pooled driver connection (what ``tokens.debit`` runs), one thread,
+  random users and fresh keys;
 - the same statement on a bare pooled connection (no Session): the floor of the Python side,
   from worker.db's engine (a ping only after a second idle) and from one with ``pool_pre_ping``
   (a ping on every checkout, as before);
@@ -116,7 +118,7 @@ def _run(url: str, seconds: int, users: int, hot_clients: int, runs: int) -> Non
     from sqlalchemy import Engine, create_engine, text
 
     from accounting import accounts, movements, statements
-    from worker.db import get_engine, session_scope
+    from worker.db import get_engine, session_scope, statement_scope
     from worker.migrate import upgrade
 
     upgrade()
@@ -126,12 +128,20 @@ def _run(url: str, seconds: int, users: int, hot_clients: int, runs: int) -> Non
         accounts.open_account(s, "hot", initial_balance=10**12)
     tag = uuid.uuid4().hex[:6]
 
-    def debit(user: Callable[[int], str], python: bool) -> Callable[[int, int], None]:
+    def debit(
+        user: Callable[[int], str], python: bool, alone: bool = False
+    ) -> Callable[[int, int], None]:
+        scope = statement_scope if alone else session_scope
+
         def work(t: int, i: int) -> None:
             statements.ENABLED = not python
-            with session_scope() as s:
+            with scope() as s:
                 movements.debit(
-                    s, user(i), 1, "chatgpt_message", idempotency_key=f"{tag}-{t}-{i}-{python}"
+                    s,
+                    user(i),
+                    1,
+                    "chatgpt_message",
+                    idempotency_key=f"{tag}-{t}-{i}-{python}-{alone}",
                 )
 
         return work
@@ -154,12 +164,14 @@ def _run(url: str, seconds: int, users: int, hot_clients: int, runs: int) -> Non
     measures: dict[str, Callable[[], float]] = {
         "python": lambda: _for(seconds, 1, debit(spread, True)),
         "statement": lambda: _for(seconds, 1, debit(spread, False)),
+        "alone": lambda: _for(seconds, 1, debit(spread, False, alone=True)),
         "bare": lambda: _for(seconds, 1, bare(get_engine())),
         "bare_pre_ping": lambda: _for(seconds, 1, bare(pre_ping)),
         "pgbench": lambda: _pgbench(url, _script(users, False), 1, seconds),
         "pgbench_tx": lambda: _pgbench(url, _script(users, True), 1, seconds),
         "hot_python": lambda: _for(seconds, hot_clients, debit(lambda i: "hot", True)),
         "hot_statement": lambda: _for(seconds, hot_clients, debit(lambda i: "hot", False)),
+        "hot_alone": lambda: _for(seconds, hot_clients, debit(lambda i: "hot", False, True)),
         "hot_pgbench": lambda: _pgbench(url, _script(users, False, hot=True), hot_clients, seconds),
     }
     rates: dict[str, list[float]] = {name: [] for name in measures}
@@ -181,12 +193,14 @@ def _run(url: str, seconds: int, users: int, hot_clients: int, runs: int) -> Non
         ("pgbench -c 1: SELECT tokens_spend(...) (baseline)", "pgbench", "pgbench"),
         ("pgbench -c 1: BEGIN; SELECT tokens_spend(...); COMMIT", "pgbench_tx", "pgbench"),
         ("domain debit, Python path (before), session_scope", "python", "pgbench"),
-        ("domain debit, one statement (after), session_scope", "statement", "pgbench"),
+        ("domain debit, one statement in a transaction, session_scope", "statement", "pgbench"),
+        ("domain debit, the statement alone, statement_scope (after)", "alone", "pgbench"),
         ("  the statement on a pooled Connection, no Session", "bare", "pgbench"),
         ("  the same, pool_pre_ping=True (a ping per checkout)", "bare_pre_ping", "pgbench"),
         (f"pgbench -c {hot_clients}, one hot account (baseline)", "hot_pgbench", "hot_pgbench"),
         (f"hot account, {hot_clients} threads, Python path (before)", "hot_python", "hot_pgbench"),
         (f"hot account, {hot_clients} threads, one statement", "hot_statement", "hot_pgbench"),
+        (f"hot account, {hot_clients} threads, the statement alone", "hot_alone", "hot_pgbench"),
     ]
     for label, name, base in rows:
         low, high = min(rates[name]), max(rates[name])
@@ -197,8 +211,8 @@ def _run(url: str, seconds: int, users: int, hot_clients: int, runs: int) -> Non
         f"{m['statement'] / m['pgbench_tx']:.2f}"
     )
     print(
-        f"one statement vs Python path: {m['statement'] / m['python']:.2f}x single, "
-        f"{m['hot_statement'] / m['hot_python']:.2f}x hot"
+        f"the statement alone vs the Python path: {m['alone'] / m['python']:.2f}x single, "
+        f"{m['hot_alone'] / m['hot_python']:.2f}x hot"
     )
 
 
