@@ -210,6 +210,7 @@ BEGIN
         ELSE
             -- Debt first. The debt part makes a grant only of what is left after the debt; the
             -- rest is always a grant (grants.Change.grant: depleted if the debt took it all).
+            -- 50: grants.DEFAULT_PRIORITY of an adjustment.
             v_paid := least(v_debt + v_debt_delta, v_share);
             v_debt_delta := v_debt_delta - v_paid;
             IF s.part = 3 OR v_share > v_paid THEN
