@@ -13,6 +13,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from accounting import grants, idempotency, spend, statements
+from accounting import refund as refund_statement
 from accounting.catalog import known_operation, price_of
 from accounting.errors import (
     below_reserved,
@@ -263,7 +264,8 @@ def refund(
     metadata: dict[str, Any] | None = None,
     idempotency_key: str | None = None,
 ) -> MovementOut:
-    """Give tokens back; against ``original_entry_id``, never more in all than it charged."""
+    """Give tokens back; against ``original_entry_id``, never more in all than it charged. On
+    PostgreSQL one statement (``accounting.refund``), elsewhere the portable path below."""
     if amount <= 0:
         raise invalid_amount("Refund")
     metadata = dict(metadata or {})
@@ -273,6 +275,17 @@ def refund(
     digest = idempotency.request_hash(
         "refund", amount=amount, original_entry_id=original, metadata=metadata
     )
+    if statements.applies(session):
+        return refund_statement.refund(
+            session,
+            user_id=user_id,
+            amount=amount,
+            original_entry_id=original,
+            metadata=metadata,
+            idempotency_key=idempotency_key,
+            digest=digest,
+        )
+    statements.need_transaction(session)
     if (
         replay := idempotency.replay(session, user_id, idempotency_key, digest, MovementOut)
     ) is not None:

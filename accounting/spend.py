@@ -15,8 +15,8 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from accounting import statements
-from accounting.errors import idempotency_conflict, insufficient_tokens, user_not_found
-from accounting.events import note_balance_change, note_grants_expired
+from accounting.errors import insufficient_tokens
+from accounting.events import note_balance_change
 from models.schemas import MovementOut
 
 _CALL = (
@@ -53,24 +53,11 @@ def spend(
             "metadata": json.dumps(metadata),
         },
     )
-    status = row.status
-    if status == "replay":
-        return MovementOut(**{**row.response, "replayed": True})
-    if status == "conflict":
-        raise idempotency_conflict()
-    if status == "not_found":
-        raise user_not_found()
+    if (replay := statements.replayed(row, MovementOut)) is not None:
+        return replay
     reserved = int(row.reserved)
-    for tokens, balance in zip(row.expired_tokens, row.expired_balances, strict=True):
-        note_balance_change(
-            session,
-            user_id=user_id,
-            balance=int(balance),
-            tokens_reserved=reserved,
-            operation="expiry",
-        )
-        note_grants_expired(session, grants=1, tokens=int(tokens))
-    if status == "insufficient":
+    statements.note_expiries(session, user_id, reserved, row.expired_tokens, row.expired_balances)
+    if row.status == "insufficient":
         raise insufficient_tokens(amount, int(row.available))
     note_balance_change(
         session,

@@ -19,15 +19,18 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, TypeVar
 
+from pydantic import BaseModel
 from sqlalchemy import TextClause, text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from accounting import clock
+from accounting.errors import idempotency_conflict, user_not_found
+from accounting.events import note_balance_change, note_grants_expired
 
 # Off: every movement takes the portable Python path (tests compare the two; bench measures).
 ENABLED = True
@@ -84,3 +87,35 @@ def call(session: Session, function: str, params: dict[str, Any]) -> Any:
             raise
         detail = exc.orig.diag.message_detail  # type: ignore[union-attr]
         return SimpleNamespace(**json.loads(detail))
+
+
+R = TypeVar("R", bound=BaseModel)
+
+
+def replayed(row: Any, result: type[R]) -> R | None:
+    """A function row's stored outcome as ``result`` marked ``replayed``, or None; raises the
+    refusals every movement function has (``conflict``: the key names another request,
+    ``not_found``: no such account)."""
+    if row.status == "replay":
+        return result(**{**row.response, "replayed": True})
+    if row.status == "conflict":
+        raise idempotency_conflict()
+    if row.status == "not_found":
+        raise user_not_found()
+    return None
+
+
+def note_expiries(
+    session: Session, user_id: str, reserved: int, tokens: Iterable[int], balances: Iterable[int]
+) -> None:
+    """The events of the ``expiry`` entries a function wrote (grants.expire_grant's): each
+    grant's tokens and the balance after it."""
+    for expired, balance in zip(tokens, balances, strict=True):
+        note_balance_change(
+            session,
+            user_id=user_id,
+            balance=int(balance),
+            tokens_reserved=reserved,
+            operation="expiry",
+        )
+        note_grants_expired(session, grants=1, tokens=int(expired))

@@ -56,7 +56,7 @@ def charge(session: Session, p: ChargeIn, task_id: str | None) -> MovementOut:
     )
 
 
-@contract_task("tokens.refund", RefundIn)
+@contract_task("tokens.refund", RefundIn, alone=True)
 def refund(session: Session, p: RefundIn, task_id: str | None) -> MovementOut:
     return movements.refund(
         session,

@@ -248,7 +248,8 @@ def _step(rng: random.Random, pair: Pair, step: int, keys: list[tuple[str, int, 
 
             return due
 
-    results = [_outcome(pair.run(u, action(u), one_statement=roll < 0.45)) for u in USERS]
+    one_statement = roll < 0.45 or 0.6 <= roll < 0.7
+    results = [_outcome(pair.run(u, action(u), one_statement=one_statement)) for u in USERS]
     assert results[0] == results[1], f"step {step}: {results}"
     pair.outcomes.append(results[1])
 

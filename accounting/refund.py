@@ -1,0 +1,66 @@
+"""A refund on PostgreSQL in one statement: ``tokens_refund()`` (migration 0007).
+
+The function does in one round trip what :func:`accounting.movements.refund` does through
+:mod:`accounting.grants` (the refund cap, ``_put_back``, the re-expiry of what went back into an
+ended grant) with the idempotency claim and record around it; the Python code stays the
+reference (and what SQLite runs), and tests/accounting/test_spend_statement.py runs the same
+random movements through both and compares every row. The refusals, the result and the events
+are the same. It runs in the caller's transaction or alone (:mod:`accounting.statements`).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from accounting import statements
+from accounting.errors import entry_not_found, refund_exceeds_original
+from accounting.events import note_balance_change
+from models.schemas import MovementOut
+
+_CALL = "tokens_refund(:user_id, :key, :digest, :original, :amount, CAST(:metadata AS jsonb))"
+
+
+def refund(
+    session: Session,
+    *,
+    user_id: str,
+    amount: int,
+    original_entry_id: int | None,
+    metadata: dict[str, Any],
+    idempotency_key: str | None,
+    digest: str,
+) -> MovementOut:
+    """Claim, cap, lock, expire, put back, write, expire again and record in one statement; the
+    replay, the refusals and the events as the Python path has them."""
+    row = statements.call(
+        session,
+        _CALL,
+        {
+            "user_id": user_id,
+            "key": idempotency_key,
+            "digest": digest,
+            "original": original_entry_id,
+            "amount": amount,
+            "metadata": json.dumps(metadata),
+        },
+    )
+    if (replay := statements.replayed(row, MovementOut)) is not None:
+        return replay
+    if row.status == "entry_not_found":
+        raise entry_not_found()
+    if row.status == "exceeds":
+        raise refund_exceeds_original(int(row.charged), int(row.refunded))
+    reserved = int(row.reserved)
+    statements.note_expiries(session, user_id, reserved, row.expired_tokens, row.expired_balances)
+    note_balance_change(
+        session,
+        user_id=user_id,
+        balance=int(row.balance),
+        tokens_reserved=reserved,
+        operation="refund",
+    )
+    statements.note_expiries(session, user_id, reserved, row.ended_tokens, row.ended_balances)
+    return MovementOut(**row.response)
