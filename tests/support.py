@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 from celery import Celery
-from sqlalchemy import text
+from sqlalchemy import event, text
 from sqlalchemy.orm import Session
 
+import worker.db
 from accounting.errors import DomainError
-from worker.db import session_scope
+from worker.db import get_engine, session_scope
 from worker.devenv import ROOT, WorkerProcess, producer, running_workers
 
 __all__ = ["ROOT", "TABLES", "WorkerProcess", "call", "free_port", "producer", "running_workers"]
@@ -44,6 +46,30 @@ def workers_that_ran(app: Celery, name: str, before: dict[str, int]) -> set[str]
     """The workers that took ``name`` tasks since ``before`` was read."""
     after = tasks_done_by_worker(app, name)
     return {w for w, n in after.items() if n > before.get(w, 0)}
+
+
+@contextmanager
+def statements_sent() -> Iterator[list[str]]:
+    """Every statement this process sends meanwhile: through the Core, and alone on a driver
+    connection (``worker.db.statement_scope``)."""
+    sent: list[str] = []
+
+    def core(conn: Any, cursor: Any, sql: str, *args: Any) -> None:
+        sent.append(sql)
+
+    run_alone = worker.db._run_alone
+
+    def alone(engine: Any, pooled: Any, sql: str, params: dict[str, Any]) -> Any:
+        sent.append(sql)
+        return run_alone(engine, pooled, sql, params)
+
+    event.listen(get_engine(), "before_cursor_execute", core)
+    worker.db._run_alone = alone
+    try:
+        yield sent
+    finally:
+        worker.db._run_alone = run_alone
+        event.remove(get_engine(), "before_cursor_execute", core)
 
 
 def free_port() -> int:

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from sqlalchemy import event, text
+from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from accounting import accounts, events, movements
@@ -20,8 +20,8 @@ from accounting.errors import DomainError
 from models.schemas import MovementOut
 from tests.accounting.test_spend_statement import USERS, Pair, _outcome, _state
 from tests.accounting.test_statements import _rows
-from tests.support import assert_ledger_consistent, attempt, run_in_threads
-from worker.db import get_engine, session_factory, statement_scope
+from tests.support import assert_ledger_consistent, attempt, run_in_threads, statements_sent
+from worker.db import session_factory, statement_scope
 
 Step = Callable[[str, Pair], Callable[[Session], Any]]
 
@@ -156,16 +156,8 @@ def charged(clean_db: None) -> str:
 
 
 def _sent(action: Callable[[], Any]) -> tuple[Any, list[str]]:
-    sent: list[str] = []
-
-    def count(conn: Any, cursor: Any, sql: str, *args: Any) -> None:
-        sent.append(sql)
-
-    event.listen(get_engine(), "before_cursor_execute", count)
-    try:
+    with statements_sent() as sent:
         return action(), sent
-    finally:
-        event.remove(get_engine(), "before_cursor_execute", count)
 
 
 def test_a_refund_is_one_statement(charged: str) -> None:

@@ -7,12 +7,12 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from sqlalchemy import event, text
+from sqlalchemy import text
 
 from accounting import accounts, movements, statements
 from accounting.errors import DomainError
-from tests.support import assert_ledger_consistent
-from worker.db import get_engine, session_factory, statement_scope
+from tests.support import assert_ledger_consistent, statements_sent
+from worker.db import session_factory, statement_scope
 
 
 def _rows(user: str) -> dict[str, Any]:
@@ -61,31 +61,11 @@ def user(clean_db: None) -> str:
 
 
 def test_a_debit_alone_is_one_round_trip_and_commits_by_itself(user: str) -> None:
-    through_core: list[str] = []
-    alone: list[str] = []
-
-    def count(conn: Any, cursor: Any, sql: str, *args: Any) -> None:
-        through_core.append(sql)
-
-    event.listen(get_engine(), "before_cursor_execute", count)
-    try:
-        with statement_scope() as s:
-            run = s.info[statements.ALONE]
-
-            def counted(sql: str, params: dict[str, Any]) -> Any:
-                alone.append(sql)
-                return run(sql, params)
-
-            s.info[statements.ALONE] = counted
-            out = movements.debit(s, user, 10, "image_generation", idempotency_key="k")
-            event.remove(get_engine(), "before_cursor_execute", count)
-            # Committed before the scope ends: another connection sees it already.
-            assert _rows(user)["account"] == (60, 0, 10, 0)
-    finally:
-        if event.contains(get_engine(), "before_cursor_execute", count):
-            event.remove(get_engine(), "before_cursor_execute", count)
-    assert through_core == []
-    assert [q.split("(")[0] for q in alone] == ["SELECT r.* FROM tokens_spend"], alone
+    with statements_sent() as sent, statement_scope() as s:
+        out = movements.debit(s, user, 10, "image_generation", idempotency_key="k")
+        assert [q.split("(")[0] for q in sent] == ["SELECT r.* FROM tokens_spend"], sent
+        # Committed before the scope ends: another connection sees it already.
+        assert _rows(user)["account"] == (60, 0, 10, 0)
     assert out.new_balance == 60
     with session_factory()() as s:
         assert_ledger_consistent(s)
