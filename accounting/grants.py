@@ -419,13 +419,15 @@ def lock_current(session: Session, user_id: str) -> Locked:
     return expire_due(session, lock(session, user_id))
 
 
+def any_due(session: Session, user_id: str) -> ColumnElement[bool]:
+    """Whether ``user_id`` has a due grant, as an SQL expression (one index probe)."""
+    return exists().where(_g.user_id == user_id, _due(clock.now_sql(session)))
+
+
 def settle_reads(session: Session, user_id: str) -> None:
     """Before a read of one user: expire their due grants, if any, so every read sees a due
     grant as expired (one index probe when none is due; the lock only when one is)."""
-    due = session.execute(
-        select(exists().where(_g.user_id == user_id, _due(clock.now_sql(session))))
-    ).scalar_one()
-    if due:
+    if session.execute(select(any_due(session, user_id))).scalar_one():
         expire_due(session, lock(session, user_id))
 
 

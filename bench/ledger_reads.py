@@ -248,8 +248,8 @@ def main(argv: list[str] | None = None) -> None:
 
             who = user()
             grants.settle_reads(s, who)
-            rows = s.scalars(
-                select(LedgerEntry)
+            rows = s.execute(
+                select(*ledger.ENTRY_COLUMNS)
                 .where(LedgerEntry.user_id == who)
                 .order_by(LedgerEntry.created_at.desc(), LedgerEntry.id.desc())
                 .limit(50)

@@ -438,3 +438,33 @@ def test_reconcile_sees_a_lost_ledger_entry(session: Session) -> None:
         "grants_balance": 115,
         "bad_grants": [],
     }
+
+
+def test_a_history_page_read_while_a_grant_is_due_shows_its_expiry(session: Session) -> None:
+    """The page is read with the due-grant probe in one statement; a due grant is expired
+    before the page the reader gets, at offset 0 and past the end of the history alike."""
+    accounts.open_account(session, "u1", initial_balance=0)
+    movements.credit(session, "u1", 40, "purchase", grant_kind="promo")
+    session.execute(text("UPDATE grants SET expires_at = clock_timestamp() - interval '1 second'"))
+    session.commit()
+    beyond = ledger.user_entries(session, "u1", offset=10)
+    assert beyond.entries == []
+    session.commit()
+    assert session.execute(text("SELECT status FROM grants")).scalar_one() == "expired"
+    session.execute(
+        text(
+            "UPDATE grants SET status = 'active', remaining = 40, expired = 0, ended_at = NULL;"
+            " DELETE FROM entry_grants WHERE amount < 0;"
+            " DELETE FROM ledger_entries WHERE kind = 'expiry';"
+            " UPDATE accounts SET tokens_balance = 40"
+        )
+    )
+    session.commit()
+    page = ledger.user_entries(session, "u1")
+    assert [(e.operation_type, e.tokens_amount) for e in page.entries] == [
+        ("expiry", -40),
+        ("purchase", 40),
+    ]
+    # Nothing due any more: the one statement is the whole read.
+    assert ledger.user_entries(session, "u1").entries == page.entries
+    assert_ledger_consistent(session)
