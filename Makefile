@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: install lock run beat test lint bench bench-transport bench-renewals bench-grants bench-expiry bench-batches bench-brokers bench-reads bench-domain-debit profile clean
+.PHONY: install lock run beat test lint bench bench-transport bench-renewals bench-grants bench-expiry bench-batches bench-brokers bench-reads bench-domain-debit bench-movements profile clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -84,6 +84,11 @@ bench-grants: install
 bench-domain-debit: install
 	scripts/ensure-services.sh
 	$(BIN)/python -m bench.domain_debit
+
+# Every movement on the Python path (before) against its one statement alone (after).
+bench-movements: install
+	scripts/ensure-services.sh
+	$(BIN)/python -m bench.movements
 
 bench-batches: install
 	scripts/ensure-services.sh
