@@ -73,6 +73,14 @@ def capture_exceeds_reservation(reserved: int, requested: int) -> DomainError:
     )
 
 
+def merged_metadata_too_large(size: int, limit: int) -> DomainError:
+    """A capture's metadata merged with its reservation's (and the id) is over the bound."""
+    return validation_error(
+        f"Invalid arguments: metadata: merged with the reservation's metadata it is {size} "
+        f"bytes serialized; at most {limit} allowed"
+    )
+
+
 def not_due(days: int) -> DomainError:
     return DomainError("NOT_DUE", f"Next renewal in {days} days")
 

@@ -17,12 +17,14 @@ from typing import Any, cast
 from sqlalchemy import ColumnElement, Table, bindparam, func, insert, literal, select, update
 from sqlalchemy.orm import Session
 
-from accounting import clock, grants, idempotency
+from accounting import capture as capture_statement
+from accounting import clock, grants, idempotency, statements
 from accounting.catalog import known_operation, price_of
 from accounting.errors import (
     capture_exceeds_reservation,
     insufficient_tokens,
     invalid_amount,
+    merged_metadata_too_large,
     reservation_not_active,
     reservation_not_found,
     validation_error,
@@ -169,13 +171,24 @@ def capture(
     if amount is not None and amount <= 0:
         raise invalid_amount("Capture")
     metadata = metadata or {}
+    digest = idempotency.request_hash(
+        "capture", reservation_id=reservation_id, amount=amount, metadata=metadata
+    )
+    if statements.applies(session):
+        return capture_statement.capture(
+            session,
+            reservation_id=reservation_id,
+            amount=amount,
+            metadata=metadata,
+            idempotency_key=idempotency_key,
+            digest=digest,
+            now=now,
+        )
+    statements.need_transaction(session)
     found, db_time = _load_at(session, reservation_id)
     now = now or db_time
     # A reservation's user never changes, so it may be read without a lock.
     user_id = found.user_id
-    digest = idempotency.request_hash(
-        "capture", reservation_id=reservation_id, amount=amount, metadata=metadata
-    )
     replay = idempotency.replay(session, user_id, idempotency_key, digest, CaptureOut)
     if replay is not None:
         return replay
@@ -186,10 +199,7 @@ def capture(
     # (An active reservation's metadata never changes; only a release, which ends it, adds to it.)
     merged = {**found.meta, **metadata, "reservation_id": reservation_id}
     if (size := metadata_bytes(merged)) > MAX_METADATA_BYTES:
-        raise validation_error(
-            f"Invalid arguments: metadata: merged with the reservation's metadata it is {size} "
-            f"bytes serialized; at most {MAX_METADATA_BYTES} allowed"
-        )
+        raise merged_metadata_too_large(size, MAX_METADATA_BYTES)
 
     ended = session.execute(
         update(Reservation)

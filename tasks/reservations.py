@@ -36,7 +36,7 @@ def reserve(session: Session, p: ReserveIn, task_id: str | None) -> ReserveOut:
     )
 
 
-@contract_task("tokens.capture", CaptureIn)
+@contract_task("tokens.capture", CaptureIn, alone=True)
 def capture(session: Session, p: CaptureIn, task_id: str | None) -> CaptureOut:
     return reservations.capture(
         session, p.reservation_id, amount=p.amount, metadata=p.metadata, idempotency_key=task_id

@@ -1,0 +1,86 @@
+"""A capture on PostgreSQL in one statement: ``tokens_capture()`` (migration 0007).
+
+The function does in one round trip what :func:`accounting.reservations.capture` does through
+:mod:`accounting.grants` with the idempotency claim and record around it; the Python code stays
+the reference (and what SQLite runs), and tests/accounting/test_spend_statement.py runs the same
+random movements through both and compares every row. The refusals, the result and the events
+are the same. It runs in the caller's transaction or alone (:mod:`accounting.statements`).
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from accounting import statements
+from accounting.errors import (
+    capture_exceeds_reservation,
+    idempotency_conflict,
+    merged_metadata_too_large,
+    reservation_not_active,
+    reservation_not_found,
+)
+from accounting.events import note_balance_change, note_grants_expired
+from models.schemas import MAX_METADATA_BYTES, CaptureOut, metadata_bytes
+
+_CALL = (
+    "tokens_capture(:reservation_id, :amount, CAST(:metadata AS jsonb), :tail_bytes,"
+    " :max_bytes, :key, :digest, :now)"
+)
+
+
+def capture(
+    session: Session,
+    *,
+    reservation_id: str,
+    amount: int | None,
+    metadata: dict[str, Any],
+    idempotency_key: str | None,
+    digest: str,
+    now: datetime | None,
+) -> CaptureOut:
+    """Read, claim, check, end, lock, expire, spend, write and record in one statement; the
+    replay, the refusals and the events as the Python path has them."""
+    row = statements.call(
+        session,
+        _CALL,
+        {
+            "reservation_id": reservation_id,
+            "amount": amount,
+            "metadata": json.dumps(metadata),
+            # What the capture adds to the entry's metadata, sized here as Python writes it.
+            "tail_bytes": metadata_bytes({**metadata, "reservation_id": reservation_id}),
+            "max_bytes": MAX_METADATA_BYTES,
+            "key": idempotency_key,
+            "digest": digest,
+            "now": now,
+        },
+    )
+    status = row.status
+    if status == "replay":
+        return CaptureOut(**{**row.response, "replayed": True})
+    if status == "conflict":
+        raise idempotency_conflict()
+    if status == "not_found":
+        raise reservation_not_found()
+    if status == "not_active":
+        raise reservation_not_active(row.reservation_status)
+    if status == "exceeds":
+        raise capture_exceeds_reservation(int(row.bound), int(row.captured))
+    if status == "metadata":
+        raise merged_metadata_too_large(int(row.metadata_bytes), MAX_METADATA_BYTES)
+    out = CaptureOut(**row.response)
+    for change in row.events:
+        note_balance_change(
+            session,
+            user_id=out.user_id,
+            balance=int(change["balance"]),
+            tokens_reserved=int(change["reserved"]),
+            operation=change["op"],
+        )
+        if change["op"] == "expiry":
+            note_grants_expired(session, grants=1, tokens=int(change["tokens"]))
+    return out

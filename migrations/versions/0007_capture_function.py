@@ -1,0 +1,344 @@
+"""tokens_capture(): a capture on PostgreSQL in one statement and one round trip
+
+The function does what accounting/reservations.py ``capture`` does through accounting/grants.py
+(which stays the reference, and the code SQLite runs): read the reservation, claim the idempotency
+key (replay or conflict when it exists), refuse an ended or expired reservation, a capture past
+the hold plus its over-capture limit or merged metadata past the bound, end the reservation with
+a conditional update (the hold read again under its lock), lock the account, expire the user's
+due grants, spend the held grants in burn order (even one that has ended meanwhile) and past the
+hold the free grants in burn order then debt, move the account, write the ledger entry with its
+split, expire what the rest of the hold leaves in ended grants, and store the outcome under the
+key. Lock order: key, reservation, account, grants.
+
+A refusal (``status`` other than ``ok`` or ``replay``) returns instead of raising; alone,
+``tokens_ok()`` (0006) turns it into an error that undoes the statement.
+
+``events`` lists the balance changes in the order the Python path notes them (``expiry`` entries
+carry their ``tokens``). ``tokens_expire_due()`` is the expiry of grants.expire_due;
+``tokens_json_bytes()`` the size models.schemas.metadata_bytes gives a stored JSON value once
+Python has read it back (a number with a point is a float to ``json.loads``: its ``repr``).
+
+Revision ID: 0007
+Revises: 0006
+Create Date: 2026-12-04
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from alembic import op
+
+revision: str = "0007"
+down_revision: str | None = "0006"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+JSON_BYTES = r"""
+CREATE OR REPLACE FUNCTION tokens_json_bytes(p jsonb) RETURNS bigint
+LANGUAGE plpgsql IMMUTABLE AS $fn$
+DECLARE
+    t text;
+    digits text;
+    sig text;
+    n integer;
+    decpt integer;
+    sign integer;
+BEGIN
+    CASE jsonb_typeof(p)
+    WHEN 'object' THEN
+        RETURN 1 + (SELECT coalesce(sum(octet_length(to_jsonb(e.key)::text) + 2
+                                        + tokens_json_bytes(e.value)), 1)
+                    FROM jsonb_each(p) e);
+    WHEN 'array' THEN
+        RETURN 1 + (SELECT coalesce(sum(1 + tokens_json_bytes(e.value)), 1)
+                    FROM jsonb_array_elements(p) e);
+    WHEN 'number' THEN
+        t := p::text;
+        IF position('.' IN t) = 0 THEN
+            RETURN octet_length(t);
+        END IF;
+        -- Python's repr of the float: its digits (numeric keeps what repr wrote) and point.
+        sign := CASE WHEN left(t, 1) = '-' THEN 1 ELSE 0 END;
+        t := ltrim(t, '-');
+        digits := replace(t, '.', '');
+        sig := rtrim(ltrim(digits, '0'), '0');
+        n := length(sig);
+        IF n = 0 THEN
+            RETURN 3 + sign;
+        END IF;
+        decpt := position('.' IN t) - 1 - (length(digits) - length(ltrim(digits, '0')));
+        IF decpt <= -4 OR decpt > 16 THEN
+            RETURN sign + CASE WHEN n = 1 THEN 1 ELSE n + 1 END + 2
+                   + greatest(2, length(abs(decpt - 1)::text));
+        ELSIF decpt <= 0 THEN
+            RETURN sign + 2 - decpt + n;
+        ELSIF decpt < n THEN
+            RETURN sign + n + 1;
+        END IF;
+        RETURN sign + decpt + 2;
+    ELSE
+        RETURN octet_length(p::text);
+    END CASE;
+END
+$fn$;
+"""
+
+EXPIRE_DUE = r"""
+CREATE OR REPLACE FUNCTION tokens_expire_due(p_user text, p_now timestamptz, p_events jsonb)
+RETURNS jsonb LANGUAGE plpgsql VOLATILE AS $fn$
+DECLARE
+    g record;
+    v_balance bigint;
+    v_reserved bigint;
+    v_entry bigint;
+BEGIN
+    -- One expiry entry per due grant, by (expires_at, id); the account is locked.
+    FOR g IN
+        SELECT gr.id, gr.remaining - gr.held AS free
+        FROM grants gr
+        WHERE gr.user_id = p_user AND gr.status = 'active' AND gr.remaining > gr.held
+          AND gr.expires_at IS NOT NULL AND gr.expires_at <= p_now
+        ORDER BY gr.expires_at, gr.id
+    LOOP
+        UPDATE grants SET
+            remaining = remaining - g.free,
+            expired = expired + g.free,
+            status = CASE WHEN remaining = g.free THEN 'expired' ELSE status END,
+            ended_at = coalesce(ended_at, expires_at, p_now)
+        WHERE id = g.id;
+        UPDATE accounts SET
+            tokens_balance = tokens_balance - g.free,
+            updated_at = p_now
+        WHERE user_id = p_user
+        RETURNING tokens_balance, tokens_reserved INTO v_balance, v_reserved;
+        INSERT INTO ledger_entries (user_id, kind, operation_type, tokens_amount, balance_before,
+                                    balance_after, idempotency_key, original_entry_id, metadata,
+                                    created_at)
+        VALUES (p_user, 'expiry', 'expiry', -g.free, v_balance + g.free, v_balance, NULL, NULL,
+                jsonb_build_object('grant_id', g.id::text), p_now)
+        RETURNING id INTO v_entry;
+        INSERT INTO entry_grants (entry_id, grant_id, amount, seq)
+        VALUES (v_entry, g.id, -g.free, 0);
+        p_events := p_events || jsonb_build_object(
+            'op', 'expiry', 'balance', v_balance, 'reserved', v_reserved, 'tokens', g.free);
+    END LOOP;
+    RETURN p_events;
+END
+$fn$;
+"""
+
+CAPTURE = r"""
+CREATE OR REPLACE FUNCTION tokens_capture(
+    p_reservation text, p_amount bigint, p_metadata jsonb, p_tail_bytes bigint,
+    p_max_bytes bigint, p_key text, p_digest text, p_now timestamptz,
+    OUT status text, OUT reservation_status text, OUT bound bigint, OUT captured bigint,
+    OUT metadata_bytes bigint, OUT response jsonb, OUT events jsonb
+) LANGUAGE plpgsql VOLATILE AS $fn$
+#variable_conflict use_column
+DECLARE
+    v_user text;
+    v_hold bigint;
+    v_limit bigint;
+    v_meta jsonb;
+    v_op text;
+    v_hash text;
+    v_now timestamptz;
+    v_at timestamptz;
+    v_left bigint;
+    v_take bigint;
+    v_pos integer;
+    v_balance bigint;
+    v_reserved bigint;
+    v_spent bigint;
+    v_entry bigint;
+    v_gids bigint[] := '{}';
+    v_amounts bigint[] := '{}';
+    g record;
+BEGIN
+    events := '[]';
+    -- The reservation and the time its state is judged at (reservations._load_at, _status).
+    v_now := coalesce(p_now, clock_timestamp());
+    SELECT r.user_id, r.amount, r.overcapture_limit, r.metadata,
+           CASE WHEN r.status = 'active' AND r.expires_at <= v_now THEN 'expired' ELSE r.status END
+    INTO v_user, v_hold, v_limit, v_meta, reservation_status
+    FROM reservations r WHERE r.id = p_reservation;
+    IF NOT FOUND THEN
+        status := 'not_found';
+        RETURN;
+    END IF;
+
+    -- Idempotency claim (accounting/idempotency.py claim): the key before the reservation's lock.
+    IF p_key IS NOT NULL THEN
+        INSERT INTO idempotency_records (user_id, key, request_hash, created_at)
+        VALUES (v_user, p_key, p_digest, clock_timestamp())
+        ON CONFLICT DO NOTHING;
+        IF NOT FOUND THEN
+            SELECT r.request_hash, r.response INTO v_hash, response
+            FROM idempotency_records r WHERE r.user_id = v_user AND r.key = p_key;
+            IF v_hash <> p_digest THEN
+                status := 'conflict';
+                RETURN;
+            END IF;
+            IF response IS NOT NULL THEN
+                status := 'replay';
+                RETURN;
+            END IF;
+        END IF;
+    END IF;
+
+    IF reservation_status <> 'active' THEN
+        status := 'not_active';
+        RETURN;
+    END IF;
+    captured := coalesce(p_amount, v_hold);
+    IF captured > v_hold + v_limit THEN
+        status := 'exceeds';
+        bound := v_hold + v_limit;
+        RETURN;
+    END IF;
+    -- The entry's metadata: the reservation's, the capture's and the id (Python sized the last
+    -- two as p_tail_bytes; each key of the first they do not override adds itself and a comma).
+    metadata_bytes := p_tail_bytes + (
+        SELECT coalesce(sum(octet_length(to_jsonb(m.key)::text) + 2
+                            + tokens_json_bytes(m.value)), 0)
+        FROM jsonb_each(v_meta) m
+        WHERE NOT (p_metadata ? m.key) AND m.key <> 'reservation_id');
+    IF metadata_bytes > p_max_bytes THEN
+        status := 'metadata';
+        RETURN;
+    END IF;
+
+    -- End it: of a capture, a release and the expiry sweep, the first to lock the row wins.
+    UPDATE reservations r SET status = 'captured', settled_at = clock_timestamp()
+    WHERE r.id = p_reservation AND r.status = 'active' AND r.expires_at > v_now
+    RETURNING r.operation_type, r.amount, r.overcapture_limit INTO v_op, v_hold, v_limit;
+    IF NOT FOUND THEN
+        SELECT CASE WHEN r.status = 'active' AND r.expires_at <= v_now THEN 'expired'
+                    ELSE r.status END
+        INTO reservation_status FROM reservations r WHERE r.id = p_reservation;
+        status := CASE WHEN FOUND THEN 'not_active' ELSE 'not_found' END;
+        RETURN;
+    END IF;
+    -- tokens.extend may have grown the hold since it was read.
+    captured := coalesce(p_amount, v_hold);
+    IF captured > v_hold + v_limit THEN
+        status := 'exceeds';
+        bound := v_hold + v_limit;
+        RETURN;
+    END IF;
+
+    -- The account lock (grants.lock) and the movement's time; due grants expire first.
+    SELECT greatest(clock_timestamp(), a.updated_at) INTO v_at
+    FROM accounts a WHERE a.user_id = v_user FOR UPDATE;
+    events := tokens_expire_due(v_user, v_at, events);
+
+    -- The held grants in burn order (grants.Change.spend_held): spent, the rest of the hold freed.
+    v_left := captured;
+    FOR g IN
+        SELECT rg.grant_id AS id, rg.amount AS held
+        FROM reservation_grants rg JOIN grants gr ON gr.id = rg.grant_id
+        WHERE rg.reservation_id = p_reservation
+        ORDER BY gr.priority, gr.expires_at NULLS LAST, gr.created_at, gr.id
+    LOOP
+        v_take := least(g.held, v_left);
+        UPDATE grants SET
+            remaining = remaining - v_take,
+            spent = spent + v_take,
+            held = held - g.held,
+            status = CASE WHEN remaining = v_take THEN 'depleted' ELSE status END,
+            ended_at = CASE WHEN remaining = v_take THEN v_at ELSE ended_at END
+        WHERE id = g.id;
+        IF v_take > 0 THEN
+            v_gids := v_gids || g.id;
+            v_amounts := v_amounts || -v_take;
+        END IF;
+        v_left := v_left - v_take;
+    END LOOP;
+
+    -- Past the hold: free grants in burn order (grants.Change.spend), one split per grant.
+    IF v_left > 0 THEN
+        FOR g IN
+            SELECT gr.id, gr.remaining - gr.held AS free
+            FROM grants gr
+            WHERE gr.user_id = v_user AND gr.status = 'active' AND gr.remaining > gr.held
+              AND (gr.expires_at IS NULL OR gr.expires_at > v_at)
+            ORDER BY gr.priority, gr.expires_at NULLS LAST, gr.created_at, gr.id
+        LOOP
+            v_take := least(g.free, v_left);
+            UPDATE grants SET
+                remaining = remaining - v_take,
+                spent = spent + v_take,
+                status = CASE WHEN remaining = v_take THEN 'depleted' ELSE status END,
+                ended_at = CASE WHEN remaining = v_take THEN v_at ELSE ended_at END
+            WHERE id = g.id;
+            v_pos := array_position(v_gids, g.id);
+            IF v_pos IS NULL THEN
+                v_gids := v_gids || g.id;
+                v_amounts := v_amounts || -v_take;
+            ELSE
+                v_amounts[v_pos] := v_amounts[v_pos] - v_take;
+            END IF;
+            v_left := v_left - v_take;
+            EXIT WHEN v_left = 0;
+        END LOOP;
+    END IF;
+
+    -- The account, the entry and its split (grants.write); what no grant covered is debt.
+    UPDATE accounts SET
+        tokens_balance = tokens_balance - captured,
+        debt = debt + v_left,
+        tokens_reserved = tokens_reserved - v_hold,
+        tokens_spent = CASE WHEN tokens_spent + captured < 0 THEN 0
+                            ELSE tokens_spent + captured END,
+        updated_at = v_at
+    WHERE user_id = v_user
+    RETURNING tokens_balance, tokens_reserved, tokens_spent INTO v_balance, v_reserved, v_spent;
+    INSERT INTO ledger_entries (user_id, kind, operation_type, tokens_amount, balance_before,
+                                balance_after, idempotency_key, original_entry_id, metadata,
+                                created_at)
+    VALUES (v_user, 'capture', coalesce(v_op, 'capture'), -captured, v_balance + captured,
+            v_balance, p_key, NULL,
+            v_meta || p_metadata || jsonb_build_object('reservation_id', p_reservation), v_at)
+    RETURNING id INTO v_entry;
+    IF cardinality(v_gids) > 0 THEN
+        INSERT INTO entry_grants (entry_id, grant_id, amount, seq)
+        SELECT v_entry, s.gid, s.amount, (s.n - 1)::integer
+        FROM unnest(v_gids, v_amounts) WITH ORDINALITY AS s(gid, amount, n);
+    END IF;
+    events := events || jsonb_build_object(
+        'op', 'capture', 'balance', v_balance, 'reserved', v_reserved);
+    response := jsonb_build_object(
+        'success', true, 'user_id', v_user, 'operation_type', coalesce(v_op, 'capture'),
+        'amount', -captured, 'balance_before', v_balance + captured, 'new_balance', v_balance,
+        'tokens_spent', v_spent, 'ledger_entry_id', v_entry::text, 'replayed', false,
+        'overcaptured', greatest(0, captured - v_hold), 'shortfall', v_left);
+    -- Held tokens of a grant that ended meanwhile, and not captured, now leave with it.
+    events := tokens_expire_due(v_user, v_at, events);
+    UPDATE reservations r SET ledger_entry_id = v_entry, captured_amount = captured
+    WHERE r.id = p_reservation;
+    IF p_key IS NOT NULL THEN
+        UPDATE idempotency_records r SET response = tokens_capture.response
+        WHERE r.user_id = v_user AND r.key = p_key;
+    END IF;
+    status := 'ok';
+END
+$fn$;
+"""
+
+
+def upgrade() -> None:
+    if op.get_bind().dialect.name == "postgresql":
+        op.execute(JSON_BYTES)
+        op.execute(EXPIRE_DUE)
+        op.execute(CAPTURE)
+
+
+def downgrade() -> None:
+    if op.get_bind().dialect.name == "postgresql":
+        op.execute(
+            "DROP FUNCTION IF EXISTS tokens_capture("
+            "text, bigint, jsonb, bigint, bigint, text, text, timestamptz)"
+        )
+        op.execute("DROP FUNCTION IF EXISTS tokens_expire_due(text, timestamptz, jsonb)")
+        op.execute("DROP FUNCTION IF EXISTS tokens_json_bytes(jsonb)")
