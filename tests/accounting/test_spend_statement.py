@@ -1,7 +1,8 @@
-"""tokens_spend() (migration 0005) against the Python reference it replaces on PostgreSQL.
+"""tokens_spend() (migration 0005), tokens_refund() (0007) and tokens_capture() (0008) against
+the Python reference they replace on PostgreSQL.
 
-The same random movements run for two users: ``fn``'s debits and charges through the one
-statement, ``ref``'s through accounting/grants.py (the portable path SQLite runs); every other
+The same random movements run for two users: ``fn``'s debits, charges, refunds and captures
+through the one statement, ``ref``'s through accounting/grants.py (the portable path SQLite runs); every other
 movement through the same Python code for both. After every step their accounts, entries,
 splits, grants, results, refusals and events must be the same.
 """
@@ -162,6 +163,7 @@ class Pair:
 def _step(rng: random.Random, pair: Pair, step: int, keys: list[tuple[str, int, bool]]) -> None:
     """One random movement for both users; asserts the outcomes are the same."""
     roll = rng.random()
+    one_statement = roll < 0.45 or 0.6 <= roll < 0.7  # debit, charge, refund; capture below
     amount = rng.choice([1, 5, 10, 40, 150, 400, 1000])
     meta = {"step": step, "tag": rng.choice(["a", "b"])}
     action: Callable[[str], Callable[[Session], Any]]
@@ -218,7 +220,7 @@ def _step(rng: random.Random, pair: Pair, step: int, keys: list[tuple[str, int, 
     elif roll < 0.9:
         pick = rng.random()
         take = rng.choice([None, 1, 5, 50])
-        settle = rng.random() < 0.7
+        settle = one_statement = rng.random() < 0.7
 
         def action(u: str) -> Callable[[Session], Any]:
             held = pair.reservations[u]
@@ -248,7 +250,6 @@ def _step(rng: random.Random, pair: Pair, step: int, keys: list[tuple[str, int, 
 
             return due
 
-    one_statement = roll < 0.45 or 0.6 <= roll < 0.7
     results = [_outcome(pair.run(u, action(u), one_statement=one_statement)) for u in USERS]
     assert results[0] == results[1], f"step {step}: {results}"
     pair.outcomes.append(results[1])

@@ -1,0 +1,311 @@
+"""tokens_capture() (migration 0007): a capture in one statement, alone or in a transaction.
+
+Alone (``worker.db.statement_scope``) it commits by itself in one round trip and each refusal
+leaves nothing behind, as the Python path's rollback does. Its settlement paths agree with the
+Python path's row for row, event for event (the random movements of
+tests/accounting/test_spend_statement.py run it too).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from sqlalchemy import event, text
+from sqlalchemy.orm import Session
+
+from accounting import accounts, events, movements, reservations
+from accounting.errors import DomainError
+from models.schemas import CaptureOut, metadata_bytes
+from tests.accounting.test_spend_statement import USERS, Pair, _outcome, _state, python_path
+from tests.support import assert_ledger_consistent, run_in_threads
+from worker.db import get_engine, session_factory, statement_scope
+
+TABLES = (
+    "accounts",
+    "grants",
+    "reservations",
+    "reservation_grants",
+    "ledger_entries",
+    "entry_grants",
+    "idempotency_records",
+)
+META: dict[str, Any] = {"job": "j", "f": 1.5e-7}
+
+
+def _rows() -> list[list[tuple[Any, ...]]]:
+    with session_factory()() as s:
+        return [
+            [tuple(r) for r in s.execute(text(f"SELECT * FROM {t} ORDER BY 1, 2"))] for t in TABLES
+        ]
+
+
+def _due(s: Session, user: str, kind: str) -> None:
+    s.execute(
+        text(
+            "UPDATE grants SET expires_at = clock_timestamp() - interval '1 second'"
+            " WHERE user_id = :u AND kind = :k AND status = 'active'"
+        ),
+        {"u": user, "k": kind},
+    )
+
+
+def _held(s: Session, user: str, amount: int = 40, limit: int = 20) -> str:
+    """A promo grant of 30 and a purchase of 70; a reservation of ``amount`` (over-capture
+    ``limit``) holds all the promo, which is then due: nothing of it expires until a capture
+    frees what it does not spend."""
+    accounts.open_account(s, user, initial_balance=0)
+    movements.credit(s, user, 30, "purchase", grant_kind="promo")
+    movements.credit(s, user, 70, "purchase")
+    r = reservations.reserve(s, user, amount, metadata=META, overcapture_limit=limit)
+    _due(s, user, "promo")
+    return r.reservation_id
+
+
+@pytest.fixture
+def held(clean_db: None) -> str:
+    with session_factory()() as s, s.begin():
+        return _held(s, "u")
+
+
+def _sent(action: Callable[[], Any]) -> tuple[Any, list[str]]:
+    """What ``action`` returns and the statements it sent (up to the first parenthesis)."""
+    sent: list[str] = []
+
+    def count(conn: Any, cursor: Any, sql: str, *args: Any) -> None:
+        sent.append(sql.split("(")[0])
+
+    event.listen(get_engine(), "before_cursor_execute", count)
+    try:
+        return action(), sent
+    finally:
+        event.remove(get_engine(), "before_cursor_execute", count)
+
+
+def test_a_capture_alone_is_one_round_trip_and_commits_by_itself(held: str) -> None:
+    def alone() -> CaptureOut:
+        with statement_scope() as s:
+            out = reservations.capture(s, held, 10, {"b": 2}, idempotency_key="k")
+            with session_factory()() as other:
+                status = other.execute(text("SELECT status FROM reservations")).scalar_one()
+            assert status == "captured"
+            return out
+
+    out, sent = _sent(alone)
+    # The second is the look from another connection.
+    assert sent == ["SELECT r.* FROM tokens_capture", "SELECT status FROM reservations"]
+    assert (out.amount, out.balance_before, out.new_balance) == (-10, 100, 90)
+    with session_factory()() as s:
+        b = accounts.get_balance(s, "u")
+        # The 20 of the promo the capture freed expired after it, through their own entry.
+        assert (b.tokens_balance, b.tokens_reserved, b.tokens_spent) == (70, 0, 10)
+        last = s.execute(text("SELECT kind, tokens_amount FROM ledger_entries ORDER BY id"))
+        assert last.all()[-2:] == [("capture", -10), ("expiry", -20)]
+        assert_ledger_consistent(s)
+
+
+def test_a_capture_in_a_transaction_is_one_statement(clean_db: None) -> None:
+    with session_factory()() as s, s.begin():
+        rids = [_held(s, "u"), _held(s, "v")]
+
+    def capture(rid: str) -> Callable[[], CaptureOut]:
+        def run() -> CaptureOut:
+            with session_factory()() as s, s.begin():
+                return reservations.capture(s, rid, 55, idempotency_key="k")
+
+        return run
+
+    out, sent = _sent(capture(rids[0]))
+    assert sent == ["SELECT * FROM tokens_capture"]
+    assert (out.amount, out.overcaptured, out.shortfall, out.new_balance) == (-55, 15, 0, 45)
+    with python_path(True):
+        again, sent = _sent(capture(rids[1]))
+    assert _outcome(again) == _outcome(out)
+    assert len(sent) >= 12  # what the Python path costs, for the record
+
+
+def _captured(s: Session, rid: str) -> None:
+    reservations.capture(s, rid, idempotency_key="first")
+
+
+def _released(s: Session, rid: str) -> None:
+    reservations.release(s, rid)
+
+
+def _expired(s: Session, rid: str) -> None:
+    s.execute(text("UPDATE reservations SET expires_at = clock_timestamp() - interval '1 second'"))
+
+
+def _keyed(s: Session, rid: str) -> None:
+    reservations.capture(s, rid, 10, idempotency_key="k")
+
+
+def _nothing(s: Session, rid: str) -> None:
+    pass
+
+
+BIG = {"b": "y" * 8150}
+REFUSALS: dict[str, tuple[Callable[[Session, str], None], dict[str, Any], str, str | None]] = {
+    "not found": (
+        _nothing,
+        {"reservation_id": "nope"},
+        "RESERVATION_NOT_FOUND",
+        "Reservation not found",
+    ),
+    "exceeds": (
+        _nothing,
+        {"amount": 61},
+        "CAPTURE_EXCEEDS_RESERVATION",
+        "Capture exceeds reservation. Reserved: 60, Requested: 61",
+    ),
+    "captured": (_captured, {}, "RESERVATION_NOT_ACTIVE", "Reservation is captured"),
+    "released": (_released, {}, "RESERVATION_NOT_ACTIVE", "Reservation is released"),
+    "expired": (_expired, {}, "RESERVATION_NOT_ACTIVE", "Reservation is expired"),
+    "conflict": (
+        _keyed,
+        {"amount": 11},
+        "IDEMPOTENCY_CONFLICT",
+        "Idempotency key reused with different parameters",
+    ),
+    "metadata": (_nothing, {"metadata": BIG}, "VALIDATION_ERROR", None),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSALS))
+def test_a_refusal_alone_leaves_nothing(held: str, case: str) -> None:
+    """Each refusal comes after the key's claim (the reservation's read aside): without
+    tokens_ok() the claim would have committed."""
+    before_call, kwargs, code, message = REFUSALS[case]
+    with session_factory()() as s, s.begin():
+        before_call(s, held)
+    if message is None:  # the size Python gives the merged metadata (a float in it included)
+        size = metadata_bytes({**META, **BIG, "reservation_id": held})
+        message = (
+            f"Invalid arguments: metadata: merged with the reservation's metadata it is {size}"
+            " bytes serialized; at most 8192 allowed"
+        )
+    before = _rows()
+    call: dict[str, Any] = {
+        "reservation_id": held,
+        "amount": None,
+        "idempotency_key": "k",
+        **kwargs,
+    }
+    with pytest.raises(DomainError) as refused, statement_scope() as s:
+        reservations.capture(s, **call)
+    assert (refused.value.code, refused.value.message) == (code, message)
+    assert _rows() == before
+    with python_path(True), pytest.raises(DomainError) as reference, session_factory()() as s:
+        reservations.capture(s, **call)
+    assert (reference.value.code, reference.value.message) == (code, message)
+
+
+def test_an_invalid_amount_sends_nothing(held: str) -> None:
+    def zero() -> None:
+        with pytest.raises(DomainError) as refused, statement_scope() as s:
+            reservations.capture(s, held, 0)
+        assert refused.value.code == "INVALID_AMOUNT"
+
+    assert _sent(zero)[1] == []
+
+
+def test_a_capture_alone_replays_its_key(held: str) -> None:
+    with statement_scope() as s:
+        first = reservations.capture(s, held, 45, idempotency_key="k")
+    with statement_scope() as s:
+        again = reservations.capture(s, held, 45, idempotency_key="k")
+    assert again == first.model_copy(update={"replayed": True})
+    assert (again.overcaptured, again.shortfall) == (5, 0)
+    with session_factory()() as s:
+        kinds = s.execute(text("SELECT kind FROM ledger_entries")).scalars().all()
+        assert kinds.count("capture") == 1
+        assert_ledger_consistent(s)
+
+
+def test_racing_captures_alone_settle_once_and_the_losers_leave_nothing(clean_db: None) -> None:
+    """The conditional update decides: one capture wins, the others find it captured (read
+    again after the winner committed), and their claims go with their refusals."""
+    with session_factory()() as s, s.begin():
+        rids = [_held(s, f"u{i}", amount=30, limit=30) for i in range(6)]
+
+    def captures(t: int) -> list[Any]:
+        outcomes: list[Any] = []
+        for rid in rids:
+            try:
+                with statement_scope() as s:
+                    outcomes.append(reservations.capture(s, rid, 20 + t, idempotency_key=f"t{t}"))
+            except DomainError as exc:
+                outcomes.append(exc)
+        return outcomes
+
+    by_thread = run_in_threads(4, captures)
+    for i in range(len(rids)):
+        outcomes = [batch[i] for batch in by_thread]
+        won = [o for o in outcomes if isinstance(o, CaptureOut)]
+        assert len(won) == 1, outcomes
+        assert {(o.code, o.message) for o in outcomes if isinstance(o, DomainError)} == {
+            ("RESERVATION_NOT_ACTIVE", "Reservation is captured")
+        }
+    with session_factory()() as s:
+        assert s.execute(text("SELECT count(*) FROM idempotency_records")).scalar_one() == 6
+        assert s.execute(text("SELECT sum(tokens_reserved) FROM accounts")).scalar_one() == 0
+        assert_ledger_consistent(s)
+
+
+@pytest.mark.parametrize("alone", [False, True])
+def test_settlement_agrees_with_the_python_path(clean_db: None, alone: bool) -> None:
+    """Held tokens of ended grants spent, the rest freed and expired after the entry; an
+    over-capture into a free grant and then debt; each refusal; a replay: every result, row and
+    event the same."""
+    pair = Pair(alone)
+
+    def on_balance(sender: Any, **fields: Any) -> None:
+        pair.events[fields["user_id"]].append(
+            (fields["balance"], fields["tokens_reserved"], fields["operation"])
+        )
+
+    def both(act: Callable[[Session, str], Any], capture: bool = True) -> Any:
+        results = []
+        for u in USERS:
+            result = pair.run(u, lambda s, u=u: act(s, u), one_statement=capture)  # type: ignore[misc]
+            results.append(_outcome(result))
+        assert results[0] == results[1]
+        return results[1]
+
+    def held(s: Session, u: str) -> None:
+        pair.reservations[u].append(_held(s, u))
+
+    def capture(i: int, amount: int | None, **kw: Any) -> Callable[[Session, str], Any]:
+        return lambda s, u: reservations.capture(s, pair.reservations[u][i], amount, **kw)
+
+    # Keys start "cp": a capture's digest names the user's own reservation (_state).
+    events.balance_changed.connect(on_balance, weak=False)
+    try:
+        # r0: 40 of 60 held (the promo's 30, 10 of the purchase); r1: 50 more of the purchase.
+        both(held, capture=False)
+        both(lambda s, u: reservations.reserve(s, u, 50, overcapture_limit=60), capture=False)
+        both(lambda s, u: _due(s, u, "purchased"), capture=False)
+        partial = both(capture(0, 25, metadata={"b": 2}, idempotency_key="cp-a"))
+        assert partial["new_balance"] == 65  # 10 of the purchase expired first
+        both(
+            lambda s, u: movements.credit(s, u, 30, "purchase", grant_kind="promo", priority=5),
+            capture=False,
+        )
+        assert both(capture(1, 111, metadata=BIG))[1:] == (
+            "CAPTURE_EXCEEDS_RESERVATION",
+            "Capture exceeds reservation. Reserved: 110, Requested: 111",
+        )
+        assert both(capture(1, 100, metadata=BIG))[1] == "VALIDATION_ERROR"
+        over = both(capture(1, 100, idempotency_key="cp-b"))
+        assert (over["overcaptured"], over["shortfall"], over["new_balance"]) == (50, 20, -20)
+        assert both(capture(0, 25, metadata={"b": 2}, idempotency_key="cp-a"))["replayed"]
+        assert both(capture(0, None, idempotency_key="cp-c"))[2] == "Reservation is captured"
+    finally:
+        events.balance_changed.disconnect(on_balance)
+    assert pair.events["ref"] == pair.events["fn"]
+    # The promo's 5 and the purchase's 10 that r0 freed expired after its entry.
+    assert [e[2] for e in pair.events["fn"]].count("expiry") == 3
+    with session_factory()() as s:
+        assert _state(s, "ref") == _state(s, "fn")
+        assert_ledger_consistent(s)
