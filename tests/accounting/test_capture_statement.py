@@ -308,4 +308,13 @@ def test_settlement_agrees_with_the_python_path(clean_db: None, alone: bool) -> 
     assert [e[2] for e in pair.events["fn"]].count("expiry") == 3
     with session_factory()() as s:
         assert _state(s, "ref") == _state(s, "fn")
+        stored = s.execute(
+            text(
+                "SELECT user_id, key, response - 'ledger_entry_id' - 'user_id'"
+                " FROM idempotency_records ORDER BY key, user_id"
+            )
+        ).all()
+        assert [(k, r) for u, k, r in stored if u == "ref"] == [
+            (k, r) for u, k, r in stored if u == "fn"
+        ]
         assert_ledger_consistent(s)
