@@ -8,7 +8,10 @@ tests/accounting/test_spend_statement.py run it too).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import random
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from functools import partial
 from typing import Any
 
 import pytest
@@ -67,6 +70,23 @@ def _held(s: Session, user: str, amount: int = 40, limit: int = 20) -> str:
 def held(clean_db: None) -> str:
     with session_factory()() as s, s.begin():
         return _held(s, "u")
+
+
+@contextmanager
+def noting(pair: Pair) -> Iterator[None]:
+    """Record each user's balance events in ``pair``; both users' must be the same."""
+
+    def on_balance(sender: Any, **fields: Any) -> None:
+        pair.events[fields["user_id"]].append(
+            (fields["balance"], fields["tokens_reserved"], fields["operation"])
+        )
+
+    events.balance_changed.connect(on_balance, weak=False)
+    try:
+        yield
+    finally:
+        events.balance_changed.disconnect(on_balance)
+    assert pair.events["ref"] == pair.events["fn"]
 
 
 def _sent(action: Callable[[], Any]) -> tuple[Any, list[str]]:
@@ -260,16 +280,11 @@ def test_settlement_agrees_with_the_python_path(clean_db: None, alone: bool) -> 
     event the same."""
     pair = Pair(alone)
 
-    def on_balance(sender: Any, **fields: Any) -> None:
-        pair.events[fields["user_id"]].append(
-            (fields["balance"], fields["tokens_reserved"], fields["operation"])
-        )
-
     def both(act: Callable[[Session, str], Any], capture: bool = True) -> Any:
-        results = []
-        for u in USERS:
-            result = pair.run(u, lambda s, u=u: act(s, u), one_statement=capture)  # type: ignore[misc]
-            results.append(_outcome(result))
+        def of(u: str) -> Callable[[Session], Any]:
+            return lambda s: act(s, u)
+
+        results = [_outcome(pair.run(u, of(u), one_statement=capture)) for u in USERS]
         assert results[0] == results[1]
         return results[1]
 
@@ -280,14 +295,13 @@ def test_settlement_agrees_with_the_python_path(clean_db: None, alone: bool) -> 
         return lambda s, u: reservations.capture(s, pair.reservations[u][i], amount, **kw)
 
     # Keys start "cp": a capture's digest names the user's own reservation (_state).
-    events.balance_changed.connect(on_balance, weak=False)
-    try:
+    with noting(pair):
         # r0: 40 of 60 held (the promo's 30, 10 of the purchase); r1: 50 more of the purchase.
         both(held, capture=False)
         both(lambda s, u: reservations.reserve(s, u, 50, overcapture_limit=60), capture=False)
         both(lambda s, u: _due(s, u, "purchased"), capture=False)
-        partial = both(capture(0, 25, metadata={"b": 2}, idempotency_key="cp-a"))
-        assert partial["new_balance"] == 65  # 10 of the purchase expired first
+        first = both(capture(0, 25, metadata={"b": 2}, idempotency_key="cp-a"))
+        assert first["new_balance"] == 65  # 10 of the purchase expired first
         both(
             lambda s, u: movements.credit(s, u, 30, "purchase", grant_kind="promo", priority=5),
             capture=False,
@@ -301,9 +315,6 @@ def test_settlement_agrees_with_the_python_path(clean_db: None, alone: bool) -> 
         assert (over["overcaptured"], over["shortfall"], over["new_balance"]) == (50, 20, -20)
         assert both(capture(0, 25, metadata={"b": 2}, idempotency_key="cp-a"))["replayed"]
         assert both(capture(0, None, idempotency_key="cp-c"))[2] == "Reservation is captured"
-    finally:
-        events.balance_changed.disconnect(on_balance)
-    assert pair.events["ref"] == pair.events["fn"]
     # The promo's 5 and the purchase's 10 that r0 freed expired after its entry.
     assert [e[2] for e in pair.events["fn"]].count("expiry") == 3
     with session_factory()() as s:
@@ -318,3 +329,88 @@ def test_settlement_agrees_with_the_python_path(clean_db: None, alone: bool) -> 
             (k, r) for u, k, r in stored if u == "fn"
         ]
         assert_ledger_consistent(s)
+
+
+@pytest.mark.parametrize(("seed", "alone"), [(11, False), (12, True)])
+def test_random_settlements_agree_with_the_python_path(
+    clean_db: None, seed: int, alone: bool
+) -> None:
+    """Many holds and captures (partial, whole, over the hold, past the bound, replayed, of
+    ended holds) between credits, overdrafts and grants falling due."""
+    rng = random.Random(seed)
+    pair = Pair(alone)
+    captures: list[tuple[str, int, int | None]] = []
+    with session_factory()() as s, s.begin():
+        for u in USERS:
+            accounts.open_account(s, u, initial_balance=200)
+    with noting(pair):
+        for step in range(250):
+            roll = rng.random()
+            capture = False
+            act: Callable[[Session, str], Any]
+            if roll < 0.35:
+                amount, limit = rng.choice([5, 20, 40]), rng.choice([0, 10, 100])
+                act = partial(_reserve, amount=amount, limit=limit, key=f"rs{step}")
+            elif roll < 0.7:
+                capture = True
+                held = len(pair.reservations["fn"])
+                if captures and rng.random() < 0.15:
+                    key, index, take = rng.choice(captures)  # a replay
+                else:
+                    # One of the last three holds: most are still active.
+                    key, index = f"cp{step}", held - 1 - int(rng.random() * min(3, held))
+                    take = rng.choice([None, 1, 10, 30, 90])
+                    captures.append((key, index, take))
+                act = partial(_capture, pair=pair, index=index, take=take, key=key)
+            elif roll < 0.85:
+                act = partial(_credit, amount=rng.choice([20, 80]), priority=rng.choice([5, 60]))
+            elif roll < 0.92:
+                act = partial(_overdraft, amount=rng.choice([10, 100]))
+            else:
+                act = partial(_fall_due, rank=rng.randrange(6))
+            results = [
+                _outcome(pair.run(u, partial(_as, act, u), one_statement=capture)) for u in USERS
+            ]
+            assert results[0] == results[1], f"step {step}: {results}"
+            pair.outcomes.append(results[1])
+    with session_factory()() as s:
+        assert _state(s, "ref") == _state(s, "fn")
+        assert_ledger_consistent(s)
+    done = [o for o in pair.outcomes if isinstance(o, dict) and "shortfall" in o]
+    refusals = {o[1] for o in pair.outcomes if isinstance(o, tuple)}
+    assert {"RESERVATION_NOT_ACTIVE", "CAPTURE_EXCEEDS_RESERVATION"} <= refusals
+    assert any(o["replayed"] for o in done)
+    assert any(o["shortfall"] for o in done)
+
+
+def _as(act: Callable[[Session, str], Any], user: str, s: Session) -> Any:
+    return act(s, user)
+
+
+def _reserve(s: Session, u: str, *, amount: int, limit: int, key: str) -> Any:
+    return reservations.reserve(s, u, amount, overcapture_limit=limit, idempotency_key=key)
+
+
+def _capture(s: Session, u: str, *, pair: Pair, index: int, take: int | None, key: str) -> Any:
+    if index < 0:
+        return None
+    return reservations.capture(s, pair.reservations[u][index], take, {"k": key}, key)
+
+
+def _credit(s: Session, u: str, *, amount: int, priority: int) -> Any:
+    return movements.credit(s, u, amount, "purchase", grant_kind="promo", priority=priority)
+
+
+def _overdraft(s: Session, u: str, *, amount: int) -> Any:
+    return movements.debit(s, u, amount, "image_generation", allow_overdraft=True)
+
+
+def _fall_due(s: Session, u: str, *, rank: int) -> None:
+    s.execute(
+        text(
+            "UPDATE grants SET expires_at = clock_timestamp() - interval '1 second'"
+            " WHERE id = (SELECT id FROM grants WHERE user_id = :u AND status = 'active'"
+            " ORDER BY id OFFSET :r LIMIT 1)"
+        ),
+        {"u": u, "r": rank},
+    )
