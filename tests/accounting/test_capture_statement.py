@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session
 from accounting import accounts, events, movements, reservations
 from accounting.errors import DomainError
 from models.schemas import CaptureOut, metadata_bytes
+from tasks.reservations import capture as capture_task
 from tests.accounting.test_spend_statement import USERS, Pair, _outcome, _state, python_path
 from tests.support import assert_ledger_consistent, run_in_threads
 from worker.db import get_engine, session_factory, statement_scope
@@ -123,6 +124,16 @@ def test_a_capture_alone_is_one_round_trip_and_commits_by_itself(held: str) -> N
         last = s.execute(text("SELECT kind, tokens_amount FROM ledger_entries ORDER BY id"))
         assert last.all()[-2:] == [("capture", -10), ("expiry", -20)]
         assert_ledger_consistent(s)
+
+
+def test_the_capture_task_runs_alone(held: str) -> None:
+    """tokens.capture is ``alone=True``: its one statement, no BEGIN or COMMIT."""
+    done, sent = _sent(lambda: capture_task.apply(kwargs={"reservation_id": held}).get())
+    assert sent == ["SELECT r.* FROM tokens_capture"]
+    assert (done["success"], done["amount"]) == (True, -40)
+    refused, sent = _sent(lambda: capture_task.apply(kwargs={"reservation_id": held}).get())
+    assert sent == ["SELECT r.* FROM tokens_capture"]
+    assert refused["error_code"] == "RESERVATION_NOT_ACTIVE"
 
 
 def test_a_capture_in_a_transaction_is_one_statement(clean_db: None) -> None:
