@@ -1,4 +1,4 @@
-"""A capture on PostgreSQL in one statement: ``tokens_capture()`` (migration 0007).
+"""A capture on PostgreSQL in one statement: ``tokens_capture()`` (migration 0008).
 
 The function does in one round trip what :func:`accounting.reservations.capture` does through
 :mod:`accounting.grants` with the idempotency claim and record around it; the Python code stays
@@ -18,12 +18,11 @@ from sqlalchemy.orm import Session
 from accounting import statements
 from accounting.errors import (
     capture_exceeds_reservation,
-    idempotency_conflict,
     merged_metadata_too_large,
     reservation_not_active,
     reservation_not_found,
 )
-from accounting.events import note_balance_change, note_grants_expired
+from accounting.events import note_balance_change
 from models.schemas import MAX_METADATA_BYTES, CaptureOut, metadata_bytes
 
 _CALL = (
@@ -59,28 +58,27 @@ def capture(
             "now": now,
         },
     )
-    status = row.status
-    if status == "replay":
-        return CaptureOut(**{**row.response, "replayed": True})
-    if status == "conflict":
-        raise idempotency_conflict()
-    if status == "not_found":
+    if (replay := statements.replayed(row, CaptureOut)) is not None:
+        return replay
+    if row.status == "reservation_not_found":
         raise reservation_not_found()
-    if status == "not_active":
+    if row.status == "not_active":
         raise reservation_not_active(row.reservation_status)
-    if status == "exceeds":
+    if row.status == "exceeds":
         raise capture_exceeds_reservation(int(row.bound), int(row.captured))
-    if status == "metadata":
+    if row.status == "metadata":
         raise merged_metadata_too_large(int(row.metadata_bytes), MAX_METADATA_BYTES)
     out = CaptureOut(**row.response)
-    for change in row.events:
-        note_balance_change(
-            session,
-            user_id=out.user_id,
-            balance=int(change["balance"]),
-            tokens_reserved=int(change["reserved"]),
-            operation=change["op"],
-        )
-        if change["op"] == "expiry":
-            note_grants_expired(session, grants=1, tokens=int(change["tokens"]))
+    reserved = int(row.reserved)
+    # Due grants expired under the hold, the capture, then what it freed of ended grants.
+    held = reserved + int(row.hold)
+    statements.note_expiries(session, out.user_id, held, row.expired_tokens, row.expired_balances)
+    note_balance_change(
+        session,
+        user_id=out.user_id,
+        balance=out.new_balance,
+        tokens_reserved=reserved,
+        operation="capture",
+    )
+    statements.note_expiries(session, out.user_id, reserved, row.ended_tokens, row.ended_balances)
     return out

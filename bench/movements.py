@@ -32,10 +32,14 @@ Movement = Callable[[Any, str, str], Any]  # (session, user, key) -> result
 
 
 def _movements(entries: dict[str, str]) -> dict[str, Movement]:
-    from accounting import movements, reservations
+    from accounting import movements, reservations, statements
 
     def reserve_capture(s: Any, user: str, key: str) -> Any:
         held = reservations.reserve(s, user, 2, idempotency_key=f"{key}-r")
+        if statements.alone(s) and s.in_transaction():
+            # The hold was made in the session's transaction (reserve is not one statement):
+            # the capture, alone on another connection, must see it, as a task would.
+            s.commit()
         return reservations.capture(s, held.reservation_id, 1, idempotency_key=f"{key}-c")
 
     def reserve_release(s: Any, user: str, key: str) -> Any:

@@ -1,4 +1,4 @@
-"""tokens_capture() (migration 0007): a capture in one statement, alone or in a transaction.
+"""tokens_capture() (migration 0008): a capture in one statement, alone or in a transaction.
 
 Alone (``worker.db.statement_scope``) it commits by itself in one round trip and each refusal
 leaves nothing behind, as the Python path's rollback does. Its settlement paths agree with the
@@ -15,7 +15,7 @@ from functools import partial
 from typing import Any
 
 import pytest
-from sqlalchemy import event, text
+from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from accounting import accounts, events, movements, reservations
@@ -23,8 +23,8 @@ from accounting.errors import DomainError
 from models.schemas import CaptureOut, metadata_bytes
 from tasks.reservations import capture as capture_task
 from tests.accounting.test_spend_statement import USERS, Pair, _outcome, _state, python_path
-from tests.support import assert_ledger_consistent, run_in_threads
-from worker.db import get_engine, session_factory, statement_scope
+from tests.support import assert_ledger_consistent, run_in_threads, statements_sent
+from worker.db import session_factory, statement_scope
 
 TABLES = (
     "accounts",
@@ -92,16 +92,9 @@ def noting(pair: Pair) -> Iterator[None]:
 
 def _sent(action: Callable[[], Any]) -> tuple[Any, list[str]]:
     """What ``action`` returns and the statements it sent (up to the first parenthesis)."""
-    sent: list[str] = []
-
-    def count(conn: Any, cursor: Any, sql: str, *args: Any) -> None:
-        sent.append(sql.split("(")[0])
-
-    event.listen(get_engine(), "before_cursor_execute", count)
-    try:
-        return action(), sent
-    finally:
-        event.remove(get_engine(), "before_cursor_execute", count)
+    with statements_sent() as sent:
+        result = action()
+    return result, [q.split("(")[0] for q in sent]
 
 
 def test_a_capture_alone_is_one_round_trip_and_commits_by_itself(held: str) -> None:

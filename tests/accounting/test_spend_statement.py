@@ -2,9 +2,9 @@
 the Python reference they replace on PostgreSQL.
 
 The same random movements run for two users: ``fn``'s debits, charges, refunds and captures
-through the one statement, ``ref``'s through accounting/grants.py (the portable path SQLite runs); every other
-movement through the same Python code for both. After every step their accounts, entries,
-splits, grants, results, refusals and events must be the same.
+through the one statement, ``ref``'s through accounting/grants.py (the portable path SQLite
+runs); every other movement through the same Python code for both. After every step their
+accounts, entries, splits, grants, results, refusals and events must be the same.
 """
 
 from __future__ import annotations

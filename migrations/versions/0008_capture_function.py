@@ -13,13 +13,13 @@ key. Lock order: key, reservation, account, grants.
 A refusal (``status`` other than ``ok`` or ``replay``) returns instead of raising; alone,
 ``tokens_ok()`` (0006) turns it into an error that undoes the statement.
 
-``events`` lists the balance changes in the order the Python path notes them (``expiry`` entries
-carry their ``tokens``). ``tokens_expire_due()`` is the expiry of grants.expire_due;
-``tokens_json_bytes()`` the size models.schemas.metadata_bytes gives a stored JSON value once
+``tokens_expire_due()`` is grants.expire_due (each grant through ``tokens_expire_grant()`` of
+0007): the capture calls it before its entry (``expired_*``) and after (``ended_*``).
+``tokens_json_bytes()`` is the size models.schemas.metadata_bytes gives a stored JSON value once
 Python has read it back (a number with a point is a float to ``json.loads``: its ``repr``).
 
-Revision ID: 0007
-Revises: 0006
+Revision ID: 0008
+Revises: 0007
 Create Date: 2026-12-04
 """
 
@@ -29,8 +29,8 @@ from collections.abc import Sequence
 
 from alembic import op
 
-revision: str = "0007"
-down_revision: str | None = "0006"
+revision: str = "0008"
+down_revision: str | None = "0007"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
@@ -85,14 +85,14 @@ $fn$;
 """
 
 EXPIRE_DUE = r"""
-CREATE OR REPLACE FUNCTION tokens_expire_due(p_user text, p_now timestamptz, p_events jsonb)
-RETURNS jsonb LANGUAGE plpgsql VOLATILE AS $fn$
+CREATE OR REPLACE FUNCTION tokens_expire_due(
+    p_user text, p_now timestamptz, OUT tokens bigint[], OUT balances bigint[]
+) LANGUAGE plpgsql VOLATILE AS $fn$
 DECLARE
     g record;
-    v_balance bigint;
-    v_reserved bigint;
-    v_entry bigint;
 BEGIN
+    tokens := '{}';
+    balances := '{}';
     -- One expiry entry per due grant, by (expires_at, id); the account is locked.
     FOR g IN
         SELECT gr.id, gr.remaining - gr.held AS free
@@ -101,29 +101,9 @@ BEGIN
           AND gr.expires_at IS NOT NULL AND gr.expires_at <= p_now
         ORDER BY gr.expires_at, gr.id
     LOOP
-        UPDATE grants SET
-            remaining = remaining - g.free,
-            expired = expired + g.free,
-            status = CASE WHEN remaining = g.free THEN 'expired' ELSE status END,
-            ended_at = coalesce(ended_at, expires_at, p_now)
-        WHERE id = g.id;
-        UPDATE accounts SET
-            tokens_balance = tokens_balance - g.free,
-            updated_at = p_now
-        WHERE user_id = p_user
-        RETURNING tokens_balance, tokens_reserved INTO v_balance, v_reserved;
-        INSERT INTO ledger_entries (user_id, kind, operation_type, tokens_amount, balance_before,
-                                    balance_after, idempotency_key, original_entry_id, metadata,
-                                    created_at)
-        VALUES (p_user, 'expiry', 'expiry', -g.free, v_balance + g.free, v_balance, NULL, NULL,
-                jsonb_build_object('grant_id', g.id::text), p_now)
-        RETURNING id INTO v_entry;
-        INSERT INTO entry_grants (entry_id, grant_id, amount, seq)
-        VALUES (v_entry, g.id, -g.free, 0);
-        p_events := p_events || jsonb_build_object(
-            'op', 'expiry', 'balance', v_balance, 'reserved', v_reserved, 'tokens', g.free);
+        balances := balances || tokens_expire_grant(p_user, g.id, g.free, p_now);
+        tokens := tokens || g.free;
     END LOOP;
-    RETURN p_events;
 END
 $fn$;
 """
@@ -133,12 +113,13 @@ CREATE OR REPLACE FUNCTION tokens_capture(
     p_reservation text, p_amount bigint, p_metadata jsonb, p_tail_bytes bigint,
     p_max_bytes bigint, p_key text, p_digest text, p_now timestamptz,
     OUT status text, OUT reservation_status text, OUT bound bigint, OUT captured bigint,
-    OUT metadata_bytes bigint, OUT response jsonb, OUT events jsonb
+    OUT metadata_bytes bigint, OUT hold bigint, OUT reserved bigint, OUT response jsonb,
+    OUT expired_tokens bigint[], OUT expired_balances bigint[],
+    OUT ended_tokens bigint[], OUT ended_balances bigint[]
 ) LANGUAGE plpgsql VOLATILE AS $fn$
 #variable_conflict use_column
 DECLARE
     v_user text;
-    v_hold bigint;
     v_limit bigint;
     v_meta jsonb;
     v_op text;
@@ -149,22 +130,20 @@ DECLARE
     v_take bigint;
     v_pos integer;
     v_balance bigint;
-    v_reserved bigint;
     v_spent bigint;
     v_entry bigint;
     v_gids bigint[] := '{}';
     v_amounts bigint[] := '{}';
     g record;
 BEGIN
-    events := '[]';
     -- The reservation and the time its state is judged at (reservations._load_at, _status).
     v_now := coalesce(p_now, clock_timestamp());
     SELECT r.user_id, r.amount, r.overcapture_limit, r.metadata,
            CASE WHEN r.status = 'active' AND r.expires_at <= v_now THEN 'expired' ELSE r.status END
-    INTO v_user, v_hold, v_limit, v_meta, reservation_status
+    INTO v_user, hold, v_limit, v_meta, reservation_status
     FROM reservations r WHERE r.id = p_reservation;
     IF NOT FOUND THEN
-        status := 'not_found';
+        status := 'reservation_not_found';
         RETURN;
     END IF;
 
@@ -191,10 +170,10 @@ BEGIN
         status := 'not_active';
         RETURN;
     END IF;
-    captured := coalesce(p_amount, v_hold);
-    IF captured > v_hold + v_limit THEN
+    captured := coalesce(p_amount, hold);
+    IF captured > hold + v_limit THEN
         status := 'exceeds';
-        bound := v_hold + v_limit;
+        bound := hold + v_limit;
         RETURN;
     END IF;
     -- The entry's metadata: the reservation's, the capture's and the id (Python sized the last
@@ -212,26 +191,26 @@ BEGIN
     -- End it: of a capture, a release and the expiry sweep, the first to lock the row wins.
     UPDATE reservations r SET status = 'captured', settled_at = clock_timestamp()
     WHERE r.id = p_reservation AND r.status = 'active' AND r.expires_at > v_now
-    RETURNING r.operation_type, r.amount, r.overcapture_limit INTO v_op, v_hold, v_limit;
+    RETURNING r.operation_type, r.amount, r.overcapture_limit INTO v_op, hold, v_limit;
     IF NOT FOUND THEN
         SELECT CASE WHEN r.status = 'active' AND r.expires_at <= v_now THEN 'expired'
                     ELSE r.status END
         INTO reservation_status FROM reservations r WHERE r.id = p_reservation;
-        status := CASE WHEN FOUND THEN 'not_active' ELSE 'not_found' END;
+        status := CASE WHEN FOUND THEN 'not_active' ELSE 'reservation_not_found' END;
         RETURN;
     END IF;
     -- tokens.extend may have grown the hold since it was read.
-    captured := coalesce(p_amount, v_hold);
-    IF captured > v_hold + v_limit THEN
+    captured := coalesce(p_amount, hold);
+    IF captured > hold + v_limit THEN
         status := 'exceeds';
-        bound := v_hold + v_limit;
+        bound := hold + v_limit;
         RETURN;
     END IF;
 
     -- The account lock (grants.lock) and the movement's time; due grants expire first.
     SELECT greatest(clock_timestamp(), a.updated_at) INTO v_at
     FROM accounts a WHERE a.user_id = v_user FOR UPDATE;
-    events := tokens_expire_due(v_user, v_at, events);
+    SELECT * INTO expired_tokens, expired_balances FROM tokens_expire_due(v_user, v_at);
 
     -- The held grants in burn order (grants.Change.spend_held): spent, the rest of the hold freed.
     v_left := captured;
@@ -288,12 +267,12 @@ BEGIN
     UPDATE accounts SET
         tokens_balance = tokens_balance - captured,
         debt = debt + v_left,
-        tokens_reserved = tokens_reserved - v_hold,
+        tokens_reserved = tokens_reserved - hold,
         tokens_spent = CASE WHEN tokens_spent + captured < 0 THEN 0
                             ELSE tokens_spent + captured END,
         updated_at = v_at
     WHERE user_id = v_user
-    RETURNING tokens_balance, tokens_reserved, tokens_spent INTO v_balance, v_reserved, v_spent;
+    RETURNING tokens_balance, tokens_reserved, tokens_spent INTO v_balance, reserved, v_spent;
     INSERT INTO ledger_entries (user_id, kind, operation_type, tokens_amount, balance_before,
                                 balance_after, idempotency_key, original_entry_id, metadata,
                                 created_at)
@@ -306,15 +285,13 @@ BEGIN
         SELECT v_entry, s.gid, s.amount, (s.n - 1)::integer
         FROM unnest(v_gids, v_amounts) WITH ORDINALITY AS s(gid, amount, n);
     END IF;
-    events := events || jsonb_build_object(
-        'op', 'capture', 'balance', v_balance, 'reserved', v_reserved);
     response := jsonb_build_object(
         'success', true, 'user_id', v_user, 'operation_type', coalesce(v_op, 'capture'),
         'amount', -captured, 'balance_before', v_balance + captured, 'new_balance', v_balance,
         'tokens_spent', v_spent, 'ledger_entry_id', v_entry::text, 'replayed', false,
-        'overcaptured', greatest(0, captured - v_hold), 'shortfall', v_left);
+        'overcaptured', greatest(0, captured - hold), 'shortfall', v_left);
     -- Held tokens of a grant that ended meanwhile, and not captured, now leave with it.
-    events := tokens_expire_due(v_user, v_at, events);
+    SELECT * INTO ended_tokens, ended_balances FROM tokens_expire_due(v_user, v_at);
     UPDATE reservations r SET ledger_entry_id = v_entry, captured_amount = captured
     WHERE r.id = p_reservation;
     IF p_key IS NOT NULL THEN
@@ -340,5 +317,5 @@ def downgrade() -> None:
             "DROP FUNCTION IF EXISTS tokens_capture("
             "text, bigint, jsonb, bigint, bigint, text, text, timestamptz)"
         )
-        op.execute("DROP FUNCTION IF EXISTS tokens_expire_due(text, timestamptz, jsonb)")
+        op.execute("DROP FUNCTION IF EXISTS tokens_expire_due(text, timestamptz)")
         op.execute("DROP FUNCTION IF EXISTS tokens_json_bytes(jsonb)")
