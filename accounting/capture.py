@@ -1,4 +1,4 @@
-"""A capture on PostgreSQL in one statement: ``tokens_capture()`` (migration 0008).
+"""A capture on PostgreSQL in one statement: ``tokens_capture()`` (migration 0009).
 
 The function does in one round trip what :func:`accounting.reservations.capture` does through
 :mod:`accounting.grants` with the idempotency claim and record around it; the Python code stays

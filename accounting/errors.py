@@ -16,6 +16,11 @@ def validation_error(message: str) -> DomainError:
     return DomainError("VALIDATION_ERROR", message)
 
 
+def expires_at_not_future() -> DomainError:
+    """A grant asked to end at or before the movement's time (checked under the account lock)."""
+    return validation_error("Invalid arguments: expires_at: must be in the future")
+
+
 def user_not_found() -> DomainError:
     return DomainError("USER_NOT_FOUND", "User not found")
 

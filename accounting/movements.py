@@ -12,12 +12,14 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from accounting import credit as credit_statement
 from accounting import grants, idempotency, spend, statements
 from accounting import refund as refund_statement
 from accounting.catalog import known_operation, price_of
 from accounting.errors import (
     below_reserved,
     entry_not_found,
+    expires_at_not_future,
     insufficient_tokens,
     invalid_amount,
     negative_balance,
@@ -191,7 +193,8 @@ def credit(
     expires_at: datetime | None = None,
     priority: int | None = None,
 ) -> MovementOut:
-    """Add ``amount`` as a new ``purchased`` (or ``promo``) grant; it pays any debt first."""
+    """Add ``amount`` as a new ``purchased`` (or ``promo``) grant; it pays any debt first. On
+    PostgreSQL one statement (``accounting.credit``)."""
     if amount <= 0:
         raise invalid_amount("Credit")
     known_operation(operation_type)
@@ -212,13 +215,27 @@ def credit(
     digest = idempotency.request_hash(
         "credit", amount=amount, operation_type=operation_type, metadata=metadata, **grant_args
     )
+    if statements.applies(session):
+        return credit_statement.credit(
+            session,
+            user_id=user_id,
+            amount=amount,
+            operation_type=operation_type,
+            grant_kind=grant_kind,
+            priority=priority,
+            expires_at=expires_at,
+            metadata=metadata,
+            idempotency_key=idempotency_key,
+            digest=digest,
+        )
+    statements.need_transaction(session)
     if (
         replay := idempotency.replay(session, user_id, idempotency_key, digest, MovementOut)
     ) is not None:
         return replay
     locked = grants.lock_current(session, user_id)
     if expires_at is not None and expires_at <= locked.now:
-        raise validation_error("Invalid arguments: expires_at: must be in the future")
+        raise expires_at_not_future()
     change = grants.Change(locked)
     change.grant(session, grant_kind, amount, priority=priority, expires_at=expires_at)
     entry_id, after = grants.write(
@@ -417,13 +434,26 @@ def reset_balance(
     metadata: dict[str, Any] | None = None,
     idempotency_key: str | None = None,
 ) -> MovementOut:
-    """Set the balance to ``new_balance`` with an ``adjustment`` entry of the difference."""
+    """Set the balance to ``new_balance`` with an ``adjustment`` entry of the difference. On
+    PostgreSQL one statement (``accounting.credit``)."""
     if new_balance < 0:
         raise negative_balance()
     metadata = dict(metadata or {})
     if reason is not None:
         metadata.setdefault("reason", reason)
     digest = idempotency.request_hash("reset_balance", new_balance=new_balance, metadata=metadata)
+    operation_type = known_operation("adjustment")
+    if statements.applies(session):
+        return credit_statement.reset(
+            session,
+            user_id=user_id,
+            new_balance=new_balance,
+            operation_type=operation_type,
+            metadata=metadata,
+            idempotency_key=idempotency_key,
+            digest=digest,
+        )
+    statements.need_transaction(session)
     if (
         replay := idempotency.replay(session, user_id, idempotency_key, digest, MovementOut)
     ) is not None:
@@ -439,7 +469,6 @@ def reset_balance(
     elif delta < 0:
         # Never into debt: new_balance >= reserved leaves the free tokens enough.
         change.spend(session, -delta, into_debt=False)
-    operation_type = known_operation("adjustment")
     entry_id, after = grants.write(
         session,
         change,

@@ -30,7 +30,7 @@ def debit_batch(session: Session, p: DebitBatchIn, task_id: str | None) -> Debit
     return batches.debit_batch(session, p.debits, task_id)
 
 
-@contract_task("tokens.credit", CreditIn)
+@contract_task("tokens.credit", CreditIn, alone=True)
 def credit(session: Session, p: CreditIn, task_id: str | None) -> MovementOut:
     return movements.credit(
         session,
@@ -69,7 +69,7 @@ def refund(session: Session, p: RefundIn, task_id: str | None) -> MovementOut:
     )
 
 
-@contract_task("tokens.reset_balance", ResetBalanceIn)
+@contract_task("tokens.reset_balance", ResetBalanceIn, alone=True)
 def reset_balance(session: Session, p: ResetBalanceIn, task_id: str | None) -> MovementOut:
     return movements.reset_balance(
         session,

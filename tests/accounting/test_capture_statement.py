@@ -1,4 +1,4 @@
-"""tokens_capture() (migration 0008): a capture in one statement, alone or in a transaction.
+"""tokens_capture() (migration 0009): a capture in one statement, alone or in a transaction.
 
 Alone (``worker.db.statement_scope``) it commits by itself in one round trip and each refusal
 leaves nothing behind, as the Python path's rollback does. Its settlement paths agree with the

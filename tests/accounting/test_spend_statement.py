@@ -1,10 +1,11 @@
-"""tokens_spend() (migration 0005), tokens_refund() (0007) and tokens_capture() (0008) against
-the Python reference they replace on PostgreSQL.
+"""The movement functions (tokens_spend, tokens_refund, tokens_credit, tokens_reset,
+tokens_capture: migrations 0005, 0007, 0008, 0009) against the Python reference they replace on
+PostgreSQL.
 
-The same random movements run for two users: ``fn``'s debits, charges, refunds and captures
-through the one statement, ``ref``'s through accounting/grants.py (the portable path SQLite
-runs); every other movement through the same Python code for both. After every step their
-accounts, entries, splits, grants, results, refusals and events must be the same.
+The same random movements run for two users: ``fn``'s debits, charges, credits, balance resets,
+refunds and captures through the one statement, ``ref``'s through accounting/grants.py (the
+portable path SQLite runs); every other movement through the same Python code for both. After
+every step their accounts, entries, splits, grants, results, refusals and events must be the same.
 """
 
 from __future__ import annotations
@@ -163,7 +164,7 @@ class Pair:
 def _step(rng: random.Random, pair: Pair, step: int, keys: list[tuple[str, int, bool]]) -> None:
     """One random movement for both users; asserts the outcomes are the same."""
     roll = rng.random()
-    one_statement = roll < 0.45 or 0.6 <= roll < 0.7  # debit, charge, refund; capture below
+    one_statement = roll < 0.7  # debit, charge, credit, refund; a capture below
     amount = rng.choice([1, 5, 10, 40, 150, 400, 1000])
     meta = {"step": step, "tag": rng.choice(["a", "b"])}
     action: Callable[[str], Callable[[Session], Any]]
@@ -188,9 +189,9 @@ def _step(rng: random.Random, pair: Pair, step: int, keys: list[tuple[str, int, 
 
         def action(u: str) -> Callable[[Session], Any]:
             return lambda s: movements.charge(s, u, op, meta, idempotency_key=charge_key)
-    elif roll < 0.6:
+    elif roll < 0.55:
         kind = rng.choice(["purchased", "promo"])
-        hours = rng.choice([None, 1, 2, 5])
+        hours = rng.choice([None, 1, 2, 5, -1])  # -1: refused, expires_at not in the future
         priority = rng.choice([None, 5, 20, 50])
         expires = None
         if hours is not None:
@@ -200,6 +201,17 @@ def _step(rng: random.Random, pair: Pair, step: int, keys: list[tuple[str, int, 
         def action(u: str) -> Callable[[Session], Any]:
             return lambda s: movements.credit(
                 s, u, amount, "purchase", meta, f"cr{step}", kind, expires, priority
+            )
+    elif roll < 0.6:
+        # Up (a grant paying the debt first) or down (burn order); under the reserved tokens
+        # refused. Few keys: some replay, most conflict.
+        target = rng.choice([0, 40, 500, 2000])
+        reset_key = f"rb{rng.randrange(15)}"
+        reset_meta = {"tag": rng.choice(["a", "b"])}
+
+        def action(u: str) -> Callable[[Session], Any]:
+            return lambda s: movements.reset_balance(
+                s, u, target, "r", reset_meta, idempotency_key=reset_key
             )
     elif roll < 0.7:
         pick = rng.random()
@@ -284,11 +296,12 @@ def test_one_statement_agrees_with_the_python_path(clean_db: None, seed: int, al
         events.balance_changed.disconnect(on_balance)
     assert pair.events["ref"] == pair.events["fn"]
     refusals = {o[1] for o in pair.outcomes if isinstance(o, tuple)}
-    assert {"INSUFFICIENT_TOKENS", "IDEMPOTENCY_CONFLICT"} <= refusals
+    # BELOW_RESERVED is rarer: tests/accounting/test_statements.py has it for sure.
+    assert {"INSUFFICIENT_TOKENS", "IDEMPOTENCY_CONFLICT", "VALIDATION_ERROR"} <= refusals
     assert any(isinstance(o, dict) and o.get("replayed") for o in pair.outcomes)
     with session_factory()() as s:
         kinds = {e[1] for e in _state(s, "fn")["entries"]}
-        assert {"debit", "charge", "expiry", "refund", "capture"} <= kinds
+        assert {"debit", "charge", "credit", "adjustment", "expiry", "refund", "capture"} <= kinds
         assert_ledger_consistent(s)
 
 

@@ -256,3 +256,44 @@ def test_0004_turns_postgresql_balances_into_grants_and_debt(blank_database: str
 def test_0004_turns_sqlite_balances_into_grants_and_debt(tmp_path: Path) -> None:
     """The embedded default migrates a SQLite file (worker/migrate.py)."""
     migrate_0003_to_head_and_back(f"sqlite:///{tmp_path / 'tokens.db'}")
+
+
+def test_0008_creates_the_credit_and_reset_functions_and_drops_them(blank_database: str) -> None:
+    names = (
+        "('tokens_credit', 'tokens_reset', 'tokens_claim', 'tokens_lock', 'tokens_grant',"
+        " 'tokens_burn', 'tokens_write')"
+    )
+    count = text(f"SELECT count(*) FROM pg_proc WHERE proname IN {names}")
+    upgrade(blank_database, "0008")
+    engine = engine_for(blank_database)
+    try:
+        with engine.connect() as conn:
+            assert conn.execute(count).scalar_one() == 7
+        downgrade(alembic_config(blank_database), "0007")
+        with engine.connect() as conn:
+            assert conn.execute(count).scalar_one() == 0
+            assert (
+                conn.execute(
+                    text("SELECT count(*) FROM pg_proc WHERE proname = 'tokens_spend'")
+                ).scalar_one()
+                == 1
+            )
+    finally:
+        engine.dispose()
+
+
+def test_0009_creates_the_capture_functions_and_drops_them(blank_database: str) -> None:
+    names = "('tokens_capture', 'tokens_expire_due', 'tokens_json_bytes')"
+    count = text(f"SELECT count(*) FROM pg_proc WHERE proname IN {names}")
+    upgrade(blank_database, "0009")
+    engine = engine_for(blank_database)
+    try:
+        with engine.connect() as conn:
+            assert conn.execute(count).scalar_one() == 3
+        downgrade(alembic_config(blank_database), "0008")
+        with engine.connect() as conn:
+            assert conn.execute(count).scalar_one() == 0
+            still = text("SELECT count(*) FROM pg_proc WHERE proname = 'tokens_lock'")
+            assert conn.execute(still).scalar_one() == 1
+    finally:
+        engine.dispose()

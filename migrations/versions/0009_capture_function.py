@@ -13,13 +13,18 @@ key. Lock order: key, reservation, account, grants.
 A refusal (``status`` other than ``ok`` or ``replay``) returns instead of raising; alone,
 ``tokens_ok()`` (0006) turns it into an error that undoes the statement.
 
-``tokens_expire_due()`` is grants.expire_due (each grant through ``tokens_expire_grant()`` of
-0007): the capture calls it before its entry (``expired_*``) and after (``ended_*``).
+It is built on 0008's helpers: ``tokens_claim`` (the key), ``tokens_lock`` (the account lock
+and the due grants' expiry, ``expired_*``) and ``tokens_burn`` (free grants in burn order, past
+the hold). Its own: ``tokens_expire_due()``, grants.expire_due at the movement's time (each grant
+through 0007's ``tokens_expire_grant``), for what the capture freed of ended grants after its
+entry (``ended_*``); the account's move and the entry are written here, not by ``tokens_write``,
+since a capture also ends the hold in ``tokens_reserved`` and its result adds ``overcaptured`` and
+``shortfall``.
 ``tokens_json_bytes()`` is the size models.schemas.metadata_bytes gives a stored JSON value once
 Python has read it back (a number with a point is a float to ``json.loads``: its ``repr``).
 
-Revision ID: 0008
-Revises: 0007
+Revision ID: 0009
+Revises: 0008
 Create Date: 2026-12-04
 """
 
@@ -29,8 +34,8 @@ from collections.abc import Sequence
 
 from alembic import op
 
-revision: str = "0008"
-down_revision: str | None = "0007"
+revision: str = "0009"
+down_revision: str | None = "0008"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
@@ -123,7 +128,6 @@ DECLARE
     v_limit bigint;
     v_meta jsonb;
     v_op text;
-    v_hash text;
     v_now timestamptz;
     v_at timestamptz;
     v_left bigint;
@@ -135,6 +139,7 @@ DECLARE
     v_gids bigint[] := '{}';
     v_amounts bigint[] := '{}';
     g record;
+    b record;
 BEGIN
     -- The reservation and the time its state is judged at (reservations._load_at, _status).
     v_now := coalesce(p_now, clock_timestamp());
@@ -147,23 +152,10 @@ BEGIN
         RETURN;
     END IF;
 
-    -- Idempotency claim (accounting/idempotency.py claim): the key before the reservation's lock.
-    IF p_key IS NOT NULL THEN
-        INSERT INTO idempotency_records (user_id, key, request_hash, created_at)
-        VALUES (v_user, p_key, p_digest, clock_timestamp())
-        ON CONFLICT DO NOTHING;
-        IF NOT FOUND THEN
-            SELECT r.request_hash, r.response INTO v_hash, response
-            FROM idempotency_records r WHERE r.user_id = v_user AND r.key = p_key;
-            IF v_hash <> p_digest THEN
-                status := 'conflict';
-                RETURN;
-            END IF;
-            IF response IS NOT NULL THEN
-                status := 'replay';
-                RETURN;
-            END IF;
-        END IF;
+    -- The key before the reservation's lock (accounting/idempotency.py claim).
+    SELECT c.status, c.response INTO status, response FROM tokens_claim(v_user, p_key, p_digest) c;
+    IF status IS NOT NULL THEN
+        RETURN;
     END IF;
 
     IF reservation_status <> 'active' THEN
@@ -208,9 +200,8 @@ BEGIN
     END IF;
 
     -- The account lock (grants.lock) and the movement's time; due grants expire first.
-    SELECT greatest(clock_timestamp(), a.updated_at) INTO v_at
-    FROM accounts a WHERE a.user_id = v_user FOR UPDATE;
-    SELECT * INTO expired_tokens, expired_balances FROM tokens_expire_due(v_user, v_at);
+    SELECT l.moment, l.expired_tokens, l.expired_balances
+    INTO v_at, expired_tokens, expired_balances FROM tokens_lock(v_user) l;
 
     -- The held grants in burn order (grants.Change.spend_held): spent, the rest of the hold freed.
     v_left := captured;
@@ -237,30 +228,17 @@ BEGIN
 
     -- Past the hold: free grants in burn order (grants.Change.spend), one split per grant.
     IF v_left > 0 THEN
-        FOR g IN
-            SELECT gr.id, gr.remaining - gr.held AS free
-            FROM grants gr
-            WHERE gr.user_id = v_user AND gr.status = 'active' AND gr.remaining > gr.held
-              AND (gr.expires_at IS NULL OR gr.expires_at > v_at)
-            ORDER BY gr.priority, gr.expires_at NULLS LAST, gr.created_at, gr.id
-        LOOP
-            v_take := least(g.free, v_left);
-            UPDATE grants SET
-                remaining = remaining - v_take,
-                spent = spent + v_take,
-                status = CASE WHEN remaining = v_take THEN 'depleted' ELSE status END,
-                ended_at = CASE WHEN remaining = v_take THEN v_at ELSE ended_at END
-            WHERE id = g.id;
-            v_pos := array_position(v_gids, g.id);
+        SELECT * INTO b FROM tokens_burn(v_user, v_left, v_at);
+        FOR i IN 1 .. cardinality(b.gids) LOOP
+            v_pos := array_position(v_gids, b.gids[i]);
             IF v_pos IS NULL THEN
-                v_gids := v_gids || g.id;
-                v_amounts := v_amounts || -v_take;
+                v_gids := v_gids || b.gids[i];
+                v_amounts := v_amounts || b.amounts[i];
             ELSE
-                v_amounts[v_pos] := v_amounts[v_pos] - v_take;
+                v_amounts[v_pos] := v_amounts[v_pos] + b.amounts[i];
             END IF;
-            v_left := v_left - v_take;
-            EXIT WHEN v_left = 0;
         END LOOP;
+        v_left := b.uncovered;
     END IF;
 
     -- The account, the entry and its split (grants.write); what no grant covered is debt.
