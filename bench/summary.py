@@ -21,6 +21,9 @@ from pathlib import Path
 from typing import Any
 
 ENV = "TOKENS_BENCH_SUMMARY"
+# Read when a benchmark imports this module too: ``Scratch.export()`` (worker/devenv.py) clears
+# every TOKENS_* variable but TOKENS_TEST_* from the environment before the benchmark runs.
+_AT_IMPORT = os.environ.get(ENV)
 
 
 @dataclass(frozen=True)
@@ -70,8 +73,9 @@ def record(
     met: bool | None,
     command: str | None = None,
 ) -> None:
-    """Append one row to the file ``TOKENS_BENCH_SUMMARY`` names; a no-op when it is unset."""
-    path = os.environ.get(ENV)
+    """Append one row to the file ``TOKENS_BENCH_SUMMARY`` names (now, or when this module was
+    imported); a no-op when it is unset."""
+    path = os.environ.get(ENV) or _AT_IMPORT
     if not path:
         return
     row = Row(goal, figure, baseline, ratio, target, met, command or invocation())

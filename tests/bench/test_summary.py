@@ -67,8 +67,11 @@ class _Stand(bench_all.Bench):
         return ["-c", self.module]
 
 
+# As a benchmark does: import the seam, then Scratch.export() clears every TOKENS_* variable
+# (but TOKENS_TEST_*) before the benchmark records.
 RECORDS = (
-    "from bench import summary; print('measuring'); "
+    "import os; from bench import summary; print('measuring'); "
+    "[os.environ.pop(k) for k in list(os.environ) if k.startswith('TOKENS_')]; "
     "summary.record('goal', '9/s', '10/s', 0.9, '>= 0.7', True, command='stand')"
 )
 
