@@ -103,7 +103,7 @@ def verdict(row: Row) -> str:
     if row.failed:
         return "**FAILED**"
     if row.met is None:
-        return "(no goal)"
+        return "n/a"
     return "met" if row.met else "**missed**"
 
 

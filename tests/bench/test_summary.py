@@ -54,7 +54,7 @@ def test_render_one_row_per_goal_with_its_verdict() -> None:
     assert lines[3] == "| goal | figure | baseline | ratio | target | met |"
     assert lines[5] == "| debit vs no-op | 80/s | no-op 100/s | 0.80 | >= 0.7 | met |"
     assert lines[6] == "| cpu | 3 ms | no-op 1 ms | 3.00 | <= 1.5x | **missed** |"
-    assert lines[7] == "| a \\| b | 5/s | Redis 4/s |  | (no goal) | (no goal) |"
+    assert lines[7] == "| a \\| b | 5/s | Redis 4/s |  | (no goal) | n/a |"
     assert lines[8].startswith("| python -m bench.gone | failed: exit 2 |")
     assert lines[8].endswith("| **FAILED** |")
     assert lines[-3:] == ["- `c1`", "- `c2`", "- `python -m bench.gone`"]
