@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: install lock run beat test lint bench bench-transport bench-renewals bench-grants bench-expiry bench-batches bench-brokers bench-reads bench-domain-debit bench-movements profile clean
+.PHONY: install lock run beat test lint bench bench-quick bench-transport bench-renewals bench-grants bench-expiry bench-batches bench-brokers bench-reads bench-domain-debit bench-movements profile clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -43,17 +43,16 @@ test: install lint
 	TOKENS_TEST_BROKER=amqp $(BIN)/pytest -q $(AMQP_TESTS)
 	TOKENS_TEST_BROKER=quorum $(BIN)/pytest -q $(AMQP_TESTS)
 
+# Every benchmark below, one after another (output in var/bench/bench-<time>.log), then one
+# table of issue 12's goals, also written to var/bench/summary-<date>.md.
 bench: install
 	scripts/ensure-services.sh
-	$(BIN)/python -m bench.debits
-	$(BIN)/python -m bench.transport
-	$(BIN)/python -m bench.grant_debits
-	$(BIN)/python -m bench.grant_expiry --users 100000
-	$(BIN)/python -m bench.domain_debit
-	$(BIN)/python -m bench.debit_batches
-	$(BIN)/python -m bench.coalescer
-	$(BIN)/python -m bench.brokers
-	$(BIN)/python -m bench.ledger_reads
+	$(BIN)/python -m bench.all
+
+# The same with small sizes (a few minutes): checks the plumbing, not the figures.
+bench-quick: install
+	scripts/ensure-services.sh
+	$(BIN)/python -m bench.all --quick
 
 # tokens.debit over Redis, RabbitMQ classic and RabbitMQ quorum queues, interleaved in one run.
 bench-brokers: install

@@ -20,6 +20,7 @@ from typing import Any
 
 from celery import Celery
 
+from bench import summary
 from bench.debits import _round_trips
 from worker.devenv import AMQP_URL, Scratch, WorkerProcess, _rabbitmqctl
 
@@ -123,6 +124,17 @@ def _run(
     for name in BROKERS:
         ping, deb = med[(name, "health.ping")], med[(name, "tokens.debit")]
         print(f"| {name:17} | {ping:7.0f} | {deb:7.0f} | {deb / base:13.2f}x | {deb / ping:10.2f}")
+    for name in BROKERS[1:]:
+        for task, what in (("tokens.debit", "debit"), ("health.ping", "ping")):
+            rate, redis_rate = med[(name, task)], med[("redis", task)]
+            summary.record(
+                f"{task} over {name} vs Redis",
+                f"{rate:.0f} {what}/s",
+                f"Redis {redis_rate:.0f}/s",
+                rate / redis_rate,
+                "(no goal)",
+                None,
+            )
 
 
 if __name__ == "__main__":

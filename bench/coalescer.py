@@ -20,6 +20,7 @@ import threading
 import time
 from typing import Any
 
+from bench import summary
 from worker.devenv import Scratch, WorkerProcess, producer, running_workers
 
 USERS = 100
@@ -119,6 +120,15 @@ def _run(args: argparse.Namespace) -> None:
         each = " ".join(f"{args.debits / t:6.0f}" for t in seconds[k])
         print(f"{label:52} {rate[k]:9.0f}   {each}")
     print(f"coalesced / single: {rate['coalesced'] / rate['single']:.2f}x (goal >= 1.20x)")
+    ratio = rate["coalesced"] / rate["single"]
+    summary.record(
+        "coalesced single debits vs single tokens.debit messages",
+        f"{rate['coalesced']:.0f}/s",
+        f"single {rate['single']:.0f}/s",
+        ratio,
+        ">= 1.2x",
+        ratio >= 1.2,
+    )
 
 
 if __name__ == "__main__":

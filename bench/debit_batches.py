@@ -33,6 +33,7 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any
 
+from bench import summary
 from worker.devenv import Scratch
 
 OPERATION = "chatgpt_message"
@@ -240,6 +241,15 @@ def _run(users: int, total: int, rounds: int, pg_seconds: int, scratch: Scratch)
     two_after = rate["after two"] / rate["after 100"]
     print(
         f"two concurrent batches / one batch of 100: before {two_before:.2f}, after {two_after:.2f}"
+    )
+    batch = rate["after 1000"]
+    summary.record(
+        "debit_batch of 1000 vs pgbench, 16 clients (per-item statement)",
+        f"{batch:.0f} debits/s",
+        f"pgbench {pg:.0f}/s",
+        batch / pg,
+        ">= 0.6",
+        batch / pg >= 0.6,
     )
 
 

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from bench import summary
 from worker.devenv import Scratch, WorkerProcess, producer, running_workers
 
 
@@ -127,6 +128,15 @@ def _run(n: int, concurrency: int, users: int) -> None:
     ]
     for label, seconds in rows:
         print(f"{label:44} {_rate(n, seconds):>10} {ping / seconds:8.2f}")
+    for label, seconds in rows[1:3]:
+        summary.record(
+            f"{label} vs health.ping",
+            f"{n / seconds:.0f}/s",
+            f"ping {n / ping:.0f}/s",
+            ping / seconds,
+            "(no goal)",
+            None,
+        )
 
 
 if __name__ == "__main__":

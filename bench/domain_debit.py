@@ -34,6 +34,7 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
+from bench import summary
 from worker.devenv import Scratch
 
 PGBENCH = os.environ.get("PGBENCH", "/usr/bin/pgbench")
@@ -213,6 +214,24 @@ def _run(url: str, seconds: int, users: int, hot_clients: int, runs: int) -> Non
     print(
         f"the statement alone vs the Python path: {m['alone'] / m['python']:.2f}x single, "
         f"{m['hot_alone'] / m['hot_python']:.2f}x hot"
+    )
+    alone = m["alone"] / m["pgbench"]
+    summary.record(
+        "domain debit (statement alone) vs pgbench -c 1",
+        f"{m['alone']:.0f}/s",
+        f"pgbench {m['pgbench']:.0f}/s",
+        alone,
+        ">= 0.7",
+        alone >= 0.7,
+    )
+    hot = m["hot_alone"] / m["hot_pgbench"]
+    summary.record(
+        f"hot account, {hot_clients} producers (statement alone) vs pgbench -c {hot_clients}",
+        f"{m['hot_alone']:.0f}/s",
+        f"pgbench {m['hot_pgbench']:.0f}/s",
+        hot,
+        ">= 0.5",
+        hot >= 0.5,
     )
 
 

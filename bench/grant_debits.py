@@ -28,6 +28,7 @@ from datetime import timedelta
 from functools import cache
 from typing import Any
 
+from bench import summary
 from worker.devenv import Scratch
 
 OPERATION = "chatgpt_message"
@@ -259,6 +260,15 @@ def _run(n: int, users: int, rounds: int) -> None:
         print(f"{labels[p]:46} {rate[p]:10.0f}   {each}")
     print(f"cost five grants / one grant: {rate['one'] / rate['five']:.2f}x (goal <= 1.30x)")
     print(f"cost one grant / v1:          {rate['v1'] / rate['one']:.2f}x")
+    cost = rate["one"] / rate["five"]
+    summary.record(
+        "debit cost, five grants per user vs one grant",
+        f"five grants {rate['five']:.0f}/s",
+        f"one grant {rate['one']:.0f}/s",
+        cost,
+        "<= 1.3x",
+        cost <= 1.3,
+    )
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from datetime import datetime
 from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session, sessionmaker
 
+from bench import summary
 from bench.renewal_sweep import Run, maintain
 from worker.devenv import Scratch
 
@@ -215,6 +216,15 @@ def main(argv: list[str] | None = None) -> None:
                 f"| {r.name:<24} | {r.seconds:7.2f} s | {r.rate:>9,.0f} |"
                 f" {r.seconds / base.seconds:8.2f}x | {r.memory}"
             )
+        ratio = chunked.seconds / base.seconds
+        summary.record(
+            f"grants.expire chunked vs one statement, {args.users:,} due grants (time)",
+            f"{chunked.seconds:.2f} s",
+            f"one statement {base.seconds:.2f} s",
+            ratio,
+            "<= 2x",
+            ratio <= 2,
+        )
     finally:
         engine.dispose()
         scratch.destroy()

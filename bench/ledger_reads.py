@@ -39,6 +39,7 @@ from typing import Any
 from sqlalchemy import Engine, event, text
 from sqlalchemy.orm import Session, sessionmaker
 
+from bench import summary
 from bench.renewal_sweep import maintain
 from worker.devenv import Scratch
 
@@ -297,6 +298,15 @@ def main(argv: list[str] | None = None) -> None:
                 f"| {name:<26} | {t.p50:5.2f} ms | {t.pct(0.99):5.2f} ms |"
                 f" {t.pct(0.99) / base.pct(0.99):13.1f}x | {verdict}"
             )
+            if goal is not None:
+                summary.record(
+                    f"{name} p99, {rows:,} ledger rows",
+                    f"p99 {t.pct(0.99):.2f} ms (p50 {t.p50:.2f})",
+                    f"SELECT 1 p99 {base.pct(0.99):.2f} ms",
+                    t.pct(0.99) / base.pct(0.99),
+                    f"p99 < {goal:g} ms",
+                    t.pct(0.99) < goal,
+                )
     finally:
         engine.dispose()
         if args.keep or args.reuse:

@@ -37,6 +37,7 @@ from typing import Any
 import redis
 from celery import Celery
 
+from bench import summary
 from worker.devenv import Scratch, WorkerProcess, producer, running_workers
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -280,6 +281,27 @@ def report(variants: list[Variant], args: argparse.Namespace) -> None:
             f"{label[:28]:28} {noop:8.0f} {debit:8.0f} {statistics.median(ratios):6.2f} "
             f"{cpu_noop:8.2f}ms {cpu_debit:8.2f}ms {cpu_debit / cpu_noop:6.2f}"
         )
+    noop, debit = (statistics.median(base.rates[k]) for k in (NOOP, DEBIT))
+    ratio = statistics.median(
+        d / o for d, o in zip(base.rates[DEBIT], base.rates[NOOP], strict=True)
+    )
+    summary.record(
+        "tokens.debit end to end vs a Celery no-op (rate)",
+        f"debit {debit:.0f}/s",
+        f"no-op {noop:.0f}/s",
+        ratio,
+        ">= 0.7",
+        ratio >= 0.7,
+    )
+    cpu_noop, cpu_debit = (statistics.median(base.cpu[k]) * 1000 for k in (NOOP, DEBIT))
+    summary.record(
+        "tokens.debit worker CPU per task vs a Celery no-op",
+        f"debit {cpu_debit:.2f} ms",
+        f"no-op {cpu_noop:.2f} ms",
+        cpu_debit / cpu_noop,
+        "<= 1.5x",
+        cpu_debit / cpu_noop <= 1.5,
+    )
     if len(variants) > 1:
         print(f"{'debit/s vs default, per round':28}", end="")
         for v in variants[1:]:
@@ -295,6 +317,14 @@ def show_latency(shown: dict[str, Any], n: int) -> None:
     print(
         f"  paced at {shown['rate']:4.0f}/s (half max): p50 {half50 * 1000:6.2f} ms  "
         f"p99 {half99 * 1000:6.2f} ms  p99/p50 {half99 / half50:.2f}"
+    )
+    summary.record(
+        f"debit latency at half load ({shown['rate']:.0f}/s): p99 vs p50",
+        f"p99 {half99 * 1000:.2f} ms",
+        f"p50 {half50 * 1000:.2f} ms",
+        half99 / half50,
+        "<= 3x",
+        half99 / half50 <= 3,
     )
 
 
