@@ -26,6 +26,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+from bench import summary
 from worker.devenv import Scratch
 
 Movement = Callable[[Any, str, str], Any]  # (session, user, key) -> result
@@ -142,6 +143,14 @@ def _run(args: argparse.Namespace) -> None:
     for name in table:
         old, new = (statistics.median(rates[(name, alone)]) for alone in (False, True))
         print(f"| {name:18} | {old:10.0f}/s | {new:10.0f}/s | {new / old:13.2f}x |")
+        summary.record(
+            f"{name}: one statement alone vs the Python path (in-process)",
+            f"{new:.0f}/s",
+            f"Python path {old:.0f}/s",
+            new / old,
+            "(no goal)",
+            None,
+        )
 
 
 if __name__ == "__main__":
