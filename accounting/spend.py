@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 
 from accounting import statements
 from accounting.errors import idempotency_conflict, insufficient_tokens, user_not_found
-from accounting.events import note_balance_change, note_grants_expired
+from accounting.events import note_balance_change
 from models.schemas import MovementOut
 
 _CALL = (
@@ -61,15 +61,7 @@ def spend(
     if status == "not_found":
         raise user_not_found()
     reserved = int(row.reserved)
-    for tokens, balance in zip(row.expired_tokens, row.expired_balances, strict=True):
-        note_balance_change(
-            session,
-            user_id=user_id,
-            balance=int(balance),
-            tokens_reserved=reserved,
-            operation="expiry",
-        )
-        note_grants_expired(session, grants=1, tokens=int(tokens))
+    statements.note_expiries(session, user_id, row, reserved)
     if status == "insufficient":
         raise insufficient_tokens(amount, int(row.available))
     note_balance_change(

@@ -23,6 +23,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from accounting import clock
+from accounting.events import note_balance_change, note_grants_expired
 
 # Off: every movement takes the portable Python path (tests compare the two; bench measures).
 ENABLED = True
@@ -71,3 +72,18 @@ def call(session: Session, function: str, params: dict[str, Any]) -> Any:
             raise
         detail = exc.orig.diag.message_detail  # type: ignore[union-attr]
         return SimpleNamespace(**json.loads(detail))
+
+
+def note_expiries(session: Session, user_id: str, row: Any, reserved: int) -> None:
+    """The events of the expiries a function made (its ``expired_tokens`` and
+    ``expired_balances``), as :func:`accounting.grants.expire_grant` notes them; ``reserved``
+    is the account's ``tokens_reserved`` when they were made."""
+    for tokens, balance in zip(row.expired_tokens, row.expired_balances, strict=True):
+        note_balance_change(
+            session,
+            user_id=user_id,
+            balance=int(balance),
+            tokens_reserved=reserved,
+            operation="expiry",
+        )
+        note_grants_expired(session, grants=1, tokens=int(tokens))
