@@ -1,9 +1,11 @@
-"""tokens_spend() (migration 0005) against the Python reference it replaces on PostgreSQL.
+"""The one-statement movements (tokens_spend(), migration 0005; tokens_reserve() and
+tokens_release(), 0007) against the Python reference they replace on PostgreSQL.
 
-The same random movements run for two users: ``fn``'s debits and charges through the one
-statement, ``ref``'s through accounting/grants.py (the portable path SQLite runs); every other
-movement through the same Python code for both. After every step their accounts, entries,
-splits, grants, results, refusals and events must be the same.
+The same random movements run for two users: ``fn``'s debits, charges, reserves and releases
+through the one statements, ``ref``'s through accounting/grants.py (the portable path SQLite
+runs); every other movement through the same Python code for both. After every step their
+accounts, entries, splits, grants, reservations and holds, results, refusals and events must be
+the same.
 """
 
 from __future__ import annotations
