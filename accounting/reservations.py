@@ -18,7 +18,7 @@ from sqlalchemy import ColumnElement, Table, bindparam, func, insert, literal, s
 from sqlalchemy.orm import Session
 
 from accounting import capture as capture_statement
-from accounting import clock, grants, idempotency, statements
+from accounting import clock, grants, holds, idempotency, statements
 from accounting.catalog import known_operation, price_of
 from accounting.errors import (
     capture_exceeds_reservation,
@@ -89,6 +89,21 @@ def reserve(
         metadata=metadata,
         **extra,
     )
+    reservation_id = str(uuid.uuid4())
+    if statements.applies(session):
+        return holds.reserve(
+            session,
+            user_id=user_id,
+            reservation_id=reservation_id,
+            amount=amount,
+            operation_type=operation_type,
+            ttl_seconds=ttl_seconds,
+            metadata=metadata,
+            overcapture_limit=overcapture_limit,
+            idempotency_key=idempotency_key,
+            digest=digest,
+        )
+    statements.need_transaction(session)
     replay = idempotency.replay(session, user_id, idempotency_key, digest, ReserveOut)
     if replay is not None:
         return replay
@@ -97,7 +112,6 @@ def reserve(
     if locked.available < amount:
         raise insufficient_tokens(amount, locked.available)
     # The hold's times are the database's, taken under the account's lock.
-    reservation_id = str(uuid.uuid4())
     expires_at = locked.now + timedelta(seconds=ttl_seconds)
     session.execute(
         insert(Reservation).values(
@@ -272,9 +286,18 @@ def release(
     rather than ``Reservation is released``: the release did happen, and its producer should
     hear so.
     """
+    digest = idempotency.request_hash("release", reservation_id=reservation_id, reason=reason)
+    if statements.applies(session):
+        return holds.release(
+            session,
+            reservation_id=reservation_id,
+            reason=reason,
+            idempotency_key=idempotency_key,
+            digest=digest,
+        )
+    statements.need_transaction(session)
     found = _load(session, reservation_id)
     user_id = found.user_id
-    digest = idempotency.request_hash("release", reservation_id=reservation_id, reason=reason)
     stored = idempotency.claim(session, user_id, idempotency_key, digest)
     if stored is not None:
         return ReleaseOut(**stored)

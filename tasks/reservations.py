@@ -22,7 +22,7 @@ from tasks.base import contract_task
 from worker.db import session_factory
 
 
-@contract_task("tokens.reserve", ReserveIn)
+@contract_task("tokens.reserve", ReserveIn, alone=True)
 def reserve(session: Session, p: ReserveIn, task_id: str | None) -> ReserveOut:
     return reservations.reserve(
         session,
@@ -43,7 +43,7 @@ def capture(session: Session, p: CaptureIn, task_id: str | None) -> CaptureOut:
     )
 
 
-@contract_task("tokens.release", ReleaseIn)
+@contract_task("tokens.release", ReleaseIn, alone=True)
 def release(session: Session, p: ReleaseIn, task_id: str | None) -> ReleaseOut:
     return reservations.release(session, p.reservation_id, reason=p.reason, idempotency_key=task_id)
 

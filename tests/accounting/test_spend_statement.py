@@ -1,11 +1,11 @@
 """The movement functions (tokens_spend, tokens_refund, tokens_credit, tokens_reset,
-tokens_capture: migrations 0005, 0007, 0008, 0009) against the Python reference they replace on
-PostgreSQL.
+tokens_capture, tokens_reserve, tokens_release: migrations 0005, 0007, 0008, 0009, 0010) against
+the Python reference they replace on PostgreSQL.
 
 The same random movements run for two users: ``fn``'s debits, charges, credits, balance resets,
-refunds and captures through the one statement, ``ref``'s through accounting/grants.py (the
-portable path SQLite runs); every other movement through the same Python code for both. After
-every step their accounts, entries, splits, grants, results, refusals and events must be the same.
+refunds, reserves, captures and releases through the one statement, ``ref``'s through
+accounting/grants.py (the portable path SQLite runs). After every step their accounts, entries,
+splits, grants, reservations and holds, results, refusals and events must be the same.
 """
 
 from __future__ import annotations
@@ -114,12 +114,30 @@ def _state(session: Session, user: str) -> dict[str, Any]:
             {"u": user},
         )
     )
+    # Reservations in creation order, and what each holds of each grant (by the grant's rank).
+    holds = [
+        tuple(r)
+        for r in session.execute(
+            text(
+                "SELECT r.amount, r.operation_type, r.status, r.metadata, r.overcapture_limit,"
+                " r.captured_amount, r.expires_at - r.created_at, r.settled_at IS NULL,"
+                " r.ledger_entry_id IS NULL,"
+                " (SELECT array_agg(array[g.n, rg.amount] ORDER BY g.n)"
+                "  FROM reservation_grants rg JOIN (SELECT id, row_number() OVER (ORDER BY id) AS n"
+                "  FROM grants WHERE user_id = :u) g ON g.id = rg.grant_id"
+                "  WHERE rg.reservation_id = r.id)"
+                " FROM reservations r WHERE r.user_id = :u ORDER BY r.created_at"
+            ),
+            {"u": user},
+        )
+    ]
     return {
         "account": tuple(account),
         "entries": entries,
         "splits": splits,
         "grants": grants,
         "keys": keys,
+        "holds": holds,
     }
 
 
@@ -164,7 +182,7 @@ class Pair:
 def _step(rng: random.Random, pair: Pair, step: int, keys: list[tuple[str, int, bool]]) -> None:
     """One random movement for both users; asserts the outcomes are the same."""
     roll = rng.random()
-    one_statement = roll < 0.7  # debit, charge, credit, refund; a capture below
+    one_statement = roll < 0.9  # every movement; time passing below is not one
     amount = rng.choice([1, 5, 10, 40, 150, 400, 1000])
     meta = {"step": step, "tag": rng.choice(["a", "b"])}
     action: Callable[[str], Callable[[Session], Any]]
@@ -232,7 +250,8 @@ def _step(rng: random.Random, pair: Pair, step: int, keys: list[tuple[str, int, 
     elif roll < 0.9:
         pick = rng.random()
         take = rng.choice([None, 1, 5, 50])
-        settle = one_statement = rng.random() < 0.7
+        settle = rng.random() < 0.7
+        reason = rng.choice([None, "done"])
 
         def action(u: str) -> Callable[[Session], Any]:
             held = pair.reservations[u]
@@ -241,7 +260,7 @@ def _step(rng: random.Random, pair: Pair, step: int, keys: list[tuple[str, int, 
             rid = held[int(pick * len(held))]
             if settle:
                 return lambda s: reservations.capture(s, rid, take, idempotency_key=f"cp{step}")
-            return lambda s: reservations.release(s, rid, idempotency_key=f"rl{step}")
+            return lambda s: reservations.release(s, rid, reason, idempotency_key=f"rl{step}")
     else:
         # Time passes for up to three grants: they become due, not in id order, and the next
         # movement expires them, each through its own entry.
@@ -297,7 +316,12 @@ def test_one_statement_agrees_with_the_python_path(clean_db: None, seed: int, al
     assert pair.events["ref"] == pair.events["fn"]
     refusals = {o[1] for o in pair.outcomes if isinstance(o, tuple)}
     # BELOW_RESERVED is rarer: tests/accounting/test_statements.py has it for sure.
-    assert {"INSUFFICIENT_TOKENS", "IDEMPOTENCY_CONFLICT", "VALIDATION_ERROR"} <= refusals
+    assert {
+        "INSUFFICIENT_TOKENS",
+        "IDEMPOTENCY_CONFLICT",
+        "VALIDATION_ERROR",
+        "RESERVATION_NOT_ACTIVE",
+    } <= refusals
     assert any(isinstance(o, dict) and o.get("replayed") for o in pair.outcomes)
     with session_factory()() as s:
         kinds = {e[1] for e in _state(s, "fn")["entries"]}

@@ -297,3 +297,25 @@ def test_0009_creates_the_capture_functions_and_drops_them(blank_database: str) 
             assert conn.execute(still).scalar_one() == 1
     finally:
         engine.dispose()
+
+
+def test_0010_creates_the_reserve_and_release_functions_and_drops_them(
+    blank_database: str,
+) -> None:
+    names = "('tokens_reserve', 'tokens_release')"
+    count = text(f"SELECT count(*) FROM pg_proc WHERE proname IN {names}")
+    upgrade(blank_database, "0010")
+    engine = engine_for(blank_database)
+    try:
+        with engine.connect() as conn:
+            assert conn.execute(count).scalar_one() == 2
+        downgrade(alembic_config(blank_database), "0009")
+        with engine.connect() as conn:
+            assert conn.execute(count).scalar_one() == 0
+            shared = text(
+                "SELECT count(*) FROM pg_proc WHERE proname IN ('tokens_claim', 'tokens_lock',"
+                " 'tokens_expire_due')"
+            )
+            assert conn.execute(shared).scalar_one() == 3
+    finally:
+        engine.dispose()

@@ -1,0 +1,121 @@
+"""A reserve or release on PostgreSQL in one statement: ``tokens_reserve()`` and
+``tokens_release()`` (migration 0010).
+
+Each does in one round trip what :func:`accounting.reservations.reserve` or ``release`` does
+through :mod:`accounting.grants` with the idempotency claim and record around it; the Python code
+stays the reference (and what SQLite runs), and tests/accounting/test_spend_statement.py runs the
+same random movements through both and compares every row. The refusals, the result and the
+events are the same. Each runs in the caller's transaction or alone (:mod:`accounting.statements`).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from accounting import statements
+from accounting.errors import (
+    idempotency_conflict,
+    insufficient_tokens,
+    reservation_not_active,
+    reservation_not_found,
+)
+from accounting.events import note_balance_change
+from models.schemas import ReleaseOut, ReserveOut
+
+_RESERVE = (
+    "tokens_reserve(:user_id, :key, :digest, :reservation_id, :amount, :op, :ttl,"
+    " CAST(:metadata AS jsonb), :overcapture)"
+)
+_RELEASE = "tokens_release(:reservation_id, :key, :digest, :reason)"
+
+
+def reserve(
+    session: Session,
+    *,
+    user_id: str,
+    reservation_id: str,
+    amount: int,
+    operation_type: str | None,
+    ttl_seconds: int,
+    metadata: dict[str, Any],
+    overcapture_limit: int,
+    idempotency_key: str | None,
+    digest: str,
+) -> ReserveOut:
+    """Claim, lock, expire, guard, hold, move and record in one statement; the replay, the
+    refusals and the events as the Python path has them."""
+    row = statements.call(
+        session,
+        _RESERVE,
+        {
+            "user_id": user_id,
+            "key": idempotency_key,
+            "digest": digest,
+            "reservation_id": reservation_id,
+            "amount": amount,
+            "op": operation_type,
+            "ttl": ttl_seconds,
+            "metadata": json.dumps(metadata),
+            "overcapture": overcapture_limit,
+        },
+    )
+    if (replay := statements.replayed(row, ReserveOut)) is not None:
+        return replay
+    # The function's balance and reserved are the account's before the hold.
+    reserved = int(row.reserved)
+    statements.note_expiries(session, user_id, reserved, row.expired_tokens, row.expired_balances)
+    if row.status == "insufficient":
+        raise insufficient_tokens(amount, int(row.available))
+    note_balance_change(
+        session,
+        user_id=user_id,
+        balance=int(row.balance),
+        tokens_reserved=reserved + amount,
+        operation="reserve",
+    )
+    return ReserveOut(**row.response)
+
+
+def release(
+    session: Session,
+    *,
+    reservation_id: str,
+    reason: str | None,
+    idempotency_key: str | None,
+    digest: str,
+) -> ReleaseOut:
+    """Read, claim, end, lock, unhold, move, expire and record in one statement; the replay,
+    the refusals and the events as the Python path has them."""
+    row = statements.call(
+        session,
+        _RELEASE,
+        {
+            "reservation_id": reservation_id,
+            "key": idempotency_key,
+            "digest": digest,
+            "reason": reason,
+        },
+    )
+    status = row.status
+    if status == "not_found":
+        raise reservation_not_found()
+    if status == "replay":
+        return ReleaseOut(**row.response)
+    if status == "conflict":
+        raise idempotency_conflict()
+    if status == "not_active":
+        raise reservation_not_active(row.reservation_status)
+    # The function's balance and reserved are the account's once the hold is freed.
+    reserved = int(row.reserved)
+    note_balance_change(
+        session,
+        user_id=row.owner,
+        balance=int(row.balance),
+        tokens_reserved=reserved,
+        operation="release",
+    )
+    statements.note_expiries(session, row.owner, reserved, row.expired_tokens, row.expired_balances)
+    return ReleaseOut(**row.response)
