@@ -221,11 +221,11 @@ def contract_task(
     """Register ``handler(session, payload, task_id)`` as the contract task ``name``
     (``options``: Celery task options, such as time limits). ``alone``: the handler's movement is
     one statement on PostgreSQL, which runs as its own transaction (``statement_scope``)."""
-    scope = statement_scope if alone else session_scope
 
     def register(handler: Handler[P]) -> Any:
         @app.task(name=name, bind=True, base=ContractTask, **options)  # type: ignore[untyped-decorator]
         def run(self: ContractTask, *args: Any, **kwargs: Any) -> dict[str, Any]:
+            scope = statement_scope if alone else session_scope
             return self.execute(schema, handler, args, kwargs, scope=scope)
 
         return run

@@ -346,6 +346,8 @@ def test_a_transient_error_retried_to_the_end_completes_once(
         with Session(engine) as session:
             yield session
 
+    # tokens.debit runs alone (statement_scope); the contract's other tasks in a session_scope.
+    monkeypatch.setattr(tasks_base, "statement_scope", unreachable)
     monkeypatch.setattr(tasks_base, "session_scope", unreachable)
     kwargs = {"user_id": "u", "amount": 10, "operation_type": "sora_image"}
     outcome = debit.apply(kwargs=kwargs)  # eager: each retry runs at once
