@@ -258,64 +258,39 @@ def test_0004_turns_sqlite_balances_into_grants_and_debt(tmp_path: Path) -> None
     migrate_0003_to_head_and_back(f"sqlite:///{tmp_path / 'tokens.db'}")
 
 
-def test_0008_creates_the_credit_and_reset_functions_and_drops_them(blank_database: str) -> None:
-    names = (
-        "('tokens_credit', 'tokens_reset', 'tokens_claim', 'tokens_lock', 'tokens_grant',"
-        " 'tokens_burn', 'tokens_write')"
-    )
-    count = text(f"SELECT count(*) FROM pg_proc WHERE proname IN {names}")
-    upgrade(blank_database, "0008")
-    engine = engine_for(blank_database)
-    try:
-        with engine.connect() as conn:
-            assert conn.execute(count).scalar_one() == 7
-        downgrade(alembic_config(blank_database), "0007")
-        with engine.connect() as conn:
-            assert conn.execute(count).scalar_one() == 0
-            assert (
-                conn.execute(
-                    text("SELECT count(*) FROM pg_proc WHERE proname = 'tokens_spend'")
-                ).scalar_one()
-                == 1
-            )
-    finally:
-        engine.dispose()
-
-
-def test_0009_creates_the_capture_functions_and_drops_them(blank_database: str) -> None:
-    names = "('tokens_capture', 'tokens_expire_due', 'tokens_json_bytes')"
-    count = text(f"SELECT count(*) FROM pg_proc WHERE proname IN {names}")
-    upgrade(blank_database, "0009")
-    engine = engine_for(blank_database)
-    try:
-        with engine.connect() as conn:
-            assert conn.execute(count).scalar_one() == 3
-        downgrade(alembic_config(blank_database), "0008")
-        with engine.connect() as conn:
-            assert conn.execute(count).scalar_one() == 0
-            still = text("SELECT count(*) FROM pg_proc WHERE proname = 'tokens_lock'")
-            assert conn.execute(still).scalar_one() == 1
-    finally:
-        engine.dispose()
-
-
-def test_0010_creates_the_reserve_and_release_functions_and_drops_them(
-    blank_database: str,
+@pytest.mark.parametrize(
+    ("revision", "made", "kept"),
+    [
+        (
+            "0008",
+            (
+                *("tokens_credit", "tokens_reset", "tokens_claim", "tokens_lock"),
+                *("tokens_grant", "tokens_burn", "tokens_write"),
+            ),
+            ("tokens_spend",),
+        ),
+        ("0009", ("tokens_capture", "tokens_expire_due", "tokens_json_bytes"), ("tokens_lock",)),
+        (
+            "0010",
+            ("tokens_reserve", "tokens_release"),
+            ("tokens_claim", "tokens_lock", "tokens_expire_due"),
+        ),
+    ],
+)
+def test_a_function_migration_creates_its_functions_and_drops_only_them(
+    blank_database: str, revision: str, made: tuple[str, ...], kept: tuple[str, ...]
 ) -> None:
-    names = "('tokens_reserve', 'tokens_release')"
-    count = text(f"SELECT count(*) FROM pg_proc WHERE proname IN {names}")
-    upgrade(blank_database, "0010")
+    """Each migration from 0008 on creates its functions; its downgrade drops them and leaves
+    the earlier ones it builds on."""
+    count = text("SELECT count(*) FROM pg_proc WHERE proname = ANY(:names)")
+    upgrade(blank_database, revision)
     engine = engine_for(blank_database)
     try:
         with engine.connect() as conn:
-            assert conn.execute(count).scalar_one() == 2
-        downgrade(alembic_config(blank_database), "0009")
+            assert conn.execute(count, {"names": list(made)}).scalar_one() == len(made)
+        downgrade(alembic_config(blank_database), f"{int(revision) - 1:04d}")
         with engine.connect() as conn:
-            assert conn.execute(count).scalar_one() == 0
-            shared = text(
-                "SELECT count(*) FROM pg_proc WHERE proname IN ('tokens_claim', 'tokens_lock',"
-                " 'tokens_expire_due')"
-            )
-            assert conn.execute(shared).scalar_one() == 3
+            assert conn.execute(count, {"names": list(made)}).scalar_one() == 0
+            assert conn.execute(count, {"names": list(kept)}).scalar_one() == len(kept)
     finally:
         engine.dispose()
