@@ -79,7 +79,11 @@ def call(session: Session, function: str, params: dict[str, Any]) -> Any:
     sql = _driver_sql.get(function)
     if sql is None:
         named = _NAMED.sub(r"%(\1)s", function)
-        sql = _driver_sql[function] = f"SELECT r.* FROM {named} AS r WHERE tokens_ok(to_jsonb(r))"
+        # The status test first: tokens_ok() and to_jsonb() run only for a refusal.
+        sql = _driver_sql[function] = (
+            f"SELECT r.* FROM {named} AS r "
+            "WHERE r.status IN ('ok', 'replay') OR tokens_ok(to_jsonb(r))"
+        )
     try:
         return run(sql, params)
     except DBAPIError as exc:

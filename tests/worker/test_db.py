@@ -16,6 +16,7 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.orm import sessionmaker
 from sqlalchemy.pool import QueuePool
 
+from accounting import statements
 from accounting.accounts import open_account
 from tests import dbstate
 from tests.polling import wait_for
@@ -179,3 +180,33 @@ def test_a_connection_that_died_while_idle_is_replaced_before_use(
     monkeypatch.setattr(db, "PING_AFTER_IDLE", 0.0)  # as if it had sat idle in the pool
     assert _backend_pid(engine) != pid
     engine.dispose()
+
+
+def test_a_statement_run_alone_gives_its_row_by_column_name_whatever_its_width(
+    clean_db: None,
+) -> None:
+    """The alone runner names a row's columns from the statement's result, once per statement
+    and width: the same text returning more columns (a function redefined) is read afresh."""
+    sql = "SELECT * FROM tokens_test_row()"
+    engine = get_engine()
+    with engine.begin() as conn:
+        conn.execute(text("CREATE FUNCTION tokens_test_row(OUT a int) AS 'SELECT 1' LANGUAGE sql"))
+    try:
+        with db.statement_scope() as session:
+            run = session.info[statements.ALONE]
+            assert run(sql, {}).a == 1
+            assert run("SELECT 1 AS a WHERE false", {}) is None
+        with engine.begin() as conn:
+            conn.execute(text("DROP FUNCTION tokens_test_row()"))
+            conn.execute(
+                text(
+                    "CREATE FUNCTION tokens_test_row(OUT a int, OUT b text)"
+                    " AS 'SELECT 2, ''two''' LANGUAGE sql"
+                )
+            )
+        with db.statement_scope() as session:
+            row = session.info[statements.ALONE](sql, {})
+            assert (row.a, row.b) == (2, "two")
+    finally:
+        with engine.begin() as conn:
+            conn.execute(text("DROP FUNCTION IF EXISTS tokens_test_row()"))
