@@ -7,7 +7,9 @@ Throughput: one producer sends ``--tasks`` messages and then collects every resu
 ``health.noop`` (no validation, no database: the transport alone, routed like a debit, with the
 debit's kwargs so the messages weigh the same) and for ``tokens.debit``, on one worker (same
 broker, backend, pool, concurrency and prefetch). Worker CPU per task is the CPU time of the
-worker's processes (main and pool, read from /proc) over the run, divided by the tasks. Each
+worker's processes (main and pool, read from /proc) over the run, divided by the tasks; a
+breakdown of the machine's time per task (the worker, PostgreSQL, Redis, this producer, idle
+cores) shows where a debit's extra over the no-op goes. Each
 variant (``--variant``: TOKENS_* variables given to the worker; the first variant is the settings
 as they are, named ``default``) gets a fresh worker per round, the variants interleaved round by
 round, each round starting with the next variant; medians of the rounds are printed, with the
@@ -58,12 +60,51 @@ def group_cpu_seconds(pgid: int) -> float:
     return total / CLOCK_TICKS
 
 
+def named_cpu_seconds(prefix: str) -> float:
+    """User + system CPU seconds of every live process whose command name starts with
+    ``prefix`` (``postgres``: the server and its backends; ``redis-server``)."""
+    total = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            comm, fields = stat.read_text().split("(", 1)[1].rsplit(")", 1)
+        except OSError:
+            continue
+        if comm.startswith(prefix):
+            rest = fields.split()
+            total += int(rest[11]) + int(rest[12])
+    return total / CLOCK_TICKS
+
+
+def idle_seconds() -> float:
+    """Idle and I/O-wait seconds of all cores together, from /proc/stat."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+    return (int(fields[4]) + int(fields[5])) / CLOCK_TICKS
+
+
+# Where the machine's time goes while tasks run (the Breakdown columns).
+PARTS = ("worker", "postgres", "redis", "producer", "idle")
+
+
+def machine_seconds(worker_pgid: int) -> dict[str, float]:
+    return {
+        "worker": group_cpu_seconds(worker_pgid),
+        "postgres": named_cpu_seconds("postgres"),
+        "redis": named_cpu_seconds("redis-server"),
+        "producer": time.process_time(),
+        "idle": idle_seconds(),
+    }
+
+
 @dataclass
 class Variant:
     name: str
     env: dict[str, str]
     rates: dict[str, list[float]] = field(default_factory=lambda: {NOOP: [], DEBIT: []})
     cpu: dict[str, list[float]] = field(default_factory=lambda: {NOOP: [], DEBIT: []})
+    # Per task name, per part of PARTS: the seconds per task of each round.
+    parts: dict[str, dict[str, list[float]]] = field(
+        default_factory=lambda: {k: {p: [] for p in PARTS} for k in (NOOP, DEBIT)}
+    )
 
 
 def parse_variant(text: str) -> Variant:
@@ -102,10 +143,13 @@ def measure(app: Celery, variant: Variant, n: int, users: int, concurrency: int)
         round_trips(app, NOOP, kwargs, 50)  # warm up: connections, imports, pool processes
         round_trips(app, DEBIT, kwargs, 50)
         for name in (NOOP, DEBIT):
-            cpu = group_cpu_seconds(worker.proc.pid)
+            before = machine_seconds(worker.proc.pid)
             seconds = round_trips(app, name, kwargs, n)
-            variant.cpu[name].append((group_cpu_seconds(worker.proc.pid) - cpu) / n)
+            after = machine_seconds(worker.proc.pid)
+            variant.cpu[name].append((after["worker"] - before["worker"]) / n)
             variant.rates[name].append(n / seconds)
+            for part in PARTS:
+                variant.parts[name][part].append((after[part] - before[part]) / n)
 
 
 class Arrivals:
@@ -302,12 +346,27 @@ def report(variants: list[Variant], args: argparse.Namespace) -> None:
         "<= 1.5x",
         cpu_debit / cpu_noop <= 1.5,
     )
+    show_breakdown(base)
     if len(variants) > 1:
         print(f"{'debit/s vs default, per round':28}", end="")
         for v in variants[1:]:
             per_round = [a / b for a, b in zip(v.rates[DEBIT], base.rates[DEBIT], strict=True)]
             print(f"  {v.name}: {statistics.median(per_round):.2f}", end="")
         print()
+
+
+def show_breakdown(variant: Variant) -> None:
+    """Where the machine's time went per task (medians of the rounds, ms; cores together):
+    the debit's extra over the no-op is what keeps its rate below the no-op's."""
+    print(f"machine time per task, {variant.name} (ms of CPU, all cores; idle includes I/O wait)")
+    print(f"  {'':8}" + "".join(f"{p:>10}" for p in PARTS) + f"{'total':>10}")
+    shown: dict[str, list[float]] = {}
+    for name, label in ((NOOP, "no-op"), (DEBIT, "debit")):
+        shown[name] = [statistics.median(variant.parts[name][p]) * 1000 for p in PARTS]
+        row = "".join(f"{x:10.2f}" for x in shown[name])
+        print(f"  {label:8}{row}{sum(shown[name]):10.2f}")
+    extra = [d - o for d, o in zip(shown[DEBIT], shown[NOOP], strict=True)]
+    print(f"  {'extra':8}" + "".join(f"{x:+10.2f}" for x in extra) + f"{sum(extra):+10.2f}")
 
 
 def show_latency(shown: dict[str, Any], n: int) -> None:
