@@ -294,3 +294,31 @@ def test_a_function_migration_creates_its_functions_and_drops_only_them(
             assert conn.execute(count, {"names": list(kept)}).scalar_one() == len(kept)
     finally:
         engine.dispose()
+
+
+def test_0011_puts_spend_and_refund_over_the_helpers_and_back(blank_database: str) -> None:
+    """0011 rewrites tokens_spend and tokens_refund over 0008's helpers; its downgrade restores
+    0005's and 0007's own copies. Each version runs (plpgsql finds a wrong name only then)."""
+    sources = text(
+        "SELECT proname, prosrc FROM pg_proc WHERE proname IN ('tokens_spend', 'tokens_refund')"
+    )
+    calls = (
+        "SELECT status FROM tokens_spend('nobody', 'k', 'd', 'debit', 'x', 1, false, '{}')",
+        "SELECT status FROM tokens_refund('nobody', 'k', 'd', NULL, 1, '{}')",
+    )
+
+    def helpers_used(engine: Engine) -> dict[str, bool]:
+        with engine.connect() as conn:  # rolls back what the calls claimed
+            for call in calls:
+                assert conn.execute(text(call)).scalar_one() == "not_found"
+            found = conn.execute(sources).all()
+        return {name: "tokens_claim(" in src and "tokens_lock(" in src for name, src in found}
+
+    upgrade(blank_database, "0011")
+    engine = engine_for(blank_database)
+    try:
+        assert helpers_used(engine) == {"tokens_spend": True, "tokens_refund": True}
+        downgrade(alembic_config(blank_database), "0010")
+        assert helpers_used(engine) == {"tokens_spend": False, "tokens_refund": False}
+    finally:
+        engine.dispose()
