@@ -258,7 +258,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--users", type=int, default=100)
     parser.add_argument("--concurrency", type=int, default=2)
-    parser.add_argument("--latency-samples", type=int, default=500)
+    parser.add_argument("--latency-samples", type=int, default=2000)
     parser.add_argument("--no-latency", action="store_true")
     parser.add_argument("--variant", action="append", default=[], type=parse_variant)
     args = parser.parse_args()
