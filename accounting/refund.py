@@ -1,4 +1,4 @@
-"""A refund on PostgreSQL in one statement: ``tokens_refund()`` (migration 0007).
+"""A refund on PostgreSQL in one statement: ``tokens_refund()`` (migrations 0007, 0011).
 
 The function does in one round trip what :func:`accounting.movements.refund` does through
 :mod:`accounting.grants` (the refund cap, ``_put_back``, the re-expiry of what went back into an

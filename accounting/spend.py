@@ -1,4 +1,4 @@
-"""A debit or charge on PostgreSQL in one statement: ``tokens_spend()`` (migration 0005).
+"""A debit or charge on PostgreSQL in one statement: ``tokens_spend()`` (migrations 0005, 0011).
 
 The function does in one round trip what :func:`accounting.movements._spend` does through
 :mod:`accounting.grants` with the idempotency claim and record around it; the Python code stays
