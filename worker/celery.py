@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import re
 import sys
@@ -65,6 +66,10 @@ except ConfigurationError as exc:
 def _after_fork(**_: Any) -> None:
     # A forked child must not share the parent's pooled connections.
     reset_engines_after_fork()
+    # What the child holds now (modules, the app, the parent's heap) lives as long as it does.
+    # Frozen, it is out of the collector's way: a full collection then scans only what tasks
+    # made since, instead of pausing a task ~60 ms over some 130,000 objects.
+    gc.freeze()
 
 
 @worker_process_shutdown.connect  # type: ignore[untyped-decorator]
