@@ -9,7 +9,10 @@ debit's kwargs so the messages weigh the same) and for ``tokens.debit``, on one 
 broker, backend, pool, concurrency and prefetch). Worker CPU per task is the CPU time of the
 worker's processes (main and pool, read from /proc) over the run, divided by the tasks; a
 breakdown of the machine's time per task (the worker, PostgreSQL, Redis, this producer, idle
-cores) shows where a debit's extra over the no-op goes. Each
+cores) shows where a debit's extra over the no-op goes. A third task, ``bench.wait``
+(bench/waiting.py, loaded by this benchmark's worker only), is the no-op after a sleep as long as
+a debit waits for its statement (measured in-process first): the share of the gap a wait alone
+makes on this transport. Each
 variant (``--variant``: TOKENS_* variables given to the worker; the first variant is the settings
 as they are, named ``default``) gets a fresh worker per round, the variants interleaved round by
 round, each round starting with the next variant; medians of the rounds are printed, with the
@@ -47,6 +50,10 @@ from worker.devenv import Scratch, WorkerProcess, producer, running_workers
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 NOOP, DEBIT = "health.noop", "tokens.debit"
+# bench/waiting.py's task (imported by the worker with -I; importing it here would build the app
+# before the scratch settings are exported).
+WAIT = "bench.wait"
+TASKS = (NOOP, WAIT, DEBIT)
 
 
 def group_cpu_seconds(pgid: int) -> float:
@@ -102,11 +109,11 @@ def machine_seconds(worker_pgid: int) -> dict[str, float]:
 class Variant:
     name: str
     env: dict[str, str]
-    rates: dict[str, list[float]] = field(default_factory=lambda: {NOOP: [], DEBIT: []})
-    cpu: dict[str, list[float]] = field(default_factory=lambda: {NOOP: [], DEBIT: []})
+    rates: dict[str, list[float]] = field(default_factory=lambda: {k: [] for k in TASKS})
+    cpu: dict[str, list[float]] = field(default_factory=lambda: {k: [] for k in TASKS})
     # Per task name, per part of PARTS: the seconds per task of each round.
     parts: dict[str, dict[str, list[float]]] = field(
-        default_factory=lambda: {k: {p: [] for p in PARTS} for k in (NOOP, DEBIT)}
+        default_factory=lambda: {k: {p: [] for p in PARTS} for k in TASKS}
     )
 
 
@@ -136,18 +143,38 @@ def round_trips(app: Celery, name: str, kwargs: Callable[[int], dict[str, Any]],
     return elapsed
 
 
-def measure(app: Celery, variant: Variant, n: int, users: int, concurrency: int) -> None:
+def statement_wait(users: int, n: int = 300) -> float:
+    """Seconds a debit waits for its statement (its wall time less its CPU), in this process."""
+    from accounting import movements
+    from worker.db import statement_scope
+
+    wall, cpu = time.perf_counter(), time.process_time()
+    for i in range(n):
+        with statement_scope() as session:
+            movements.debit(session, f"user-{i % users}", 1, "chatgpt_message")
+    waited = (time.perf_counter() - wall) - (time.process_time() - cpu)
+    return max(waited / n, 0.0)
+
+
+def measure(
+    app: Celery, variant: Variant, n: int, users: int, concurrency: int, wait: float
+) -> None:
     worker = WorkerProcess(
-        f"transport-{variant.name}", concurrency=concurrency, env=variant.env, loglevel="WARNING"
+        f"transport-{variant.name}",
+        concurrency=concurrency,
+        env=variant.env,
+        loglevel="WARNING",
+        include="bench.waiting",
     )
-    kwargs = debit_kwargs(users)
+    kwargs = {NOOP: debit_kwargs(users), WAIT: lambda _i: {"seconds": wait}}
+    kwargs[DEBIT] = kwargs[NOOP]
     with running_workers(app, worker):
         assert worker.proc is not None
-        round_trips(app, NOOP, kwargs, 50)  # warm up: connections, imports, pool processes
-        round_trips(app, DEBIT, kwargs, 50)
-        for name in (NOOP, DEBIT):
+        for name in TASKS:  # warm up: connections, imports, pool processes
+            round_trips(app, name, kwargs[name], 50)
+        for name in TASKS:
             before = machine_seconds(worker.proc.pid)
-            seconds = round_trips(app, name, kwargs, n)
+            seconds = round_trips(app, name, kwargs[name], n)
             after = machine_seconds(worker.proc.pid)
             variant.cpu[name].append((after["worker"] - before["worker"]) / n)
             variant.rates[name].append(n / seconds)
@@ -295,11 +322,13 @@ def main() -> None:
             for u in range(args.users):
                 accounts.open_account(s, f"user-{u}", initial_balance=10**9)
         app = producer()
+        wait = statement_wait(args.users)
         for r in range(args.rounds):
             # Each round starts with another variant, so none is always first (or last).
             for variant in variants[r % len(variants) :] + variants[: r % len(variants)]:
-                measure(app, variant, args.tasks, args.users, args.concurrency)
+                measure(app, variant, args.tasks, args.users, args.concurrency, wait)
         report(variants, args)
+        show_waiting(variants[0], wait)
         on, off = checkout_cost(1000, args.rounds)
         print(
             f"unit of work (checkout, SELECT 1, commit), in-process: pool pre-ping on "
@@ -373,18 +402,41 @@ def report(variants: list[Variant], args: argparse.Namespace) -> None:
         print()
 
 
+def show_waiting(variant: Variant, wait: float) -> None:
+    """The no-op that waits as long as a debit waits for its statement: how much of the debit's
+    gap to the no-op a wait alone makes, on this transport."""
+    noop, waiting, debit = (statistics.median(variant.rates[k]) for k in TASKS)
+    cpu_noop, cpu_wait = (statistics.median(variant.cpu[k]) * 1000 for k in (NOOP, WAIT))
+    per_round = [d / w for d, w in zip(variant.rates[DEBIT], variant.rates[WAIT], strict=True)]
+    print(
+        f"a no-op that waits {wait * 1000:.2f} ms (a debit's wait for its statement, measured "
+        f"in-process): {waiting:.0f}/s, {waiting / noop:.2f} of the no-op, worker CPU "
+        f"{cpu_wait:.2f} ms ({cpu_wait / cpu_noop:.2f}x); the debit is "
+        f"{statistics.median(per_round):.2f} of it"
+    )
+    summary.record(
+        "tokens.debit vs a no-op that waits as long as the debit's statement (rate)",
+        f"debit {debit:.0f}/s",
+        f"waiting no-op {waiting:.0f}/s ({waiting / noop:.2f} of the no-op)",
+        statistics.median(per_round),
+        "(no goal)",
+        None,
+    )
+
+
 def show_breakdown(variant: Variant) -> None:
     """Where the machine's time went per task (medians of the rounds, ms; cores together):
     the debit's extra over the no-op is what keeps its rate below the no-op's."""
     print(f"machine time per task, {variant.name} (ms of CPU, all cores; idle includes I/O wait)")
     print(f"  {'':8}" + "".join(f"{p:>10}" for p in PARTS) + f"{'total':>10}")
     shown: dict[str, list[float]] = {}
-    for name, label in ((NOOP, "no-op"), (DEBIT, "debit")):
+    for name, label in ((NOOP, "no-op"), (WAIT, "waiting"), (DEBIT, "debit")):
         shown[name] = [statistics.median(variant.parts[name][p]) * 1000 for p in PARTS]
         row = "".join(f"{x:10.2f}" for x in shown[name])
         print(f"  {label:8}{row}{sum(shown[name]):10.2f}")
-    extra = [d - o for d, o in zip(shown[DEBIT], shown[NOOP], strict=True)]
-    print(f"  {'extra':8}" + "".join(f"{x:+10.2f}" for x in extra) + f"{sum(extra):+10.2f}")
+    for base, label in ((NOOP, "- no-op"), (WAIT, "- wait")):
+        extra = [d - o for d, o in zip(shown[DEBIT], shown[base], strict=True)]
+        print(f"  {label:8}" + "".join(f"{x:+10.2f}" for x in extra) + f"{sum(extra):+10.2f}")
 
 
 def show_latency(shown: dict[str, Any], n: int) -> None:

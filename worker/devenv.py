@@ -122,6 +122,7 @@ class WorkerProcess:
         queues: str | None = None,
         loglevel: str = "INFO",
         log_path: Path | None = None,
+        include: str | None = None,
     ) -> None:
         self.name = name
         self.log_path = log_path or ROOT / "var" / "test-logs" / f"{name}-{os.getpid()}.log"
@@ -134,6 +135,8 @@ class WorkerProcess:
         ]  # fmt: skip
         if queues:
             self.argv += ["-Q", queues]
+        if include:  # more task modules (a benchmark's own)
+            self.argv += ["-I", include]
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> WorkerProcess:
