@@ -56,33 +56,26 @@ WAIT = "bench.wait"
 TASKS = (NOOP, WAIT, DEBIT)
 
 
-def group_cpu_seconds(pgid: int) -> float:
-    """User + system CPU seconds of every live process in process group ``pgid``."""
-    total = 0
+def process_cpu_seconds(worker_pgid: int) -> dict[str, float]:
+    """User + system CPU seconds of the live processes, from one pass over /proc: those in the
+    worker's process group, those named ``postgres*`` (the server and its backends) and those
+    named ``redis-server*``."""
+    ticks = {"worker": 0, "postgres": 0, "redis": 0}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
+            comm, rest = stat.read_text().split("(", 1)[1].rsplit(")", 1)
         except OSError:
             continue
         # After the command: state ppid pgrp session ... utime (14th field) stime (15th)
-        if int(fields[2]) == pgid:
-            total += int(fields[11]) + int(fields[12])
-    return total / CLOCK_TICKS
-
-
-def named_cpu_seconds(prefix: str) -> float:
-    """User + system CPU seconds of every live process whose command name starts with
-    ``prefix`` (``postgres``: the server and its backends; ``redis-server``)."""
-    total = 0
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            comm, fields = stat.read_text().split("(", 1)[1].rsplit(")", 1)
-        except OSError:
-            continue
-        if comm.startswith(prefix):
-            rest = fields.split()
-            total += int(rest[11]) + int(rest[12])
-    return total / CLOCK_TICKS
+        fields = rest.split()
+        spent = int(fields[11]) + int(fields[12])
+        if int(fields[2]) == worker_pgid:
+            ticks["worker"] += spent
+        elif comm.startswith("postgres"):
+            ticks["postgres"] += spent
+        elif comm.startswith("redis-server"):
+            ticks["redis"] += spent
+    return {part: t / CLOCK_TICKS for part, t in ticks.items()}
 
 
 def idle_seconds() -> float:
@@ -97,9 +90,7 @@ PARTS = ("worker", "postgres", "redis", "producer", "idle")
 
 def machine_seconds(worker_pgid: int) -> dict[str, float]:
     return {
-        "worker": group_cpu_seconds(worker_pgid),
-        "postgres": named_cpu_seconds("postgres"),
-        "redis": named_cpu_seconds("redis-server"),
+        **process_cpu_seconds(worker_pgid),
         "producer": time.process_time(),
         "idle": idle_seconds(),
     }
@@ -110,11 +101,14 @@ class Variant:
     name: str
     env: dict[str, str]
     rates: dict[str, list[float]] = field(default_factory=lambda: {k: [] for k in TASKS})
-    cpu: dict[str, list[float]] = field(default_factory=lambda: {k: [] for k in TASKS})
     # Per task name, per part of PARTS: the seconds per task of each round.
     parts: dict[str, dict[str, list[float]]] = field(
         default_factory=lambda: {k: {p: [] for p in PARTS} for k in TASKS}
     )
+
+    def cpu_ms(self, task: str) -> float:
+        """The worker's CPU per ``task`` (main and pool processes), ms, median of the rounds."""
+        return statistics.median(self.parts[task]["worker"]) * 1000
 
 
 def parse_variant(text: str) -> Variant:
@@ -176,7 +170,6 @@ def measure(
             before = machine_seconds(worker.proc.pid)
             seconds = round_trips(app, name, kwargs[name], n)
             after = machine_seconds(worker.proc.pid)
-            variant.cpu[name].append((after["worker"] - before["worker"]) / n)
             variant.rates[name].append(n / seconds)
             for part in PARTS:
                 variant.parts[name][part].append((after[part] - before[part]) / n)
@@ -363,7 +356,7 @@ def report(variants: list[Variant], args: argparse.Namespace) -> None:
     base = variants[0]
     for v in variants:
         noop, debit = (statistics.median(v.rates[k]) for k in (NOOP, DEBIT))
-        cpu_noop, cpu_debit = (statistics.median(v.cpu[k]) * 1000 for k in (NOOP, DEBIT))
+        cpu_noop, cpu_debit = v.cpu_ms(NOOP), v.cpu_ms(DEBIT)
         ratios = [d / o for d, o in zip(v.rates[DEBIT], v.rates[NOOP], strict=True)]
         label = (
             v.name if v is base else f"{v.name} ({','.join(f'{k}={x}' for k, x in v.env.items())})"
@@ -384,7 +377,7 @@ def report(variants: list[Variant], args: argparse.Namespace) -> None:
         ">= 0.7",
         ratio >= 0.7,
     )
-    cpu_noop, cpu_debit = (statistics.median(base.cpu[k]) * 1000 for k in (NOOP, DEBIT))
+    cpu_noop, cpu_debit = base.cpu_ms(NOOP), base.cpu_ms(DEBIT)
     summary.record(
         "tokens.debit worker CPU per task vs a Celery no-op",
         f"debit {cpu_debit:.2f} ms",
@@ -406,7 +399,7 @@ def show_waiting(variant: Variant, wait: float) -> None:
     """The no-op that waits as long as a debit waits for its statement: how much of the debit's
     gap to the no-op a wait alone makes, on this transport."""
     noop, waiting, debit = (statistics.median(variant.rates[k]) for k in TASKS)
-    cpu_noop, cpu_wait = (statistics.median(variant.cpu[k]) * 1000 for k in (NOOP, WAIT))
+    cpu_noop, cpu_wait = variant.cpu_ms(NOOP), variant.cpu_ms(WAIT)
     per_round = [d / w for d, w in zip(variant.rates[DEBIT], variant.rates[WAIT], strict=True)]
     print(
         f"a no-op that waits {wait * 1000:.2f} ms (a debit's wait for its statement, measured "
