@@ -13,9 +13,9 @@ expires again what went back into an ended grant before storing its outcome.
 The nested calls cost a debit a little of the server's time: pgbench on the statement, 1,000
 users, medians of 3 interleaved rounds (2026-12-04, 2 cores) gave 2,530/s against 2,579/s for
 0005's copy at one client and 4,070/s against 4,438/s at two (with synchronous_commit off, to
-see the CPU alone: 4,389 against 4,542 and 8,546 against 9,462), about 2 to 8 %, or 0.01 ms of
-the 4.5 ms of machine time an end-to-end debit costs (bench.transport). One copy of each step
-of a money path is worth that.
+see the CPU alone: 4,389 against 4,542 and 8,546 against 9,462), about 2 to 8 %, or 0.01 to
+0.04 ms of the 4.5 ms of machine time an end-to-end debit costs (bench.transport). One copy
+of each step of a money path is worth that.
 
 Revision ID: 0011
 Revises: 0010
