@@ -33,9 +33,10 @@ lint: install
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy .
 
-# The end-to-end tasks suite and the poison messages run a second and third time on RabbitMQ
-# (classic, then quorum queues, a virtual host of their own): about 4 minutes more.
-AMQP_TESTS ?= tests/tasks tests/worker/test_poison.py
+# The end-to-end tasks suite, the poison messages, the faults (a worker killed mid-debit, the
+# database down) and the coalescer run a second and third time on RabbitMQ (classic, then quorum
+# queues, a virtual host of their own): about 5 minutes more.
+AMQP_TESTS ?= tests/tasks tests/worker/test_poison.py tests/worker/test_faults.py tests/worker/test_coalescer.py
 test: install lint
 	scripts/ensure-services.sh
 	VENV=$(VENV) scripts/ensure-promtool.sh

@@ -5,7 +5,6 @@ shape the result, retry only transient database trouble, report through signals.
 from __future__ import annotations
 
 import logging
-import random
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -24,6 +23,7 @@ from token_worker_client.models import describe as describe  # re-exported for t
 from token_worker_client.models import parse_payload
 from worker.celery import app
 from worker.db import session_scope, statement_scope
+from worker.limits import backoff
 from worker.settings import get_settings
 from worker.signals import operation_retried, send_completed
 
@@ -62,20 +62,6 @@ def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, DBAPIError) and exc.connection_invalidated:
         return True
     return isinstance(exc, OperationalError | InterfaceError)
-
-
-def backoff_cap() -> float:
-    """The longest retry delay. A retried message waits unacknowledged for its countdown and
-    then runs up to the hard time limit: both together stay below the visibility timeout, or
-    the broker would deliver it a second time while it still waits or runs."""
-    settings = get_settings()
-    room = settings.visibility_timeout - settings.task_time_limit
-    return min(settings.retry_backoff_max, room / 2)
-
-
-def backoff(retries: int) -> float:
-    """Exponential backoff with full jitter, capped by :func:`backoff_cap`."""
-    return random.uniform(0, min(backoff_cap(), 0.5 * 2**retries))
 
 
 def validate(schema: type[P], kwargs: dict[str, Any]) -> P:

@@ -18,6 +18,11 @@ What each message gets, whatever happens to the others:
   deadlock) goes back to the queue, one that fails otherwise is answered with that failure, as
   a task's would be, and acknowledged. A malformed message is refused as the consumer refuses
   one (worker/poison.py), with a VALIDATION_ERROR result.
+
+After a collection that sent a message back, the coalescer waits before it consumes again, with
+the tasks' jittered exponential backoff (``TOKENS_RETRY_BACKOFF_MAX``): a database that is down
+holds the debits back in the queue, unlike a task's there is no last retry, and the worker does
+not spin on them (it took each back ~30 times a second, one warning each time, before).
 """
 
 from __future__ import annotations
@@ -40,7 +45,9 @@ from models.schemas import DebitIn, Failure
 from token_worker_client.errors import InvalidPayload
 from token_worker_client.models import parse_payload
 from worker.db import session_scope
+from worker.limits import backoff
 from worker.poison import MessageCheck, refuse
+from worker.queues import queue_arguments
 from worker.settings import get_settings
 from worker.signals import send_completed
 
@@ -50,8 +57,16 @@ TASK = "tokens.debit"
 QUEUE = "tokens.debit"
 
 
-def queue() -> Queue:
-    return Queue(QUEUE, Exchange(QUEUE, type="direct"), routing_key=QUEUE)  # type: ignore[no-untyped-call]
+def queue(queue_type: str = "classic") -> Queue:
+    """The coalescer's queue, declared as the worker's other queues are (``TOKENS_QUEUE_TYPE``):
+    a producer with ``task_default_queue_type = "quorum"`` declares it quorum when it first
+    sends there, and RabbitMQ refuses a declaration of another type."""
+    return Queue(  # type: ignore[no-untyped-call]
+        QUEUE,
+        Exchange(QUEUE, type="direct"),  # type: ignore[no-untyped-call]
+        routing_key=QUEUE,
+        queue_arguments=queue_arguments(queue_type),
+    )
 
 
 def _transient(exc: BaseException) -> bool:
@@ -106,11 +121,12 @@ class Coalescer:
         self.backend = backend
         self.check = check
 
-    def flush(self, messages: list[Any]) -> None:
+    def flush(self, messages: list[Any]) -> bool:
+        """Apply ``messages``; whether any went back to the queue (the database in trouble)."""
         started = time.perf_counter()
         debits = [d for d in (self._read(m) for m in messages) if d is not None]
         if not debits:
-            return
+            return False
         try:
             with session_scope() as session:
                 out = batches.debit_many(
@@ -118,9 +134,7 @@ class Coalescer:
                 )
         except Exception:
             log.warning("coalesced debits failed together; trying each alone", exc_info=True)
-            for debit in debits:
-                self._alone(debit)
-            return
+            return any([self._alone(debit) for debit in debits])  # every one tried
         duration = time.perf_counter() - started
         outcomes = [r.model_dump(mode="json") for r in out.results]
         # Committed: store the answers, then acknowledge. A crash between the two redelivers
@@ -129,6 +143,7 @@ class Coalescer:
         for debit, outcome in zip(debits, outcomes, strict=True):
             send_completed(TASK, debit.task_id, debit.kwargs, outcome, duration)
             debit.message.ack()
+        return False
 
     def _read(self, message: Any) -> _Debit | None:
         """The message's debit, or None once it is refused and answered."""
@@ -156,7 +171,8 @@ class Coalescer:
         send_completed(TASK, task_id, kwargs, failure.model_dump(), 0.0)
         message.ack()
 
-    def _alone(self, debit: _Debit) -> None:
+    def _alone(self, debit: _Debit) -> bool:
+        """Apply ``debit`` in a transaction of its own; whether it went back to the queue."""
         started = time.perf_counter()
         try:
             with session_scope() as session:
@@ -167,7 +183,7 @@ class Coalescer:
                     "%s[%s]: transient database error, back to the queue", TASK, debit.task_id
                 )
                 debit.message.requeue()
-                return
+                return True
             log.exception("%s[%s] failed", TASK, debit.task_id)
             self.backend.mark_as_failure(debit.task_id, exc)
             send_completed(
@@ -180,8 +196,9 @@ class Coalescer:
                 error_code="DATABASE_ERROR" if isinstance(exc, DBAPIError) else "INTERNAL_ERROR",
             )
             debit.message.ack()
-            return
+            return False
         self._answer(debit, out.results[0].model_dump(mode="json"), time.perf_counter() - started)
+        return False
 
     def _answer(self, debit: _Debit, outcome: dict[str, Any], duration: float) -> None:
         # Committed: store the answer, then acknowledge. A crash between the two redelivers the
@@ -231,10 +248,11 @@ class Step(bootsteps.StartStopStep):  # type: ignore[misc]
                 log.exception("coalescer: consumer failed; reconnecting")
                 self.stopping.wait(1)
 
-    def _consume(self, conn: Any, flush: Callable[[list[Any]], None]) -> None:
+    def _consume(self, conn: Any, flush: Callable[[list[Any]], bool]) -> None:
         pending: list[Any] = []
+        troubled = 0  # collections in a row that sent a message back to the queue
         with conn.Consumer(
-            queue(),
+            queue(get_settings().queue_type),
             callbacks=[lambda _body, message: pending.append(message)],
             accept=["json"],
             prefetch_count=self.max,
@@ -251,6 +269,14 @@ class Step(bootsteps.StartStopStep):  # type: ignore[misc]
                     len(pending) >= self.max or time.monotonic() >= first + self.window
                 ):
                     batch, pending[:] = list(pending), []
-                    flush(batch)
+                    if not flush(batch):
+                        troubled = 0
+                        continue
+                    # Back in the queue, the messages would be handed straight back: wait, as
+                    # a task waits to retry, rather than spin on a database that is down.
+                    delay = backoff(troubled)
+                    troubled += 1
+                    log.warning("coalescer: database in trouble; consuming again in %.1f s", delay)
+                    self.stopping.wait(delay)
             if pending:  # stopping: what was collected is applied, not left to the timeout
                 flush(pending)

@@ -20,11 +20,11 @@ from accounting.accounts import open_account
 from accounting.errors import DomainError
 from models.schemas import DebitIn, UserEntriesIn
 from tasks import base as tasks_base
-from tasks.base import backoff, backoff_cap, describe, is_transient, validate
+from tasks.base import describe, is_transient, validate
 from tasks.movements import debit
 from worker import signals
 from worker.db import get_engine
-from worker.settings import Settings, get_settings
+from worker.settings import get_settings
 from worker.signals import operation_completed
 
 # --- validate / describe --------------------------------------------------------------------
@@ -159,40 +159,6 @@ def open_account_row(session: Session) -> None:
             " created_at, updated_at) VALUES ('u', 'Gift', 0, 0, 0, now(), now())"
         )
     )
-
-
-# --- backoff --------------------------------------------------------------------------------
-
-
-def test_backoff_is_jittered_exponential_and_capped() -> None:
-    settings = get_settings()
-    cap = backoff_cap()
-    for retries in range(12):
-        bound = min(cap, 0.5 * 2**retries)
-        delays = [backoff(retries) for _ in range(200)]
-        assert all(0 <= d <= bound for d in delays), retries
-        assert len(set(delays)) > 1  # jitter: retries of many tasks do not stampede together
-    assert max(backoff(30) for _ in range(200)) > cap / 2  # the cap, not the doubling, binds
-    assert cap < settings.visibility_timeout
-
-
-@pytest.mark.parametrize(
-    ("visibility", "hard", "backoff_max", "cap"),
-    [(300, 150, 30, 30), (300, 290, 30, 5), (10, 8, 30, 1)],
-)
-def test_a_retry_waits_and_runs_within_the_visibility_timeout(
-    monkeypatch: pytest.MonkeyPatch, visibility: int, hard: int, backoff_max: int, cap: float
-) -> None:
-    settings = Settings(
-        visibility_timeout=visibility,
-        task_soft_time_limit=hard - 1,
-        task_time_limit=hard,
-        retry_backoff_max=backoff_max,
-    )
-    monkeypatch.setattr("tasks.base.get_settings", lambda: settings)
-    assert backoff_cap() == cap
-    # The longest wait plus the longest run ends before the message would be delivered again.
-    assert max(backoff(40) for _ in range(500)) + hard < visibility
 
 
 # --- operation_completed --------------------------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import uuid
 from collections import Counter
 from typing import Any
@@ -17,14 +18,24 @@ from typing import Any
 import pytest
 from celery import Celery
 from celery.result import AsyncResult
+from sqlalchemy.engine import make_url
 
 from accounting.accounts import open_account
 from tests import dbstate
 from tests.polling import wait_for
 from tests.support import WorkerProcess, run_in_threads, running_workers
-from tests.worker.test_faults import FAST_REDELIVERY, backend_alive, lock_waiters, row_locked
+from tests.worker.tcp_proxy import TcpProxy
+from tests.worker.test_faults import (
+    FAST_REDELIVERY,
+    backend_alive,
+    lock_waiters,
+    log_of,
+    proxy,  # noqa: F401 (a fixture)
+    row_locked,
+)
 from worker.coalescer import QUEUE
 from worker.db import session_scope
+from worker.settings import get_settings
 
 USERS = [f"c{i}" for i in range(5)]
 COALESCE = {"TOKENS_COALESCE_MS": "30", **FAST_REDELIVERY}
@@ -129,6 +140,43 @@ def test_a_worker_killed_mid_batch_redelivers_and_nothing_applies_twice(
         assert dbstate.balance(user) == 980
 
 
+def test_a_database_outage_holds_coalesced_debits_back_without_spinning(
+    app: Celery,
+    accounts: list[str],
+    proxy: TcpProxy,  # noqa: F811
+) -> None:
+    """While the database is down, a coalesced debit goes back to the queue and the coalescer
+    waits before it takes it again, with the tasks' backoff; it does not loop on it as fast as
+    the queue hands it back. When the database returns, the debit applies once."""
+    through_proxy = make_url(get_settings().db_url).set(host="127.0.0.1", port=proxy.port)
+    w = WorkerProcess(
+        f"coalesce-outage-{os.getpid()}",
+        concurrency=1,
+        env={
+            **COALESCE,
+            "TOKENS_DATABASE_URL": through_proxy.render_as_string(hide_password=False),
+            "TOKENS_RETRY_BACKOFF_MAX": "1",
+        },
+        queues=f"coalesce-own-{uuid.uuid4().hex[:8]}",
+    )
+    proxy.open()  # a worker checks its database before it says ready
+    with running_workers(app, w):
+        proxy.shut()
+        result = debit(app, "c0", 5)
+        back = f"tokens.debit[{result.id}]: transient database error, back to the queue"
+        wait_for(lambda: back in log_of(w), 15, "the debit back in the queue")
+        time.sleep(4)
+        # Backoff capped at 1 s: about one attempt a second (0-0.5, 0-1, 0-1 ... s of jitter).
+        attempts = log_of(w).count(back)
+        assert 2 <= attempts <= 12, attempts
+        assert "coalescer: database in trouble; consuming again in" in log_of(w)
+        proxy.open()
+        out = result.get(timeout=30)
+    assert (out["success"], out["new_balance"], out["replayed"]) == (True, 995, False)
+    assert [e["idempotency_key"] for e in debits_of("c0")] == [result.id]
+    assert dbstate.balance("c0") == 995
+
+
 # --- a failed transaction: each message alone ----------------------------------------------
 
 
@@ -192,7 +240,8 @@ def test_a_failed_transaction_tries_each_message_alone(
         for u in ("c0", "c1", "c2", "c3")
     ]
     bad = FakeMessage({"user_id": "c0", "amount": "1", "operation_type": "image_generation"})
-    coalescer.Coalescer(backend, MessageCheck(32, 2**20, 300)).flush([*messages, bad])
+    requeued = coalescer.Coalescer(backend, MessageCheck(32, 2**20, 300)).flush([*messages, bad])
+    assert requeued  # c1's: the consumer waits before it takes messages again
 
     assert calls == [4, 1, 1, 1, 1]
     assert [m.state for m in messages] == ["acked", "requeued", "acked", "acked"]
@@ -204,3 +253,15 @@ def test_a_failed_transaction_tries_each_message_alone(
     assert [dbstate.balance(u) for u in USERS] == [995, 1000, 1000, 995, 1000]
     assert bad.state == "acked"
     assert backend.results[bad.headers["id"]][1]["error_code"] == "VALIDATION_ERROR"
+
+
+def test_the_coalescer_queue_is_declared_as_the_worker_declares_its_others() -> None:
+    # A quorum producer declares tokens.debit quorum when it first sends there; RabbitMQ then
+    # refuses (406 PRECONDITION_FAILED) a consumer that declares it classic.
+    from worker import coalescer
+    from worker.queues import task_queues
+
+    for queue_type in ("classic", "quorum"):
+        [expected, *_] = task_queues(queue_type)
+        assert coalescer.queue(queue_type).queue_arguments == expected.queue_arguments
+    assert coalescer.queue("quorum").queue_arguments == {"x-queue-type": "quorum"}

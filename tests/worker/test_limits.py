@@ -7,10 +7,13 @@ import json
 import os
 from types import SimpleNamespace
 
+import pytest
 from celery import Celery
 
 from tests.polling import wait_for
 from tests.support import WorkerProcess
+from worker.limits import backoff, backoff_cap
+from worker.settings import Settings, get_settings
 
 
 def task(name: str, soft: float | None = None, hard: float | None = None) -> SimpleNamespace:
@@ -74,3 +77,37 @@ def test_worker_with_a_task_limit_past_the_visibility_timeout_refuses_to_start(
     ]
     assert "ready." not in log
     assert not any(r for r in app.control.ping(timeout=0.5) if f"limits-{os.getpid()}@" in str(r))
+
+
+# --- backoff --------------------------------------------------------------------------------
+
+
+def test_backoff_is_jittered_exponential_and_capped() -> None:
+    settings = get_settings()
+    cap = backoff_cap()
+    for retries in range(12):
+        bound = min(cap, 0.5 * 2**retries)
+        delays = [backoff(retries) for _ in range(200)]
+        assert all(0 <= d <= bound for d in delays), retries
+        assert len(set(delays)) > 1  # jitter: retries of many tasks do not stampede together
+    assert max(backoff(30) for _ in range(200)) > cap / 2  # the cap, not the doubling, binds
+    assert cap < settings.visibility_timeout
+
+
+@pytest.mark.parametrize(
+    ("visibility", "hard", "backoff_max", "cap"),
+    [(300, 150, 30, 30), (300, 290, 30, 5), (10, 8, 30, 1)],
+)
+def test_a_retry_waits_and_runs_within_the_visibility_timeout(
+    monkeypatch: pytest.MonkeyPatch, visibility: int, hard: int, backoff_max: int, cap: float
+) -> None:
+    settings = Settings(
+        visibility_timeout=visibility,
+        task_soft_time_limit=hard - 1,
+        task_time_limit=hard,
+        retry_backoff_max=backoff_max,
+    )
+    monkeypatch.setattr("worker.limits.get_settings", lambda: settings)
+    assert backoff_cap() == cap
+    # The longest wait plus the longest run ends before the message would be delivered again.
+    assert max(backoff(40) for _ in range(500)) + hard < visibility
