@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import gc
+import os
+import uuid
 
+from celery import Celery
+
+from tests.support import WorkerProcess, running_workers
 from worker import celery as worker_celery
 
 
@@ -16,3 +21,17 @@ def test_a_pool_process_moves_what_it_starts_with_out_of_the_collectors_way() ->
         assert gc.get_freeze_count() > 10_000
     finally:
         gc.unfreeze()
+
+
+def test_every_pool_process_of_a_real_worker_starts_frozen(app: Celery) -> None:
+    # The hook above, connected where Celery calls it: in each prefork pool process.
+    queue = f"probe-{uuid.uuid4().hex[:8]}"
+    w = WorkerProcess(
+        f"probe-{os.getpid()}", concurrency=2, queues=queue, include="tests.worker.probe_tasks"
+    )
+    with running_workers(app, w):
+        results = [app.send_task("test.pool_process", queue=queue) for _ in range(20)]
+        seen = [r.get(timeout=30) for r in results]
+    assert w.proc is not None
+    assert all(s["pid"] != w.proc.pid for s in seen)  # pool processes, not the main one
+    assert all(s["frozen"] > 10_000 for s in seen), seen
