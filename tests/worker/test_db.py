@@ -186,7 +186,8 @@ def test_a_statement_run_alone_gives_its_row_by_column_name_whatever_its_width(
     clean_db: None,
 ) -> None:
     """The alone runner names a row's columns from the statement's result, once per statement
-    and width: the same text returning more columns (a function redefined) is read afresh."""
+    and set of names: the same text returning more columns, or the same number under other
+    names (a function redefined), is read afresh."""
     sql = "SELECT * FROM tokens_test_row()"
     engine = get_engine()
     with engine.begin() as conn:
@@ -207,6 +208,17 @@ def test_a_statement_run_alone_gives_its_row_by_column_name_whatever_its_width(
         with db.statement_scope() as session:
             row = session.info[statements.ALONE](sql, {})
             assert (row.a, row.b) == (2, "two")
+        with engine.begin() as conn:
+            conn.execute(text("DROP FUNCTION tokens_test_row()"))
+            conn.execute(
+                text(
+                    "CREATE FUNCTION tokens_test_row(OUT b text, OUT c int)"
+                    " AS 'SELECT ''three'', 3' LANGUAGE sql"
+                )
+            )
+        with db.statement_scope() as session:
+            row = session.info[statements.ALONE](sql, {})
+            assert (row.b, row.c) == ("three", 3)
     finally:
         with engine.begin() as conn:
             conn.execute(text("DROP FUNCTION IF EXISTS tokens_test_row()"))
