@@ -1,65 +1,78 @@
 """Profile a worker under a debit load: py-spy samples every worker process (main and pool).
 
-    python -m bench.profile [--tasks 3000] [--concurrency 2] [--rate 200] [--out PATH]
+    python -m bench.profile [--task health.noop] [--tasks 3000] [--concurrency 2] [--rate 200]
+                            [--out PATH]
 
 Starts ``celery -A worker worker`` under ``py-spy record --subprocesses`` on its own scratch
-database and Redis pair, sends ``--tasks`` ``tokens.debit`` messages from one producer, collects
-every result, stops the worker and writes a speedscope file (open it at https://www.speedscope.app
-or with ``speedscope FILE``) under var/profile/. Then prints where the worker's samples went: the
-share of samples whose stack passes through each of the project's functions (inclusive) and the
-functions the samples ended in (exclusive), so hot-path work that is not needed shows up.
+database and Redis pair, sends ``--tasks`` ``tokens.debit`` messages (or ``--task health.noop``,
+the same kwargs to a task that does nothing) from one producer, collects every result, stops the
+worker and writes a speedscope file (open it at https://www.speedscope.app or with
+``speedscope FILE``) under var/profile/. Then prints where the worker's samples went, as shares
+and as milliseconds of samples per task (so a debit's run and a no-op's compare line by line):
+the worker's main process and its pool processes apart, each of the project's functions
+(inclusive) and the functions the samples ended in (exclusive), so hot-path work that is not
+needed shows up.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import signal
+import subprocess
 import sys
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
-from worker.devenv import ROOT, Scratch, WorkerProcess, producer
+from worker.devenv import ROOT, Scratch, WorkerProcess, producer, running_workers
 
 OURS = tuple(
     f"({d}/" for d in ("tasks", "worker", "accounting", "models", "src/token_worker_client")
 )
 
 
-def children(pid: int) -> list[int]:
-    path = Path(f"/proc/{pid}/task/{pid}/children")
-    return [int(p) for p in path.read_text().split()] if path.exists() else []
-
-
-def summarise(path: Path, top: int) -> None:
+def summarise(path: Path, top: int, tasks: int, main_pid: int | None = None) -> None:
+    """py-spy's speedscope profiles weigh each sample in seconds (1 / its rate)."""
     data = json.loads(path.read_text())
     frames = data["shared"]["frames"]
     inclusive: Counter[str] = Counter()
     exclusive: Counter[str] = Counter()
-    total = 0
+    processes: Counter[str] = Counter()  # of seconds, not counts
+    total = 0.0
     for profile in data["profiles"]:
+        # py-spy names each profile "Process <pid> Thread <id> ...".
+        pid = profile.get("name", "").split()[1:2]
+        where = "main process" if pid == [str(main_pid)] else "pool processes"
         for stack, weight in zip(profile["samples"], profile["weights"], strict=True):
             if not stack:
                 continue
             names = [f"{frames[i]['name']} ({_short(frames[i].get('file', ''))})" for i in stack]
             total += weight
+            processes[where] += weight
             for name in set(names):
                 inclusive[name] += weight
             exclusive[names[-1]] += weight
     if not total:
         print("no samples")
         return
-    print(f"{total} samples across the worker's processes (on CPU only)")
+
+    def row(weight: float) -> str:
+        return f"{100 * weight / total:5.1f}% {1e3 * weight / tasks:6.3f} ms/task"
+
+    print(f"{total:.1f} s of samples across the worker's processes (on CPU only): {row(total)}")
+    if main_pid is not None:
+        for where, weight in sorted(processes.items()):
+            print(f"  {row(weight)}  {where}")
     print("inclusive, the project's functions:")
     ours = [(n, w) for n, w in inclusive.most_common() if any(o in n for o in OURS)]
     for name, weight in ours[:top]:
-        print(f"  {100 * weight / total:5.1f}%  {name}")
+        print(f"  {row(weight)}  {name}")
     print("exclusive (where samples ended):")
     for name, weight in exclusive.most_common(top):
-        print(f"  {100 * weight / total:5.1f}%  {name}")
+        print(f"  {row(weight)}  {name}")
 
 
 def _short(file: str) -> str:
@@ -71,6 +84,7 @@ def _short(file: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--task", choices=("tokens.debit", "health.noop"), default="tokens.debit")
     parser.add_argument("--tasks", type=int, default=3000)
     parser.add_argument("--concurrency", type=int, default=2)
     parser.add_argument("--users", type=int, default=100)
@@ -82,7 +96,8 @@ def main() -> None:
     if not Path(py_spy).exists():
         raise SystemExit("py-spy is not installed: make install (it is in the dev extra)")
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    out = args.out or ROOT / "var" / "profile" / f"worker-debits-{stamp}.speedscope.json"
+    kind = "debits" if args.task == "tokens.debit" else "noops"
+    out = args.out or ROOT / "var" / "profile" / f"worker-{kind}-{stamp}.speedscope.json"
     out.parent.mkdir(parents=True, exist_ok=True)
 
     scratch = Scratch("tokens_profile")
@@ -100,43 +115,39 @@ def main() -> None:
         dispose_engines()
         app = producer()
         worker = WorkerProcess("profile", concurrency=args.concurrency, loglevel="WARNING")
-        worker.argv = [
-            py_spy, "record", "--subprocesses", "--rate", str(args.rate),
-            "--format", "speedscope", "--output", str(out), "--", *worker.argv,
-        ]  # fmt: skip
-        worker.start()
-        assert worker.proc is not None
-        try:
-            worker.wait_ready(app)
-            kwargs = [
-                {
-                    "user_id": f"user-{i % args.users}",
-                    "amount": 1,
-                    "operation_type": "chatgpt_message",
-                }
-                for i in range(args.tasks)
-            ]
-            start = time.perf_counter()
-            results = [app.send_task("tokens.debit", kwargs=k) for k in kwargs]
-            failed = [o for o in (r.get(timeout=300) for r in results) if not o.get("success")]
-            elapsed = time.perf_counter() - start
-            if failed:
-                raise SystemExit(f"{len(failed)} debits failed, e.g. {failed[0]}")
+        with running_workers(app, worker):
+            assert worker.proc is not None
+            send(app, args.task, args.users, 300)  # warm up: connections, pool processes
+            # Attached once the worker is warm, so start-up is not in the samples; py-spy writes
+            # its file when interrupted.
+            argv = [py_spy, "record", "--pid", str(worker.proc.pid), "--subprocesses"]
+            argv += ["--rate", str(args.rate), "--format", "speedscope", "--output", str(out)]
+            spy = subprocess.Popen(argv, stdout=subprocess.DEVNULL)
+            time.sleep(2)  # py-spy attaching to every process
+            elapsed = send(app, args.task, args.users, args.tasks)
+            spy.send_signal(signal.SIGINT)
+            spy.wait(60)
             print(
-                f"{args.tasks} debits in {elapsed:.1f} s ({args.tasks / elapsed:.0f}/s, profiled)"
+                f"{args.tasks} {kind} in {elapsed:.1f} s ({args.tasks / elapsed:.0f}/s, profiled)"
             )
-        finally:
-            # Stop the worker, not py-spy: py-spy writes its file when the program it runs ends.
-            for pid in children(worker.proc.pid):
-                os.kill(pid, signal.SIGTERM)
-            try:
-                worker.proc.wait(60)
-            except Exception:
-                worker.kill()
     finally:
         scratch.destroy()
     print(f"speedscope profile: {out}")
-    summarise(out, args.top)
+    summarise(out, args.top, args.tasks, worker.proc.pid if worker.proc else None)
+
+
+def send(app: Any, task: str, users: int, n: int) -> float:
+    """``n`` tasks of ``task`` with a debit's kwargs, every result collected; the seconds taken."""
+    start = time.perf_counter()
+    kwargs = [
+        {"user_id": f"user-{i % users}", "amount": 1, "operation_type": "chatgpt_message"}
+        for i in range(n)
+    ]
+    results = [app.send_task(task, kwargs=k) for k in kwargs]
+    failed = [o for o in (r.get(timeout=300) for r in results) if not o.get("success")]
+    if failed:
+        raise SystemExit(f"{len(failed)} {task} failed, e.g. {failed[0]}")
+    return time.perf_counter() - start
 
 
 if __name__ == "__main__":
