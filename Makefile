@@ -34,9 +34,12 @@ lint: install
 	$(BIN)/mypy .
 
 # The end-to-end tasks suite, the poison messages, the faults (a worker killed mid-debit, the
-# database down) and the coalescer run a second and third time on RabbitMQ (classic, then quorum
-# queues, a virtual host of their own): about 5 minutes more.
-AMQP_TESTS ?= tests/tasks tests/worker/test_poison.py tests/worker/test_faults.py tests/worker/test_coalescer.py
+# database down), the coalescer, the CLI, the worker's start-up checks and beat (RedBeat keeps
+# its schedule in Redis) run a second and third time on RabbitMQ (classic, then quorum queues, a
+# virtual host of their own): about 6 minutes more.
+AMQP_TESTS ?= tests/tasks tests/worker/test_poison.py tests/worker/test_faults.py \
+	tests/worker/test_coalescer.py tests/worker/test_cli.py tests/worker/test_preflight.py \
+	tests/test_beat_schedule.py
 test: install lint
 	scripts/ensure-services.sh
 	VENV=$(VENV) scripts/ensure-promtool.sh

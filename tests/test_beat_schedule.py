@@ -86,7 +86,9 @@ def test_times_are_configurable_and_checked() -> None:
 
 
 def test_config_uses_redbeat_with_redis_and_celerys_scheduler_embedded() -> None:
-    redis_config = celery_config(Settings(broker_url="redis://127.0.0.1:6379/5"))
+    # Explicit, so a TOKENS_REDBEAT_REDIS_URL in the environment (a RabbitMQ run) does not apply.
+    on_redis = Settings(broker_url="redis://127.0.0.1:6379/5", redbeat_redis_url=None)
+    redis_config = celery_config(on_redis)
     assert redis_config["beat_schedule"].keys() == {
         SWEEP,
         EXPIRE_RESERVATIONS,

@@ -51,14 +51,16 @@ class Scratch:
         base = PG_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1)
         self.database_url = f"{base}/{self.db_name}"
         self.vhost: str | None = None
-        if self.broker != "redis":
-            self.vhost = self.db_name
-            self.broker_url = f"{AMQP_URL}/{self.vhost}"
         self.env = {
             "TOKENS_DATABASE_URL": self.database_url,
             "TOKENS_BROKER_URL": self.broker_url,
             "TOKENS_RESULT_BACKEND": self.backend_url,
         }
+        if self.broker != "redis":
+            self.vhost = self.db_name
+            self.broker_url = self.env["TOKENS_BROKER_URL"] = f"{AMQP_URL}/{self.vhost}"
+            # RedBeat keeps its schedule in Redis whatever the broker: the pair's other half.
+            self.env["TOKENS_REDBEAT_REDIS_URL"] = f"{REDIS_URL}/{2 * self.slot}"
         if self.broker == "quorum":
             self.env["TOKENS_QUEUE_TYPE"] = "quorum"
 
