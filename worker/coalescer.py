@@ -19,6 +19,12 @@ What each message gets, whatever happens to the others:
   a task's would be, and acknowledged. A malformed message is refused as the consumer refuses
   one (worker/poison.py), with a VALIDATION_ERROR result.
 
+A task's time limits do not reach the coalescer's thread, so it bounds itself: on PostgreSQL its
+transactions wait at most :data:`LOCK_WAIT` (1 s) for a row lock, a collection starts its
+transactions within half the tasks' soft time limit and each ends within the other half (below
+the visibility timeout), and a message still untried then goes back to the queue. One account
+locked for long (a stuck session) sends its own debits back; the other accounts' go on.
+
 After a collection that sent a message back, the coalescer waits before it consumes again, with
 the tasks' jittered exponential backoff (``TOKENS_RETRY_BACKOFF_MAX``): a database that is down
 holds the debits back in the queue, unlike a task's there is no last retry, and the worker does
@@ -32,6 +38,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,12 +46,13 @@ import redis
 from celery import bootsteps, states
 from kombu import Exchange, Queue  # type: ignore[attr-defined]
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.orm import Session
 
 from accounting import batches
 from models.schemas import DebitIn, Failure
 from token_worker_client.errors import InvalidPayload
 from token_worker_client.models import parse_payload
-from worker.db import session_scope
+from worker.db import Timeouts, get_engine, session_scope
 from worker.limits import backoff
 from worker.poison import MessageCheck, refuse
 from worker.queues import queue_arguments
@@ -114,27 +122,47 @@ def store_results(backend: Any, results: list[tuple[str, dict[str, Any]]]) -> No
         pipe.execute()
 
 
-class Coalescer:
-    """Collects messages (``add``) and applies them (``flush``); the thread is :class:`Step`."""
+#: The longest a coalesced transaction waits for a row lock. A debit's own transaction holds
+#: its account's row for milliseconds; one held longer (a stuck session, a long batch) sends the
+#: coalesced debits of that account back to the queue instead of holding up every other.
+LOCK_WAIT = 1.0
 
-    def __init__(self, backend: Any, check: MessageCheck) -> None:
+
+class Coalescer:
+    """Collects messages (``add``) and applies them (``flush``); the thread is :class:`Step`.
+
+    A flush takes at most ``limit`` seconds (the tasks' soft limit): its transactions start
+    within the first half, on connections of their own whose statements end within the other
+    half and wait at most :data:`LOCK_WAIT` for a lock (server settings sent when a connection
+    starts: no round trip per transaction); a message left untried goes back to the queue."""
+
+    def __init__(self, backend: Any, check: MessageCheck, limit: float) -> None:
         self.backend = backend
         self.check = check
+        self.budget = limit / 2
+        self.timeouts: Timeouts = (
+            ("statement_timeout", max(1, round(self.budget * 1000))),
+            ("lock_timeout", round(LOCK_WAIT * 1000)),
+        )
+
+    def _scope(self) -> AbstractContextManager[Session]:
+        return session_scope(get_engine(self.timeouts))
 
     def flush(self, messages: list[Any]) -> bool:
         """Apply ``messages``; whether any went back to the queue (the database in trouble)."""
         started = time.perf_counter()
+        deadline = time.monotonic() + self.budget
         debits = [d for d in (self._read(m) for m in messages) if d is not None]
         if not debits:
             return False
         try:
-            with session_scope() as session:
+            with self._scope() as session:
                 out = batches.debit_many(
                     session, [d.payload for d in debits], [d.key for d in debits]
                 )
         except Exception:
             log.warning("coalesced debits failed together; trying each alone", exc_info=True)
-            return any([self._alone(debit) for debit in debits])  # every one tried
+            return any([self._alone(debit, deadline) for debit in debits])  # every one tried
         duration = time.perf_counter() - started
         outcomes = [r.model_dump(mode="json") for r in out.results]
         # Committed: store the answers, then acknowledge. A crash between the two redelivers
@@ -171,11 +199,17 @@ class Coalescer:
         send_completed(TASK, task_id, kwargs, failure.model_dump(), 0.0)
         message.ack()
 
-    def _alone(self, debit: _Debit) -> bool:
+    def _alone(self, debit: _Debit, deadline: float) -> bool:
         """Apply ``debit`` in a transaction of its own; whether it went back to the queue."""
         started = time.perf_counter()
+        if time.monotonic() >= deadline:
+            log.warning(
+                "%s[%s]: out of time (%g s), back to the queue", TASK, debit.task_id, self.budget
+            )
+            debit.message.requeue()
+            return True
         try:
-            with session_scope() as session:
+            with self._scope() as session:
                 out = batches.debit_many(session, [debit.payload], [debit.key])
         except Exception as exc:
             if _transient(exc):
@@ -239,7 +273,10 @@ class Step(bootsteps.StartStopStep):  # type: ignore[misc]
 
     def _run(self, app: Any) -> None:
         # The app's backend is per thread: this thread's own.
-        coalescer = Coalescer(app.backend, MessageCheck.from_settings(get_settings()))
+        settings = get_settings()
+        coalescer = Coalescer(
+            app.backend, MessageCheck.from_settings(settings), settings.task_soft_time_limit
+        )
         while not self.stopping.is_set():
             try:
                 with app.connection_for_read() as conn:

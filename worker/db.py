@@ -26,11 +26,16 @@ log = logging.getLogger(__name__)
 # libpq's PQTRANS_ACTIVE (psycopg 3 and psycopg2 alike): a command is in progress.
 _COMMAND_IN_PROGRESS = 1
 
-_engines: dict[tuple[int, str], Engine] = {}
+#: Server settings in milliseconds, e.g. ``(("lock_timeout", 1000),)``, for every session of an
+#: engine: sent when a connection starts, so they cost no round trip per transaction.
+Timeouts = tuple[tuple[str, int], ...]
+
+_engines: dict[tuple[int, str, Timeouts], Engine] = {}
 
 
-def make_engine(url: str) -> Engine:
-    """An engine for ``url``; SQLite gets a busy timeout and writer-serialising transactions."""
+def make_engine(url: str, timeouts: Timeouts = ()) -> Engine:
+    """An engine for ``url``; SQLite gets a busy timeout and writer-serialising transactions
+    (and no ``timeouts``: they are PostgreSQL's)."""
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
@@ -38,12 +43,15 @@ def make_engine(url: str) -> Engine:
         engine = create_engine(url, connect_args={"timeout": 30})
         _serialise_sqlite_writers(engine)
         return engine
+    connect_args: dict[str, Any] = {"connect_timeout": 10}
+    if timeouts:
+        connect_args["options"] = " ".join(f"-c {name}={ms}" for name, ms in timeouts)
     engine = create_engine(
         url,
         pool_pre_ping=get_settings().db_pool_pre_ping,
         pool_size=get_settings().db_pool_size,
         max_overflow=2,
-        connect_args={"connect_timeout": 10},
+        connect_args=connect_args,
     )
     event.listen(engine, "handle_error", _discard_interrupted_connection)
     if not get_settings().db_pool_pre_ping:
@@ -127,22 +135,23 @@ def _serialise_sqlite_writers(engine: Engine) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
-def get_engine() -> Engine:
-    """This process's engine. Keyed by pid, so a forked child never reuses its parent's sockets."""
+def get_engine(timeouts: Timeouts = ()) -> Engine:
+    """This process's engine (one per set of ``timeouts``). Keyed by pid, so a forked child never
+    reuses its parent's sockets."""
     url = get_settings().db_url
-    key = (os.getpid(), url)
+    key = (os.getpid(), url, timeouts)
     engine = _engines.get(key)
     if engine is None:
-        engine = _engines[key] = make_engine(url)
+        engine = _engines[key] = make_engine(url, timeouts)
     return engine
 
 
 def reset_engines_after_fork() -> None:
     """Drop inherited engines without closing the parent's connections (SQLAlchemy pooling docs)."""
-    for (pid, _url), engine in list(_engines.items()):
-        if pid != os.getpid():
+    for key, engine in list(_engines.items()):
+        if key[0] != os.getpid():
             engine.dispose(close=False)
-            del _engines[(pid, _url)]
+            del _engines[key]
 
 
 def dispose_engines() -> None:
@@ -154,9 +163,10 @@ def dispose_engines() -> None:
 _makers: dict[int, tuple[Engine, sessionmaker[Session]]] = {}
 
 
-def session_factory() -> sessionmaker[Session]:
-    """This process's session maker, made once per engine rather than once per unit of work."""
-    engine = get_engine()
+def session_factory(engine: Engine | None = None) -> sessionmaker[Session]:
+    """This process's session maker for ``engine`` (default :func:`get_engine`), made once per
+    engine rather than once per unit of work."""
+    engine = engine or get_engine()
     made = _makers.get(id(engine))
     if made is None or made[0] is not engine:
         maker = sessionmaker(bind=engine, expire_on_commit=False, autoflush=False)
@@ -165,10 +175,10 @@ def session_factory() -> sessionmaker[Session]:
 
 
 @contextmanager
-def session_scope() -> Iterator[Session]:
+def session_scope(engine: Engine | None = None) -> Iterator[Session]:
     """One unit of work: commit on success, roll back on any exception. The exception that
     ended the unit of work is the one raised, even when the rollback fails too."""
-    session = session_factory()()
+    session = session_factory(engine)()
     try:
         yield session
         session.commit()

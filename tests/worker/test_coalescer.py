@@ -177,6 +177,37 @@ def test_a_database_outage_holds_coalesced_debits_back_without_spinning(
     assert dbstate.balance("c0") == 995
 
 
+def test_a_coalesced_debit_waits_no_longer_than_a_task_may_run(
+    app: Celery, accounts: list[str]
+) -> None:
+    """A task is bounded by its time limits, below the visibility timeout; the coalescer runs in
+    the worker's main process, out of their reach, so it bounds its own transactions: a debit
+    blocked on a row lock gives up (a second's wait, in the collection and then alone), goes back
+    to the queue while the other accounts' debits go on, and applies once when the lock is gone.
+    Unbounded, it waited as long as the lock was held, past the visibility timeout (10 s here),
+    when Redis hands its message to another worker."""
+    w = coalescing_worker("coalesce-bounded")
+
+    def sent_back(task_id: str) -> bool:
+        lines = log_of(w).splitlines()
+        return any(f"tokens.debit[{task_id}]:" in n and "back to the queue" in n for n in lines)
+
+    with running_workers(app, w):
+        with row_locked("c0"):
+            blocked = debit(app, "c0", 10)
+            wait_for(lock_waiters, 15, "the coalesced debit blocked on the row lock")
+            blocked_at = time.monotonic()
+            wait_for(lambda: sent_back(blocked.id), 10, "the blocked debit back in the queue")
+            gave_up_after = time.monotonic() - blocked_at
+            free = debit(app, "c1", 10)  # the coalescer goes on with other accounts
+            assert free.get(timeout=30)["new_balance"] == 990
+        out = blocked.get(timeout=30)
+    # A row lock is waited for a second, in the collection's transaction and then alone.
+    assert gave_up_after < 5, gave_up_after
+    assert (out["success"], out["new_balance"], out["replayed"]) == (True, 990, False)
+    assert [e["idempotency_key"] for e in debits_of("c0")] == [blocked.id]
+
+
 # --- a failed transaction: each message alone ----------------------------------------------
 
 
@@ -240,7 +271,8 @@ def test_a_failed_transaction_tries_each_message_alone(
         for u in ("c0", "c1", "c2", "c3")
     ]
     bad = FakeMessage({"user_id": "c0", "amount": "1", "operation_type": "image_generation"})
-    requeued = coalescer.Coalescer(backend, MessageCheck(32, 2**20, 300)).flush([*messages, bad])
+    check = MessageCheck(32, 2**20, 300)
+    requeued = coalescer.Coalescer(backend, check, 120).flush([*messages, bad])
     assert requeued  # c1's: the consumer waits before it takes messages again
 
     assert calls == [4, 1, 1, 1, 1]
@@ -268,3 +300,52 @@ def test_the_coalescer_queue_is_declared_as_the_worker_declares_its_others() -> 
         [expected, *_] = task_queues(queue_type)
         assert arguments(coalescer.queue(queue_type)) == arguments(expected)
     assert arguments(coalescer.queue("quorum")) == {"x-queue-type": "quorum"}
+
+
+def test_a_collection_out_of_time_sends_what_is_left_back_untried(
+    accounts: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sqlalchemy.exc import OperationalError
+
+    from accounting import batches
+    from worker import coalescer
+    from worker.poison import MessageCheck
+
+    calls: list[int] = []
+
+    def slow_then_failed(session: Any, items: Any, keys: Any) -> Any:
+        calls.append(len(items))
+        raise OperationalError("SELECT", {}, Exception("canceling statement due to timeout"))
+
+    monkeypatch.setattr(batches, "debit_many", slow_then_failed)
+    messages = [
+        FakeMessage({"user_id": u, "amount": 5, "operation_type": "image_generation"})
+        for u in ("c0", "c1")
+    ]
+    # No time left once the collection's transaction failed: nothing is tried alone.
+    flushed = coalescer.Coalescer(FakeBackend(), MessageCheck(32, 2**20, 300), 0).flush(messages)
+    assert flushed
+    assert calls == [2]
+    assert [m.state for m in messages] == ["requeued", "requeued"]
+
+
+def test_the_coalescers_transactions_are_bounded_on_connections_of_their_own(
+    clean_db: None,
+) -> None:
+    from sqlalchemy import text
+    from sqlalchemy.exc import OperationalError
+
+    from worker import coalescer
+    from worker.poison import MessageCheck
+
+    bounded = coalescer.Coalescer(FakeBackend(), MessageCheck(32, 2**20, 300), 0.6)
+    with bounded._scope() as session:
+        assert session.execute(text("SHOW lock_timeout")).scalar() == "1s"
+        assert session.execute(text("SHOW statement_timeout")).scalar() == "300ms"
+    started = time.monotonic()
+    with pytest.raises(OperationalError, match="statement timeout"), bounded._scope() as session:
+        session.execute(text("SELECT pg_sleep(5)"))
+    assert time.monotonic() - started < 2
+    with session_scope() as session:  # the tasks' connections are not bounded so
+        assert session.execute(text("SHOW statement_timeout")).scalar() == "0"
+        assert session.execute(text("SHOW lock_timeout")).scalar() == "0"

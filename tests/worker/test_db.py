@@ -74,7 +74,7 @@ def test_failed_rollback_does_not_replace_the_original_exception(
     # An engine with none of the project's listeners: the interrupted connection is still
     # mid-command when session_scope rolls back, so the rollback itself fails.
     engine = create_engine(get_settings().db_url, pool_size=1, max_overflow=0)
-    monkeypatch.setattr(db, "session_factory", lambda: sessionmaker(bind=engine))
+    monkeypatch.setattr(db, "session_factory", lambda _engine=None: sessionmaker(bind=engine))
     try:
         pids: list[int] = []
         with row_locked("u"):
@@ -118,7 +118,7 @@ def test_without_pre_ping_a_dropped_connection_is_a_transient_error_then_replace
     monkeypatch.setattr(db, "get_settings", lambda: settings)
     engine = db.make_engine(settings.db_url)
     assert engine.pool._pre_ping is False
-    monkeypatch.setattr(db, "session_factory", lambda: sessionmaker(bind=engine))
+    monkeypatch.setattr(db, "session_factory", lambda _engine=None: sessionmaker(bind=engine))
     try:
         with session_scope() as session:
             pid = session.execute(text("SELECT pg_backend_pid()")).scalar_one()
