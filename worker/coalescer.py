@@ -162,7 +162,8 @@ class Coalescer:
                 )
         except Exception:
             log.warning("coalesced debits failed together; trying each alone", exc_info=True)
-            return any([self._alone(debit, deadline) for debit in debits])  # every one tried
+            sent_back: set[str] = set()  # accounts a debit of which went back to the queue
+            return any([self._alone(debit, deadline, sent_back) for debit in debits])
         duration = time.perf_counter() - started
         outcomes = [r.model_dump(mode="json") for r in out.results]
         # Committed: store the answers, then acknowledge. A crash between the two redelivers
@@ -199,13 +200,18 @@ class Coalescer:
         send_completed(TASK, task_id, kwargs, failure.model_dump(), 0.0)
         message.ack()
 
-    def _alone(self, debit: _Debit, deadline: float) -> bool:
-        """Apply ``debit`` in a transaction of its own; whether it went back to the queue."""
+    def _alone(self, debit: _Debit, deadline: float, sent_back: set[str]) -> bool:
+        """Apply ``debit`` in a transaction of its own; whether it went back to the queue. One
+        whose account had a debit sent back already follows it untried (its row is likely still
+        locked: another wait would only hold up the accounts after it)."""
         started = time.perf_counter()
+        why = None
         if time.monotonic() >= deadline:
-            log.warning(
-                "%s[%s]: out of time (%g s), back to the queue", TASK, debit.task_id, self.budget
-            )
+            why = f"out of time ({self.budget:g} s)"
+        elif debit.payload.user_id in sent_back:
+            why = "after its account's earlier debit"
+        if why is not None:
+            log.warning("%s[%s]: %s, back to the queue", TASK, debit.task_id, why)
             debit.message.requeue()
             return True
         try:
@@ -217,6 +223,7 @@ class Coalescer:
                     "%s[%s]: transient database error, back to the queue", TASK, debit.task_id
                 )
                 debit.message.requeue()
+                sent_back.add(debit.payload.user_id)
                 return True
             log.exception("%s[%s] failed", TASK, debit.task_id)
             self.backend.mark_as_failure(debit.task_id, exc)

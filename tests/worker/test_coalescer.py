@@ -349,3 +349,35 @@ def test_the_coalescers_transactions_are_bounded_on_connections_of_their_own(
     with session_scope() as session:  # the tasks' connections are not bounded so
         assert session.execute(text("SHOW statement_timeout")).scalar() == "0"
         assert session.execute(text("SHOW lock_timeout")).scalar() == "0"
+
+
+def test_a_debit_sent_back_takes_its_accounts_later_debits_with_it(
+    accounts: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """c0's row is locked: its first debit waits the lock timeout alone and goes back; its second
+    follows untried rather than wait again in front of c1's."""
+    from sqlalchemy.exc import OperationalError
+
+    from accounting import batches
+    from worker import coalescer
+    from worker.poison import MessageCheck
+
+    real = batches.debit_many
+    calls: list[list[str]] = []
+
+    def locked_c0(session: Any, items: Any, keys: Any) -> Any:
+        calls.append([i.user_id for i in items])
+        if any(i.user_id == "c0" for i in items):
+            raise OperationalError("SELECT", {}, Exception("canceling statement: lock timeout"))
+        return real(session, items, keys)
+
+    monkeypatch.setattr(batches, "debit_many", locked_c0)
+    messages = [
+        FakeMessage({"user_id": u, "amount": 5, "operation_type": "image_generation"})
+        for u in ("c0", "c0", "c1")
+    ]
+    backend = FakeBackend()
+    assert coalescer.Coalescer(backend, MessageCheck(32, 2**20, 300), 120).flush(messages)
+    assert calls == [["c0", "c0", "c1"], ["c0"], ["c1"]]
+    assert [m.state for m in messages] == ["requeued", "requeued", "acked"]
+    assert backend.results[messages[2].headers["id"]][1]["new_balance"] == 995
