@@ -188,37 +188,26 @@ def test_a_statement_run_alone_gives_its_row_by_column_name_whatever_its_width(
     """The alone runner names a row's columns from the statement's result, once per statement
     and set of names: the same text returning more columns, or the same number under other
     names (a function redefined), is read afresh."""
-    sql = "SELECT * FROM tokens_test_row()"
     engine = get_engine()
-    with engine.begin() as conn:
-        conn.execute(text("CREATE FUNCTION tokens_test_row(OUT a int) AS 'SELECT 1' LANGUAGE sql"))
+
+    def define(outs: str, body: str) -> None:
+        with engine.begin() as conn:
+            conn.execute(text("DROP FUNCTION IF EXISTS tokens_test_row()"))
+            conn.execute(text(f"CREATE FUNCTION tokens_test_row({outs}) AS {body} LANGUAGE sql"))
+
+    def row() -> Any:
+        with db.statement_scope() as session:
+            return session.info[statements.ALONE]("SELECT * FROM tokens_test_row()", {})
+
     try:
+        define("OUT a int", "'SELECT 1'")
+        assert row().a == 1
         with db.statement_scope() as session:
-            run = session.info[statements.ALONE]
-            assert run(sql, {}).a == 1
-            assert run("SELECT 1 AS a WHERE false", {}) is None
-        with engine.begin() as conn:
-            conn.execute(text("DROP FUNCTION tokens_test_row()"))
-            conn.execute(
-                text(
-                    "CREATE FUNCTION tokens_test_row(OUT a int, OUT b text)"
-                    " AS 'SELECT 2, ''two''' LANGUAGE sql"
-                )
-            )
-        with db.statement_scope() as session:
-            row = session.info[statements.ALONE](sql, {})
-            assert (row.a, row.b) == (2, "two")
-        with engine.begin() as conn:
-            conn.execute(text("DROP FUNCTION tokens_test_row()"))
-            conn.execute(
-                text(
-                    "CREATE FUNCTION tokens_test_row(OUT b text, OUT c int)"
-                    " AS 'SELECT ''three'', 3' LANGUAGE sql"
-                )
-            )
-        with db.statement_scope() as session:
-            row = session.info[statements.ALONE](sql, {})
-            assert (row.b, row.c) == ("three", 3)
+            assert session.info[statements.ALONE]("SELECT 1 AS a WHERE false", {}) is None
+        define("OUT a int, OUT b text", "'SELECT 2, ''two'''")
+        assert (row().a, row().b) == (2, "two")
+        define("OUT b text, OUT c int", "'SELECT ''three'', 3'")
+        assert (row().b, row().c) == ("three", 3)
     finally:
         with engine.begin() as conn:
             conn.execute(text("DROP FUNCTION IF EXISTS tokens_test_row()"))
