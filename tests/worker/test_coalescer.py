@@ -49,9 +49,11 @@ def accounts(clean_db: None) -> list[str]:
     return USERS
 
 
-def coalescing_worker(role: str) -> WorkerProcess:
+def coalescing_worker(role: str, env: dict[str, str] | None = None) -> WorkerProcess:
     own = f"coalesce-own-{uuid.uuid4().hex[:8]}"
-    return WorkerProcess(f"{role}-{os.getpid()}", concurrency=1, env=COALESCE, queues=own)
+    return WorkerProcess(
+        f"{role}-{os.getpid()}", concurrency=1, env={**COALESCE, **(env or {})}, queues=own
+    )
 
 
 def debit(app: Celery, user: str, amount: int, **kw: Any) -> AsyncResult:
@@ -149,15 +151,12 @@ def test_a_database_outage_holds_coalesced_debits_back_without_spinning(
     waits before it takes it again, with the tasks' backoff; it does not loop on it as fast as
     the queue hands it back. When the database returns, the debit applies once."""
     through_proxy = make_url(get_settings().db_url).set(host="127.0.0.1", port=proxy.port)
-    w = WorkerProcess(
-        f"coalesce-outage-{os.getpid()}",
-        concurrency=1,
-        env={
-            **COALESCE,
+    w = coalescing_worker(
+        "coalesce-outage",
+        {
             "TOKENS_DATABASE_URL": through_proxy.render_as_string(hide_password=False),
             "TOKENS_RETRY_BACKOFF_MAX": "1",
         },
-        queues=f"coalesce-own-{uuid.uuid4().hex[:8]}",
     )
     proxy.open()  # a worker checks its database before it says ready
     with running_workers(app, w):
@@ -231,6 +230,21 @@ class FakeMessage:
         self.state = "requeued"
 
 
+def debit_messages(*users: str) -> list[FakeMessage]:
+    return [
+        FakeMessage({"user_id": u, "amount": 5, "operation_type": "image_generation"})
+        for u in users
+    ]
+
+
+def in_process(backend: Any, limit: float = 120) -> Any:
+    """A coalescer flushed by the test itself (no consumer thread), ``limit`` s a flush."""
+    from worker import coalescer
+    from worker.poison import MessageCheck
+
+    return coalescer.Coalescer(backend, MessageCheck(32, 2**20, 300), limit)
+
+
 class FakeBackend:
     def __init__(self) -> None:
         self.results: dict[str, tuple[str, Any]] = {}
@@ -248,8 +262,6 @@ def test_a_failed_transaction_tries_each_message_alone(
     from sqlalchemy.exc import OperationalError
 
     from accounting import batches
-    from worker import coalescer
-    from worker.poison import MessageCheck
 
     real = batches.debit_many
     calls: list[int] = []
@@ -266,13 +278,9 @@ def test_a_failed_transaction_tries_each_message_alone(
 
     monkeypatch.setattr(batches, "debit_many", flaky)
     backend = FakeBackend()
-    messages = [
-        FakeMessage({"user_id": u, "amount": 5, "operation_type": "image_generation"})
-        for u in ("c0", "c1", "c2", "c3")
-    ]
+    messages = debit_messages("c0", "c1", "c2", "c3")
     bad = FakeMessage({"user_id": "c0", "amount": "1", "operation_type": "image_generation"})
-    check = MessageCheck(32, 2**20, 300)
-    requeued = coalescer.Coalescer(backend, check, 120).flush([*messages, bad])
+    requeued = in_process(backend).flush([*messages, bad])
     assert requeued  # c1's: the consumer waits before it takes messages again
 
     assert calls == [4, 1, 1, 1, 1]
@@ -308,8 +316,6 @@ def test_a_collection_out_of_time_sends_what_is_left_back_untried(
     from sqlalchemy.exc import OperationalError
 
     from accounting import batches
-    from worker import coalescer
-    from worker.poison import MessageCheck
 
     calls: list[int] = []
 
@@ -318,12 +324,9 @@ def test_a_collection_out_of_time_sends_what_is_left_back_untried(
         raise OperationalError("SELECT", {}, Exception("canceling statement due to timeout"))
 
     monkeypatch.setattr(batches, "debit_many", slow_then_failed)
-    messages = [
-        FakeMessage({"user_id": u, "amount": 5, "operation_type": "image_generation"})
-        for u in ("c0", "c1")
-    ]
+    messages = debit_messages("c0", "c1")
     # No time left once the collection's transaction failed: nothing is tried alone.
-    flushed = coalescer.Coalescer(FakeBackend(), MessageCheck(32, 2**20, 300), 0).flush(messages)
+    flushed = in_process(FakeBackend(), limit=0).flush(messages)
     assert flushed
     assert calls == [2]
     assert [m.state for m in messages] == ["requeued", "requeued"]
@@ -335,10 +338,7 @@ def test_the_coalescers_transactions_are_bounded_on_connections_of_their_own(
     from sqlalchemy import text
     from sqlalchemy.exc import OperationalError
 
-    from worker import coalescer
-    from worker.poison import MessageCheck
-
-    bounded = coalescer.Coalescer(FakeBackend(), MessageCheck(32, 2**20, 300), 0.6)
+    bounded = in_process(FakeBackend(), limit=0.6)
     with bounded._scope() as session:
         assert session.execute(text("SHOW lock_timeout")).scalar() == "1s"
         assert session.execute(text("SHOW statement_timeout")).scalar() == "300ms"
@@ -359,8 +359,6 @@ def test_a_debit_sent_back_takes_its_accounts_later_debits_with_it(
     from sqlalchemy.exc import OperationalError
 
     from accounting import batches
-    from worker import coalescer
-    from worker.poison import MessageCheck
 
     real = batches.debit_many
     calls: list[list[str]] = []
@@ -372,12 +370,9 @@ def test_a_debit_sent_back_takes_its_accounts_later_debits_with_it(
         return real(session, items, keys)
 
     monkeypatch.setattr(batches, "debit_many", locked_c0)
-    messages = [
-        FakeMessage({"user_id": u, "amount": 5, "operation_type": "image_generation"})
-        for u in ("c0", "c0", "c1")
-    ]
+    messages = debit_messages("c0", "c0", "c1")
     backend = FakeBackend()
-    assert coalescer.Coalescer(backend, MessageCheck(32, 2**20, 300), 120).flush(messages)
+    assert in_process(backend).flush(messages)
     assert calls == [["c0", "c0", "c1"], ["c0"], ["c1"]]
     assert [m.state for m in messages] == ["requeued", "requeued", "acked"]
     assert backend.results[messages[2].headers["id"]][1]["new_balance"] == 995
