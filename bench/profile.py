@@ -25,8 +25,8 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any
 
+from bench.transport import debit_kwargs, round_trips
 from worker.devenv import ROOT, Scratch, WorkerProcess, producer, running_workers
 
 OURS = tuple(
@@ -117,14 +117,15 @@ def main() -> None:
         worker = WorkerProcess("profile", concurrency=args.concurrency, loglevel="WARNING")
         with running_workers(app, worker):
             assert worker.proc is not None
-            send(app, args.task, args.users, 300)  # warm up: connections, pool processes
+            kwargs = debit_kwargs(args.users)  # the no-op gets them too: same messages
+            round_trips(app, args.task, kwargs, 300)  # warm up: connections, pool processes
             # Attached once the worker is warm, so start-up is not in the samples; py-spy writes
             # its file when interrupted.
             argv = [py_spy, "record", "--pid", str(worker.proc.pid), "--subprocesses"]
             argv += ["--rate", str(args.rate), "--format", "speedscope", "--output", str(out)]
             spy = subprocess.Popen(argv, stdout=subprocess.DEVNULL)
             time.sleep(2)  # py-spy attaching to every process
-            elapsed = send(app, args.task, args.users, args.tasks)
+            elapsed = round_trips(app, args.task, kwargs, args.tasks)
             spy.send_signal(signal.SIGINT)
             spy.wait(60)
             print(
@@ -134,20 +135,6 @@ def main() -> None:
         scratch.destroy()
     print(f"speedscope profile: {out}")
     summarise(out, args.top, args.tasks, worker.proc.pid if worker.proc else None)
-
-
-def send(app: Any, task: str, users: int, n: int) -> float:
-    """``n`` tasks of ``task`` with a debit's kwargs, every result collected; the seconds taken."""
-    start = time.perf_counter()
-    kwargs = [
-        {"user_id": f"user-{i % users}", "amount": 1, "operation_type": "chatgpt_message"}
-        for i in range(n)
-    ]
-    results = [app.send_task(task, kwargs=k) for k in kwargs]
-    failed = [o for o in (r.get(timeout=300) for r in results) if not o.get("success")]
-    if failed:
-        raise SystemExit(f"{len(failed)} {task} failed, e.g. {failed[0]}")
-    return time.perf_counter() - start
 
 
 if __name__ == "__main__":
