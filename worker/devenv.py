@@ -45,7 +45,9 @@ class Scratch:
         if self.broker not in BROKERS:
             raise ValueError(f"TOKENS_TEST_BROKER={self.broker!r}: one of {', '.join(BROKERS)}")
         self.slot = self._claim_redis_slot()
-        self.broker_url = f"{REDIS_URL}/{2 * self.slot}"
+        # The pair's first database: the broker on Redis, RedBeat's schedule with RabbitMQ.
+        self.redis_url = f"{REDIS_URL}/{2 * self.slot}"
+        self.broker_url = self.redis_url
         self.backend_url = f"{REDIS_URL}/{2 * self.slot + 1}"
         self.db_name = f"{prefix}_{os.getpid()}_{uuid.uuid4().hex[:6]}"
         base = PG_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1)
@@ -59,8 +61,7 @@ class Scratch:
         if self.broker != "redis":
             self.vhost = self.db_name
             self.broker_url = self.env["TOKENS_BROKER_URL"] = f"{AMQP_URL}/{self.vhost}"
-            # RedBeat keeps its schedule in Redis whatever the broker: the pair's other half.
-            self.env["TOKENS_REDBEAT_REDIS_URL"] = f"{REDIS_URL}/{2 * self.slot}"
+            self.env["TOKENS_REDBEAT_REDIS_URL"] = self.redis_url
         if self.broker == "quorum":
             self.env["TOKENS_QUEUE_TYPE"] = "quorum"
 
@@ -86,7 +87,7 @@ class Scratch:
         if self.vhost is not None:
             _rabbitmqctl("add_vhost", self.vhost)
             _rabbitmqctl("set_permissions", "-p", self.vhost, "guest", ".*", ".*", ".*")
-        redis.Redis.from_url(f"{REDIS_URL}/{2 * self.slot}").flushdb()
+        redis.Redis.from_url(self.redis_url).flushdb()
         redis.Redis.from_url(self.backend_url).flushdb()
 
     def destroy(self) -> None:
@@ -94,7 +95,7 @@ class Scratch:
             conn.execute(f'DROP DATABASE IF EXISTS "{self.db_name}" WITH (FORCE)')
         if self.vhost is not None:
             _rabbitmqctl("delete_vhost", self.vhost)
-        redis.Redis.from_url(f"{REDIS_URL}/{2 * self.slot}").flushdb()
+        redis.Redis.from_url(self.redis_url).flushdb()
         redis.Redis.from_url(self.backend_url).flushdb()
         redis.Redis.from_url(f"{REDIS_URL}/0").delete(f"tokens-test-slot:{self.slot}")
 
