@@ -11,9 +11,8 @@ from contextlib import AbstractContextManager
 from typing import Any, TypeVar
 
 from celery import Task
-from celery.exceptions import Ignore, Retry, SoftTimeLimitExceeded, TimeLimitExceeded
+from celery.exceptions import Ignore, Retry, TimeLimitExceeded
 from pydantic import BaseModel
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from accounting.errors import DomainError, validation_error
@@ -23,6 +22,7 @@ from token_worker_client.models import describe as describe  # re-exported for t
 from token_worker_client.models import parse_payload
 from worker.celery import app
 from worker.db import session_scope, statement_scope
+from worker.failures import failure_code, is_transient, one_line
 from worker.limits import backoff
 from worker.settings import get_settings
 from worker.signals import operation_retried, send_completed
@@ -34,36 +34,6 @@ Handler = Callable[[Session, P, str | None], BaseModel]
 Scope = Callable[[], AbstractContextManager[Session]]
 
 
-TIME_LIMITS = (SoftTimeLimitExceeded, TimeLimitExceeded)
-
-
-def caused_by_time_limit(exc: BaseException) -> bool:
-    """Whether a time limit is ``exc`` or anywhere in its chain (``__cause__``/``__context__``):
-    say, the rollback that failed on the connection the soft limit interrupted."""
-    seen: set[int] = set()
-    pending: list[BaseException | None] = [exc]
-    while pending:
-        current = pending.pop()
-        if current is None or id(current) in seen:
-            continue
-        if isinstance(current, TIME_LIMITS):
-            return True
-        seen.add(id(current))
-        pending += [current.__cause__, current.__context__]
-    return False
-
-
-def is_transient(exc: BaseException) -> bool:
-    """Connection lost, server restarting, serialization failure, deadlock, SQLite busy; never
-    anything a time limit caused (the task ran out of time: running it again would not help, and
-    it must end before the visibility timeout)."""
-    if caused_by_time_limit(exc):
-        return False
-    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
-        return True
-    return isinstance(exc, OperationalError | InterfaceError)
-
-
 def validate(schema: type[P], kwargs: dict[str, Any]) -> P:
     # JSON mode is what producers send: strict ints, ISO 8601 strings for dates. The rules and
     # the message are the contract's (token_worker_client.models), as a producer's client sees.
@@ -71,20 +41,6 @@ def validate(schema: type[P], kwargs: dict[str, Any]) -> P:
         return parse_payload(schema, kwargs)
     except InvalidPayload as exc:
         raise validation_error(str(exc)) from None
-
-
-def failure_code(exc: BaseException) -> str:
-    """The ``error_code`` operation_completed reports for a task that failed."""
-    if caused_by_time_limit(exc):
-        return "TIME_LIMIT_EXCEEDED"
-    if isinstance(exc, SQLAlchemyError):
-        return "DATABASE_ERROR"
-    return "INTERNAL_ERROR"
-
-
-def one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0][:300]}" if text else type(exc).__name__
 
 
 class ContractTask(Task):  # type: ignore[misc]

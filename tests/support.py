@@ -73,7 +73,7 @@ def statements_sent() -> Iterator[list[str]]:
 
 
 def free_port() -> int:
-    """A TCP port free on 127.0.0.1 now (for a worker's metrics server)."""
+    """A TCP port free on 127.0.0.1 now: for a server to listen on, or one nothing listens on."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]

@@ -45,7 +45,6 @@ from typing import Any
 import redis
 from celery import bootsteps, states
 from kombu import Exchange, Queue  # type: ignore[attr-defined]
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
 from accounting import batches
@@ -53,6 +52,7 @@ from models.schemas import DebitIn, Failure
 from token_worker_client.errors import InvalidPayload
 from token_worker_client.models import parse_payload
 from worker.db import Timeouts, get_engine, session_scope
+from worker.failures import failure_code, is_transient, one_line
 from worker.limits import backoff
 from worker.poison import MessageCheck, refuse
 from worker.queues import queue_arguments
@@ -75,12 +75,6 @@ def queue(queue_type: str = "classic") -> Queue:
         routing_key=QUEUE,
         queue_arguments=queue_arguments(queue_type),
     )
-
-
-def _transient(exc: BaseException) -> bool:
-    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
-        return True
-    return isinstance(exc, OperationalError | InterfaceError)
 
 
 @dataclass
@@ -218,7 +212,7 @@ class Coalescer:
             with self._scope() as session:
                 out = batches.debit_many(session, [debit.payload], [debit.key])
         except Exception as exc:
-            if _transient(exc):
+            if is_transient(exc):
                 log.warning(
                     "%s[%s]: transient database error, back to the queue", TASK, debit.task_id
                 )
@@ -233,8 +227,8 @@ class Coalescer:
                 debit.kwargs,
                 {},
                 time.perf_counter() - started,
-                error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}",
-                error_code="DATABASE_ERROR" if isinstance(exc, DBAPIError) else "INTERNAL_ERROR",
+                error=one_line(exc),
+                error_code=failure_code(exc),
             )
             debit.message.ack()
             return False

@@ -64,6 +64,7 @@ from sqlalchemy.orm import Session
 from accounting import grants, renewals, reservations
 from accounting.events import grants_expired, renewals_counted
 from accounting.grants import EXPIRY
+from worker.failures import one_line
 from worker.poison import REASONS
 from worker.settings import get_settings
 from worker.signals import message_refused, operation_completed, operation_retried
@@ -530,7 +531,7 @@ class ScrapeCollector(Collector):
                 queues.add_metric([queue], length)
             up.add_metric(["broker"], 1)
         except Exception as exc:
-            log.warning("metrics: could not read queue lengths: %s", _one_line(exc))
+            log.warning("metrics: could not read queue lengths: %s", one_line(exc))
             up.add_metric(["broker"], 0)
         try:
             state = self.database.read()
@@ -547,7 +548,7 @@ class ScrapeCollector(Collector):
                 pending.add_metric([], last.pending)
             up.add_metric(["database"], 1)
         except Exception as exc:
-            log.warning("metrics: could not read the database: %s", _one_line(exc))
+            log.warning("metrics: could not read the database: %s", one_line(exc))
             up.add_metric(["database"], 0)
         yield from (queues, active, held, swept_at, swept, pending, debtors, debt, up)
 
@@ -566,11 +567,6 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-def _one_line(exc: BaseException) -> str:
-    text_ = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text_[0][:200]}" if text_ else type(exc).__name__
 
 
 # --- starting it --------------------------------------------------------------------------------

@@ -1,29 +1,27 @@
-"""tasks/base.py: payload validation, error descriptions, which database errors are retried, the
-retry backoff, and the operation_completed signal."""
+"""tasks/base.py: payload validation, error descriptions, a transient error retried to the end,
+and the operation_completed signal (which errors are transient: tests/worker/test_failures.py)."""
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-import psycopg
 import pytest
-from celery.exceptions import Ignore, SoftTimeLimitExceeded, TimeLimitExceeded
+from celery.exceptions import Ignore, TimeLimitExceeded
 from pydantic import ValidationError
-from sqlalchemy import create_engine, text
-from sqlalchemy.exc import DataError, IntegrityError, OperationalError, ProgrammingError
+from sqlalchemy import create_engine
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from accounting.accounts import open_account
 from accounting.errors import DomainError
 from models.schemas import DebitIn, UserEntriesIn
 from tasks import base as tasks_base
-from tasks.base import describe, is_transient, validate
+from tasks.base import describe, validate
 from tasks.movements import debit
+from tests.support import free_port
 from worker import signals
-from worker.db import get_engine
 from worker.settings import get_settings
 from worker.signals import operation_completed
 
@@ -76,89 +74,6 @@ def test_describe_strips_the_value_error_prefix_and_names_extra_arguments() -> N
 def test_describe_names_the_kwargs_when_the_whole_payload_is_wrong() -> None:
     exc = real_validation_error(UserEntriesIn, "[1, 2]")
     assert describe(exc).startswith("Invalid arguments: kwargs: ")
-
-
-# --- is_transient ---------------------------------------------------------------------------
-
-
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])  # nothing listens once the socket is closed
-
-
-def raised(action: Any) -> BaseException:
-    try:
-        action()
-    except Exception as exc:
-        return exc
-    raise AssertionError("expected an exception")
-
-
-def test_database_unreachable_is_transient() -> None:
-    engine = create_engine(
-        f"postgresql+psycopg://postgres@127.0.0.1:{closed_port()}/x",
-        connect_args={"connect_timeout": 2},
-    )
-    exc = raised(engine.connect)
-    assert isinstance(exc, OperationalError)
-    assert is_transient(exc)
-
-
-def test_connection_killed_by_the_server_is_transient(clean_db: None) -> None:
-    engine = create_engine(get_settings().db_url, pool_size=1, max_overflow=0)
-    try:
-        with engine.connect() as conn:
-            pid = conn.execute(text("SELECT pg_backend_pid()")).scalar_one()
-            with get_engine().begin() as admin:
-                admin.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
-            exc = raised(lambda: conn.execute(text("SELECT 1")))
-        assert isinstance(exc, OperationalError)
-        assert exc.connection_invalidated
-        assert is_transient(exc)
-    finally:
-        engine.dispose()
-
-
-def test_serialization_failure_is_transient(session: Session) -> None:
-    open_account(session, "u", initial_balance=1)
-    session.commit()
-    with get_engine().connect() as a, get_engine().connect() as b:
-        a.execute(text("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ"))
-        a.execute(text("SELECT tokens_balance FROM accounts WHERE user_id = 'u'"))
-        b.execute(text("UPDATE accounts SET tokens_balance = 2 WHERE user_id = 'u'"))
-        b.commit()
-        stmt = text("UPDATE accounts SET tokens_balance = 3 WHERE user_id = 'u'")
-        exc = raised(lambda: a.execute(stmt))
-        a.rollback()
-    assert isinstance(exc, OperationalError)
-    assert isinstance(exc.orig, psycopg.errors.SerializationFailure)
-    assert is_transient(exc)
-
-
-def test_errors_a_retry_cannot_fix_are_not_transient(session: Session) -> None:
-    open_account(session, "u")
-    session.commit()
-    duplicate = raised(lambda: open_account_row(session))
-    session.rollback()
-    assert isinstance(duplicate, IntegrityError)
-    bad_sql = raised(lambda: session.execute(text("SELECT nope FROM accounts")))
-    session.rollback()
-    assert isinstance(bad_sql, ProgrammingError)
-    nul = raised(lambda: session.execute(text("SELECT CAST(:v AS text)"), {"v": "a\x00"}))
-    session.rollback()
-    assert isinstance(nul, DataError)
-    for exc in (duplicate, bad_sql, nul, ValueError("x"), DomainError("USER_NOT_FOUND", "x")):
-        assert not is_transient(exc), exc
-
-
-def open_account_row(session: Session) -> None:
-    session.execute(
-        text(
-            "INSERT INTO accounts (user_id, tier, tokens_balance, tokens_reserved, tokens_spent,"
-            " created_at, updated_at) VALUES ('u', 'Gift', 0, 0, 0, now(), now())"
-        )
-    )
 
 
 # --- operation_completed --------------------------------------------------------------------
@@ -239,46 +154,6 @@ def test_operation_completed_after_a_refusal(
     assert (invalid["success"], invalid["error_code"]) == (False, "VALIDATION_ERROR")
 
 
-# --- time limits are failures ----------------------------------------------------------------
-
-
-def unreachable_database_error() -> OperationalError:
-    engine = create_engine(
-        f"postgresql+psycopg://postgres@127.0.0.1:{closed_port()}/x",
-        connect_args={"connect_timeout": 2},
-    )
-    exc = raised(engine.connect)
-    assert isinstance(exc, OperationalError)
-    return exc
-
-
-@pytest.mark.parametrize("limit", [SoftTimeLimitExceeded(), TimeLimitExceeded(4)])
-def test_database_error_caused_by_a_time_limit_is_not_transient(limit: BaseException) -> None:
-    def raised_while_handling(interruption: BaseException) -> OperationalError:
-        try:
-            raise interruption
-        except type(interruption):
-            try:
-                raise unreachable_database_error()  # chained implicitly, as a failed rollback is
-            except OperationalError as exc:
-                return exc
-        raise AssertionError("unreachable")
-
-    # Raised while the time limit was being handled (__context__), as a failed rollback is.
-    during = raised_while_handling(limit)
-    assert isinstance(during, OperationalError) and during.__context__ is limit
-    assert not is_transient(during)
-    # Raised from it (__cause__), and further down a chain.
-    caused = unreachable_database_error()
-    caused.__cause__ = limit
-    assert not is_transient(caused)
-    outer = unreachable_database_error()
-    outer.__context__ = caused
-    assert not is_transient(outer)
-    assert not is_transient(limit)
-    assert is_transient(unreachable_database_error())  # the same error alone still is
-
-
 # --- operation_completed once per outcome, retries apart ---------------------------------------
 
 
@@ -303,7 +178,7 @@ def test_a_transient_error_retried_to_the_end_completes_once(
 ) -> None:
     # Every attempt meets a real OperationalError: the database is unreachable.
     engine = create_engine(
-        f"postgresql+psycopg://postgres@127.0.0.1:{closed_port()}/x",
+        f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/x",
         connect_args={"connect_timeout": 2},
     )
 

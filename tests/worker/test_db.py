@@ -111,7 +111,7 @@ def test_without_pre_ping_a_dropped_connection_is_a_transient_error_then_replace
     # use. One the server dropped between two busy tasks fails the unit of work's first
     # statement, before anything is written, with an error the task retries (tasks/base.py
     # is_transient); the pool is refreshed, so the retry runs on a new connection.
-    from tasks.base import is_transient
+    from worker.failures import is_transient
 
     monkeypatch.setattr(db, "PING_AFTER_IDLE", 3600.0)  # in steady use: never idle long
     settings = get_settings().model_copy(update={"db_pool_pre_ping": False})

@@ -6,7 +6,6 @@ and the worker never says ready (worker/preflight.py, worker/settings.py, worker
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import uuid
@@ -18,17 +17,11 @@ import psycopg
 import pytest
 from sqlalchemy.engine import make_url
 
-from tests.support import ROOT
+from tests.support import ROOT, free_port
 from worker.preflight import database_problem, wait_for_database
 from worker.settings import get_settings
 
 BIN = Path(sys.executable).parent
-
-
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def server_env(**overrides: str | None) -> dict[str, str]:
@@ -145,7 +138,7 @@ def test_a_bad_setting_is_one_line(case: str) -> None:
 
 
 def database_cases(empty_database: str) -> dict[str, tuple[str, str]]:
-    port = closed_port()
+    port = free_port()
     missing = f"tokens_missing_{uuid.uuid4().hex[:6]}"
     unreachable = database_url(password="pw", port=port)
     return {
@@ -182,7 +175,7 @@ def test_a_database_the_worker_cannot_use_is_one_line(empty_database: str, case:
 
 @pytest.mark.parametrize("variable", ["TOKENS_BROKER_URL", "TOKENS_RESULT_BACKEND"])
 def test_an_unreachable_broker_or_backend_stops_the_worker_in_one_line(variable: str) -> None:
-    port = closed_port()
+    port = free_port()
     what = "broker" if variable == "TOKENS_BROKER_URL" else "result backend"
     out = worker(server_env(**{variable: f"redis://default:pw@127.0.0.1:{port}/0"}))
     assert (out.returncode, one_line(out)) == (
@@ -206,7 +199,7 @@ def test_postgres_urls_are_read_as_psycopg(clean_db: None) -> None:
 
 
 def test_wait_for_database_is_bounded() -> None:
-    url = database_url(port=closed_port())
+    url = database_url(port=free_port())
     with pytest.raises(Exception, match=r"unreachable after 1 s: connection failed"):
         wait_for_database(1, url)
     wait_for_database(1)  # reachable: returns at once
