@@ -68,8 +68,8 @@ def _ping_when_idle(engine: Engine) -> None:
     :data:`PING_AFTER_IDLE` seconds: the ping was a round trip on every task, as dear as the
     debit's own statement. A connection that died while idle (the server restarted, a firewall
     dropped it) is still replaced before use; one that breaks between two busy tasks fails its
-    statement, the pool is invalidated, and the task retries as a transient error (tasks/base.py
-    ``is_transient``)."""
+    statement, the pool is invalidated, and the task retries as a transient error
+    (worker/failures.py ``is_transient``)."""
 
     @event.listens_for(engine, "checkin")
     def _idle_from(dbapi_connection: Any, record: Any) -> None:

@@ -109,7 +109,7 @@ def test_without_pre_ping_a_dropped_connection_is_a_transient_error_then_replace
 ) -> None:
     # TOKENS_DB_POOL_PRE_PING=false: no SELECT 1 before each checkout of a connection in steady
     # use. One the server dropped between two busy tasks fails the unit of work's first
-    # statement, before anything is written, with an error the task retries (tasks/base.py
+    # statement, before anything is written, with an error the task retries (worker/failures.py
     # is_transient); the pool is refreshed, so the retry runs on a new connection.
     from worker.failures import is_transient
 
