@@ -7,9 +7,10 @@ What stands in for Docker (and is all the test changes): the values are interpol
 database a scratch one, Redis databases 0/1/2 a private slot (RedBeat shares the broker's); each
 replica gets a container host name of its own (``worker-1``…: ``%h`` in its command, ``HOSTNAME``
 for its health check); Flower's port and the metrics ports are free local ones, since every
-container here shares one host; reservations expire every 2 s instead of 60, so beat has
-something to send within the test. The images (``postgres:15``, ``redis:7``) are not run: their
-health checks are run against the local servers.
+container here shares one host, and the metrics listen on loopback (in a container: on the compose
+network); reservations expire every 2 s instead of 60, so beat has something to send within the
+test. The images (``postgres:15``, ``redis:7``) are not run: their health checks are run against
+the local servers.
 """
 
 from __future__ import annotations
@@ -148,6 +149,18 @@ def test_workers_serve_metrics() -> None:
         assert services[name]["expose"] == ["9808"]
 
 
+def test_metrics_are_reachable_on_the_compose_network_only() -> None:
+    # The listener binds loopback unless told otherwise; Prometheus scrapes each worker container
+    # over the compose network, so every container that serves metrics names the address, and
+    # none publishes the port on the host.
+    services = compose()["services"]
+    serving = {n for n, s in services.items() if "TOKENS_METRICS_PORT" in s.get("environment", {})}
+    assert serving == {"worker", "worker-renewals"}
+    for name in serving:
+        assert services[name]["environment"]["TOKENS_METRICS_ADDR"] == "0.0.0.0", name
+        assert "ports" not in services[name], name
+
+
 # --- the stack, run -----------------------------------------------------------------------------
 
 
@@ -260,6 +273,7 @@ def container_env(
     env = {**base, **{k: mapped(str(v), scratch) for k, v in service["environment"].items()}}
     if "TOKENS_METRICS_PORT" in env:
         env["TOKENS_METRICS_PORT"] = str(free_port())
+        env["TOKENS_METRICS_ADDR"] = "127.0.0.1"
     if "FLOWER_PORT" in env:
         env["FLOWER_PORT"] = str(free_port())
     env["TOKENS_RESERVATION_EXPIRY_SECONDS"] = "2"
