@@ -140,8 +140,11 @@ class Settings(BaseSettings):
     # Prometheus metrics (worker/metrics.py), served by a worker's main process when a port is
     # set. The directory holds every process's metric files; it is emptied when the worker
     # starts, so each worker needs its own (default: var/metrics/<node name>).
+    # The address is loopback unless set, as scrapes show debt and reservation totals: a
+    # deployment whose Prometheus runs elsewhere names one (docker-compose.yml: 0.0.0.0, which
+    # its network alone reaches).
     metrics_port: int | None = Field(default=None, ge=1, le=65535)
-    metrics_addr: str = "0.0.0.0"
+    metrics_addr: str = "127.0.0.1"
     metrics_dir: Path | None = None
 
     # Dotted paths ("package.module:function" or "package.module.function") connected at start-up.

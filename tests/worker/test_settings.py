@@ -420,3 +420,11 @@ def test_log_format_defaults_to_json_with_servers(env: pytest.MonkeyPatch) -> No
     assert not settings_from(env, **REDIS, TOKENS_LOG_FORMAT="text").logs_as_json
     assert settings_from(env, TOKENS_LOG_FORMAT="json").logs_as_json
     assert "TOKENS_LOG_FORMAT" in problem_with(env, TOKENS_LOG_FORMAT="xml")
+
+
+def test_metrics_listen_on_loopback_unless_told_otherwise(env: pytest.MonkeyPatch) -> None:
+    # Scrapes show debt and reservation totals: only what runs on the host reaches them, unless
+    # the deployment names an address (docker-compose.yml does, for its network).
+    s = settings_from(env, TOKENS_METRICS_PORT="9808")
+    assert (s.metrics_port, s.metrics_addr) == (9808, "127.0.0.1")
+    assert settings_from(env, TOKENS_METRICS_ADDR="0.0.0.0").metrics_addr == "0.0.0.0"
