@@ -2,7 +2,8 @@
 
 Every process of a prefork worker (the main process and each pool child) writes its samples to
 files of its own in one directory (``PROMETHEUS_MULTIPROC_DIR``); the main process serves them
-all, merged, on ``TOKENS_METRICS_PORT`` (one server per worker). prometheus_client chooses its
+all, merged, on ``TOKENS_METRICS_PORT`` (one server per worker, on loopback unless
+``TOKENS_METRICS_ADDR`` says otherwise, bounded: worker/listener.py). prometheus_client chooses its
 storage (files or memory) when it is first imported, so this module is imported only once
 worker/celery.py has set that directory, at ``worker_init`` in the main process, before the
 pool forks; the children inherit it.
@@ -53,7 +54,7 @@ from celery.signals import (
     worker_process_shutdown,
 )
 from kombu.exceptions import ChannelError
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from prometheus_client.registry import Collector
@@ -65,6 +66,7 @@ from accounting import grants, renewals, reservations
 from accounting.events import grants_expired, renewals_counted
 from accounting.grants import EXPIRY
 from worker.failures import one_line
+from worker.listener import MetricsServer, serve
 from worker.poison import REASONS
 from worker.settings import get_settings
 from worker.signals import message_refused, operation_completed, operation_retried
@@ -590,7 +592,7 @@ _HANDLERS: tuple[tuple[Any, Any], ...] = (
 class Exporter:
     """The running server and what it reads; one per worker, in its main process."""
 
-    def __init__(self, directory: Path, server: Any, collector: ScrapeCollector) -> None:
+    def __init__(self, directory: Path, server: MetricsServer, collector: ScrapeCollector) -> None:
         self.directory = directory
         self.server = server
         self.collector = collector
@@ -610,9 +612,9 @@ _exporter: Exporter | None = None
 
 
 def start(app: Celery, directory: Path, queues: Collection[str]) -> Exporter:
-    """Connect the handlers and serve ``/metrics`` on ``TOKENS_METRICS_PORT`` (raises OSError if
-    the port cannot be bound). Called once, in the worker's main process, before the pool
-    starts."""
+    """Connect the handlers and serve ``/metrics`` on ``TOKENS_METRICS_ADDR:TOKENS_METRICS_PORT``
+    through the bounded listener of worker/listener.py (raises OSError if the port cannot be
+    bound). Called once, in the worker's main process, before the pool starts."""
     global _exporter, _known_types, _queues
     if _exporter is not None:
         return _exporter
@@ -628,9 +630,7 @@ def start(app: Celery, directory: Path, queues: Collection[str]) -> Exporter:
         directory, BrokerQueues(app, queues), DatabaseReads(settings.db_url)
     )
     registry.register(collector)
-    server, _thread = start_http_server(
-        settings.metrics_port, addr=settings.metrics_addr, registry=registry
-    )
+    server = serve(settings.metrics_addr, settings.metrics_port, registry)
     exporter = Exporter(directory, server, collector)
     for signal, handler in _HANDLERS:
         signal.connect(handler, weak=False)

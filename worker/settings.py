@@ -142,7 +142,10 @@ class Settings(BaseSettings):
     # starts, so each worker needs its own (default: var/metrics/<node name>).
     # The address is loopback unless set, as scrapes show debt and reservation totals: a
     # deployment whose Prometheus runs elsewhere names one (docker-compose.yml: 0.0.0.0, which
-    # its network alone reaches).
+    # its network alone reaches). Whatever connects, the listener (worker/listener.py) holds at
+    # most MAX_CONNECTIONS (8) connections, so 9 descriptors of that process with its listening
+    # socket, and closes one without a request after REQUEST_TIMEOUT (5 s): the rest of the
+    # process's descriptors stay the coalescer's, the consumer's and the scrape's.
     metrics_port: int | None = Field(default=None, ge=1, le=65535)
     metrics_addr: str = "127.0.0.1"
     metrics_dir: Path | None = None

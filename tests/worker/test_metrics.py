@@ -12,6 +12,7 @@ over both workers as Prometheus would.
 from __future__ import annotations
 
 import os
+import resource
 import socket
 import subprocess
 import sys
@@ -33,7 +34,7 @@ from sqlalchemy import text
 from accounting import accounts, movements
 from tests import dbstate
 from tests.polling import wait_for
-from tests.support import ROOT, WorkerProcess, call
+from tests.support import ROOT, WorkerProcess, call, free_port, running_workers
 from worker.db import get_engine, session_scope
 from worker.metrics import (
     SCRAPE_TIMEOUT,
@@ -482,3 +483,89 @@ def test_rabbitmq_queue_lengths_are_ready_message_counts() -> None:
             queues.forget()
         finally:
             queue(conn.channel()).delete()  # type: ignore[no-untyped-call]
+
+
+# --- the listener's bounds ----------------------------------------------------------------------
+
+# What the metrics listener may take of a worker's main process, whatever connects to it: the
+# descriptors of this many connections at once, each closed within IDLE_CLOSE seconds when it
+# sends no request. The process's other descriptors (the coalescer's and the scrape's database
+# and broker connections) are left alone.
+LISTENER_CONNECTIONS = 16
+IDLE_CLOSE = 10.0
+
+
+def descriptors(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def try_scrape(port: int) -> str | None:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=3) as response:
+            body: str = response.read().decode()
+            return body
+    except OSError:
+        return None
+
+
+def listening_on(port: int) -> set[str]:
+    """The IPv4 addresses something on this host listens on at ``port`` (/proc/net/tcp)."""
+    found: set[str] = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, state = line.split()[1], line.split()[3]
+        address, _, hex_port = local.partition(":")
+        if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+            found.add(socket.inet_ntoa(bytes.fromhex(address)[::-1]))
+    return found
+
+
+def closed_by_peer(conn: socket.socket, deadline: float) -> bool:
+    conn.settimeout(max(0.01, deadline - time.monotonic()))
+    try:
+        return conn.recv(1) == b""
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
+def test_idle_connections_cannot_starve_the_worker(app: Celery, tmp_path: Path) -> None:
+    """300 idle TCP connections to a worker's metrics port, the main process allowed 100
+    descriptors more than it holds: the listener takes a bounded few of them, a scrape still
+    answers, and every idle connection is closed. (It took a thread and a descriptor for each
+    connection, for as long as the client kept it: the process ran out of descriptors, and the
+    listener, like everything else in it that needed one, stopped answering.) The address is
+    loopback, the default."""
+    port = free_port()
+    name = f"metrics-idle-{os.getpid()}"
+    env = {"TOKENS_METRICS_PORT": str(port), "TOKENS_METRICS_DIR": str(tmp_path / "metrics")}
+    w = WorkerProcess(name, concurrency=1, env=env, queues=name, log_path=tmp_path / "w.log")
+    held: list[tuple[socket.socket, float]] = []  # each connection, and when it was made
+    with running_workers(app, w):
+        assert w.proc is not None
+        pid = w.proc.pid
+        assert wait_for(lambda: try_scrape(port), 30, "a first scrape")  # its connections open
+        baseline = descriptors(pid)
+        _, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (baseline + 100, hard))
+        try:
+            taken = 0  # the most descriptors the process held beyond the baseline meanwhile
+            for i in range(300):
+                try:
+                    conn = socket.create_connection(("127.0.0.1", port), timeout=10)
+                except OSError:
+                    break
+                held.append((conn, time.monotonic()))
+                if i % 10 == 0:
+                    taken = max(taken, descriptors(pid) - baseline)
+            taken = max(taken, descriptors(pid) - baseline)
+            assert taken <= LISTENER_CONNECTIONS + 2, f"{taken} descriptors more than before"
+            assert len(held) == 300  # none left waiting to be accepted
+            scraped = wait_for(lambda: try_scrape(port), IDLE_CLOSE + 5, "a scrape")
+            assert scraped and "tokens_scrape_source_up" in scraped
+            still_open = [c for c, at in held if not closed_by_peer(c, at + IDLE_CLOSE)]
+            assert still_open == []
+        finally:
+            for conn, _ in held:
+                conn.close()
+        assert listening_on(port) == {"127.0.0.1"}
