@@ -146,22 +146,23 @@ def poison_worker(app: Celery, sink: Path) -> Iterator[WorkerProcess]:
 
 
 class RedisQueue:
-    """QUEUE on Redis: kombu's list, and its ``unacked`` hash."""
+    """A queue (QUEUE unless named) on Redis: kombu's list, and its ``unacked`` hash."""
 
     amqp = False
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, queue: str = QUEUE) -> None:
         self.client = redis.Redis.from_url(url)
+        self.queue = queue
 
     def push(self, message: dict[str, Any] | str) -> None:
         raw = message if isinstance(message, str) else json.dumps(message)
-        self.client.lpush(QUEUE, raw)
+        self.client.lpush(self.queue, raw)
 
     def waiting(self) -> int:
-        return int(self.client.llen(QUEUE))
+        return int(self.client.llen(self.queue))
 
     def unacked(self) -> int:
-        """Messages of QUEUE delivered and not yet acknowledged (kombu's ``unacked`` hash)."""
+        """Messages of the queue delivered and not yet acknowledged (kombu's ``unacked`` hash)."""
         return len(self._unacked())
 
     def _unacked(self) -> list[Any]:
@@ -171,12 +172,12 @@ class RedisQueue:
                 _message, _exchange, routing_key = json.loads(raw)
             except ValueError:
                 continue
-            if routing_key == QUEUE:
+            if routing_key == self.queue:
                 held.append(raw)
         return held
 
     def empty(self) -> None:
-        self.client.delete(QUEUE)
+        self.client.delete(self.queue)
         held = self._unacked()
         for tag, raw in self.client.hgetall("unacked").items():
             if raw in held:
@@ -184,13 +185,15 @@ class RedisQueue:
 
 
 class AmqpQueue:
-    """QUEUE on RabbitMQ: published to as a producer would, counted by RabbitMQ itself."""
+    """A queue (QUEUE unless named) on RabbitMQ, bound to the exchange of its name: published
+    to as a producer would, counted by RabbitMQ itself."""
 
     amqp = True
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, queue: str = QUEUE) -> None:
         self.url = url
         self.vhost = url.rsplit("/", 1)[1] or "/"
+        self.queue = queue
 
     def push(self, message: dict[str, Any] | str) -> None:
         assert isinstance(message, dict), "a raw Redis envelope: not for RabbitMQ"
@@ -207,8 +210,8 @@ class AmqpQueue:
                         k: props[k] for k in ("correlation_id", "reply_to", "delivery_mode")
                     },
                 ),
-                exchange=QUEUE,
-                routing_key=QUEUE,
+                exchange=self.queue,
+                routing_key=self.queue,
             )
 
     def _counts(self) -> tuple[int, int]:
@@ -219,7 +222,7 @@ class AmqpQueue:
         )  # fmt: skip
         for line in done.stdout.splitlines():
             name, ready, unacked = line.split()
-            if name == QUEUE:
+            if name == self.queue:
                 return int(ready), int(unacked)
         return 0, 0
 
@@ -232,7 +235,7 @@ class AmqpQueue:
     def empty(self) -> None:
         conn = Connection(self.url)  # type: ignore[no-untyped-call]
         with conn, contextlib.suppress(*conn.channel_errors):  # not declared yet
-            conn.default_channel.queue_purge(QUEUE)  # type: ignore[no-untyped-call]
+            conn.default_channel.queue_purge(self.queue)  # type: ignore[no-untyped-call]
 
 
 BrokerQueue = RedisQueue | AmqpQueue
@@ -241,10 +244,15 @@ BrokerQueue = RedisQueue | AmqpQueue
 REDIS_ONLY = {"header_nested_beyond_what_json_decodes", "headers_not_an_object"}
 
 
+def broker_queue(queue: str = QUEUE) -> BrokerQueue:
+    """``queue`` on the session's broker."""
+    url = os.environ["TOKENS_BROKER_URL"]
+    return AmqpQueue(url, queue) if url.startswith("amqp") else RedisQueue(url, queue)
+
+
 @pytest.fixture(scope="module")
 def broker() -> BrokerQueue:
-    url = os.environ["TOKENS_BROKER_URL"]
-    return AmqpQueue(url) if url.startswith("amqp") else RedisQueue(url)
+    return broker_queue()
 
 
 @dataclass
