@@ -16,8 +16,13 @@ What each message gets, whatever happens to the others:
 - if the transaction of the whole collection fails, each message is tried again alone, in a
   transaction of its own; one that still fails with a transient error (connection lost,
   deadlock) goes back to the queue, one that fails otherwise is answered with that failure, as
-  a task's would be, and acknowledged. A malformed message is refused as the consumer refuses
-  one (worker/poison.py), with a VALIDATION_ERROR result.
+  a task's would be, and acknowledged;
+- a message the coalescer cannot read (not JSON, pickle, not UTF-8, nested too deep, not
+  ``[args, kwargs, embed]``, headers it cannot use), or reading which fails in any way, is
+  refused as the other queues' consumer refuses one (worker/poison.py): acknowledged, logged,
+  counted, ``message_refused``, and a VALIDATION_ERROR result when its task id can be read. It
+  never stops the consumer nor the rest of its collection. Invalid arguments get the
+  VALIDATION_ERROR ``tokens.debit`` would give.
 
 A task's time limits do not reach the coalescer's thread, so it bounds itself: on PostgreSQL its
 transactions wait at most :data:`LOCK_WAIT` (1 s) for a row lock, a collection starts its
@@ -37,7 +42,6 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
@@ -54,7 +58,7 @@ from token_worker_client.models import parse_payload
 from worker.db import Timeouts, get_engine, session_scope
 from worker.failures import failure_code, is_transient, one_line
 from worker.limits import backoff
-from worker.poison import MessageCheck, refuse
+from worker.poison import MessageCheck, Refusal, refuse
 from worker.queues import queue_arguments
 from worker.settings import get_settings
 from worker.signals import send_completed
@@ -169,12 +173,35 @@ class Coalescer:
         return False
 
     def _read(self, message: Any) -> _Debit | None:
-        """The message's debit, or None once it is refused and answered."""
-        refusal = self.check.problem(message, (TASK,))
-        if refusal is not None:
-            refuse(refusal, self.backend)
+        """The message's debit, or None once it is answered (refused or invalid) and
+        acknowledged. Nothing a message holds makes this raise: one it cannot read is refused,
+        not left to stop the collection and, back at the head of the queue, the consumer."""
+        try:
+            refusal = self.check.problem(message, (TASK,))  # decodes the body, and keeps it
+            if refusal is None:
+                return self._debit(message)
+        except Exception as exc:
+            log.exception("%s: could not read a message", TASK)
+            refusal = Refusal.of(message, "error", f"message: could not be read ({exc!r})")
+        self._refuse(message, refusal)
+        return None
+
+    def _refuse(self, message: Any, refusal: Refusal) -> None:
+        """Refuse ``message`` as the other queues' consumer does (worker/poison.py): reported,
+        answered with VALIDATION_ERROR if its task id is known, acknowledged."""
+        refuse(refusal, self.backend)
+        if not message.acknowledged:
             message.ack()
-            return None
+
+    def on_decode_error(self, message: Any, exc: Exception) -> None:
+        """kombu's handler for a message it could not even build (the coalescer decodes the
+        body itself, in :meth:`_read`): refused, as the other queues' consumer refuses it."""
+        self._refuse(
+            message, Refusal.of(message, "decode", f"message body: cannot be read ({exc!r})")
+        )
+
+    def _debit(self, message: Any) -> _Debit | None:
+        """A checked message's debit, or None once it is answered (invalid)."""
         task_id: str = message.headers["id"]
         args, kwargs, _embed = message.decode()
         try:
@@ -281,17 +308,24 @@ class Step(bootsteps.StartStopStep):  # type: ignore[misc]
         while not self.stopping.is_set():
             try:
                 with app.connection_for_read() as conn:
-                    self._consume(conn, coalescer.flush)
+                    self._consume(conn, coalescer)
             except Exception:
                 log.exception("coalescer: consumer failed; reconnecting")
                 self.stopping.wait(1)
 
-    def _consume(self, conn: Any, flush: Callable[[list[Any]], bool]) -> None:
+    def _consume(self, conn: Any, coalescer: Coalescer) -> None:
+        flush = coalescer.flush
         pending: list[Any] = []
         troubled = 0  # collections in a row that sent a message back to the queue
+        # on_message: kombu hands the message over undecoded (with callbacks it decodes first,
+        # and one it cannot decode raised out of drain_events, went back to the head of the
+        # queue and came straight back: no debit was taken after it). The coalescer's check
+        # decodes it and refuses what it cannot read; on_decode_error refuses what kombu could
+        # not even build.
         with conn.Consumer(
             queue(get_settings().queue_type),
-            callbacks=[lambda _body, message: pending.append(message)],
+            on_message=pending.append,
+            on_decode_error=coalescer.on_decode_error,
             accept=["json"],
             prefetch_count=self.max,
         ):

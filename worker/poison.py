@@ -47,6 +47,13 @@ class Refusal:
     reason: str
     error: str  # "<part or field>: <why>", as it follows "Invalid arguments: " in the result
 
+    @classmethod
+    def of(cls, message: Any, reason: str, error: str) -> Refusal:
+        """A refusal of a received ``message``, naming its task id and task where its headers
+        hold them."""
+        headers = message.headers if isinstance(message.headers, dict) else {}
+        return cls(readable(headers.get("id")), readable(headers.get("task")), reason, error)
+
 
 def too_deep(value: Any, limit: int) -> bool:
     """Whether ``value`` nests lists or objects more than ``limit`` levels (a scalar is 0, ``[]``

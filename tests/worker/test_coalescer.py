@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import time
 import uuid
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -33,6 +35,7 @@ from tests.worker.test_faults import (
     proxy,  # noqa: F401 (a fixture)
     row_locked,
 )
+from tests.worker.test_poison import broker_queue, envelope, headers, invalid
 from worker.coalescer import QUEUE
 from worker.db import session_scope
 from worker.settings import get_settings
@@ -207,6 +210,82 @@ def test_a_coalesced_debit_waits_no_longer_than_a_task_may_run(
     assert [e["idempotency_key"] for e in debits_of("c0")] == [blocked.id]
 
 
+def raw_debit(body: bytes | str, content_type: str = "application/json", **hdrs: Any) -> Any:
+    """A ``tokens.debit`` message as kombu keeps it on Redis, for the coalescer's queue (pushed
+    as it is, or published to RabbitMQ, by tests/worker/test_poison.py's queues)."""
+    task_id = hdrs.pop("task_id", str(uuid.uuid4()))
+    route = {"exchange": QUEUE, "routing_key": QUEUE}
+    hdrs = headers("tokens.debit", task_id, **hdrs)
+    return task_id, envelope(body, hdrs, content_type, delivery_info=route)
+
+
+def refusals_sink(tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    sink = tmp_path / "signals.jsonl"
+    env = {
+        "TOKENS_TEST_SIGNAL_SINK": str(sink),
+        "TOKENS_MESSAGE_REFUSED_HANDLERS": '["tests.worker.signal_sink:on_message_refused"]',
+    }
+    return sink, env
+
+
+DEBIT_BODY = json.dumps([[], {"user_id": "c0", "amount": 1, "operation_type": "o"}, {}])
+
+
+def test_a_message_the_coalescer_cannot_decode_is_refused_and_the_debits_after_it_go_on(
+    app: Celery, accounts: list[str], tmp_path: Path
+) -> None:
+    """On the coalescer's queue as on the others (tests/worker/test_poison.py): a message that
+    is not JSON, or not a debit, is refused once (a VALIDATION_ERROR result under its task id,
+    one log line, one message_refused), acknowledged, and the debits after it are applied once
+    each. Before, kombu decoded each message before the coalescer saw it, and one it could not
+    decode raised out of the consumer, which reconnected and got the same message back: no
+    debit was answered any more."""
+    pickled = pickle.dumps(([], {"user_id": "c0", "amount": 1, "operation_type": "o"}, {}))
+    poisons = [  # (message, reason, the error in the result; None: no task id to answer)
+        (raw_debit(pickled, "application/x-python-serialize"), "content_type",
+         "message body: content type application/x-python-serialize is not accepted (JSON only)"),
+        (raw_debit(DEBIT_BODY[:-1]), "decode", "message body: not valid JSON"),
+        (raw_debit(b'[[], {"user_id": "\xff"}, {}]'), "decode", "message body: not UTF-8"),
+        (raw_debit("[" * 100_000 + "]" * 100_000), "depth",
+         "message body: nested deeper than 32 levels"),
+        (raw_debit('{"args": [], "kwargs": {}}'), "shape",
+         "message body: expected [args, kwargs, embed]"),
+        (raw_debit(pickled, "application/x-python-serialize", task_id=None), "headers", None),
+    ]  # fmt: skip
+    sink, env = refusals_sink(tmp_path)
+    w = coalescing_worker("coalesce-poison", env)
+    queue = broker_queue(QUEUE)
+    with running_workers(app, w):
+        sent: list[tuple[str, AsyncResult]] = []
+        for (_task_id, message), _reason, _error in poisons:
+            queue.push(message)
+            sent.extend((user, debit(app, user, 1)) for user in USERS)
+        outs = [(user, r.id, r.get(timeout=20)) for user, r in sent]
+        answers = {
+            task_id: app.AsyncResult(task_id).get(timeout=10)
+            for (task_id, _), _, error in poisons
+            if error is not None
+        }
+        wait_for(lambda: queue.waiting() + queue.unacked() == 0, 10, "every message acknowledged")
+        log = log_of(w)
+    assert all(o["success"] and not o["replayed"] for _, _, o in outs)
+    for user in USERS:
+        assert sorted(e["idempotency_key"] for e in debits_of(user)) == sorted(
+            tid for u, tid, _ in outs if u == user
+        )
+        assert dbstate.balance(user) == 1000 - len(poisons)
+    assert answers == {
+        task_id: invalid(error) for (task_id, _), _, error in poisons if error is not None
+    }
+    refused = [ln for ln in log.splitlines() if "Refused message" in ln]
+    assert len(refused) == len(poisons), refused
+    signals = [json.loads(line) for line in sink.read_text().splitlines()]
+    assert [(s["task_id"], s["task"], s["reason"]) for s in signals] == [
+        (task_id, "tokens.debit", reason) for (task_id, _), reason, _ in poisons
+    ]
+    assert "consumer failed" not in log
+
+
 # --- a failed transaction: each message alone ----------------------------------------------
 
 
@@ -222,6 +301,10 @@ class FakeMessage:
 
     def decode(self) -> Any:
         return json.loads(self.body)
+
+    @property
+    def acknowledged(self) -> bool:
+        return self.state != "unacked"
 
     def ack(self) -> None:
         self.state = "acked"
@@ -376,3 +459,38 @@ def test_a_debit_sent_back_takes_its_accounts_later_debits_with_it(
     assert calls == [["c0", "c0", "c1"], ["c0"], ["c1"]]
     assert [m.state for m in messages] == ["requeued", "requeued", "acked"]
     assert backend.results[messages[2].headers["id"]][1]["new_balance"] == 995
+
+
+def test_a_message_that_cannot_be_read_is_refused_and_the_rest_of_the_collection_applies(
+    accounts: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whatever goes wrong reading one message (here the check itself raises, as a bug in it
+    would), that message is refused and acknowledged and the others apply. Before, it raised out
+    of the collection and of the consumer, which got the same message back at the head of the
+    queue."""
+    backend = FakeBackend()
+    coalescer = in_process(backend)
+    messages = debit_messages("c0", "c1")
+    [unreadable] = debit_messages("c0")
+    check = coalescer.check.problem
+
+    def problem(message: Any, known_tasks: Any) -> Any:
+        if message is unreadable:
+            raise RuntimeError("boom")
+        return check(message, known_tasks)
+
+    monkeypatch.setattr(coalescer.check, "problem", problem)
+    assert not coalescer.flush([unreadable, *messages])
+    assert [m.state for m in (unreadable, *messages)] == ["acked", "acked", "acked"]
+    error = "message: could not be read (RuntimeError('boom'))"
+    assert backend.results[unreadable.headers["id"]] == ("SUCCESS", invalid(error))
+    assert [dbstate.balance(u) for u in ("c0", "c1")] == [995, 995]
+
+    # What kombu cannot even make a message of (its on_decode_error) is refused alike.
+    [broken] = debit_messages("c2")
+    coalescer.on_decode_error(broken, ValueError("bad"))
+    error = "message body: cannot be read (ValueError('bad'))"
+    assert (broken.state, backend.results[broken.headers["id"]]) == (
+        "acked",
+        ("SUCCESS", invalid(error)),
+    )
