@@ -22,7 +22,12 @@ What each message gets, whatever happens to the others:
   refused as the other queues' consumer refuses one (worker/poison.py): acknowledged, logged,
   counted, ``message_refused``, and a VALIDATION_ERROR result when its task id can be read. It
   never stops the consumer nor the rest of its collection. Invalid arguments get the
-  VALIDATION_ERROR ``tokens.debit`` would give.
+  VALIDATION_ERROR ``tokens.debit`` would give;
+- one whose task id was revoked (``celery control revoke``, kept by the worker's main process in
+  ``celery.worker.state.revoked``, with ``--statedb`` across restarts) or whose ``expires`` has
+  passed is discarded unapplied, as Celery's worker discards such a task: REVOKED is stored
+  under its task id and the message acknowledged. Revoking by stamped headers is not honoured,
+  nor is ``eta``/``countdown``: a debit with an eta is applied when it is collected.
 
 A task's time limits do not reach the coalescer's thread, so it bounds itself: on PostgreSQL its
 transactions wait at most :data:`LOCK_WAIT` (1 s) for a row lock, a collection starts its
@@ -44,10 +49,13 @@ import threading
 import time
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import redis
 from celery import bootsteps, states
+from celery.utils.time import maybe_iso8601, maybe_make_aware
+from celery.worker import state as worker_state
 from kombu import Exchange, Queue  # type: ignore[attr-defined]
 from sqlalchemy.orm import Session
 
@@ -120,6 +128,10 @@ def store_results(backend: Any, results: list[tuple[str, dict[str, Any]]]) -> No
         pipe.execute()
 
 
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
 #: The longest a coalesced transaction waits for a row lock. A debit's own transaction holds
 #: its account's row for milliseconds; one held longer (a stuck session, a long batch) sends the
 #: coalesced debits of that account back to the queue instead of holding up every other.
@@ -173,7 +185,7 @@ class Coalescer:
         return False
 
     def _read(self, message: Any) -> _Debit | None:
-        """The message's debit, or None once it is answered (refused or invalid) and
+        """The message's debit, or None once it is answered (refused, revoked or invalid) and
         acknowledged. Nothing a message holds makes this raise: one it cannot read is refused,
         not left to stop the collection and, back at the head of the queue, the consumer."""
         try:
@@ -201,8 +213,10 @@ class Coalescer:
         )
 
     def _debit(self, message: Any) -> _Debit | None:
-        """A checked message's debit, or None once it is answered (invalid)."""
+        """A checked message's debit, or None once it is answered (revoked, or invalid)."""
         task_id: str = message.headers["id"]
+        if self._revoked(message, task_id):
+            return None
         args, kwargs, _embed = message.decode()
         try:
             if args:
@@ -213,6 +227,22 @@ class Coalescer:
             self._answer_failure(message, task_id, kwargs, failure)
             return None
         return _Debit(message, task_id, kwargs, payload)
+
+    def _revoked(self, message: Any, task_id: str) -> bool:
+        """Whether Celery's worker would discard this task unrun, as it does one whose id was
+        revoked (``celery.worker.state.revoked``, which the main process's remote control keeps)
+        or whose ``expires`` has passed; then, as there, its result is REVOKED and its message
+        acknowledged."""
+        expires = message.headers.get("expires")  # an ISO 8601 date (the check saw to it)
+        # Naive: UTC, the worker's timezone (worker/config.py), as Celery reads it there.
+        expired = expires is not None and maybe_make_aware(maybe_iso8601(expires)) < _now()
+        if not expired and task_id not in worker_state.revoked:
+            return False
+        reason = "expired" if expired else "revoked"
+        log.info("Discarding revoked task: %s[%s] (%s)", TASK, task_id, reason)
+        self.backend.mark_as_revoked(task_id, reason)
+        message.ack()
+        return True
 
     def _answer_failure(
         self, message: Any, task_id: str, kwargs: dict[str, Any], failure: Failure

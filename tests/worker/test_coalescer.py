@@ -11,9 +11,11 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import socket
 import time
 import uuid
 from collections import Counter
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -284,6 +286,38 @@ def test_a_message_the_coalescer_cannot_decode_is_refused_and_the_debits_after_i
         (task_id, "tokens.debit", reason) for (task_id, _), reason, _ in poisons
     ]
     assert "consumer failed" not in log
+
+
+def answered(app: Celery, task_id: str) -> str:
+    """The state stored under ``task_id``, once there is one."""
+    result = app.AsyncResult(task_id)
+    return str(wait_for(lambda: result.state if result.state != "PENDING" else None, 10, "answer"))
+
+
+def test_a_revoked_or_expired_debit_is_discarded_as_a_tasks_would_be(
+    app: Celery, accounts: list[str]
+) -> None:
+    """Celery's worker does not run a task whose id was revoked (``control.revoke``) or whose
+    ``expires`` has passed: it stores REVOKED under its id and acknowledges it. So does the
+    coalescer; before, it applied them both."""
+    w = coalescing_worker("coalesce-revoked")
+    queue = broker_queue(QUEUE)
+    with running_workers(app, w):
+        revoked_id = str(uuid.uuid4())
+        node = f"{w.name}@{socket.gethostname()}"
+        assert app.control.revoke(revoked_id, destination=[node], reply=True, limit=1, timeout=5)
+        revoked = debit(app, "c0", 7, task_id=revoked_id)
+        past = (datetime.now(UTC) - timedelta(minutes=1)).isoformat()
+        # Published as it is: Celery's producer would set the past expiry as RabbitMQ's message
+        # TTL too, and RabbitMQ would drop the message itself.
+        expired_id, expired = raw_debit(DEBIT_BODY.replace('"c0"', '"c1"'), expires=past)
+        queue.push(expired)
+        after = debit(app, "c2", 7)
+        assert after.get(timeout=20)["success"]
+        states = [answered(app, task_id) for task_id in (revoked.id, expired_id)]
+        wait_for(lambda: queue.waiting() + queue.unacked() == 0, 10, "every message acknowledged")
+    assert states == ["REVOKED", "REVOKED"]
+    assert (debits_of("c0"), debits_of("c1"), len(debits_of("c2"))) == ([], [], 1)
 
 
 # --- a failed transaction: each message alone ----------------------------------------------
