@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session
 
 import worker.db
 from accounting.errors import DomainError
+from tests.polling import wait_for
 from worker.db import get_engine, session_scope
 from worker.devenv import ROOT, WorkerProcess, producer, running_workers
 
@@ -123,6 +124,32 @@ def run_in_threads(count: int, work: Callable[[int], T]) -> list[T]:
 
     with ThreadPoolExecutor(max_workers=count) as pool:
         return list(pool.map(start, range(count)))
+
+
+def waiting_on_locks() -> int:
+    """How many sessions of the test database wait for a lock now (a fresh connection each
+    time: pg_stat_activity is a snapshot for a whole transaction)."""
+    with get_engine().connect() as conn:
+        return int(
+            conn.execute(
+                text(
+                    "SELECT count(*) FROM pg_stat_activity"
+                    " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+                )
+            ).scalar_one()
+        )
+
+
+@contextmanager
+def blocked(work: Callable[[], T], timeout: float = 10) -> Iterator[Future[T]]:
+    """Run ``work`` in a thread and return once it waits for a lock (one more session waiting
+    than before); the future is its outcome. Leaving the block waits for it to finish."""
+    before = waiting_on_locks()
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        future = pool.submit(work)
+        wait_for(lambda: future.done() or waiting_on_locks() > before, timeout, "a wait for a lock")
+        assert not future.done(), f"finished without waiting: {future.result()!r}"
+        yield future
 
 
 def assert_ledger_consistent(session: Session, *, entry_splits: bool = True) -> None:

@@ -13,15 +13,15 @@ from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
-from sqlalchemy import select, text
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from accounting import accounts, clock, grants, movements, renewals, reservations
 from models.schemas import RenewOut
 from models.tables import Account, EntryGrant, Grant, LedgerEntry
 from tests.polling import wait_for
-from tests.support import assert_ledger_consistent
-from worker.db import get_engine, make_engine, session_factory
+from tests.support import assert_ledger_consistent, waiting_on_locks
+from worker.db import make_engine, session_factory
 from worker.migrate import upgrade
 from worker.settings import Tier, get_settings
 
@@ -403,19 +403,6 @@ def test_debt_is_paid_first_by_the_allowance_not_by_the_rollover(
         assert_ledger_consistent(s)
 
 
-def waiting_on_a_lock() -> bool:
-    # A fresh connection each time: pg_stat_activity is a snapshot for a whole transaction.
-    with get_engine().connect() as conn:
-        return bool(
-            conn.execute(
-                text(
-                    "SELECT count(*) FROM pg_stat_activity"
-                    " WHERE datname = current_database() AND wait_event_type = 'Lock'"
-                )
-            ).scalar_one()
-        )
-
-
 def test_a_reset_waited_for_reads_the_grants_its_holder_left(clean_db: None) -> None:
     """PostgreSQL: the sweep skips a user a debit holds, waits for it after its own commit,
     then resets from the allowance as the debit left it (the statement's snapshot predates the
@@ -436,7 +423,7 @@ def test_a_reset_waited_for_reads_the_grants_its_holder_left(clean_db: None) -> 
             )
         )
         thread.start()
-        wait_for(waiting_on_a_lock, 10, "the sweep waiting for b")
+        wait_for(waiting_on_locks, 10, "the sweep waiting for b")
         holder.commit()
     thread.join(30)
     assert results == [3]

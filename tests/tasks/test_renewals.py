@@ -18,6 +18,7 @@ from tests.support import (
     call,
     running_workers,
     tasks_done_by_worker,
+    waiting_on_locks,
     workers_that_ran,
 )
 from worker.celery import app as worker_app
@@ -148,18 +149,6 @@ def test_bad_arguments_are_validation_errors(e2e: Celery) -> None:
         assert (out["success"], out["error_code"]) == (False, "VALIDATION_ERROR"), (name, kwargs)
 
 
-def waiting_for_locks() -> int:
-    # A fresh connection each time: pg_stat_activity is a snapshot for a whole transaction.
-    with get_engine().connect() as conn:
-        waiting: int = conn.execute(
-            text(
-                "SELECT count(*) FROM pg_stat_activity"
-                " WHERE datname = current_database() AND wait_event_type = 'Lock'"
-            )
-        ).scalar_one()
-        return waiting
-
-
 def test_racing_sweeps_and_renew_user_calls_renew_each_user_once(e2e: Celery) -> None:
     """Three sweeps and a renew_user for every one of 600 due users, all in flight at once on
     two worker processes, while a third of the rows is held by another transaction (as a debit
@@ -189,7 +178,7 @@ def test_racing_sweeps_and_renew_user_calls_renew_each_user_once(e2e: Celery) ->
             for user_id in user_ids
         ]
         # Each sweep skips the held rows, then waits for them; the renew_user calls wait too.
-        wait_for(lambda: waiting_for_locks() >= 4, 60, "every worker child blocked")
+        wait_for(lambda: waiting_on_locks() >= 4, 60, "every worker child blocked")
     swept = [r.get(timeout=120) for r in sweeps]
     renewed = [r.get(timeout=120) for r in renewals]
 

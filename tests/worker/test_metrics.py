@@ -34,7 +34,7 @@ from sqlalchemy import text
 from accounting import accounts, movements
 from tests import dbstate
 from tests.polling import wait_for
-from tests.support import ROOT, WorkerProcess, call, free_port, running_workers
+from tests.support import ROOT, WorkerProcess, call, free_port, running_workers, waiting_on_locks
 from worker.db import get_engine, session_scope
 from worker.metrics import (
     SCRAPE_TIMEOUT,
@@ -123,18 +123,6 @@ def row_locked(user_id: str) -> Iterator[None]:
             yield
         finally:
             holder.rollback()
-
-
-def waiting_on_locks() -> int:
-    with get_engine().connect() as conn:
-        return int(
-            conn.execute(
-                text(
-                    "SELECT count(*) FROM pg_stat_activity"
-                    " WHERE datname = current_database() AND wait_event_type = 'Lock'"
-                )
-            ).scalar_one()
-        )
 
 
 def nested(levels: int) -> Any:
