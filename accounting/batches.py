@@ -192,19 +192,24 @@ _SPEND_GRANTS = text(
     WHERE g.id = c.gid
     """
 )
-_LOCK_AND_READ = (
+_HELD = (
     select(
-        _a.user_id,
-        _a.tokens_balance,
-        _a.tokens_reserved,
-        _a.tokens_spent,
-        _a.debt,
-        clock.stamp("postgresql", _a.updated_at),
+        _a.user_id, _a.tokens_balance, _a.tokens_reserved, _a.tokens_spent, _a.debt, _a.updated_at
     )
     .where(_a.user_id.in_(bindparam("ids", expanding=True)))
     .order_by(_a.user_id)
     .with_for_update()
+    .subquery()
 )
+# The time is read around the locking query, once each row is held (see grants.lock).
+_LOCK_AND_READ = select(
+    _HELD.c.user_id,
+    _HELD.c.tokens_balance,
+    _HELD.c.tokens_reserved,
+    _HELD.c.tokens_spent,
+    _HELD.c.debt,
+    clock.stamp("postgresql", _HELD.c.updated_at),
+).order_by(_HELD.c.user_id)
 # Read after the lock (a statement of its own, so READ COMMITTED reads what the previous holder
 # of each lock committed): every grant with free tokens, in burn order, the due ones included.
 _FREE_GRANTS = (

@@ -84,17 +84,22 @@ class Locked:
 
 def _lock_statement(session: Session) -> Select[Any]:
     # The movement's time: the database's clock once the lock is granted, never before the
-    # account's previous change (accounting.clock.stamp).
-    stmt = select(
-        _a.tokens_balance,
-        _a.tokens_reserved,
-        _a.tokens_spent,
-        _a.debt,
-        clock.stamp(session, _a.updated_at),
+    # account's previous change (accounting.clock.stamp). PostgreSQL computes a locking query's
+    # columns before it waits, and again only if the holder changed the row, so the clock is
+    # read in the query around the locking one, which runs once the row is held.
+    row = select(
+        _a.tokens_balance, _a.tokens_reserved, _a.tokens_spent, _a.debt, _a.updated_at
     ).where(_a.user_id == bindparam("uid"))
     if clock.is_postgres(session):
-        stmt = stmt.with_for_update()
-    return stmt
+        row = row.with_for_update()
+    held = row.subquery()
+    return select(
+        held.c.tokens_balance,
+        held.c.tokens_reserved,
+        held.c.tokens_spent,
+        held.c.debt,
+        clock.stamp(session, held.c.updated_at),
+    )
 
 
 def lock(session: Session, user_id: str) -> Locked:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import datetime
+from itertools import groupby
+from operator import itemgetter
 from typing import Any, cast
 
 from sqlalchemy import (
@@ -35,9 +37,10 @@ from models.schemas import (
     TotalOut,
     TypeStats,
 )
-from models.tables import Account, LedgerEntry, RefundTotal, entry_grant_table, grant_table
+from models.tables import Account, LedgerEntry, entry_grant_table, grant_table
 
 CARRIED_FORWARD = "carried_forward"
+_eg = entry_grant_table.c
 MAX_MISMATCHES_LISTED = 1000
 
 
@@ -233,21 +236,23 @@ def statistics(
 
 def delete_old_entries(session: Session, older_than: datetime) -> DeletedOut:
     """Delete entries created before ``older_than``; each affected user keeps one
-    ``carried_forward`` entry holding the sum removed, so balance == sum of ledger still holds.
+    ``carried_forward`` entry holding the sum removed, so balance == sum of ledger still holds,
+    and the removed entries' splits summed per grant, so every grant's ``remaining`` is still
+    the sum of its entries' splits.
 
     An earlier ``carried_forward`` entry is folded into the new one, but neither it nor a user
-    with nothing else to prune counts or is rewritten: running it again changes nothing.
+    with nothing else to prune counts or is rewritten: running it again changes nothing. All in
+    the caller's transaction; :func:`delete_old_entries_in_chunks` commits as it goes.
     """
-    return DeletedOut(deleted=_delete_old_entries(session, older_than, None))
+    deleted = 0
+    after: str | None = None
+    while users := _prune_page(session, older_than, after, PRUNE_PAGE):
+        deleted += users[1]
+        after = users[0][-1]
+    return DeletedOut(deleted=deleted)
 
 
-def _delete_old_entries(
-    session: Session, older_than: datetime, users: tuple[str, str] | None
-) -> int:
-    """Prune the entries of every user, or of the users from ``users[0]`` to ``users[1]``."""
-    if clock.is_postgres(session):
-        return _delete_old_entries_pg(session, older_than, users)
-    return _delete_old_entries_portable(session, older_than, users)
+PRUNE_PAGE = 1000
 
 
 def _prunable(older_than: datetime) -> ColumnElement[bool]:
@@ -269,44 +274,70 @@ def users_with_old_entries(session: Session, older_than: datetime) -> int:
 def delete_old_entries_in_chunks(
     sessions: Callable[[], Session],
     older_than: datetime,
-    users_per_chunk: int = 1000,
+    users_per_chunk: int = PRUNE_PAGE,
     progress: Callable[[int], None] | None = None,
 ) -> DeletedOut:
     """:func:`delete_old_entries` in one transaction per ``users_per_chunk`` users (in user id
     order), so a large prune holds no lock for long and can report ``progress(users)`` after each
-    commit. A user is always pruned whole, by one statement: their removed entries and the
-    ``carried_forward`` entry holding their sum commit together, so balances equal the ledger at
-    every commit and the result is the one-statement prune's."""
+    commit. The result is the one-transaction prune's."""
     deleted = 0
     after: str | None = None
     while True:
         with sessions() as session, session.begin():
-            page = select(LedgerEntry.user_id).where(_prunable(older_than))
-            if after is not None:
-                page = page.where(LedgerEntry.user_id > after)
-            users = session.scalars(
-                page.distinct().order_by(LedgerEntry.user_id).limit(users_per_chunk)
-            ).all()
-            if not users:
-                break
-            deleted += _delete_old_entries(session, older_than, (users[0], users[-1]))
+            page = _prune_page(session, older_than, after, users_per_chunk)
+        if not page:
+            break
+        users, count = page
+        deleted += count
         if progress is not None:
             progress(len(users))
         after = users[-1]
     return DeletedOut(deleted=deleted)
 
 
-_USERS_IN_RANGE = "AND user_id >= :first AND user_id <= :last"
-_PG_CARRY_FORWARD = """
+def _prune_page(
+    session: Session, older_than: datetime, after: str | None, size: int
+) -> tuple[list[str], int] | None:
+    """Prune the next ``size`` users (in user id order, after ``after``) who have entries to
+    prune; their ids and the entries deleted, or None when no user is left.
+
+    On PostgreSQL their accounts are locked first, in user id order as every movement locks
+    them, and the prune is a statement of its own after the lock: nothing moves a user's money
+    while their history is rewritten, a refund of an entry being pruned waits and then finds it
+    gone, and a second prune reads (and folds) the first one's carried_forward entry. A user is
+    pruned whole by one statement: the rows deleted are exactly the rows summed.
+    """
+    page = select(LedgerEntry.user_id).where(_prunable(older_than))
+    if after is not None:
+        page = page.where(LedgerEntry.user_id > after)
+    page = page.distinct().order_by(LedgerEntry.user_id).limit(size)
+    if not clock.is_postgres(session):
+        users = list(session.scalars(page).all())
+        if not users:
+            return None
+        return users, _delete_old_entries_portable(session, older_than, (users[0], users[-1]))
+    lock = (
+        select(Account.user_id)
+        .where(Account.user_id.in_(page.scalar_subquery()))
+        .order_by(Account.user_id)
+        .with_for_update()
+    )
+    users = list(session.scalars(lock).all())
+    if not users:
+        return None
+    params = {"users": users, "cutoff": older_than, "cutoff_text": older_than.isoformat()}
+    return users, int(session.execute(_PG_PRUNE, params).scalar_one())
+
+
+# The locked users' entries before the cut-off, their carried_forward entry, and its split:
+# the removed entries' splits summed per grant (their own rows go with them, ON DELETE CASCADE,
+# and so do the refund caps of the removed entries).
+_PG_PRUNE = text(
+    """
     WITH gone AS (
         DELETE FROM ledger_entries
-        WHERE created_at < :cutoff {range}
-          AND user_id IN (SELECT user_id FROM ledger_entries
-                          WHERE created_at < :cutoff AND kind <> 'carried_forward' {range})
+        WHERE user_id = ANY(CAST(:users AS text[])) AND created_at < :cutoff
         RETURNING id, user_id, kind, tokens_amount, metadata, created_at
-    ), caps AS (
-        -- a refund against a pruned entry is ENTRY_NOT_FOUND, so its cap has no use left
-        DELETE FROM refund_totals WHERE entry_id IN (SELECT id FROM gone)
     ), carried AS (
         INSERT INTO ledger_entries (user_id, kind, operation_type, tokens_amount,
                                     balance_before, balance_after, metadata, created_at)
@@ -319,25 +350,22 @@ _PG_CARRY_FORWARD = """
                    'older_than', CAST(:cutoff_text AS text)),
                MAX(created_at)
         FROM gone GROUP BY user_id
+        RETURNING id, user_id
+    ), split AS (
+        INSERT INTO entry_grants (entry_id, grant_id, amount, seq)
+        SELECT c.id, s.grant_id, s.amount,
+               CAST(row_number() OVER (PARTITION BY c.id ORDER BY s.grant_id) - 1 AS integer)
+        FROM (
+            SELECT g.user_id, eg.grant_id, SUM(eg.amount) AS amount
+            FROM entry_grants eg JOIN gone g ON g.id = eg.entry_id
+            GROUP BY g.user_id, eg.grant_id
+            HAVING SUM(eg.amount) <> 0
+        ) s JOIN carried c ON c.user_id = s.user_id
         RETURNING 1
     )
-    SELECT (SELECT COUNT(*) FROM gone WHERE kind <> 'carried_forward'),
-           (SELECT COUNT(*) FROM carried)
+    SELECT COUNT(*) FROM gone WHERE kind <> 'carried_forward'
     """
-_PG_PRUNE_ALL = text(_PG_CARRY_FORWARD.format(range=""))
-_PG_PRUNE_USERS = text(_PG_CARRY_FORWARD.format(range=_USERS_IN_RANGE))
-
-
-def _delete_old_entries_pg(
-    session: Session, older_than: datetime, users: tuple[str, str] | None
-) -> int:
-    # One statement: the rows deleted are exactly the rows summed, even while new entries land.
-    params: dict[str, Any] = {"cutoff": older_than, "cutoff_text": older_than.isoformat()}
-    if users is not None:
-        params |= {"first": users[0], "last": users[1]}
-    statement = _PG_PRUNE_ALL if users is None else _PG_PRUNE_USERS
-    deleted, _carried = session.execute(statement, params).one()
-    return int(deleted)
+)
 
 
 def _delete_old_entries_portable(
@@ -379,12 +407,33 @@ def _delete_old_entries_portable(
         )
     ]
     folded = session.execute(select(func.count()).where(old, earlier_carry)).scalar_one()
-    session.execute(
-        delete(RefundTotal).where(RefundTotal.entry_id.in_(select(LedgerEntry.id).where(old)))
-    )
+    amount = func.sum(_eg.amount)
+    splits = session.execute(
+        select(LedgerEntry.user_id, _eg.grant_id, amount)
+        .join(entry_grant_table, _eg.entry_id == LedgerEntry.id)
+        .where(old)
+        .group_by(LedgerEntry.user_id, _eg.grant_id)
+        .having(amount != 0)
+        .order_by(LedgerEntry.user_id, _eg.grant_id)
+    ).all()
+    # Their splits and refund caps go with them (ON DELETE CASCADE).
     deleted = cast(CursorResult[Any], session.execute(delete(LedgerEntry).where(old))).rowcount
     if carried:
         session.execute(insert(LedgerEntry), carried)
+    if splits:
+        carry = dict(
+            session.execute(
+                select(LedgerEntry.user_id, LedgerEntry.id).where(
+                    earlier_carry, LedgerEntry.user_id.in_({u for u, _, _ in splits})
+                )
+            ).all()
+        )
+        rows = [
+            {"entry_id": carry[user], "grant_id": grant_id, "amount": int(total), "seq": n}
+            for user, of_user in groupby(splits, key=itemgetter(0))
+            for n, (_, grant_id, total) in enumerate(of_user)
+        ]
+        session.execute(insert(entry_grant_table), rows)
     return int(deleted) - int(folded)
 
 
@@ -400,19 +449,37 @@ _GRANT_ARITHMETIC_OK = and_(
 )
 
 
+def _grants_ok(user_id: str | None) -> tuple[Any, ColumnElement[bool]]:
+    """The grants joined to the sum of their entries' splits, and what a sound grant satisfies:
+    its own arithmetic, and a ``remaining`` that is the sum of its entries' splits (every
+    change to a grant is in some entry's split; a pruned history's in its carried_forward)."""
+    splits = select(_eg.grant_id, func.sum(_eg.amount).label("total")).group_by(_eg.grant_id)
+    if user_id is not None:
+        splits = splits.where(_eg.grant_id.in_(select(_g.id).where(_g.user_id == user_id)))
+    split_sq = splits.subquery()
+    joined = grant_table.outerjoin(split_sq, split_sq.c.grant_id == _g.id)
+    return joined, and_(_GRANT_ARITHMETIC_OK, _g.remaining == func.coalesce(split_sq.c.total, 0))
+
+
 def reconcile(session: Session, user_id: str | None = None) -> ReconcileOut:
     """Every user whose balance differs from the sum of their ledger, or from what their grants
     say (active grants' remaining - debt), or who has a grant whose own arithmetic fails
-    (remaining = amount - spent - expired + returned, 0 <= held <= remaining); at most 1000
-    listed. Set-based: one pass over each table, whatever the number of users."""
+    (remaining = amount - spent - expired + returned, 0 <= held <= remaining) or whose
+    remaining is not the sum of its entries' splits; at most 1000 listed. Set-based: one pass
+    over each table, whatever the number of users."""
     sums = select(LedgerEntry.user_id, func.sum(LedgerEntry.tokens_amount).label("total")).group_by(
         LedgerEntry.user_id
     )
-    held = select(
-        _g.user_id,
-        func.sum(case((_g.status == "active", _g.remaining), else_=0)).label("remaining"),
-        func.sum(case((_GRANT_ARITHMETIC_OK, 0), else_=1)).label("bad"),
-    ).group_by(_g.user_id)
+    joined, sound = _grants_ok(user_id)
+    held = (
+        select(
+            _g.user_id,
+            func.sum(case((_g.status == "active", _g.remaining), else_=0)).label("remaining"),
+            func.sum(case((sound, 0), else_=1)).label("bad"),
+        )
+        .select_from(joined)
+        .group_by(_g.user_id)
+    )
     accounts = select(Account.user_id, Account.tokens_balance, Account.debt)
     if user_id is not None:
         sums = sums.where(LedgerEntry.user_id == user_id)
@@ -447,7 +514,7 @@ def reconcile(session: Session, user_id: str | None = None) -> ReconcileOut:
         .limit(MAX_MISMATCHES_LISTED)
     ).all()
     checked = session.execute(select(func.count()).select_from(accounts_sq)).scalar_one()
-    bad = _bad_grants(session, [u for u, *_, n in rows if n])
+    bad = _bad_grants(session, [u for u, *_, n in rows if n], user_id)
     return ReconcileOut(
         checked=int(checked),
         mismatches=[
@@ -463,12 +530,14 @@ def reconcile(session: Session, user_id: str | None = None) -> ReconcileOut:
     )
 
 
-def _bad_grants(session: Session, users: list[str]) -> dict[str, list[str]]:
+def _bad_grants(session: Session, users: list[str], user_id: str | None) -> dict[str, list[str]]:
     if not users:
         return {}
+    joined, sound = _grants_ok(user_id)
     rows = session.execute(
         select(_g.user_id, _g.id)
-        .where(_g.user_id.in_(users), not_(_GRANT_ARITHMETIC_OK))
+        .select_from(joined)
+        .where(_g.user_id.in_(users), not_(sound))
         .order_by(_g.user_id, _g.id)
     )
     found: dict[str, list[str]] = {}

@@ -393,8 +393,10 @@ FROM (SELECT 1) AS one
 LEFT JOIN LATERAL (SELECT * FROM page ORDER BY {_ORDER_DESC} LIMIT 1) k ON true"""
 
 
-# The locked rows: the account as it is now (the lock re-reads it), and the write time.
-_LOCKED_COLUMNS = "a.user_id, a.tier, a.debt, GREATEST(clock_timestamp(), a.updated_at) AS at"
+# The locked rows: the account as it is now (the lock re-reads it), and the write time, read
+# around the locking query so that it is taken once the row is held (see grants.lock).
+_LOCKED_COLUMNS = "a.user_id, a.tier, a.debt, a.updated_at"
+_STAMPED = "h.user_id, h.tier, h.debt, GREATEST(clock_timestamp(), h.updated_at) AS at"
 
 # What a renewal does, set-based over the locked users (see accounting.renewal_grants for the
 # rule, one user at a time). Under the ``reset`` policy the users' previous allowance and
@@ -539,8 +541,10 @@ def _chunk_sql(phase: Phase, plans: dict[str, TierPlan]) -> str:
     """
     return f"""WITH {_TIERS}, {_page_cte(phase, plans, bounded=True)},
 locked AS (
-    SELECT {_LOCKED_COLUMNS} FROM accounts a WHERE a.ctid = ANY(ARRAY(SELECT ctid FROM page))
-    FOR UPDATE OF a SKIP LOCKED
+    SELECT {_STAMPED} FROM (
+        SELECT {_LOCKED_COLUMNS} FROM accounts a WHERE a.ctid = ANY(ARRAY(SELECT ctid FROM page))
+        FOR UPDATE OF a SKIP LOCKED
+    ) h
 ),
 {_RENEW}
 SELECT
@@ -556,9 +560,12 @@ SELECT
 # two sweeps cannot deadlock), then renewed only if still due once their holder has finished.
 _CONTESTED_SQL = f"""WITH {_TIERS},
 locked AS (
-    SELECT {_LOCKED_COLUMNS} FROM accounts a WHERE a.user_id = ANY(CAST(:contested AS text[]))
-    ORDER BY a.user_id
-    FOR UPDATE OF a
+    SELECT {_STAMPED} FROM (
+        SELECT {_LOCKED_COLUMNS} FROM accounts a
+        WHERE a.user_id = ANY(CAST(:contested AS text[]))
+        ORDER BY a.user_id
+        FOR UPDATE OF a
+    ) h
 ),
 {_RENEW}
 SELECT (SELECT count(*) FROM renewed) AS renewed, {_CHANGES} AS changes, {_BY_TIER} AS by_tier"""

@@ -164,7 +164,10 @@ class RefundTotal(Base):
 
     __tablename__ = "refund_totals"
 
-    entry_id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    # A cap lives as long as its entry: a prune that removes the entry removes its cap.
+    entry_id: Mapped[int] = mapped_column(
+        BigInteger, ForeignKey("ledger_entries.id", ondelete="CASCADE"), primary_key=True
+    )
     user_id: Mapped[str] = mapped_column(String(128))
     charged: Mapped[int] = mapped_column(BigInteger)
     refunded: Mapped[int] = mapped_column(BigInteger)

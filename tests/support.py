@@ -165,7 +165,7 @@ def assert_ledger_consistent(session: Session, *, entry_splits: bool = True) -> 
         text("SELECT id FROM ledger_entries WHERE balance_after <> balance_before + tokens_amount")
     ).all()
     assert bad_arithmetic == [], f"entries with wrong arithmetic: {bad_arithmetic}"
-    # A carried_forward entry restarts a pruned user's history, so only unpruned users chain.
+    # A pruned user's history starts with its carried_forward entry, at 0, like anyone's.
     broken_chain = session.execute(
         text(
             """
@@ -175,9 +175,6 @@ def assert_ledger_consistent(session: Session, *, entry_splits: bool = True) -> 
                            PARTITION BY user_id ORDER BY created_at, id
                        ), 0) AS previous_after
                 FROM ledger_entries
-                WHERE user_id NOT IN (
-                    SELECT user_id FROM ledger_entries WHERE kind = 'carried_forward'
-                )
             ) chained
             WHERE balance_before <> previous_after
             """
@@ -203,7 +200,7 @@ def assert_grants_consistent(session: Session, *, entry_splits: bool = True) -> 
     balance = active grants' remaining - debt; each grant's own arithmetic; what grants hold is
     what active reservations hold of them, and sums to ``tokens_reserved``; each entry's amount
     is its split less the change in debt (so every change to a grant is in some entry's split,
-    checked for users whose history was never pruned, and unless ``entry_splits`` is False: the
+    a pruned history's in its carried_forward entry; unless ``entry_splits`` is False: the
     grants migration 0004 made have no creating entry); an ended grant keeps nothing."""
 
     def none(sql: str, what: str) -> None:
@@ -262,7 +259,6 @@ def assert_grants_consistent(session: Session, *, entry_splits: bool = True) -> 
         """
         SELECT g.id, g.remaining, COALESCE(SUM(eg.amount), 0) FROM grants g
         LEFT JOIN entry_grants eg ON eg.grant_id = g.id
-        WHERE g.user_id NOT IN (SELECT user_id FROM ledger_entries WHERE kind = 'carried_forward')
         GROUP BY g.id, g.remaining HAVING g.remaining <> COALESCE(SUM(eg.amount), 0)
         """,
         "grants whose remaining is not the sum of their entries' splits",

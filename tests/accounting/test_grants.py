@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import timedelta
+from typing import Any
 
+import pytest
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
-from accounting import accounts, clock, grants, movements
+from accounting import accounts, batches, clock, grants, movements, reservations
 from accounting.errors import DomainError
-from models.schemas import MovementOut
+from models.schemas import DebitIn, Failure, MovementOut
 from tests.accounting.grant_helpers import (
     attempt,
     credited,
@@ -18,7 +21,9 @@ from tests.accounting.grant_helpers import (
     opened,
     racing_sessions,
 )
-from tests.support import assert_ledger_consistent, refused, run_in_threads
+from tests.polling import wait_for
+from tests.support import assert_ledger_consistent, blocked, refused, run_in_threads
+from worker.db import session_factory
 
 # --- burn order --------------------------------------------------------------------------------
 
@@ -188,3 +193,71 @@ def test_grants_list_active_in_burn_order_then_ended_newest_first(session: Sessi
         (small, "depleted"),
     ]
     assert_ledger_consistent(session)
+
+
+# --- the movement's time is read once the account is locked ---------------------------------
+
+
+def _debit(s: Session) -> Any:
+    return movements.debit(s, "u1", 30, "image_generation")
+
+
+def _batch(s: Session) -> Any:
+    item = DebitIn(user_id="u1", amount=30, operation_type="image_generation")
+    (result,) = batches.debit_batch(s, [item], "batch-1").results
+    return result
+
+
+def _lock(s: Session) -> Any:
+    # The lock renew_user, extend and the reads that settle due grants take.
+    return grants.lock_current(s, "u1").balance
+
+
+def _release(s: Session) -> Any:
+    held = s.execute(text("SELECT id FROM reservations")).scalar_one()
+    return reservations.release(s, held).status
+
+
+@pytest.mark.parametrize(
+    ("action", "expected"),
+    [
+        (_debit, "INSUFFICIENT_TOKENS"),
+        (_batch, "INSUFFICIENT_TOKENS"),
+        (_lock, 0),
+        (_release, "released"),
+    ],
+    ids=["debit", "debit_batch", "lock_current", "release"],
+)
+def test_a_grant_that_ends_while_a_movement_waits_for_the_lock_is_not_spent(
+    clean_db: None, action: Callable[[Session], Any], expected: Any
+) -> None:
+    """Issue 20: the time was read in the statement that waited for the row lock, so it was the
+    time the wait began. A holder that leaves the row as it was (a refused movement, a reader)
+    gave back a stale time, and a grant that ended during the wait could still be spent."""
+    factory = session_factory()
+    with factory() as s:
+        opened(s)
+        credited(s, 50, expires_at=clock.db_now(s) + timedelta(seconds=2))
+        if action is _release:
+            reservations.reserve(s, "u1", 20)
+            s.commit()
+        ends = s.execute(text("SELECT expires_at FROM grants")).scalar_one()
+    with factory() as holder:
+        holder.execute(text("SELECT 1 FROM accounts WHERE user_id = 'u1' FOR UPDATE"))
+        with blocked(lambda: attempt(factory, action)) as waiting:
+            with factory() as s:
+                wait_for(lambda: clock.db_now(s) > ends, 10, "the grant's end")
+            holder.rollback()
+        outcome = waiting.result()
+    if isinstance(outcome, DomainError):
+        outcome = outcome.code
+    elif isinstance(outcome, Failure):
+        outcome = outcome.error_code
+    assert outcome == expected
+    with factory() as s:
+        # Nothing was spent of it. A refusal leaves it due (the next read or movement, or
+        # grants.expire, writes it off); the others wrote it off themselves.
+        grant = s.execute(text("SELECT status, spent FROM grants")).one()
+        assert tuple(grant) == ("active" if expected == "INSUFFICIENT_TOKENS" else "expired", 0)
+        assert accounts.get_balance(s, "u1").tokens_balance == 0
+        assert_ledger_consistent(s)

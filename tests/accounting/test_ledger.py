@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import random
+import threading
+from collections import defaultdict
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
-from accounting import accounts, ledger, movements
-from models.schemas import EntryOut, TypeStats
+from accounting import accounts, clock, ledger, movements, reservations
+from accounting.errors import DomainError
+from models.schemas import CaptureOut, DeletedOut, EntryOut, MovementOut, ReserveOut, TypeStats
 from models.tables import LedgerEntry
-from tests.support import assert_ledger_consistent
+from tests.support import assert_ledger_consistent, attempt, blocked, run_in_threads
 from worker.db import session_factory
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -49,6 +53,14 @@ def history(session: Session) -> dict[str, str]:
         backdate(session, entry_id, day(n))
     session.commit()
     return ids
+
+
+def grant_of(session: Session, entry_id: str) -> str:
+    """The grant an entry of one split changed."""
+    grant = session.execute(
+        text("SELECT grant_id FROM entry_grants WHERE entry_id = :id"), {"id": int(entry_id)}
+    ).scalar_one()
+    return str(grant)
 
 
 def ids_of(entries: list[EntryOut]) -> list[str]:
@@ -356,6 +368,115 @@ def test_pruning_in_chunks_equals_the_one_statement_prune(session: Session) -> N
     assert_ledger_consistent(session)
 
 
+def test_a_prune_carries_the_grants_splits_forward(session: Session) -> None:
+    """Every change to a grant stays in some entry's split: the pruned entries' splits, summed
+    per grant, become the carried_forward entry's (issue 20: they went with the entries)."""
+    history(session)
+    by_grant = text("SELECT grant_id, sum(amount) FROM entry_grants GROUP BY grant_id")
+    before = {g: int(total) for g, total in session.execute(by_grant)}
+    ledger.delete_old_entries(session, day(4))
+    session.commit()
+    after = {g: int(total) for g, total in session.execute(by_grant)}
+    assert after == before
+    cf = ledger.user_entries(session, "u1").entries[-1]
+    assert cf.operation_type == "carried_forward"
+    # u1's opening grant: 100 in, 30 and 5 out before day 4.
+    assert [g.amount for g in cf.grants] == [65]
+    assert ledger.reconcile(session).mismatches == []
+    assert_ledger_consistent(session)
+
+
+def test_reconcile_names_a_grant_whose_remaining_is_not_its_entries_splits(
+    session: Session,
+) -> None:
+    ids = history(session)
+    ledger.delete_old_entries(session, day(4))
+    session.commit()
+    assert ledger.reconcile(session).mismatches == []
+    # A split edited behind the worker's back: the balance and the grant's own arithmetic hold.
+    session.execute(
+        text("UPDATE entry_grants SET amount = amount + 1 WHERE entry_id = :id"),
+        {"id": int(ids["u1_image"])},
+    )
+    session.commit()
+    grant = grant_of(session, ids["u1_image"])
+    assert [m.model_dump() for m in ledger.reconcile(session).mismatches] == [
+        {
+            "user_id": "u1",
+            "balance": 115,
+            "ledger_sum": 115,
+            "grants_balance": 115,
+            "bad_grants": [grant],
+        }
+    ]
+
+
+# --- pruning while others move money ---------------------------------------------------------
+
+
+def debited_and_refunded(session: Session) -> str:
+    """u opens with 100, is debited 100 and refunded 60 of it: balance 60, all before day 5."""
+    ids = [opening_entry(session, "u", 100)]
+    debit = movements.debit(session, "u", 100, "image_generation").ledger_entry_id
+    ids += [debit, movements.refund(session, "u", 60, original_entry_id=debit).ledger_entry_id]
+    for n, entry_id in enumerate(ids):
+        backdate(session, entry_id, day(n))
+    session.commit()
+    return debit
+
+
+def test_a_refund_waiting_on_a_prune_of_its_entry_is_refused(clean_db: None) -> None:
+    """Issue 20: the refund read the debit the prune was deleting, waited on the cap row the
+    prune deleted, then made a fresh one: 160 refunded against a debit of 100."""
+    with session_factory()() as s:
+        debit = debited_and_refunded(s)
+    with session_factory()() as pruner:
+        assert ledger.delete_old_entries(pruner, day(5)).deleted == 3
+        with blocked(lambda: attempt(movements.refund, "u", 100, original_entry_id=debit)) as r:
+            pruner.commit()
+        outcome = r.result()
+    assert isinstance(outcome, DomainError), outcome
+    assert outcome.code == "ENTRY_NOT_FOUND"
+    with session_factory()() as s:
+        assert accounts.get_balance(s, "u").tokens_balance == 60
+        assert s.execute(text("SELECT count(*) FROM refund_totals")).scalar_one() == 0
+        assert_ledger_consistent(s)
+
+
+def test_a_prune_waiting_on_a_refund_removes_its_cap_with_the_entry(clean_db: None) -> None:
+    with session_factory()() as s:
+        debit = debited_and_refunded(s)
+    with session_factory()() as refunder:
+        movements.refund(refunder, "u", 30, original_entry_id=debit)
+        with blocked(lambda: attempt(ledger.delete_old_entries, day(5))) as prune:
+            refunder.commit()
+        pruned = prune.result()
+    assert isinstance(pruned, DeletedOut) and pruned.deleted == 3
+    with session_factory()() as s:
+        assert s.execute(text("SELECT count(*) FROM refund_totals")).scalar_one() == 0
+        assert accounts.get_balance(s, "u").tokens_balance == 90
+        assert_ledger_consistent(s)
+
+
+def test_overlapping_prunes_leave_one_carried_forward_entry(clean_db: None) -> None:
+    """Issue 20: the second prune skipped what the first deleted and wrote a carry-forward of
+    its own from 0, beside the first's: two starts in one user's history."""
+    with session_factory()() as s:
+        history(s)
+    with session_factory()() as first:
+        ledger.delete_old_entries(first, day(4))
+        with blocked(lambda: attempt(ledger.delete_old_entries, day(7))) as second:
+            first.commit()
+        assert isinstance(second.result(), DeletedOut)
+    with session_factory()() as s:
+        assert carried(s) == [
+            ("u1", "carried_forward", 125, 0, 125, day(6)),
+            ("u2", "carried_forward", 30, 0, 30, day(4)),
+        ]
+        assert ledger.reconcile(s).mismatches == []
+        assert_ledger_consistent(s)
+
+
 def test_count_old_entries_changes_nothing(session: Session) -> None:
     history(session)
     before = session.execute(text("SELECT * FROM ledger_entries ORDER BY id")).all()
@@ -428,15 +549,17 @@ def test_reconcile_reports_only_corrupted_balances(session: Session) -> None:
 
 
 def test_reconcile_sees_a_lost_ledger_entry(session: Session) -> None:
-    history(session)
+    ids = history(session)
+    bought = grant_of(session, ids["u1_credit"])
     session.execute(text("DELETE FROM ledger_entries WHERE operation_type = 'purchase'"))
     session.commit()
+    # The grant the purchase made is no longer accounted for by any entry's split either.
     assert ledger.reconcile(session).mismatches[0].model_dump() == {
         "user_id": "u1",
         "balance": 115,
         "ledger_sum": 65,
         "grants_balance": 115,
-        "bad_grants": [],
+        "bad_grants": [bought],
     }
 
 
@@ -468,3 +591,72 @@ def test_a_history_page_read_while_a_grant_is_due_shows_its_expiry(session: Sess
     # Nothing due any more: the one statement is the whole read.
     assert ledger.user_entries(session, "u1").entries == page.entries
     assert_ledger_consistent(session)
+
+
+def test_prunes_racing_refunds_captures_and_debits_keep_every_invariant(clean_db: None) -> None:
+    """Random interleavings: eight threads debit, refund against earlier debits, reserve and
+    capture, and prune everything up to the database's clock, on three users. Never more
+    refunded of a debit than it charged; a refund of a pruned debit is ENTRY_NOT_FOUND; every
+    history starts at 0 and chains; every grant is the sum of its entries' splits; no deadlock."""
+    users = ["u0", "u1", "u2"]
+    with session_factory()() as s:
+        for u in users:
+            accounts.open_account(s, u, initial_balance=5_000)
+        s.commit()
+    debits: list[tuple[str, str, int]] = []  # (user, entry id, charged)
+    refunded: dict[str, int] = defaultdict(int)
+    guard = threading.Lock()
+
+    def refund(rng: random.Random) -> None:
+        with guard:
+            if not debits:
+                return
+            user, entry, charged = rng.choice(debits)
+        amount = rng.randint(1, charged)
+        out = attempt(movements.refund, user, amount, original_entry_id=entry)
+        if isinstance(out, DomainError):
+            assert out.code in ("ENTRY_NOT_FOUND", "REFUND_EXCEEDS_ORIGINAL"), out
+            return
+        with guard:
+            refunded[entry] += amount
+
+    def work(n: int) -> int:
+        rng = random.Random(n)
+        for _ in range(50):
+            user, roll = rng.choice(users), rng.random()
+            if roll < 0.3:
+                out = attempt(movements.debit, user, rng.randint(1, 40), "image_generation", True)
+                assert isinstance(out, MovementOut), out
+                with guard:
+                    debits.append((user, out.ledger_entry_id, -out.amount))
+            elif roll < 0.6:
+                refund(rng)
+            elif roll < 0.8:
+                held = attempt(reservations.reserve, user, rng.randint(1, 30))
+                assert isinstance(held, ReserveOut), held
+                amount = rng.randint(1, held.amount)
+                captured = attempt(reservations.capture, held.reservation_id, amount)
+                assert isinstance(captured, CaptureOut), captured
+            else:
+                with session_factory()() as s:
+                    now = clock.db_now(s)
+                assert isinstance(attempt(ledger.delete_old_entries, now), DeletedOut)
+        return n
+
+    run_in_threads(8, work)
+    charged = {entry: amount for _, entry, amount in debits}
+    assert {e: t for e, t in refunded.items() if t > charged[e]} == {}
+    with session_factory()() as s:
+        assert ledger.reconcile(s).mismatches == []
+        assert_ledger_consistent(s)
+        starts = s.execute(
+            text(
+                "SELECT user_id, count(*) FROM ledger_entries WHERE kind = 'carried_forward'"
+                " GROUP BY user_id HAVING count(*) > 1"
+            )
+        ).all()
+        assert starts == []
+        caps = s.execute(
+            text("SELECT entry_id, charged, refunded FROM refund_totals WHERE refunded > charged")
+        ).all()
+        assert caps == []
