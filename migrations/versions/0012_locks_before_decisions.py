@@ -23,6 +23,10 @@ Issue 20's defects and suspicions, on PostgreSQL:
   made from balances (no entry created them), are restored here onto the user's first entry,
   which stands for the history before splits were kept. After this, every grant's ``remaining``
   is the sum of its entries' splits, which ``ledger.reconcile`` now checks.
+- ``tokens_json_bytes`` measured a number as Python's ``repr`` of the float read back, while
+  the metadata bound measured what the producer sent: ``{"x": 1e300}`` passed as 12 bytes and
+  was stored as 307. The bound now measures what is stored (models.schemas.metadata_bytes writes
+  each float as PostgreSQL's numeric does), and so does this function: a number's own text.
 
 Lock order everywhere: idempotency key -> reservation -> account -> original entry / cap row ->
 grants.
@@ -46,6 +50,27 @@ branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
 FK = "fk_refund_totals_entry_id_ledger_entries"
+
+JSON_BYTES = r"""
+CREATE OR REPLACE FUNCTION tokens_json_bytes(p jsonb) RETURNS bigint
+LANGUAGE plpgsql IMMUTABLE AS $fn$
+-- The compact JSON size of a stored value: models.schemas.metadata_bytes, which counts each
+-- number as it is stored (numeric's own text), so a number is its text here.
+BEGIN
+    CASE jsonb_typeof(p)
+    WHEN 'object' THEN
+        RETURN 1 + (SELECT coalesce(sum(octet_length(to_jsonb(e.key)::text) + 2
+                                        + tokens_json_bytes(e.value)), 1)
+                    FROM jsonb_each(p) e);
+    WHEN 'array' THEN
+        RETURN 1 + (SELECT coalesce(sum(1 + tokens_json_bytes(e.value)), 1)
+                    FROM jsonb_array_elements(p) e);
+    ELSE
+        RETURN octet_length(p::text);
+    END CASE;
+END
+$fn$;
+"""
 
 LOCK = r"""
 CREATE OR REPLACE FUNCTION tokens_lock(
@@ -364,7 +389,7 @@ def upgrade() -> None:
         )
     op.execute(sa.text(RESTORE_SPLITS))
     if op.get_bind().dialect.name == "postgresql":
-        for function in (LOCK, RELEASE, REFUND):
+        for function in (LOCK, RELEASE, REFUND, JSON_BYTES):
             op.execute(function)
 
 
@@ -374,5 +399,6 @@ def downgrade() -> None:
         op.execute(import_module("migrations.versions.0008_credit_function").LOCK)
         op.execute(import_module("migrations.versions.0010_hold_functions").RELEASE)
         op.execute(import_module("migrations.versions.0011_spend_refund_over_helpers").REFUND)
+        op.execute(import_module("migrations.versions.0009_capture_function").JSON_BYTES)
     with op.batch_alter_table("refund_totals") as refund_totals:
         refund_totals.drop_constraint(FK, type_="foreignkey")

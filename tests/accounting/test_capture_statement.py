@@ -8,6 +8,7 @@ tests/accounting/test_spend_statement.py run it too).
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -15,12 +16,14 @@ from functools import partial
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from accounting import accounts, events, movements, reservations
 from accounting.errors import DomainError
-from models.schemas import CaptureOut, metadata_bytes
+from models.schemas import CaptureOut, DebitIn, metadata_bytes
 from tasks.reservations import capture as capture_task
 from tests.accounting.test_spend_statement import USERS, Pair, _outcome, _state, python_path
 from tests.support import assert_ledger_consistent, run_in_threads, statements_sent
@@ -418,3 +421,64 @@ def _fall_due(s: Session, u: str, *, rank: int) -> None:
         ),
         {"u": u, "r": rank},
     )
+
+
+# --- the metadata bound measures what is stored ------------------------------------------------
+
+# Strings the schema lets through: no NUL, no lone surrogate (neither is valid in PostgreSQL's
+# jsonb; models.schemas refuses both).
+_TEXT = st.characters(exclude_categories=["Cs"], exclude_characters="\x00")
+_JSON = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(10**30), max_value=10**30)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(_TEXT, max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(_TEXT, max_size=6), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.text(_TEXT, max_size=6), _JSON, max_size=4))
+def test_the_metadata_size_is_the_size_postgresql_stores(value: dict[str, Any]) -> None:
+    """Issue 20: Python measured what the producer sent, tokens_json_bytes() what Python read
+    back, and PostgreSQL stores numbers written out in full: {"x": 1e300} passed the 8 KiB bound
+    as 12 bytes and was stored as 307. All three now agree, for any JSON value."""
+    with session_factory()() as s:
+        stored, sql_size = s.execute(
+            text("SELECT m::text, tokens_json_bytes(m) FROM CAST(:v AS jsonb) AS t(m)"),
+            {"v": json.dumps(value)},
+        ).one()
+    read_back = json.loads(stored)
+    assert metadata_bytes(value) == sql_size == metadata_bytes(read_back)
+    compact = json.dumps(read_back, separators=(",", ":"), ensure_ascii=False)
+    if not any(isinstance(v, float) for v in _leaves(read_back)):
+        assert len(compact.encode()) == sql_size
+
+
+def _leaves(value: Any) -> Iterator[Any]:
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, dict):
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
+        else:
+            yield item
+
+
+def test_metadata_that_would_store_past_the_bound_is_refused() -> None:
+    small_to_send = {f"k{n}": 1e300 for n in range(40)}  # ~500 bytes as sent, ~12 KiB stored
+    with pytest.raises(ValueError, match="bytes serialized; at most 8192 allowed"):
+        DebitIn.model_validate(
+            {
+                "user_id": "u",
+                "amount": 1,
+                "operation_type": "chatgpt_message",
+                "metadata": small_to_send,
+            }
+        )

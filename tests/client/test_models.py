@@ -5,7 +5,8 @@ from __future__ import annotations
 import inspect
 from types import ModuleType
 
-from pydantic import BaseModel
+import pytest
+from pydantic import BaseModel, ValidationError
 
 import models.schemas
 from token_worker_client import DebitBatchOut, ErrorCode, Failure, MovementOut
@@ -58,3 +59,28 @@ def test_results_from_a_newer_worker_keep_their_new_fields() -> None:
     assert type(batch) is DebitBatchOut and batch.model_extra == {"took_ms": 3}
     (item,) = batch.results
     assert type(item) is MovementOut and item.model_extra == {"shortfall": 0}
+
+
+@pytest.mark.parametrize("number", [float("nan"), float("inf"), float("-inf")])
+def test_metadata_holding_a_number_json_has_not_is_refused(number: float) -> None:
+    """Python's json writes NaN and Infinity, PostgreSQL's jsonb refuses them: the typed client
+    refuses them first, naming metadata (the worker refuses such a message as not JSON)."""
+    with pytest.raises(ValidationError, match=r"metadata\n.*NaN or Infinity"):
+        client_models.DebitIn.model_validate(
+            {
+                "user_id": "u",
+                "amount": 1,
+                "operation_type": "chatgpt_message",
+                "metadata": {"nested": [{"x": number}]},
+            }
+        )
+
+
+@pytest.mark.parametrize(
+    ("number", "stored"),
+    [(1e300, "1" + "0" * 300), (1.5e-07, "0.00000015"), (100.0, "100.0"), (-0.0, "0.0")],
+)
+def test_metadata_is_measured_with_its_numbers_as_postgresql_stores_them(
+    number: float, stored: str
+) -> None:
+    assert client_models.metadata_bytes({"x": number}) == len('{"x":}') + len(stored)

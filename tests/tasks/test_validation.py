@@ -132,6 +132,9 @@ CASES = [
          "subscription_expires_at", "expiry-nov-31"),
     case("tokens.set_tier", {"user_id": "u", "tier": "Gift", "subscription_expires_at": 5},
          "subscription_expires_at", "expiry-int"),
+    # metadata: at most 8 KiB as stored (numbers written out in full)
+    case("tokens.debit", {**DEBIT, "metadata": {f"k{n}": 1e300 for n in range(40)}}, "metadata",
+         "metadata-stored-past-8k"),
 ]  # fmt: skip
 
 

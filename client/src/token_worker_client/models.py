@@ -9,9 +9,11 @@ Kwargs are validated in JSON mode, which is what a producer actually sends: ``tr
 from __future__ import annotations
 
 import json
+import math
 import unicodedata
 from collections.abc import Mapping
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Annotated, Any, Literal, NoReturn, Self, TypeVar
 
 from pydantic import (
@@ -49,25 +51,45 @@ def _check_no_nul(value: str) -> str:
     return value
 
 
+def _stored(number: float) -> str:
+    """A float as PostgreSQL keeps it in jsonb: a numeric, written out in full (1e300 is a 1 and
+    300 zeros, 1.5e-07 is 0.00000015; numeric has no negative zero)."""
+    return format(Decimal(repr(abs(number) if number == 0 else number)), "f")
+
+
 def metadata_bytes(value: dict[str, Any]) -> int:
-    """The size that ``MAX_METADATA_BYTES`` bounds: compact JSON, UTF-8."""
-    return len(json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode())
+    """The size that ``MAX_METADATA_BYTES`` bounds: compact JSON, UTF-8, as it is stored, each
+    number written as PostgreSQL writes it back (a bound on what Python prints would let 8 KiB
+    of ``1e300`` store as 240 KiB)."""
+    size = len(json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode())
+    pending: list[Any] = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, float):
+            size += len(_stored(item)) - len(repr(item))
+        elif isinstance(item, dict):
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
+    return size
 
 
 def _check_metadata(value: dict[str, Any]) -> dict[str, Any]:
-    size = metadata_bytes(value)
-    if size > MAX_METADATA_BYTES:
-        raise ValueError(f"is {size} bytes serialized; at most {MAX_METADATA_BYTES} allowed")
     pending: list[Any] = [value]
     while pending:
         item = pending.pop()
         if isinstance(item, str):
             _check_no_nul(item)
+        elif isinstance(item, float) and not math.isfinite(item):
+            raise ValueError("must not contain NaN or Infinity (JSON has no such numbers)")
         elif isinstance(item, dict):
             pending.extend(item.keys())
             pending.extend(item.values())
         elif isinstance(item, list):
             pending.extend(item)
+    size = metadata_bytes(value)
+    if size > MAX_METADATA_BYTES:
+        raise ValueError(f"is {size} bytes serialized; at most {MAX_METADATA_BYTES} allowed")
     return value
 
 
