@@ -8,6 +8,10 @@ nested deeply enough that pickling them for the pool raises RecursionError, a bo
 string, no ``id`` (KeyError, which kombu's Redis transport counts as a connection error, so the
 consumer reconnects and gets the same message again, forever). The guard refuses such messages
 first, and anything the original handler still raises refuses the message instead of the worker.
+
+Gossip (other workers' events on the broadcast ``celeryev`` exchange) is guarded too: Celery's
+handler reads a message's payload outside its ``try``, and the consumer takes what escapes as
+unrecoverable, so one pickled message there stopped every worker that gossips at once.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 from celery.worker.consumer.consumer import Consumer
+from celery.worker.consumer.gossip import Gossip
 
 from worker.poison import MessageCheck, Refusal, readable, refuse
 from worker.settings import get_settings
@@ -29,7 +34,26 @@ def _ids(message: Any) -> tuple[str | None, str | None]:
     return readable(headers.get("id")), readable(headers.get("task"))
 
 
+class GuardedGossip(Gossip):  # type: ignore[misc]
+    """Celery's gossip, but a message it cannot read is dropped, logged in one line and counted
+    (gossip neither acknowledges nor redelivers: nothing else is lost)."""
+
+    def on_message(self, prepare: Callable[[Any], Any], message: Any) -> Any:
+        try:
+            return super().on_message(prepare, message)
+        except Exception as exc:
+            error = f"gossip message: cannot be read ({type(exc).__name__})"
+            refuse(Refusal(None, None, "decode", error), self.app.backend)
+            return None
+
+
 class GuardedConsumer(Consumer):  # type: ignore[misc]
+    class Blueprint(Consumer.Blueprint):  # type: ignore[misc]
+        default_steps = tuple(
+            "worker.consumer:GuardedGossip" if step.endswith(":Gossip") else step
+            for step in Consumer.Blueprint.default_steps
+        )
+
     def create_task_handler(self, *args: Any, **kwargs: Any) -> Callable[[Any], Any]:
         on_task_received = super().create_task_handler(*args, **kwargs)
         check = MessageCheck.from_settings(get_settings())

@@ -37,7 +37,7 @@ from kombu.message import Message
 from accounting.accounts import open_account
 from tests import dbstate
 from tests.polling import wait_for
-from tests.support import WorkerProcess
+from tests.support import WorkerProcess, running_workers
 from worker.db import session_scope
 
 QUEUE = f"poison-{os.getpid()}"
@@ -724,3 +724,35 @@ def test_refusals_are_counted_by_reason() -> None:
     assert [(e["task_id"], e["task"], e["reason"]) for e in seen] == [
         (None, "tokens.debit", "depth")
     ]
+
+
+@pytest.mark.parametrize("routing_key", ["worker.elect", "worker.online"])
+def test_a_gossip_message_the_worker_cannot_read_is_dropped(app: Celery, routing_key: str) -> None:
+    """Issue 20: gossip (on by default: compose and the image run it) read the payload of what
+    arrived on the broadcast celeryev exchange outside any guard, and the consumer took the
+    error as unrecoverable: one pickled message there stopped every worker that gossips."""
+    from celery.events.event import get_exchange
+    from kombu import Producer  # type: ignore[attr-defined]
+
+    w = WorkerProcess(f"gossip-{os.getpid()}", concurrency=1, queues=QUEUE)
+    w.argv.remove("--without-gossip")
+    with running_workers(app, w):
+        # Gossip has bound its queue to the exchange once the worker answers pings.
+        with Connection(os.environ["TOKENS_BROKER_URL"]) as conn:  # type: ignore[no-untyped-call]
+            events = get_exchange(conn)  # fanout on Redis, topic on RabbitMQ, as Celery has it
+            Producer(conn).publish(  # type: ignore[no-untyped-call]
+                pickle.dumps({"hostname": "elsewhere"}),
+                exchange=events,
+                declare=[events],
+                routing_key=routing_key,
+                content_type="application/x-python-serialize",
+                content_encoding="binary",
+            )
+        assert w.proc is not None
+        proc = w.proc
+        dropped = "gossip message: cannot be read"
+        wait_for(lambda: proc.poll() is not None or dropped in w.log_path.read_text(), 10, "drop")
+        assert proc.poll() is None, f"the worker stopped; see {w.log_path}"
+        out = app.send_task("health.ping", queue=QUEUE).get(timeout=20)
+        assert out["success"] is True
+    assert "Unrecoverable error" not in w.log_path.read_text()
