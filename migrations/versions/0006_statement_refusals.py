@@ -19,28 +19,17 @@ from collections.abc import Sequence
 
 from alembic import op
 
+from migrations import snapshot
+
 revision: str = "0006"
 down_revision: str | None = "0005"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
-OK = r"""
-CREATE OR REPLACE FUNCTION tokens_ok(p_row jsonb) RETURNS boolean
-LANGUAGE plpgsql VOLATILE AS $fn$
-BEGIN
-    IF p_row->>'status' IN ('ok', 'replay') THEN
-        RETURN true;
-    END IF;
-    RAISE EXCEPTION USING ERRCODE = 'TKREF', MESSAGE = 'refused: ' || (p_row->>'status'),
-                          DETAIL = p_row::text;
-END
-$fn$;
-"""
-
 
 def upgrade() -> None:
     if op.get_bind().dialect.name == "postgresql":
-        op.execute(OK)
+        snapshot.apply("0006", "tokens_ok")
 
 
 def downgrade() -> None:
