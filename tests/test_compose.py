@@ -40,11 +40,14 @@ from celery import Celery
 
 from tests.polling import wait_for
 from tests.support import ROOT
+from tests.test_ops import run_promtool
 from worker.config import celery_config
 from worker.devenv import Scratch
 from worker.settings import Settings
 
 COMPOSE_FILE = ROOT / "docker-compose.yml"
+ENV_EXAMPLE = ROOT / ".env.example"
+PROMETHEUS_CONFIG = ROOT / "ops" / "prometheus" / "prometheus.yml"
 BIN = Path(sys.executable).parent
 COMPOSE_ENV = {"POSTGRES_PASSWORD": "compose-test", "FLOWER_BASIC_AUTH": "ops:compose-test"}
 OUR_IMAGE = "token-worker:local"
@@ -159,6 +162,77 @@ def test_metrics_are_reachable_on_the_compose_network_only() -> None:
     for name in serving:
         assert services[name]["environment"]["TOKENS_METRICS_ADDR"] == "0.0.0.0", name
         assert "ports" not in services[name], name
+
+
+def compose_variables(value: Any) -> dict[str, str]:
+    """Every ``${VAR…}`` the file interpolates (comments are not read), each with its operator
+    (``:-``, ``-``, ``:?``, ``?`` or empty)."""
+    if isinstance(value, dict):
+        return {k: op for v in value.values() for k, op in compose_variables(v).items()}
+    if isinstance(value, list):
+        return {k: op for v in value for k, op in compose_variables(v).items()}
+    if not isinstance(value, str):
+        return {}
+    return {m.group(2): m.group(3) or "" for m in _VARIABLE.finditer(value) if m.group(2)}
+
+
+def env_example() -> dict[str, str]:
+    lines = ENV_EXAMPLE.read_text().splitlines()
+    pairs = [line.split("=", 1) for line in lines if line.strip() and not line.startswith("#")]
+    return {name: value for name, value in pairs}
+
+
+def test_env_example_lists_every_variable_compose_reads() -> None:
+    read = compose_variables(raw_compose())
+    example = env_example()
+    assert set(example) == set(read)
+    # Secrets are placeholders that say so; a variable with a default shows that default, so a
+    # copied .env changes nothing but the secrets.
+    for name, op in read.items():
+        if op.endswith("?"):
+            assert example[name].split(":")[-1].startswith("change-me"), name
+    defaults = {
+        m.group(2): m.group(4)
+        for m in _VARIABLE.finditer(COMPOSE_FILE.read_text())
+        if m.group(3) in {":-", "-"}
+    }
+    assert defaults and all(example[name] == default for name, default in defaults.items())
+    # With the example as the environment the file interpolates and follows the spec.
+    validator = jsonschema.Draft202012Validator(compose_schema())
+    assert [e.message for e in validator.iter_errors(interpolate(raw_compose(), example))] == []
+
+
+def test_published_ports_are_on_loopback_only() -> None:
+    services = compose()["services"]
+    published = {n: s["ports"] for n, s in services.items() if "ports" in s}
+    # Redis for producers on the host, Flower and Prometheus for operators; never PostgreSQL,
+    # never the workers' metrics.
+    assert set(published) == {"redis", "flower", "prometheus"}
+    for name, ports in published.items():
+        assert all(str(p).startswith("127.0.0.1:") for p in ports), (name, ports)
+
+
+def test_prometheus_finds_every_worker_replica() -> None:
+    # A static "worker:9808" target is one address per scrape, so one replica; DNS service
+    # discovery makes each A record (one per replica) a target of its own.
+    services = compose()["services"]
+    config = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
+    (job,) = [j for j in config["scrape_configs"] if j["job_name"] == "token-worker"]
+    assert "static_configs" not in job
+    (discovery,) = job["dns_sd_configs"]
+    serving = {n for n, s in services.items() if "TOKENS_METRICS_PORT" in s.get("environment", {})}
+    assert discovery["type"] == "A"
+    assert set(discovery["names"]) == serving
+    for name in serving:
+        assert services[name]["environment"]["TOKENS_METRICS_PORT"] == str(discovery["port"])
+    assert services["worker"]["deploy"]["replicas"] > 1
+    prometheus = services["prometheus"]
+    assert "./ops/prometheus:/etc/prometheus:ro" in prometheus["volumes"]
+    assert "--config.file=/etc/prometheus/prometheus.yml" in prometheus["command"]
+    assert config["rule_files"] == ["alerts.yml"]  # beside it, in the same mounted folder
+    checked = run_promtool("check", "config", str(PROMETHEUS_CONFIG))
+    assert "is valid prometheus config file" in checked
+    assert f"Checking {PROMETHEUS_CONFIG.parent / 'alerts.yml'}" in checked  # found, checked
 
 
 # --- the stack, run -----------------------------------------------------------------------------
