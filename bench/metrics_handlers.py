@@ -30,8 +30,7 @@ def main() -> None:
 def per_task(tasks: int) -> float:
     from worker import metrics
 
-    metrics._known_types = frozenset({"image_generation"})
-    metrics._queues = frozenset({"celery"})
+    metrics.configure(frozenset({"image_generation"}), frozenset({"celery"}))
     info = {"routing_key": "celery"}
     request = SimpleNamespace(delivery_info=info, eta=None, kwargs={})
     task: Any = SimpleNamespace(name="tokens.debit", request=request)
