@@ -63,9 +63,9 @@ def open_account(
     tier_of(tier)
     if initial_balance < 0:
         raise negative_balance()
-    now = clock.now_sql(session)
+    now = clock.now_sql()
     inserted = session.execute(
-        insert_ignoring_conflicts(session, Account)
+        insert_ignoring_conflicts(Account)
         .values(
             user_id=user_id,
             tier=tier,
@@ -108,7 +108,7 @@ def set_tier(
         .values(
             tier=tier,
             subscription_expires_at=subscription_expires_at,
-            updated_at=clock.stamp(session, Account.updated_at),
+            updated_at=clock.stamp(Account.updated_at),
         )
         .returning(Account.user_id)
         .execution_options(synchronize_session=False)

@@ -95,16 +95,14 @@ def debit_many(
 ) -> DebitBatchOut:
     """:func:`debit_batch` with each item's idempotency key given (the coalescer gives each
     single debit its own, as ``tokens.debit`` would: its key, else its task id)."""
-    if clock.is_postgres(session):
-        return _set_based(session, items, keys)
-    return _all_item_by_item(session, items, keys)
+    return _set_based(session, items, keys)
 
 
 def debit_batch_item_by_item(
     session: Session, items: Sequence[DebitIn], task_id: str | None
 ) -> DebitBatchOut:
-    """Every item through ``movements.debit`` in its own savepoint (SQLite; and the baseline
-    ``bench/debit_batches.py`` measures the set-based path against)."""
+    """Every item through ``movements.debit`` in its own savepoint: the baseline
+    ``bench/debit_batches.py`` measures the set-based path against."""
     return _all_item_by_item(session, items, [item_key(i, task_id, n) for n, i in enumerate(items)])
 
 
@@ -208,7 +206,7 @@ _LOCK_AND_READ = select(
     _HELD.c.tokens_reserved,
     _HELD.c.tokens_spent,
     _HELD.c.debt,
-    clock.stamp("postgresql", _HELD.c.updated_at),
+    clock.stamp(_HELD.c.updated_at),
 ).order_by(_HELD.c.user_id)
 # Read after the lock (a statement of its own, so READ COMMITTED reads what the previous holder
 # of each lock committed): every grant with free tokens, in burn order, the due ones included.

@@ -4,9 +4,6 @@ Workers' clocks drift apart; the database's is one. A movement takes its time in
 statement that changes the account row, after the row lock is granted, and never earlier than
 the account's previous change (``stamp``), so for each user the entries in ``created_at`` order
 (ties by ``id``) are exactly the order they were applied, whatever the workers' clocks say.
-
-The embedded SQLite default runs on the worker's own host, so there the database's clock and the
-worker's are one clock: the time is bound from Python when the statement runs.
 """
 
 from __future__ import annotations
@@ -14,52 +11,35 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, bindparam, func, literal, select
+from sqlalchemy import ColumnElement, func, literal, select
 from sqlalchemy.orm import Session
 
-from models.tables import UTCDateTime, utcnow
+from models.tables import UTCDateTime
 
 
-def dialect_of(where: Session | str) -> str:
-    """The dialect name of a session (or the name itself, for statements built once)."""
-    return where if isinstance(where, str) else where.get_bind().dialect.name
+def now_sql() -> ColumnElement[datetime]:
+    """The database's current time as an SQL expression, evaluated where it is used:
+    ``clock_timestamp()``, the time the row is written, not the start of the transaction or
+    statement (which may have waited for a lock meanwhile)."""
+    return func.clock_timestamp(type_=UTCDateTime())
 
 
-def is_postgres(where: Session | str) -> bool:
-    return dialect_of(where) == "postgresql"
-
-
-def now_sql(where: Session | str) -> ColumnElement[datetime]:
-    """The database's current time as an SQL expression, evaluated where it is used.
-
-    On PostgreSQL ``clock_timestamp()``: the time the row is written, not the start of the
-    transaction or statement (which may have waited for a lock meanwhile).
-    """
-    if is_postgres(where):
-        return func.clock_timestamp(type_=UTCDateTime())
-    # callable_: read when the statement runs, so statements built once stay correct.
-    return bindparam(None, callable_=utcnow, type_=UTCDateTime())
-
-
-def stamp(where: Session | str, previous: Any) -> ColumnElement[datetime]:
+def stamp(previous: Any) -> ColumnElement[datetime]:
     """``now_sql`` but never before ``previous`` (the column holding the account's last change):
     the per-user clock that keeps a user's entries in order even if the server's clock steps
     back."""
-    if is_postgres(where):
-        return func.greatest(now_sql(where), previous, type_=UTCDateTime())
-    # SQLite keeps UTC as text in one fixed format, so max() of the two orders correctly.
-    return func.max(now_sql(where), previous, type_=UTCDateTime())
+    return func.greatest(now_sql(), previous, type_=UTCDateTime())
 
 
 def at(session: Session, now: datetime | None) -> ColumnElement[datetime]:
     """``now`` as an SQL value when a caller simulates a moment (tests, tools), else the
     database's clock."""
     if now is None:
-        return now_sql(session)
+        return now_sql()
     return literal(now, type_=UTCDateTime())
 
 
 def db_now(session: Session) -> datetime:
     """The database's current time, read once (for decisions such as a renewal cutoff)."""
-    value: datetime = session.execute(select(now_sql(session))).scalar_one()
+    value: datetime = session.execute(select(now_sql())).scalar_one()
     return value

@@ -21,12 +21,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import bindparam, select, text
+from sqlalchemy import bindparam, text
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import Session
 from sqlalchemy.types import String
 
-from accounting import clock, grants
+from accounting import grants
 from accounting.events import note_balance_change, note_grants_expired
 from models.tables import UTCDateTime, grant_table
 
@@ -65,9 +65,7 @@ def expire_all(
 def expire_chunk(session: Session, limit: int = EXPIRE_CHUNK, now: datetime | None = None) -> Chunk:
     """Expire the due grants of the users of (up to) ``limit`` due grants. Nothing committed;
     the events are sent once the caller commits."""
-    if clock.is_postgres(session):
-        return _chunk_postgresql(session, limit, now)
-    return _chunk_portable(session, limit, now)
+    return _chunk_postgresql(session, limit, now)
 
 
 # The accounts of a chunk of due grants (through the partial index ix_grants_active_expiry),
@@ -162,23 +160,3 @@ def _chunk_postgresql(session: Session, limit: int, now: datetime | None) -> Chu
 
 
 _g = grant_table.c
-
-
-def _chunk_portable(session: Session, limit: int, now: datetime | None) -> Chunk:
-    # SQLite (the embedded default) admits one writer at a time (BEGIN IMMEDIATE), so nothing
-    # changes these grants between this read and the writes below. expire_grant notes the
-    # events, grant by grant.
-    rows = session.execute(
-        select(_g.user_id, _g.id, _g.remaining - _g.held)
-        .where(grants.due_unheld(clock.at(session, now)))
-        .order_by(_g.user_id, _g.expires_at, _g.id)
-        .limit(limit)
-    ).all()
-    users: dict[str, list[tuple[int, int]]] = {}
-    for user_id, grant_id, left in rows:
-        users.setdefault(user_id, []).append((int(grant_id), int(left)))
-    for user_id, due in users.items():
-        locked = grants.lock(session, user_id)
-        for grant_id, left in due:
-            locked = grants.expire_grant(session, locked, grant_id, left)
-    return Chunk(len(users), len(rows), sum(int(r[2]) for r in rows))

@@ -33,11 +33,12 @@ from sqlalchemy import (
     literal,
     or_,
     select,
+    text,
     update,
 )
 from sqlalchemy.orm import Session
 
-from accounting import clock
+from accounting import clock, statements
 from accounting.errors import user_not_found
 from accounting.events import note_balance_change, note_grants_expired
 from models.schemas import GrantOut, GrantsOut, NextExpiry
@@ -87,18 +88,18 @@ def _lock_statement(session: Session) -> Select[Any]:
     # account's previous change (accounting.clock.stamp). PostgreSQL computes a locking query's
     # columns before it waits, and again only if the holder changed the row, so the clock is
     # read in the query around the locking one, which runs once the row is held.
-    row = select(
-        _a.tokens_balance, _a.tokens_reserved, _a.tokens_spent, _a.debt, _a.updated_at
-    ).where(_a.user_id == bindparam("uid"))
-    if clock.is_postgres(session):
-        row = row.with_for_update()
-    held = row.subquery()
+    held = (
+        select(_a.tokens_balance, _a.tokens_reserved, _a.tokens_spent, _a.debt, _a.updated_at)
+        .where(_a.user_id == bindparam("uid"))
+        .with_for_update()
+        .subquery()
+    )
     return select(
         held.c.tokens_balance,
         held.c.tokens_reserved,
         held.c.tokens_spent,
         held.c.debt,
-        clock.stamp(session, held.c.updated_at),
+        clock.stamp(held.c.updated_at),
     )
 
 
@@ -419,21 +420,34 @@ def expire_grant(session: Session, locked: Locked, grant_id: int, tokens: int) -
     return after
 
 
+_LOCK_CURRENT = text("SELECT * FROM tokens_lock(:user_id)")
+
+
 def lock_current(session: Session, user_id: str) -> Locked:
-    """:func:`lock`, then :func:`expire_due`: the account as a movement may use it."""
-    return expire_due(session, lock(session, user_id))
+    """The account locked and its due grants expired, as a movement may use it. On PostgreSQL
+    that is ``tokens_lock`` (sql/accounts/tokens_lock.sql), the one definition of the lock, the
+    movement's time and a due grant's expiry that every statement uses."""
+    row = session.execute(_LOCK_CURRENT, {"user_id": user_id}).one()
+    if row.moment is None:
+        raise user_not_found()
+    statements.note_expiries(
+        session, user_id, int(row.reserved), row.expired_tokens, row.expired_balances
+    )
+    return Locked(
+        user_id, int(row.balance), int(row.reserved), int(row.spent), int(row.debt), row.moment
+    )
 
 
 def any_due(session: Session, user_id: str) -> ColumnElement[bool]:
     """Whether ``user_id`` has a due grant, as an SQL expression (one index probe)."""
-    return exists().where(_g.user_id == user_id, _due(clock.now_sql(session)))
+    return exists().where(_g.user_id == user_id, _due(clock.now_sql()))
 
 
 def settle_reads(session: Session, user_id: str) -> None:
     """Before a read of one user: expire their due grants, if any, so every read sees a due
     grant as expired (one index probe when none is due; the lock only when one is)."""
     if session.execute(select(any_due(session, user_id))).scalar_one():
-        expire_due(session, lock(session, user_id))
+        lock_current(session, user_id)
 
 
 # --- reads ------------------------------------------------------------------------------------
@@ -504,7 +518,7 @@ def next_expiry(session: Session, user_id: str) -> NextExpiry | None:
     ending = (
         select(_g.expires_at, _g.remaining)
         .where(_g.user_id == user_id, _g.status == ACTIVE, _g.remaining > 0)
-        .where(_g.expires_at > clock.now_sql(session))
+        .where(_g.expires_at > clock.now_sql())
         .subquery()
     )
     soonest = select(func.min(ending.c.expires_at)).scalar_subquery()

@@ -15,13 +15,13 @@ from typing import Any, TypeVar, cast
 
 from pydantic import BaseModel
 from sqlalchemy import Insert, bindparam, delete, literal, select, tuple_, update
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import CursorResult
 from sqlalchemy.orm import Session
 
 from accounting import clock
 from accounting.errors import idempotency_conflict
-from models.tables import UTCDateTime, idempotency_table, utcnow
+from models.tables import idempotency_table
 
 
 def request_hash(operation: str, **params: Any) -> str:
@@ -30,25 +30,14 @@ def request_hash(operation: str, **params: Any) -> str:
     return hashlib.sha256(body.encode()).hexdigest()
 
 
-def dialect_insert(session: Session, table: Any) -> postgresql.Insert | sqlite.Insert:
-    """An INSERT of the session's dialect, which knows ``ON CONFLICT``."""
-    dialect = clock.dialect_of(session)
-    if dialect == "postgresql":
-        return postgresql.insert(table)
-    if dialect == "sqlite":
-        return sqlite.insert(table)
-    raise NotImplementedError(f"no ON CONFLICT support for {dialect}")
-
-
-def insert_ignoring_conflicts(session: Session, table: Any) -> Insert:
-    """``INSERT … ON CONFLICT DO NOTHING`` in the session's dialect."""
-    return dialect_insert(session, table).on_conflict_do_nothing()
+def insert_ignoring_conflicts(table: Any) -> Insert:
+    """``INSERT … ON CONFLICT DO NOTHING``."""
+    return postgresql.insert(table).on_conflict_do_nothing()
 
 
 R = TypeVar("R", bound=BaseModel)
 
 _records = idempotency_table
-_claims: dict[str, Insert] = {}
 _READ = select(_records.c.request_hash, _records.c.response).where(
     _records.c.user_id == bindparam("uid"), _records.c.key == bindparam("k")
 )
@@ -64,16 +53,9 @@ _RECORD = (
 )
 
 
-def _claim_statement(session: Session) -> Insert:
-    dialect = clock.dialect_of(session)
-    stmt = _claims.get(dialect)
-    if stmt is None:
-        stmt = _claims[dialect] = (
-            insert_ignoring_conflicts(session, _records)
-            .values(created_at=clock.now_sql(dialect))
-            .returning(_records.c.key)
-        )
-    return stmt
+_CLAIM = (
+    insert_ignoring_conflicts(_records).values(created_at=clock.now_sql()).returning(_records.c.key)
+)
 
 
 def claim(session: Session, user_id: str, key: str | None, digest: str) -> dict[str, Any] | None:
@@ -84,7 +66,7 @@ def claim(session: Session, user_id: str, key: str | None, digest: str) -> dict[
     if key is None:
         return None
     claimed = session.execute(
-        _claim_statement(session), {"user_id": user_id, "key": key, "request_hash": digest}
+        _CLAIM, {"user_id": user_id, "key": key, "request_hash": digest}
     ).first()
     if claimed is not None:
         return None
@@ -111,7 +93,7 @@ def claim_many(session: Session, claims: Iterable[tuple[str, str, str]]) -> None
         first.setdefault((user_id, key), digest)
     if first:
         session.execute(
-            insert_ignoring_conflicts(session, _records).values(created_at=clock.now_sql(session)),
+            insert_ignoring_conflicts(_records).values(created_at=clock.now_sql()),
             [{"user_id": u, "key": k, "request_hash": first[(u, k)]} for u, k in sorted(first)],
         )
 
@@ -147,21 +129,15 @@ def prune(session: Session, retention: timedelta, limit: int = PRUNE_CHUNK) -> i
     """Delete up to ``limit`` records older than ``retention`` (by the database's clock), oldest
     first; returns how many. Past the retention a key no longer replays: the same request
     applies again."""
-    postgres = clock.is_postgres(session)
-    cutoff = (
-        clock.now_sql(session) - literal(retention)
-        if postgres  # SQLite has no date arithmetic on its text timestamps; same host clock
-        else literal(utcnow() - retention, type_=UTCDateTime())
-    )
+    cutoff = clock.now_sql() - literal(retention)
+    # Rows a live transaction holds (a claim being decided) are skipped, not waited for.
     oldest = (
         select(_records.c.user_id, _records.c.key)
         .where(_records.c.created_at < cutoff)
         .order_by(_records.c.created_at)
         .limit(limit)
+        .with_for_update(skip_locked=True)
     )
-    if postgres:
-        # Rows a live transaction holds (a claim being decided) are skipped, not waited for.
-        oldest = oldest.with_for_update(skip_locked=True)
     gone = session.execute(
         delete(_records).where(tuple_(_records.c.user_id, _records.c.key).in_(oldest))
     )

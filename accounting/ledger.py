@@ -4,28 +4,23 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import datetime
-from itertools import groupby
-from operator import itemgetter
-from typing import Any, cast
+from typing import Any
 
 from sqlalchemy import (
     ColumnElement,
     Select,
     and_,
     case,
-    delete,
     func,
-    insert,
     not_,
     or_,
     select,
     text,
 )
 from sqlalchemy.dialects.postgresql import aggregate_order_by
-from sqlalchemy.engine import CursorResult
 from sqlalchemy.orm import Session
 
-from accounting import clock, grants
+from accounting import grants
 from models.schemas import (
     DeletedOut,
     EntriesOut,
@@ -94,52 +89,30 @@ def _page(
     offset: int,
     due: ColumnElement[bool] | None = None,
 ) -> tuple[EntriesOut, bool | None]:
-    """The page ``stmt`` selects, and on PostgreSQL whether ``due`` held when it was read (None
-    for an empty page, or without ``due``)."""
+    """The page ``stmt`` selects, and whether ``due`` held when it was read (None for an empty
+    page, or without ``due``)."""
     stmt = stmt.order_by(_e.created_at.desc(), _e.id.desc()).limit(limit).offset(offset)
-    if clock.is_postgres(session):
-        # The page, each entry's split and the probe in one statement (one round trip, not
-        # three: at 10M rows the queries cost well under a millisecond, the round trips most
-        # of the rest).
-        eg = entry_grant_table.c
-        split = (
-            select(
-                func.json_agg(
-                    aggregate_order_by(func.json_build_array(eg.grant_id, eg.amount), eg.seq)
-                )
-            )
-            .where(eg.entry_id == _e.id)
-            .scalar_subquery()
-        )
-        stmt = stmt.add_columns(split.label("splits"))
-        if due is not None:
-            stmt = stmt.add_columns(due.label("due"))
-        rows = session.execute(stmt).all()
-        entries = [
-            entry_out(r, [EntrySplit(grant_id=str(g), amount=int(a)) for g, a in r.splits or ()])
-            for r in rows
-        ]
-        found = bool(rows[0].due) if rows and due is not None else None
-        return EntriesOut(entries=entries), found
-    rows = session.execute(stmt).all()
-    splits = _splits(session, [e.id for e in rows])
-    return EntriesOut(entries=[entry_out(e, splits.get(e.id)) for e in rows]), None
-
-
-def _splits(session: Session, entry_ids: list[int]) -> dict[int, list[EntrySplit]]:
-    """How each of the entries split across grants, for a whole page in one query."""
-    found: dict[int, list[EntrySplit]] = {}
-    if not entry_ids:
-        return found
+    # The page, each entry's split and the probe in one statement (one round trip, not
+    # three: at 10M rows the queries cost well under a millisecond, the round trips most
+    # of the rest).
     eg = entry_grant_table.c
-    rows = session.execute(
-        select(eg.entry_id, eg.grant_id, eg.amount)
-        .where(eg.entry_id.in_(entry_ids))
-        .order_by(eg.entry_id, eg.seq)
+    split = (
+        select(
+            func.json_agg(aggregate_order_by(func.json_build_array(eg.grant_id, eg.amount), eg.seq))
+        )
+        .where(eg.entry_id == _e.id)
+        .scalar_subquery()
     )
-    for entry_id, grant_id, amount in rows:
-        found.setdefault(entry_id, []).append(EntrySplit(grant_id=str(grant_id), amount=amount))
-    return found
+    stmt = stmt.add_columns(split.label("splits"))
+    if due is not None:
+        stmt = stmt.add_columns(due.label("due"))
+    rows = session.execute(stmt).all()
+    entries = [
+        entry_out(r, [EntrySplit(grant_id=str(g), amount=int(a)) for g, a in r.splits or ()])
+        for r in rows
+    ]
+    found = bool(rows[0].due) if rows and due is not None else None
+    return EntriesOut(entries=entries), found
 
 
 def user_entries(
@@ -311,11 +284,6 @@ def _prune_page(
     if after is not None:
         page = page.where(LedgerEntry.user_id > after)
     page = page.distinct().order_by(LedgerEntry.user_id).limit(size)
-    if not clock.is_postgres(session):
-        users = list(session.scalars(page).all())
-        if not users:
-            return None
-        return users, _delete_old_entries_portable(session, older_than, (users[0], users[-1]))
     lock = (
         select(Account.user_id)
         .where(Account.user_id.in_(page.scalar_subquery()))
@@ -366,75 +334,6 @@ _PG_PRUNE = text(
     SELECT COUNT(*) FROM gone WHERE kind <> 'carried_forward'
     """
 )
-
-
-def _delete_old_entries_portable(
-    session: Session, older_than: datetime, users: tuple[str, str] | None
-) -> int:
-    # SQLite has no data-modifying CTE; its writers are serialised (BEGIN IMMEDIATE), so the
-    # sum and the delete below see the same rows.
-    before = LedgerEntry.created_at < older_than
-    if users is not None:
-        before = and_(before, LedgerEntry.user_id.between(*users))
-    earlier_carry = LedgerEntry.kind == CARRIED_FORWARD
-    prunable = select(LedgerEntry.user_id).where(before, ~earlier_carry)
-    old = and_(before, LedgerEntry.user_id.in_(prunable))
-    carried: list[dict[str, Any]] = [
-        {
-            "user_id": user_id,
-            "kind": CARRIED_FORWARD,
-            "operation_type": CARRIED_FORWARD,
-            "tokens_amount": int(total),
-            "balance_before": 0,
-            "balance_after": int(total),
-            "meta": {"entries": int(count), "older_than": older_than.isoformat()},
-            "created_at": latest,
-        }
-        for user_id, total, count, latest in session.execute(
-            select(
-                LedgerEntry.user_id,
-                func.sum(LedgerEntry.tokens_amount),
-                func.sum(
-                    case(
-                        (earlier_carry, func.coalesce(LedgerEntry.meta["entries"].as_integer(), 1)),
-                        else_=1,
-                    )
-                ),
-                func.max(LedgerEntry.created_at),
-            )
-            .where(old)
-            .group_by(LedgerEntry.user_id)
-        )
-    ]
-    folded = session.execute(select(func.count()).where(old, earlier_carry)).scalar_one()
-    amount = func.sum(_eg.amount)
-    splits = session.execute(
-        select(LedgerEntry.user_id, _eg.grant_id, amount)
-        .join(entry_grant_table, _eg.entry_id == LedgerEntry.id)
-        .where(old)
-        .group_by(LedgerEntry.user_id, _eg.grant_id)
-        .having(amount != 0)
-        .order_by(LedgerEntry.user_id, _eg.grant_id)
-    ).all()
-    # Their splits and refund caps go with them (ON DELETE CASCADE).
-    deleted = cast(CursorResult[Any], session.execute(delete(LedgerEntry).where(old))).rowcount
-    if carried:
-        session.execute(insert(LedgerEntry), carried)
-    if splits:
-        carry = dict(
-            session.execute(
-                select(LedgerEntry.user_id, LedgerEntry.id).where(
-                    earlier_carry, LedgerEntry.user_id.in_({u for u, _, _ in splits})
-                )
-            ).all()
-        )
-        rows = [
-            {"entry_id": carry[user], "grant_id": grant_id, "amount": int(total), "seq": n}
-            for user, of_user in groupby(splits, key=itemgetter(0))
-            for n, (_, grant_id, total) in enumerate(of_user)
-        ]
-        session.execute(insert(entry_grant_table), rows)
-    return int(deleted) - int(folded)
 
 
 _g = grant_table.c

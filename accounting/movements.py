@@ -10,6 +10,7 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import Session
 
 from accounting import credit as credit_statement
@@ -409,7 +410,7 @@ def _check_refundable(session: Session, user_id: str, entry_id: int, amount: int
     if amount <= charged:
         totals = refund_total_table.c
         added = session.execute(
-            idempotency.dialect_insert(session, refund_total_table)
+            postgresql.insert(refund_total_table)
             .values(entry_id=entry_id, user_id=user_id, charged=charged, refunded=amount)
             .on_conflict_do_update(
                 index_elements=[totals.entry_id],

@@ -611,40 +611,10 @@ def _page(
 ) -> Page:
     """The next ``n`` due users of ``phase`` after ``after`` (up to ``upto``, inclusive), in
     sweep order; locks nothing."""
-    if clock.is_postgres(session):
-        sql = f"WITH {_page_cte(phase, plans, bounded=upto is not None)}"
-        sql += " SELECT user_id, last_renewal_at FROM page ORDER BY last_renewal_at, user_id"
-        rows = session.execute(text(sql), _params(plans, now, after, n, upto))
-        return [(u, t) for u, t in rows]
-    stmt = select(Account.user_id, Account.last_renewal_at).where(due_clause(plans, now))
-    if phase is Phase.NEVER:
-        stmt = stmt.where(
-            Account.last_renewal_at.is_(None), Account.user_id > after.user_id
-        ).order_by(Account.user_id)
-        if upto is not None:
-            stmt = stmt.where(Account.user_id <= upto.user_id)
-    else:
-        stmt = stmt.where(
-            Account.last_renewal_at.is_not(None),
-            or_(
-                Account.last_renewal_at > after.renewed_at,
-                and_(
-                    Account.last_renewal_at == after.renewed_at,
-                    Account.user_id > after.user_id,
-                ),
-            ),
-        ).order_by(Account.last_renewal_at, Account.user_id)
-        if upto is not None:
-            stmt = stmt.where(
-                or_(
-                    Account.last_renewal_at < upto.renewed_at,
-                    and_(
-                        Account.last_renewal_at == upto.renewed_at,
-                        Account.user_id <= upto.user_id,
-                    ),
-                )
-            )
-    return [(u, t) for u, t in session.execute(stmt.limit(n))]
+    sql = f"WITH {_page_cte(phase, plans, bounded=upto is not None)}"
+    sql += " SELECT user_id, last_renewal_at FROM page ORDER BY last_renewal_at, user_id"
+    rows = session.execute(text(sql), _params(plans, now, after, n, upto))
+    return [(u, t) for u, t in rows]
 
 
 def _last_key(page: Page, phase: Phase, default: Key) -> Key:
@@ -658,13 +628,10 @@ def _next_range(
     session: Session, plans: dict[str, TierPlan], phase: Phase, after: Key, n: int, now: datetime
 ) -> tuple[int, Key]:
     """How many of the next ``n`` due users there are after ``after``, and the last one's key."""
-    if clock.is_postgres(session):
-        row = session.execute(text(_range_sql(phase, plans)), _params(plans, now, after, n)).one()
-        if row.last_user is None:
-            return 0, after
-        return row.scanned, Key(row.last_user, row.last_time or Key.renewed_at)
-    page = _page(session, plans, phase, after, n, now)
-    return len(page), _last_key(page, phase, after)
+    row = session.execute(text(_range_sql(phase, plans)), _params(plans, now, after, n)).one()
+    if row.last_user is None:
+        return 0, after
+    return row.scanned, Key(row.last_user, row.last_time or Key.renewed_at)
 
 
 def due(
@@ -777,7 +744,7 @@ def plan_sweep(
     plans = plans_at(now, tier)
     # The claim: a concurrent duplicate blocks here until this plan commits, then reads it.
     claimed = session.execute(
-        insert_ignoring_conflicts(session, sweep_table).returning(_sweeps.sweep_id),
+        insert_ignoring_conflicts(sweep_table).returning(_sweeps.sweep_id),
         {
             "sweep_id": sweep_id,
             "as_of": now,
@@ -1048,15 +1015,12 @@ def _renew_chunk(session: Session, chunk: _Chunk) -> tuple[SweepChunkOut, list[s
     if chunk.stopped:
         return _write_tally(session, chunk, "stopped", _Tally(), []), []
     r, plans, now = chunk.range, chunk.plans, chunk.as_of
-    if clock.is_postgres(session):
-        params = _params(plans, now, r.after, r.planned, r.upto) | {
-            "with_changes": balance_changed.has_listeners()
-        }
-        row = session.execute(text(_chunk_sql(r.phase, plans)), params).one()
-        _note_changes(session, row.changes)
-        by_tier, contested = Counter(row.by_tier or {}), list(row.contested or [])
-    else:
-        by_tier, contested = _renew_range_portable(session, chunk), []
+    params = _params(plans, now, r.after, r.planned, r.upto) | {
+        "with_changes": balance_changed.has_listeners()
+    }
+    row = session.execute(text(_chunk_sql(r.phase, plans)), params).one()
+    _note_changes(session, row.changes)
+    by_tier, contested = Counter(row.by_tier or {}), list(row.contested or [])
     renewed = by_tier.total()
     # Due at planning but not renewed now (renewed meanwhile, or no longer due): skipped.
     tally = _Tally(
@@ -1064,20 +1028,6 @@ def _renew_chunk(session: Session, chunk: _Chunk) -> tuple[SweepChunkOut, list[s
     )
     status = "contested" if contested else "done"
     return _write_tally(session, chunk, status, tally, contested), contested
-
-
-def _renew_range_portable(session: Session, chunk: _Chunk) -> Counter[str]:
-    """The same chunk on any dialect: its page, then each user renewed as ``renew_user`` does
-    (users renewed, per tier). SQLite (the embedded default) takes one writer at a time, so
-    there is nothing to lock or skip."""
-    r, plans, now = chunk.range, chunk.plans, chunk.as_of
-    page = _page(session, plans, r.phase, r.after, r.planned, now, r.upto)
-    renewed: Counter[str] = Counter()
-    for user_id, _ in page:
-        out = _renew_one(session, user_id, plans, now, source="sweep")
-        if out is not None:
-            renewed[out.tier] += 1
-    return renewed
 
 
 def _renew_chunk_one_by_one(session: Session, chunk: _Chunk) -> SweepChunkOut:

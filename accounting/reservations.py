@@ -145,7 +145,7 @@ def _load(session: Session, reservation_id: str) -> Reservation:
 def _load_at(session: Session, reservation_id: str) -> tuple[Reservation, datetime]:
     """The reservation and the database's time, read together."""
     found = session.execute(
-        select(Reservation, clock.now_sql(session))
+        select(Reservation, clock.now_sql())
         .where(Reservation.id == reservation_id)
         .execution_options(populate_existing=True)
     ).one_or_none()
@@ -222,7 +222,7 @@ def capture(
             Reservation.status == ACTIVE,
             Reservation.expires_at > now,
         )
-        .values(status="captured", settled_at=clock.now_sql(session))
+        .values(status="captured", settled_at=clock.now_sql())
         .returning(Reservation.operation_type, Reservation.amount, Reservation.overcapture_limit)
         .execution_options(synchronize_session=False)
     ).first()
@@ -306,7 +306,7 @@ def release(
     ended = session.execute(
         update(Reservation)
         .where(Reservation.id == reservation_id, Reservation.status == ACTIVE)
-        .values(status="released", settled_at=clock.now_sql(session))
+        .values(status="released", settled_at=clock.now_sql())
         .returning(Reservation.amount, Reservation.meta)
         .execution_options(synchronize_session=False)
     ).first()
@@ -385,12 +385,14 @@ def extend(
 
 
 def _lock_reservation(session: Session, reservation_id: str) -> Any:
-    """The reservation's row, locked (PostgreSQL; SQLite has one writer at a time)."""
-    stmt = select(
-        Reservation.status, Reservation.amount, Reservation.expires_at, Reservation.created_at
-    ).where(Reservation.id == reservation_id)
-    if clock.is_postgres(session):
-        stmt = stmt.with_for_update()
+    """The reservation's row, locked."""
+    stmt = (
+        select(
+            Reservation.status, Reservation.amount, Reservation.expires_at, Reservation.created_at
+        )
+        .where(Reservation.id == reservation_id)
+        .with_for_update()
+    )
     return session.execute(stmt).one()
 
 
@@ -429,10 +431,7 @@ def expire_batch(session: Session, limit: int = EXPIRE_CHUNK, now: datetime | No
     The caller commits after each batch and calls again while a full batch came back, so a
     backlog of any size is worked off in short transactions of bounded size.
     """
-    at = clock.at(session, now)
-    if clock.is_postgres(session):
-        return _expire_batch_postgresql(session, limit, at)
-    return _expire_batch_portable(session, limit, at)
+    return _expire_batch_postgresql(session, limit, clock.at(session, now))
 
 
 def _expire_batch_postgresql(session: Session, limit: int, now: ColumnElement[datetime]) -> int:
@@ -470,9 +469,12 @@ def _end_holds(session: Session, gone: list[tuple[str, str, int]]) -> int:
     for _, user_id, amount in gone:
         held[user_id] += amount
     users = sorted(held)
-    lock = select(Account.user_id).where(Account.user_id.in_(users)).order_by(Account.user_id)
-    if clock.is_postgres(session):
-        lock = lock.with_for_update()
+    lock = (
+        select(Account.user_id)
+        .where(Account.user_id.in_(users))
+        .order_by(Account.user_id)
+        .with_for_update()
+    )
     session.execute(lock).all()
     grants.unhold(session, [r for r, _, _ in gone])
     accounts = cast(Table, Account.__table__)
@@ -481,7 +483,7 @@ def _end_holds(session: Session, gone: list[tuple[str, str, int]]) -> int:
         .where(accounts.c.user_id == bindparam("uid"))
         .values(
             tokens_reserved=accounts.c.tokens_reserved - bindparam("held"),
-            updated_at=clock.stamp(session, accounts.c.updated_at),
+            updated_at=clock.stamp(accounts.c.updated_at),
         ),
         [{"uid": u, "held": held[u]} for u in users],
     )
@@ -495,23 +497,3 @@ def _end_holds(session: Session, gone: list[tuple[str, str, int]]) -> int:
             session, user_id=user_id, balance=balance, tokens_reserved=reserved, operation="expire"
         )
     return len(gone)
-
-
-def _expire_batch_portable(session: Session, limit: int, now: ColumnElement[datetime]) -> int:
-    # SQLite (the embedded default) admits one writer at a time (BEGIN IMMEDIATE), so this
-    # read-then-write cannot interleave with a capture or release.
-    due = session.execute(
-        select(Reservation.id, Reservation.user_id, Reservation.amount)
-        .where(Reservation.status == ACTIVE, Reservation.expires_at <= now)
-        .order_by(Reservation.expires_at)
-        .limit(limit)
-    ).all()
-    if not due:
-        return 0
-    session.execute(
-        update(Reservation)
-        .where(Reservation.id.in_([r.id for r in due]), Reservation.status == ACTIVE)
-        .values(status="expired", settled_at=now)
-        .execution_options(synchronize_session=False)
-    )
-    return _end_holds(session, [(r.id, r.user_id, int(r.amount)) for r in due])

@@ -28,7 +28,6 @@ from sqlalchemy import TextClause, text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
-from accounting import clock
 from accounting.errors import idempotency_conflict, user_not_found
 from accounting.events import note_balance_change, note_grants_expired
 
@@ -50,8 +49,8 @@ _NAMED = re.compile(r"(?<![:\w]):(\w+)")
 
 
 def applies(session: Session) -> bool:
-    """Whether ``session``'s movements run through the functions (PostgreSQL, unless disabled)."""
-    return ENABLED and clock.is_postgres(session)
+    """Whether ``session``'s movements run through the functions (unless disabled)."""
+    return ENABLED
 
 
 def alone(session: Session) -> bool:

@@ -123,7 +123,7 @@ def _v1_statements() -> tuple[Any, Any]:
         .values(
             tokens_balance=a.tokens_balance + bindparam("delta"),
             tokens_spent=case((spent_after < 0, 0), else_=spent_after),
-            updated_at=clock.stamp("postgresql", a.updated_at),
+            updated_at=clock.stamp(a.updated_at),
         )
         .returning(a.tokens_balance, a.tokens_reserved, a.tokens_spent, a.updated_at)
     )

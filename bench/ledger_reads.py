@@ -245,7 +245,8 @@ def main(argv: list[str] | None = None) -> None:
             """The page as it was read before: entries, then their splits (two round trips)."""
             from sqlalchemy import select
 
-            from models.tables import LedgerEntry
+            from models.schemas import EntrySplit
+            from models.tables import LedgerEntry, entry_grant_table
 
             who = user()
             grants.settle_reads(s, who)
@@ -255,7 +256,16 @@ def main(argv: list[str] | None = None) -> None:
                 .order_by(LedgerEntry.created_at.desc(), LedgerEntry.id.desc())
                 .limit(50)
             ).all()
-            splits = ledger._splits(s, [e.id for e in rows])
+            eg = entry_grant_table.c
+            splits: dict[int, list[EntrySplit]] = {}
+            for entry_id, grant_id, amount in s.execute(
+                select(eg.entry_id, eg.grant_id, eg.amount)
+                .where(eg.entry_id.in_([e.id for e in rows]))
+                .order_by(eg.entry_id, eg.seq)
+            ):
+                splits.setdefault(entry_id, []).append(
+                    EntrySplit(grant_id=str(grant_id), amount=amount)
+                )
             return [ledger.entry_out(e, splits.get(e.id)) for e in rows]
 
         reads: list[tuple[str, Callable[[Session], Any]]] = [

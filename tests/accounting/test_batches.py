@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy import func, select
@@ -14,8 +13,7 @@ from accounting import accounts, batches, movements
 from models.schemas import DebitBatchOut, DebitIn, Failure, MovementOut
 from models.tables import IdempotencyRecord, LedgerEntry
 from tests.support import assert_ledger_consistent, run_in_threads
-from worker.db import make_engine, session_scope
-from worker.migrate import upgrade
+from worker.db import session_scope
 
 THREADS = 6  # the engine's pool holds 7 connections; the race needs each thread on its own
 
@@ -352,29 +350,3 @@ def test_set_based_and_item_by_item_agree(session: Session) -> None:
         "IDEMPOTENCY_CONFLICT",
     }
     assert any(r.replayed for r in item_by_item["results"] if isinstance(r, MovementOut))
-
-
-def test_on_sqlite_item_by_item(tmp_path: Path) -> None:
-    """The embedded default keeps the portable path: each item through movements.debit."""
-    url = f"sqlite:///{tmp_path / 'tokens.sqlite'}"
-    upgrade(url)
-    engine = make_engine(url)
-    try:
-        with Session(engine, expire_on_commit=False) as s:
-            opened(s, u1=100)
-            items = [d("u1", 60), d("u1", 60), d("ghost", 1), d("u1", 40, idempotency_key="k")]
-            out = batches.debit_batch(s, items, "t1")
-            s.commit()
-            again = batches.debit_batch(s, items, "t1")
-            s.commit()
-            assert [r.success for r in out.results] == [True, False, False, True]
-            assert balances(s, "u1") == [0]
-            assert [isinstance(r, MovementOut) and r.replayed for r in again.results] == [
-                True,
-                False,
-                False,
-                True,
-            ]
-            assert_ledger_consistent(s)
-    finally:
-        engine.dispose()

@@ -1,10 +1,9 @@
-"""accounting/expiry.py (``grants.expire``) over real PostgreSQL, races included, and SQLite."""
+"""accounting/expiry.py (``grants.expire``) over real PostgreSQL, races included."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,8 +15,7 @@ from accounting.errors import DomainError
 from accounting.events import grants_expired
 from models.tables import utcnow
 from tests.support import assert_ledger_consistent, run_in_threads
-from worker.db import get_engine, make_engine
-from worker.migrate import upgrade
+from worker.db import get_engine
 
 ROUNDS = 10
 
@@ -307,37 +305,3 @@ def test_concurrent_sweeps_and_movements_never_expire_anything_twice(
         assert_ledger_consistent(session)
     # Both sides won some races (a sweep takes one or two users a round, movements the rest).
     assert 0 < swept < ROUNDS * USERS * GRANTS_PER_USER
-
-
-# --- the portable path (the embedded SQLite default) ------------------------------------------
-
-
-@pytest.fixture
-def sqlite_sessions(tmp_path: Path) -> Iterator[sessionmaker[Session]]:
-    url = f"sqlite:///{tmp_path / 'tokens.sqlite'}"
-    upgrade(url)
-    engine = make_engine(url)
-    try:
-        yield sessionmaker(bind=engine, expire_on_commit=False, autoflush=False)
-    finally:
-        engine.dispose()
-
-
-def test_expiry_on_sqlite(
-    sqlite_sessions: sessionmaker[Session], sent: list[dict[str, Any]]
-) -> None:
-    with sqlite_sessions() as s:
-        for i in range(3):
-            accounts.open_account(s, f"u{i}", initial_balance=5)
-            credit(s, f"u{i}", 10)
-            credit(s, f"u{i}", 20, "promo")
-        s.commit()
-        reservations.reserve(s, "u0", amount=25)  # 20 of the promo, 5 of the purchase
-        s.commit()
-    later = utcnow() + timedelta(hours=2)
-    assert expiry.expire_all(sqlite_sessions, now=later, chunk_size=2) == (5, 5 + 2 * 30)
-    assert expiry.expire_all(sqlite_sessions, now=later) == (0, 0)
-    assert sum(e["tokens"] for e in sent) == 65
-    with sqlite_sessions() as s:
-        assert [e[1:4] for e in expiry_entries(s) if e[0] == "u1"] == [(-10, 35, 25), (-20, 25, 5)]
-        assert_ledger_consistent(s)

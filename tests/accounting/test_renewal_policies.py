@@ -1,5 +1,5 @@
 """Renewal policies (contract v1.1): ``add`` (v1) and ``reset`` with ``rollover_max``, through
-renew_user and the sweep, on PostgreSQL (set-based) and SQLite (portable)."""
+renew_user and the sweep."""
 
 from __future__ import annotations
 
@@ -9,20 +9,18 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from itertools import pairwise
-from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
 from sqlalchemy import select
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
 
 from accounting import accounts, clock, grants, movements, renewals, reservations
 from models.schemas import RenewOut
 from models.tables import Account, EntryGrant, Grant, LedgerEntry
 from tests.polling import wait_for
 from tests.support import assert_ledger_consistent, waiting_on_locks
-from worker.db import make_engine, session_factory
-from worker.migrate import upgrade
+from worker.db import session_factory
 from worker.settings import Tier, get_settings
 
 TIERS = {
@@ -53,19 +51,9 @@ def tiers(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     get_settings.cache_clear()
 
 
-@pytest.fixture(params=["postgresql", "sqlite"])
-def sessions(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[[], Session]]:
-    if request.param == "postgresql":
-        request.getfixturevalue("clean_db")
-        yield session_factory()
-        return
-    url = f"sqlite:///{tmp_path / 'tokens.sqlite'}"
-    upgrade(url)
-    engine = make_engine(url)
-    try:
-        yield sessionmaker(bind=engine, expire_on_commit=False, autoflush=False)
-    finally:
-        engine.dispose()
+@pytest.fixture
+def sessions(clean_db: None) -> Callable[[], Session]:
+    return session_factory()
 
 
 def start(s: Session) -> datetime:

@@ -1,4 +1,4 @@
-"""accounting/renewals.py over a real PostgreSQL session (and the portable path on SQLite)."""
+"""accounting/renewals.py over a real PostgreSQL session."""
 
 from __future__ import annotations
 
@@ -6,21 +6,19 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
 from sqlalchemy import create_engine, select, text
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
 
 from accounting import accounts, clock, movements, renewals
 from accounting.errors import DomainError
 from models.schemas import SweepOut
-from models.tables import Account, LedgerEntry
+from models.tables import LedgerEntry
 from tests.polling import wait_for
 from tests.support import assert_ledger_consistent, refused
-from worker.db import get_engine, make_engine, session_factory
-from worker.migrate import upgrade
+from worker.db import get_engine, session_factory
 from worker.signals import balance_changed, renewals_counted
 
 NOW = datetime(2026, 11, 24, 2, 0, 1, tzinfo=UTC)
@@ -562,41 +560,6 @@ def test_balance_changed_sent_for_each_renewal_after_commit(session: Session) ->
     )
 
 
-# --- the portable path (the embedded SQLite default) ------------------------------------------
-
-
-@pytest.fixture
-def sqlite_sessions(tmp_path: Path) -> Iterator[sessionmaker[Session]]:
-    url = f"sqlite:///{tmp_path / 'tokens.sqlite'}"
-    upgrade(url)
-    engine = make_engine(url)
-    try:
-        yield sessionmaker(bind=engine, expire_on_commit=False, autoflush=False)
-    finally:
-        engine.dispose()
-
-
-def test_sweep_on_sqlite(sqlite_sessions: sessionmaker[Session]) -> None:
-    with sqlite_sessions() as s:
-        order = seed_mixed(s)
-    with sqlite_sessions() as s:
-        assert renewals.due(s, now=NOW).user_ids == order
-        assert renewals.check_eligibility(s, "edge", now=NOW).eligible
-    assert renewals.sweep(sqlite_sessions, now=NOW, dry_run=True, chunk_size=2).successful == 6
-    out = renewals.sweep(sqlite_sessions, now=NOW, limit=5, chunk_size=2)
-    assert (out.successful, out.failed, out.skipped) == (5, 0, 0)
-    out = renewals.sweep(sqlite_sessions, now=NOW, chunk_size=2)
-    assert (out.successful, out.total_processed) == (1, 1)
-    with sqlite_sessions() as s:
-        assert renewals.due(s, now=NOW).user_ids == []
-        assert renewed_users(s) == sorted(order)
-        err = refused(s, renewals.renew_user, "edge", now=NOW)
-        assert (err.code, err.message) == ("NOT_DUE", "Next renewal in 30 days")
-        balances = {u: b for u, b in s.execute(select(Account.user_id, Account.tokens_balance))}
-        assert (balances["mid"], balances["edge"], balances["recent"]) == (10000, 100, 0)
-        assert_ledger_consistent(s)
-
-
 # --- time order: a user's entries in created_at order are the order they were applied ------------
 
 
@@ -962,15 +925,6 @@ def test_contested_rows_are_counted_when_renewed(session: Session, counted: Coun
     assert [r.successful for r in results] == [3]
     assert counted.renewed() == {"Gift": 2, "Business": 1}
     assert counted.others() == []
-
-
-def test_renewals_are_counted_on_sqlite(
-    sqlite_sessions: sessionmaker[Session], counted: Counted
-) -> None:
-    with sqlite_sessions() as s:
-        seed_mixed(s)
-    renewals.sweep(sqlite_sessions, now=NOW, chunk_size=2)
-    assert counted.renewed() == {"Gift": 3, "Professional": 1, "Business": 2}
 
 
 def test_last_sweep_reports_the_latest_sweep_and_its_progress(session: Session) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,8 +15,6 @@ from accounting import accounts, clock, grants, ledger, movements, reservations
 from models.schemas import CaptureOut, ExtendOut
 from tests.accounting.grant_helpers import attempt, race, racing_sessions
 from tests.support import assert_ledger_consistent, refused
-from worker.db import make_engine
-from worker.migrate import upgrade
 
 TABLES = ("accounts", "grants", "reservations", "reservation_grants", "ledger_entries")
 
@@ -307,28 +304,3 @@ def test_extend_racing_a_full_capture_settles_one_hold(
         b = accounts.get_balance(session, user)
         assert (b.tokens_reserved, b.tokens_balance) == (0, 100 + captured.amount)
     assert_ledger_consistent(session)
-
-
-# --- the portable path (the embedded SQLite default) ---------------------------------------------
-
-
-def test_extend_and_over_capture_on_sqlite(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'tokens.sqlite'}"
-    upgrade(url)
-    engine = make_engine(url)
-    try:
-        with Session(engine, expire_on_commit=False, autoflush=False) as s:
-            opened(s, balance=50)
-            r = reservations.reserve(s, "u1", amount=20, overcapture_limit=40, ttl_seconds=60)
-            s.commit()
-            grown = reservations.extend(s, r.reservation_id, amount=20, ttl_seconds=120)
-            s.commit()
-            assert (grown.amount, grown.tokens_available) == (40, 10)
-            assert grown.expires_at > r.expires_at
-            out = reservations.capture(s, r.reservation_id, amount=70)
-            s.commit()
-            assert (out.new_balance, out.overcaptured, out.shortfall) == (-20, 30, 20)
-            assert accounts.get_balance(s, "u1").debt == 20
-            assert_ledger_consistent(s)
-    finally:
-        engine.dispose()

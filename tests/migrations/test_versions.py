@@ -6,7 +6,6 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import psycopg
 import pytest
@@ -251,11 +250,6 @@ def migrate_0003_to_head_and_back(url: str) -> None:
 
 def test_0004_turns_postgresql_balances_into_grants_and_debt(blank_database: str) -> None:
     migrate_0003_to_head_and_back(blank_database)
-
-
-def test_0004_turns_sqlite_balances_into_grants_and_debt(tmp_path: Path) -> None:
-    """The embedded default migrates a SQLite file (worker/migrate.py)."""
-    migrate_0003_to_head_and_back(f"sqlite:///{tmp_path / 'tokens.db'}")
 
 
 @pytest.mark.parametrize(
