@@ -89,6 +89,13 @@ def test_every_relative_link_resolves_in_the_repo(document: Path) -> None:
     assert broken == []
 
 
+@pytest.mark.parametrize("document", DOCUMENTS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_python_example_compiles(document: Path) -> None:
+    blocks = re.findall(r"^```python\n(.*?)^```", document.read_text(), re.S | re.M)
+    for block in blocks:
+        compile(block, f"{document.name} example", "exec")
+
+
 def test_every_doc_is_reachable_from_the_readme() -> None:
     index = DOCS / "README.md"
     linked = {(README.parent / t.partition("#")[0]).resolve() for t in links(README)}
