@@ -1,5 +1,7 @@
 # Two commands do everything on a fresh clone:
-#   make run   - install, migrate and run the worker with beat on the embedded default (SQLite under ./var/)
+#   make run   - install (when pyproject.toml or requirements.lock changed), start the embedded
+#                PostgreSQL and Valkey under ./var/ (or reuse them), migrate, and run the worker
+#                with beat; Ctrl-C stops the worker and the servers
 #   make test  - install, make sure PostgreSQL and Redis are up, lint, type-check and run the tests
 PYTHON ?= python3
 VENV   ?= .venv
@@ -11,19 +13,27 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 
-# One pip call, so the worker's dependency on token-worker-client resolves to ./client; the
-# versions the image ships (requirements.lock) are the versions the tests run on.
-install: $(BIN)/python
-	$(BIN)/pip install --quiet -c requirements.lock -e './client[test]' -e '.[ops,dev]'
+# One pip call; the versions the image ships (requirements.lock) are the versions the tests run
+# on. The main distribution carries token_worker_client itself (pyproject.toml; a separate
+# editable install of ./client from before is removed, or two would provide it). Done again only
+# when a dependency list changed (the stamp is older than one of them), not on every make run.
+STAMP := $(VENV)/.installed
+$(STAMP): pyproject.toml requirements.lock client/pyproject.toml | $(BIN)/python
+	$(BIN)/pip uninstall --quiet --yes token-worker-client 2>/dev/null || true
+	$(BIN)/pip install --quiet -c requirements.lock -e '.[ops,dev]'
+	touch $@
+
+install: $(STAMP)
 
 # Refresh requirements.lock after changing dependencies in pyproject.toml.
 LOCK ?= requirements.lock
 lock:
 	scripts/lock-requirements.sh $(LOCK)
 
+# worker/embedded.py: with no TOKENS_* server set, starts (or takes over) PostgreSQL and Valkey
+# from their wheels, migrates, runs `celery -A worker worker -B` and stops them all on exit.
 run: install
-	$(BIN)/tokens migrate
-	$(BIN)/celery -A worker worker -B -l INFO
+	$(BIN)/python -m worker.embedded run
 
 beat: install
 	$(BIN)/celery -A worker beat -l INFO
