@@ -1,12 +1,10 @@
 import asyncio
-import os
 
 from token_worker_client import AsyncTokenClient
 
 
 async def main() -> None:
-    broker, backend = os.environ["TOKENS_BROKER_URL"], os.environ["TOKENS_RESULT_BACKEND"]
-    async with AsyncTokenClient(broker, backend) as tokens:
+    async with AsyncTokenClient() as tokens:
         hold = (await tokens.reserve(user_id="alice", operation_type="sora_image")).unwrap()
         ...  # the work; then charge what it cost (at most the hold), the rest is released
         done = (await tokens.capture(reservation_id=hold.reservation_id, amount=8)).unwrap()

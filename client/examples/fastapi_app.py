@@ -1,4 +1,3 @@
-import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -17,8 +16,7 @@ STATUS: dict[str, int] = {
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    broker, backend = os.environ["TOKENS_BROKER_URL"], os.environ["TOKENS_RESULT_BACKEND"]
-    async with AsyncTokenClient(broker, backend, timeout=5.0) as tokens:
+    async with AsyncTokenClient(timeout=5.0) as tokens:
         app.state.tokens = tokens
         yield
 

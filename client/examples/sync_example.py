@@ -1,9 +1,6 @@
-import os
-
 from token_worker_client import InsufficientTokens, TokenClient
 
-broker, backend = os.environ["TOKENS_BROKER_URL"], os.environ["TOKENS_RESULT_BACKEND"]
-with TokenClient(broker, backend, timeout=10.0, retries=2) as tokens:
+with TokenClient(timeout=10.0, retries=2) as tokens:
     tokens.open_account(user_id="alice", initial_balance=100).unwrap()
     spent = tokens.debit(user_id="alice", amount=30, operation_type="image_generation")
     print(type(spent).__name__, spent.success)  # MovementOut True (a refusal: Failure False)

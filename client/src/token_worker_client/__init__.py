@@ -1,7 +1,7 @@
 """Typed producer client for the token worker's Celery task contract.
 
 from token_worker_client import TokenClient
-client = TokenClient("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/1")
+client = TokenClient()  # the worker's `make run`; or TokenClient(BROKER_URL, BACKEND_URL)
 client.debit(user_id="u1", amount=10, operation_type="image_generation").unwrap()
 """
 

@@ -56,8 +56,8 @@ class AsyncTokenClient:
 
     def __init__(
         self,
-        broker_url: str,
-        backend_url: str,
+        broker_url: str | None = None,
+        backend_url: str | None = None,
         *,
         timeout: float = 10.0,
         retries: int = 2,

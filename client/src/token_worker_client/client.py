@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import socket
 from collections.abc import Mapping, Sequence
 from datetime import date
 from types import TracebackType
@@ -44,6 +46,41 @@ from token_worker_client.models import (
 R = TypeVar("R")
 Date = date | str  # a date, a datetime or an ISO 8601 string
 
+#: The embedded default's loopback ports (the worker's ``make run``), as the worker's settings
+#: read them: TOKENS_EMBEDDED_VALKEY_PORT and TOKENS_EMBEDDED_PG_PORT.
+EMBEDDED_VALKEY_PORT = 63790
+EMBEDDED_PG_PORT = 54329
+#: The longest wait between two reads of a result backend that must be polled (a database);
+#: Celery's default, 0.5 s, made every call on the SQLAlchemy fallback take half a second.
+RESULT_POLL_INTERVAL = 0.005
+
+
+def _port(variable: str, default: int) -> int:
+    value = os.environ.get(variable, "")
+    return int(value) if value.isdigit() else default
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as probe:
+        probe.settimeout(0.2)
+        return probe.connect_ex(("127.0.0.1", port)) == 0
+
+
+def default_urls() -> tuple[str, str]:
+    """The broker and result backend of a client given none: ``TOKENS_BROKER_URL`` and
+    ``TOKENS_RESULT_BACKEND`` when both are set; else the worker's embedded default (``make
+    run``): its Valkey, or where no Valkey listens but its PostgreSQL does, the SQLAlchemy
+    transport and database backend on that PostgreSQL (which needs SQLAlchemy and psycopg)."""
+    broker, backend = os.environ.get("TOKENS_BROKER_URL"), os.environ.get("TOKENS_RESULT_BACKEND")
+    if broker and backend:
+        return broker, backend
+    valkey = _port("TOKENS_EMBEDDED_VALKEY_PORT", EMBEDDED_VALKEY_PORT)
+    postgres = _port("TOKENS_EMBEDDED_PG_PORT", EMBEDDED_PG_PORT)
+    if not _listening(valkey) and _listening(postgres):
+        url = f"postgresql+psycopg://postgres@127.0.0.1:{postgres}/celery"
+        return f"sqla+{url}", f"db+{url}"
+    return f"redis://127.0.0.1:{valkey}/0", f"redis://127.0.0.1:{valkey}/1"
+
 
 class Transport:
     """The Celery side, shared by both clients: send one request and wait for its result.
@@ -54,8 +91,15 @@ class Transport:
     """
 
     def __init__(
-        self, broker_url: str, backend_url: str, config: Mapping[str, Any] | None = None
+        self,
+        broker_url: str | None = None,
+        backend_url: str | None = None,
+        config: Mapping[str, Any] | None = None,
     ) -> None:
+        if broker_url is None or backend_url is None:
+            default_broker, default_backend = default_urls()
+            broker_url = broker_url or default_broker
+            backend_url = backend_url or default_backend
         self.app = Celery(
             "token_worker_client", broker=broker_url, backend=backend_url, set_as_current=False
         )
@@ -84,7 +128,7 @@ class Transport:
                 idempotency_key=request.idempotency_key,
             ) from exc
         try:
-            value = result.get(timeout=timeout, propagate=False)
+            value = result.get(timeout=timeout, propagate=False, interval=RESULT_POLL_INTERVAL)
         except CeleryTimeoutError:
             # Stop listening for it (the next attempt listens again): a task that never
             # finishes would otherwise keep its subscription and waiter for good.
@@ -134,14 +178,16 @@ class TokenClient:
 
     def __init__(
         self,
-        broker_url: str,
-        backend_url: str,
+        broker_url: str | None = None,
+        backend_url: str | None = None,
         *,
         timeout: float = 10.0,
         retries: int = 2,
         config: Mapping[str, Any] | None = None,
     ) -> None:
-        """``config``: extra Celery settings (say, ``broker_transport_options``)."""
+        """Without URLs, :func:`default_urls`: ``TOKENS_BROKER_URL`` and
+        ``TOKENS_RESULT_BACKEND``, else the worker's ``make run``. ``config``: extra Celery
+        settings (say, ``broker_transport_options``)."""
         self.timeout = timeout
         self.retries = retries
         self.transport = Transport(broker_url, backend_url, config)
