@@ -2,12 +2,15 @@
 
 Each check is one line: the database (reachable), its schema (at the migrations' head), the
 broker, the result backend, the beat lock (RedBeat: some beat process holds it, so scheduled
-work runs) and the workers (answer a broadcast within the timeout, and every queue has one).
+work runs) and the workers: at least one must answer within the timeout (a broadcast, and then
+every queue must have one; ``health.ping`` where the broker cannot broadcast). No worker
+answering is a problem: nothing would run what producers send.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import redis
 from sqlalchemy.exc import SQLAlchemyError
@@ -17,7 +20,7 @@ from worker.preflight import (
     broker_problem,
     database_revisions,
     head_revisions,
-    not_running,
+    missing_sqlite_file,
     reason,
     schema_problem,
 )
@@ -34,12 +37,14 @@ class Check:
 
 def _database(timeout: float) -> list[Check]:
     url = get_settings().db_url
+    missing = missing_sqlite_file(url)
+    if missing:
+        return [Check("database", "FAIL", missing), Check("schema", "skip", "no database")]
     try:
         current = database_revisions(url, timeout)
     except SQLAlchemyError as exc:
-        problem = not_running(url) or f"{masked(url)} unreachable: {reason(exc)}"
         return [
-            Check("database", "FAIL", problem),
+            Check("database", "FAIL", f"{masked(url)} unreachable: {reason(exc)}"),
             Check("schema", "skip", "the database is unreachable"),
         ]
     reachable = Check("database", "ok", f"{masked(url)} reachable")
@@ -89,18 +94,27 @@ def _beat(timeout: float) -> Check:
     return Check("beat", "ok", f"{key} held; expires in {ttl_ms / 1000:.0f} s unless renewed")
 
 
+def broadcasts(app: Celery) -> bool:
+    """Whether the broker carries Celery's remote control (fanout; kombu's virtual transports,
+    such as the SQLAlchemy one, say per channel)."""
+    with app.connection_for_read() as conn:
+        return bool(
+            conn.supports_exchange_type("fanout")
+            and getattr(conn.default_channel, "supports_fanout", True)
+        )
+
+
 def _workers(timeout: float, broker_reachable: bool) -> Check:
     if not broker_reachable:
         return Check("workers", "skip", "the broker is unreachable")
     from worker.celery import app
 
-    with app.connection_for_read() as conn:
-        if not conn.supports_exchange_type("fanout"):  # Celery turns remote control off then
-            return Check("workers", "skip", f"{conn.transport_cls} brokers cannot broadcast a ping")
+    if not broadcasts(app):
+        return _ping_task(app, timeout)
     try:
         replies = app.control.inspect(timeout=timeout).active_queues() or {}
-    except Exception as exc:  # a transport without broadcast (the embedded SQLite broker)
-        return Check("workers", "skip", f"cannot ask the workers: {reason(exc)}")
+    except Exception:  # a transport that cannot broadcast after all
+        return _ping_task(app, timeout)
     if not replies:
         return Check("workers", "FAIL", f"no worker answered within {timeout:g} s")
     served = {q["name"] for queues in replies.values() for q in queues or []}
@@ -112,6 +126,24 @@ def _workers(timeout: float, broker_reachable: bool) -> Check:
     if missing:
         return Check("workers", "FAIL", f"no worker consumes {', '.join(missing)}; answered: {who}")
     return Check("workers", "ok", f"{len(replies)} answered: {who}")
+
+
+def _ping_task(app: Celery, timeout: float) -> Check:
+    """Where the broker cannot broadcast (kombu's SQLAlchemy transport), a worker is asked the
+    way a producer asks: ``health.ping`` through the default queue. The message expires with the
+    wait, so a worker started later does not run it."""
+    from celery.exceptions import TimeoutError as NoResult
+
+    result = app.send_task("health.ping", expires=timeout)
+    try:
+        answer = result.get(timeout=timeout, propagate=False)
+    except NoResult:
+        return Check("workers", "FAIL", f"no worker answered health.ping within {timeout:g} s")
+    finally:
+        result.forget()
+    if isinstance(answer, dict) and answer.get("success") is True:
+        return Check("workers", "ok", "a worker answered health.ping (queues not listed)")
+    return Check("workers", "FAIL", f"health.ping answered {answer!r}")
 
 
 def run_checks(timeout: float) -> list[Check]:
