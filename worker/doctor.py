@@ -27,6 +27,9 @@ from worker.preflight import (
 from worker.queues import DEFAULT_QUEUE, RENEWALS_QUEUE
 from worker.settings import get_settings, masked
 
+if TYPE_CHECKING:
+    from celery import Celery
+
 
 @dataclass(frozen=True)
 class Check:
