@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+import importlib.metadata
 import json
 import os
 import shlex
@@ -13,9 +15,11 @@ import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from inspect import signature
 from pathlib import Path
 from typing import Any
 
+import click
 import psycopg
 import pytest
 import redis
@@ -32,7 +36,9 @@ from tests import dbstate
 from tests.polling import wait_for
 from tests.support import ROOT, assert_ledger_consistent
 from tests.worker.tcp_proxy import TcpProxy
+from token_worker_client import contract
 from worker.cli import main
+from worker.cli.generated import TaskCommand
 from worker.migrate import alembic_config
 from worker.settings import get_settings
 
@@ -44,6 +50,89 @@ def tokens(*args: str, code: int = 0) -> dict[str, Any]:
     assert result.exit_code == code, (result.output, result.exception)
     out: dict[str, Any] = json.loads(result.stdout)
     return out
+
+
+# --- the command itself -------------------------------------------------------------------
+
+HEAVY = {"accounting", "alembic", "celery", "kombu", "models", "pydantic", "redis", "sqlalchemy",
+         "token_worker_client"}  # fmt: skip
+LOADED_BY_HELP = """
+import sys
+from click.testing import CliRunner
+from worker.cli import main
+assert CliRunner().invoke(main, ["--help"]).exit_code == 0
+print(" ".join(sorted({name.split(".")[0] for name in sys.modules})))
+"""
+
+
+def test_help_answers_at_once_and_loads_nothing_heavy() -> None:
+    """Every command took ~2 s, --help included: the CLI imported Celery, SQLAlchemy and the
+    domain up front. They load inside the commands that need them."""
+    loaded = subprocess.run([sys.executable, "-c", LOADED_BY_HELP], capture_output=True,
+                            text=True, timeout=60, check=True).stdout.split()  # fmt: skip
+    assert HEAVY.isdisjoint(loaded), HEAVY & set(loaded)
+
+    def once() -> float:
+        started = time.perf_counter()
+        subprocess.run([str(TOKENS), "--help"], capture_output=True, timeout=60, check=True)
+        return time.perf_counter() - started
+
+    assert min(once() for _ in range(5)) < 0.3
+
+
+def test_version_is_the_distributions() -> None:
+    result = CliRunner().invoke(main, ["--version"])
+    assert result.exit_code == 0
+    assert result.stdout == f"tokens, version {importlib.metadata.version('token-worker')}\n"
+
+
+def mirrored(group: click.Group = main) -> Iterator[TaskCommand]:
+    for command in group.commands.values():
+        if isinstance(command, click.Group):
+            yield from mirrored(command)
+        elif isinstance(command, TaskCommand):
+            yield command
+
+
+def test_commands_that_mirror_tasks_take_the_tasks_kwargs_model() -> None:
+    """Each mirroring command's parameters are its task's payload fields (then its own), its
+    task's model is the contract's for that task name, and the domain function it calls accepts
+    every field by name."""
+    specs = {s.name: s for s in vars(contract).values() if isinstance(s, contract.Spec)}
+    commands = list(mirrored())
+    assert {c.name for c in commands} >= {"debit", "credit", "reserve", "history", "sweep"}
+    for command in commands:
+        model = command.fields.model()
+        names = [p.name for p in command.params]
+        assert names[: len(model.model_fields)] == [
+            *command.fields.arguments,
+            *(f for f in model.model_fields if f not in command.fields.arguments),
+        ], command.name
+        if command.task is None:
+            continue
+        assert specs[command.task].payload is model, command.name
+        module, _, function = (command.call or "").partition(":")
+        action = getattr(importlib.import_module(module), function)
+        signature(action).bind(None, **dict.fromkeys(model.model_fields))
+
+
+def test_options_come_from_the_model(session: Session) -> None:
+    """Fields the CLI never declared one by one are there, typed and checked as the task checks
+    them (open_account's subscription end and last renewal, history's filters)."""
+    opened = tokens("open-account", "imported", "--tier", "Professional",
+                    "--subscription-expires-at", "2999-01-01",
+                    "--last-renewal-at", "2026-01-01T00:00:00+00:00")  # fmt: skip
+    assert (opened["subscription_expires_at"], opened["last_renewal_at"]) == (
+        "2999-01-01T00:00:00+00:00",
+        "2026-01-01T00:00:00+00:00",
+    )
+    tokens("credit", "imported", "5")
+    tokens("debit", "imported", "2", "--operation-type", "image_generation")
+    only = tokens("history", "imported", "--operation-type", "purchase", "--limit", "5")
+    assert [e["tokens_amount"] for e in only["entries"]] == [5]
+    assert tokens("can-afford", "imported", "image_generation") == {
+        "success": True, "can_afford": False, "cost": 10, "balance": 3, "deficit": 7,
+    }  # fmt: skip
 
 
 # --- migrate --------------------------------------------------------------------------------
@@ -310,6 +399,11 @@ def test_delete_old_entries(session: Session) -> None:
         ["reset-balance", "u", "5", "--reason", "a\x00"],
         ["history", "\t"],
         ["reconcile", "--user-id", " "],
+        ["open-account", "u", "--subscription-expires-at", "3000-01-01"],
+        ["debit", "u", "5", "--operation-type", "image_generation", "--metadata", "[1]"],
+        ["history", "u", "--limit", "0"],
+        ["delete-old-entries", "not-a-date"],
+        ["credit", "u", "5", "--grant-kind", "gift"],
     ],
 )
 def test_arguments_follow_the_task_rules(session: Session, args: list[str]) -> None:
@@ -455,9 +549,12 @@ def test_delete_old_entries_dry_run_and_confirmation(session: Session) -> None:
         for entry in dbstate.entries(user):
             dbstate.backdate(entry["id"], datetime(2025, 6, 1, tzinfo=UTC))
     before = dbstate.snapshot()
+    # A dry run says what it would delete, never that it deleted.
     assert tokens("delete-old-entries", "2026-01-01", "--dry-run") == {
         "success": True,
-        "deleted": 4,
+        "dry_run": True,
+        "would_delete": 4,
+        "users": 2,
     }
     declined = CliRunner().invoke(main, ["delete-old-entries", "2026-01-01"], input="n\n")
     assert declined.exit_code == 1
@@ -627,21 +724,21 @@ def test_doctor_names_what_is_wrong(
     ]  # fmt: skip
 
 
-# --- the README's command list ----------------------------------------------------------------
+# --- the operator guide's command list ----------------------------------------------------------
 
 
-def readme_operations() -> list[str]:
-    text = (ROOT / "README.md").read_text()
-    block = text.split("## Operations", 1)[1].split("```sh\n", 1)[1].split("```", 1)[0]
+def guide_commands() -> list[str]:
+    text = (ROOT / "docs" / "operators.md").read_text()
+    block = text.split("## The `tokens` CLI", 1)[1].split("```sh\n", 1)[1].split("```", 1)[0]
     return [line for line in block.splitlines() if line.strip()]
 
 
-def test_every_command_in_the_readme_operations_section_runs(
+def test_every_command_in_the_operator_guide_runs(
     e2e: Celery, beat_lock: tuple[redis.Redis, str]
 ) -> None:
     client, key = beat_lock
     client.set(key, "a-beat", px=150_000)  # as a running beat holds it (test_doctor_…: a real one)
-    lines = readme_operations()
+    lines = guide_commands()
     assert len(lines) >= 20
     printed: dict[str, dict[str, Any]] = {}
     reserve_line = ""
@@ -651,7 +748,7 @@ def test_every_command_in_the_readme_operations_section_runs(
         if argv[1] == "release":
             # The hold `reserve` printed was captured on the line before: take a new one.
             printed["reserve"] = json.loads(
-                run_readme_line(shlex.split(reserve_line, comments=True)).stdout
+                run_guide_line(shlex.split(reserve_line, comments=True)).stdout
             )
         argv = [
             printed["debit"]["ledger_entry_id"] if arg == "ENTRY_ID"
@@ -659,9 +756,9 @@ def test_every_command_in_the_readme_operations_section_runs(
             else arg
             for arg in argv
         ]  # fmt: skip
-        result = run_readme_line(argv)
+        result = run_guide_line(argv)
         assert result.exit_code == 0, (line, result.output, result.exception)
-        if argv[1] not in ("migrate", "doctor", "grants"):  # these print tables
+        if argv[1] not in ("migrate", "doctor"):  # these print lines of text
             printed[argv[1]] = json.loads(result.stdout)
             assert printed[argv[1]]["success"] is True
         if argv[1] == "reserve":
@@ -671,37 +768,64 @@ def test_every_command_in_the_readme_operations_section_runs(
     assert printed["reconcile"]["mismatches"] == []
 
 
-def run_readme_line(argv: list[str]) -> Any:
+def run_guide_line(argv: list[str]) -> Any:
     return CliRunner().invoke(main, argv[1:])
 
 
-def test_doctor_on_the_embedded_default(tmp_path: Path) -> None:
+def checks(stdout: str) -> dict[str, tuple[str, str]]:
+    """``tokens doctor``'s lines by check: (status, detail)."""
+    return {name: (status, detail) for status, name, detail in
+            (line.split(None, 2) for line in stdout.splitlines())}  # fmt: skip
+
+
+def test_doctor_on_the_embedded_default_with_no_worker(tmp_path: Path) -> None:
+    """What a new user saw: no worker running, and doctor said all was well (the embedded broker
+    cannot broadcast, so the workers were skipped). No worker answering is a problem: either
+    the broker is not there, or a worker must answer."""
     bare = {k: v for k, v in os.environ.items() if not k.startswith("TOKENS_")}
-    missing = subprocess.run([str(TOKENS), "doctor"], cwd=tmp_path, env=bare, capture_output=True,
-                             text=True, timeout=60, check=False)  # fmt: skip
-    assert missing.returncode == 1
-    assert missing.stdout.splitlines()[:2] == [
-        "FAIL  database  database sqlite:///var/tokens.sqlite does not exist: run `tokens migrate`",
-        "skip  schema    no database",
-    ]
-    assert not (tmp_path / "var" / "tokens.sqlite").exists()  # looking created nothing
-    subprocess.run([str(TOKENS), "migrate"], cwd=tmp_path, env=bare, check=True, timeout=60,
-                   capture_output=True)  # fmt: skip
-    ready = subprocess.run([str(TOKENS), "doctor"], cwd=tmp_path, env=bare, capture_output=True,
-                           text=True, timeout=60, check=False)  # fmt: skip
-    assert ready.returncode == 0, ready.stdout
-    assert [line.split()[:2] for line in ready.stdout.splitlines()] == [
-        ["ok", "database"], ["ok", "schema"], ["ok", "broker"], ["ok", "backend"],
-        ["skip", "beat"], ["skip", "workers"],
-    ]  # fmt: skip
+    out = subprocess.run([str(TOKENS), "doctor", "--timeout", "1"], cwd=tmp_path, env=bare,
+                         capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+    assert out.returncode == 1
+    found = checks(out.stdout)
+    assert found["workers"][0] == "FAIL" or found["broker"][0] == "FAIL", out.stdout
 
 
-def table(*args: str) -> tuple[list[list[str]], str]:
-    """``tokens grants``' rows (header first), split on blanks, and its last line."""
-    result = CliRunner().invoke(main, ["grants", *args])
-    assert result.exit_code == 0, (result.output, result.exception)
-    *rows, last = result.stdout.splitlines()
-    return [r.split() for r in rows], last
+DOCTOR_WITHOUT_BROADCAST = """
+import sys
+import worker.doctor
+worker.doctor.broadcasts = lambda app: False  # as on kombu's SQLAlchemy transport
+from worker.cli import main
+main(["doctor", "--timeout", "1"])
+"""
+
+
+def test_doctor_asks_a_worker_where_the_broker_cannot_broadcast(e2e: Celery) -> None:
+    """Without broadcast, doctor sends health.ping as a producer would: the session's workers
+    answer it; on a broker no worker consumes, nothing answers and that is a failure (exit 1)."""
+
+    def doctor_without_broadcast(broker: str) -> tuple[int, dict[str, tuple[str, str]]]:
+        env = {**os.environ, "TOKENS_BROKER_URL": broker, "PYTHONPATH": str(ROOT)}
+        argv = [sys.executable, "-c", DOCTOR_WITHOUT_BROADCAST]
+        out = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
+        return out.returncode, checks(out.stdout)
+
+    settings = get_settings()
+    _, served = doctor_without_broadcast(settings.broker)
+    assert served["workers"] == ("ok", "a worker answered health.ping (queues not listed)")
+    # The result backend's Redis database: a broker no worker of the session consumes.
+    code, unserved = doctor_without_broadcast(settings.backend)
+    assert code == 1
+    assert unserved["workers"] == ("FAIL", "no worker answered health.ping within 1 s")
+
+
+def test_doctor_fails_when_no_worker_answers_a_broadcast() -> None:
+    env = {**os.environ, "TOKENS_BROKER_URL": get_settings().backend}  # no worker consumes it
+    code, lines = doctor(env=env)
+    assert code == 1
+    assert checks("\n".join(" ".join(line) for line in lines))["workers"] == (
+        "FAIL",
+        "no worker answered within 1 s",
+    )
 
 
 def test_grants_shows_a_users_grants_in_burn_order_and_the_debt(session: Session) -> None:
@@ -715,20 +839,22 @@ def test_grants_shows_a_users_grants_in_burn_order_and_the_debt(session: Session
     movements.debit(session, "d", 15, "image_generation", allow_overdraft=True)
     session.commit()
 
-    listed = grant_rows.list_grants(session, "g", include_ended=True).grants
-    adjustment, promo, purchased = (g.grant_id for g in sorted(listed, key=lambda g: g.kind))
-    rows, debt = table("g")
-    assert rows == [
-        ["GRANT", "KIND", "REMAINING/AMOUNT", "HELD", "PRIORITY", "EXPIRES_AT", "STATUS"],
-        [promo, "promo", "20/30", "20", "20", ends.isoformat(), "active"],
-        [adjustment, "adjustment", "100/100", "5", "50", "never", "active"],
+    def shown(*args: str) -> list[tuple[Any, ...]]:
+        out = tokens("grants", *args)
+        assert out == grant_rows.list_grants(
+            session, args[0], include_ended="--all" in args or "--include-ended" in args
+        ).model_dump(mode="json")
+        keys = ("kind", "status", "remaining", "amount", "held", "expires_at", "priority")
+        return [tuple(g[k] for k in keys) for g in out["grants"]]
+
+    # JSON like every other command (it printed a table unless --json), in burn order.
+    assert shown("g") == [
+        ("promo", "active", 20, 30, 20, ends.isoformat(), 20),
+        ("adjustment", "active", 100, 100, 5, None, 50),
     ]
-    assert debt == "debt: 0"
-    rows, _ = table("g", "--all")
-    assert rows[3] == [purchased, "purchased", "0/50", "0", "5", "never", "depleted"]
-    assert table("d") == ([rows[0]], "debt: 15")
-    assert tokens("grants", "g", "--all", "--json") == grant_rows.list_grants(
-        session, "g", include_ended=True
-    ).model_dump(mode="json")
+    assert shown("g", "--all")[2] == ("purchased", "depleted", 0, 50, 0, None, 5)
+    assert shown("g", "--include-ended") == shown("g", "--all")
+    assert tokens("grants", "d") == {"success": True, "user_id": "d", "grants": [], "debt": 15}
+    assert tokens("grants", "g", "--json") == tokens("grants", "g")  # still accepted
     assert tokens("grants", "ghost", code=1)["error_code"] == "USER_NOT_FOUND"
     assert_ledger_consistent(session)

@@ -1,4 +1,4 @@
-"""worker/metrics.py: the session's two real workers (prefork, two pool processes each) serve
+"""worker/metrics/: the session's two real workers (prefork, two pool processes each) serve
 their metrics over HTTP; a known mix of tasks moves every series by an exact amount.
 
 The mix: four debits that wait on a row lock the test holds (so every pool process of both
