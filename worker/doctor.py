@@ -112,12 +112,12 @@ def _workers(timeout: float, broker_reachable: bool) -> Check:
         return Check("workers", "skip", "the broker is unreachable")
     from worker.celery import app
 
-    if not broadcasts(app):
-        return _ping_task(app, timeout)
     try:
+        if not broadcasts(app):
+            return _ping_task(app, timeout)
         replies = app.control.inspect(timeout=timeout).active_queues() or {}
-    except Exception:  # a transport that cannot broadcast after all
-        return _ping_task(app, timeout)
+    except Exception as exc:  # kombu raises each transport's own errors
+        return Check("workers", "FAIL", f"cannot ask the workers: {reason(exc)}")
     if not replies:
         return Check("workers", "FAIL", f"no worker answered within {timeout:g} s")
     served = {q["name"] for queues in replies.values() for q in queues or []}
