@@ -46,7 +46,9 @@ lint: install
 # The end-to-end tasks suite, the poison messages, the faults (a worker killed mid-debit, the
 # database down), the coalescer, the CLI, the worker's start-up checks and beat (RedBeat keeps
 # its schedule in Redis) run a second and third time on RabbitMQ (classic, then quorum queues, a
-# virtual host of their own): about 6 minutes more.
+# virtual host of their own): about 6 minutes more. Then the end-to-end tasks suite once more on
+# the embedded default, started exactly as `make run` starts it (worker/devenv.py EmbeddedRun:
+# PostgreSQL and Valkey from their wheels, on free ports): about a minute.
 AMQP_TESTS ?= tests/tasks tests/worker/test_poison.py tests/worker/test_faults.py \
 	tests/worker/test_coalescer.py tests/worker/test_cli.py tests/worker/test_preflight.py \
 	tests/test_beat_schedule.py
@@ -56,6 +58,7 @@ test: install lint
 	$(BIN)/pytest -q
 	TOKENS_TEST_BROKER=amqp $(BIN)/pytest -q $(AMQP_TESTS)
 	TOKENS_TEST_BROKER=quorum $(BIN)/pytest -q $(AMQP_TESTS)
+	TOKENS_TEST_BROKER=embedded $(BIN)/pytest -q tests/tasks
 
 # Every benchmark below, one after another (output in var/bench/bench-<time>.log), then one
 # table of issue 12's goals, also written to var/bench/summary-<date>.md.

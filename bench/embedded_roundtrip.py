@@ -1,73 +1,71 @@
-"""One task's round trip on the embedded default (SQLite broker, database and results).
+"""A debit's round trip through ``TokenClient()`` on the embedded default, as a producer sees it.
 
-    python -m bench.embedded_roundtrip [--pings 20]
+    python -m bench.embedded_roundtrip [--calls 50] [--broker auto|valkey|sql]
 
-Migrates and starts ``celery -A worker worker`` in a fresh directory with no ``TOKENS_*``
-variable (as ``make run`` does), then sends ``health.ping`` one at a time through the project's
-own app and waits with a plain ``.get(timeout=…)``, as the README's first example does. Prints
-the median and the slowest round trip.
+Starts ``python -m worker.embedded run`` (what ``make run`` runs) in a fresh directory on free
+ports, then sends ``tokens.debit`` one at a time through ``TokenClient()`` given no URL (it finds
+the embedded servers itself) and prints the median and the 90th percentile. ``--broker sql``
+forces the SQLAlchemy transport, the fallback where no Valkey wheel exists.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import signal
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-BIN = Path(sys.executable).parent
+from token_worker_client import TokenClient
+from worker.devenv import EmbeddedRun, free_port
 
 
-def bare_env(var_dir: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENS_")}
-    return {**env, "TOKENS_VAR_DIR": str(var_dir)}
-
-
-def round_trips(pings: int) -> list[float]:
-    """Seconds per ``health.ping`` round trip through the app in this process (its settings
-    must already point at the running embedded worker's var directory)."""
-    from worker.celery import app
-
-    app.send_task("health.ping").get(timeout=60)  # warm-up: connections, tables, the pool
+def round_trips(client: TokenClient, calls: int) -> list[float]:
+    """Seconds per ``tokens.debit`` round trip, after a warm-up."""
+    client.open_account(user_id="bench-roundtrip", initial_balance=10**9).unwrap()
+    client.ping()
     times = []
-    for _ in range(pings):
+    for _ in range(calls):
         start = time.perf_counter()
-        out = app.send_task("health.ping").get(timeout=30)
+        client.debit(
+            user_id="bench-roundtrip", amount=1, operation_type="image_generation"
+        ).unwrap()
         times.append(time.perf_counter() - start)
-        assert out["success"], out
     return times
+
+
+def summary(times: list[float]) -> str:
+    ordered = sorted(times)
+    p90 = ordered[int(len(ordered) * 0.9)]
+    return f"median {statistics.median(times) * 1000:.1f} ms, p90 {p90 * 1000:.1f} ms"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--pings", type=int, default=20)
+    parser.add_argument("--calls", type=int, default=50)
+    parser.add_argument("--broker", choices=["auto", "valkey", "sql"], default="auto")
     args = parser.parse_args()
+    env = {
+        "TOKENS_EMBEDDED_PG_PORT": str(free_port()),
+        "TOKENS_EMBEDDED_VALKEY_PORT": str(free_port()),
+        "TOKENS_EMBEDDED_BROKER": args.broker,
+    }
     with tempfile.TemporaryDirectory(prefix="tokens-embedded-") as tmp:
-        env = bare_env(Path(tmp) / "var")
-        subprocess.run([str(BIN / "tokens"), "migrate"], cwd=tmp, env=env, check=True)
-        worker = subprocess.Popen(
-            [str(BIN / "celery"), "-A", "worker", "worker", "-l", "WARNING"],
-            cwd=tmp,
-            env=env,
-            start_new_session=True,
-        )
+        Path(tmp).chmod(0o755)  # reachable by nobody, who runs PostgreSQL under root
+        run = EmbeddedRun(Path(tmp), env, "-l", "WARNING")
         try:
+            run.wait_ready()
             for key in [k for k in os.environ if k.startswith("TOKENS_")]:
                 del os.environ[key]
-            os.environ["TOKENS_VAR_DIR"] = env["TOKENS_VAR_DIR"]
-            times = round_trips(args.pings)
+            os.environ.update(env)
+            with TokenClient(timeout=30) as client:
+                broker = client.transport.app.conf.broker_url
+                times = round_trips(client, args.calls)
         finally:
-            worker.send_signal(signal.SIGTERM)
-            worker.wait(30)
-    print(
-        f"health.ping round trip, embedded default, {len(times)} pings: "
-        f"median {statistics.median(times) * 1000:.0f} ms, max {max(times) * 1000:.0f} ms"
-    )
+            run.stop()
+    scheme = broker.split("://")[0]
+    print(f"tokens.debit through TokenClient(), {scheme}, {args.calls} calls: {summary(times)}")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Scratch environments for tests and benchmarks: a throwaway PostgreSQL database, a private
-pair of Redis databases, and real ``celery -A worker worker`` processes.
+pair of Redis databases, and real ``celery -A worker worker`` processes; or the embedded default
+started exactly as ``make run`` starts it (``TOKENS_TEST_BROKER=embedded``).
 
 Not used by the worker itself; kept here so the tests and ``bench/`` share one implementation.
 """
@@ -7,9 +8,12 @@ Not used by the worker itself; kept here so the tests and ``bench/`` share one i
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -27,7 +31,75 @@ _SLOTS = 7  # Redis databases 2..15, a broker/backend pair per concurrent run
 AMQP_URL = os.environ.get("TOKENS_TEST_AMQP", "amqp://guest:guest@127.0.0.1:5672")
 #: The broker the scratch environment uses: "redis" (the default), "amqp" (RabbitMQ, classic
 #: queues) or "quorum" (RabbitMQ, quorum queues); RabbitMQ gets a virtual host of its own.
-BROKERS = ("redis", "amqp", "quorum")
+#: "embedded": no server of the machine's; ``python -m worker.embedded run`` (what ``make run``
+#: runs) in a directory of its own starts PostgreSQL and Valkey from their wheels, migrates and
+#: runs a worker with beat, on free ports (TOKENS_EMBEDDED_*_PORT, so a developer's own make run
+#: on the default ports is left alone).
+BROKERS = ("redis", "amqp", "quorum", "embedded")
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class EmbeddedRun:
+    """``python -m worker.embedded run`` (``make run`` without its install step) started in
+    ``directory`` with no TOKENS_* variable but ``env``; its output in make-run.log there."""
+
+    def __init__(self, directory: Path, env: dict[str, str], *args: str) -> None:
+        self.directory = directory
+        self.log = directory / "make-run.log"
+        bare = {k: v for k, v in os.environ.items() if not k.startswith("TOKENS_")}
+        self.env = {**bare, **env}
+        with self.log.open("ab") as out:
+            self.offset = out.tell()  # an earlier run's lines stay before it
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "worker.embedded", "run", *args],
+                cwd=directory,
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    def text(self) -> str:
+        """This run's output so far."""
+        with self.log.open("rb") as log:
+            log.seek(self.offset)
+            return log.read().decode(errors="replace")
+
+    def wait_ready(self, timeout: float = 90) -> None:
+        deadline = time.monotonic() + timeout
+        while " ready." not in self.text():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                tail = self.text()[-2000:]
+                raise RuntimeError(f"make run not ready (exit {self.proc.poll()}):\n{tail}")
+            time.sleep(0.1)
+
+    def stop(self, timeout: float = 60) -> int:
+        """SIGTERM to the launcher alone (it stops the worker, then the servers); its exit
+        status. Whatever server it left (killed before it could stop them) is stopped too."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+            raise
+        finally:
+            subprocess.run(
+                [sys.executable, "-m", "worker.embedded", "stop"],
+                cwd=self.directory,
+                env=self.env,
+                capture_output=True,
+                timeout=timeout,
+                check=False,
+            )
 
 
 def _rabbitmqctl(*args: str) -> None:
@@ -44,6 +116,16 @@ class Scratch:
         self.broker = broker or os.environ.get("TOKENS_TEST_BROKER") or "redis"
         if self.broker not in BROKERS:
             raise ValueError(f"TOKENS_TEST_BROKER={self.broker!r}: one of {', '.join(BROKERS)}")
+        self.run: EmbeddedRun | None = None
+        if self.broker == "embedded":
+            # Reachable by nobody, who runs PostgreSQL when the tests run as root.
+            self.directory = Path(tempfile.mkdtemp(prefix=f"{prefix}-embedded-"))
+            self.directory.chmod(0o755)
+            self.env = {
+                "TOKENS_EMBEDDED_PG_PORT": str(free_port()),
+                "TOKENS_EMBEDDED_VALKEY_PORT": str(free_port()),
+            }
+            return
         self.slot = self._claim_redis_slot()
         # The pair's first database: the broker on Redis, RedBeat's schedule with RabbitMQ.
         self.redis_url = f"{REDIS_URL}/{2 * self.slot}"
@@ -82,6 +164,10 @@ class Scratch:
         os.environ.update(self.env)
 
     def create(self) -> None:
+        if self.broker == "embedded":
+            self.run = EmbeddedRun(self.directory, self.env)
+            self.run.wait_ready()
+            return
         with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
             conn.execute(f'CREATE DATABASE "{self.db_name}"')
         if self.vhost is not None:
@@ -91,6 +177,11 @@ class Scratch:
         redis.Redis.from_url(self.backend_url).flushdb()
 
     def destroy(self) -> None:
+        if self.broker == "embedded":
+            if self.run is not None:
+                self.run.stop()
+            shutil.rmtree(self.directory, ignore_errors=True)
+            return
         with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{self.db_name}" WITH (FORCE)')
         if self.vhost is not None:
@@ -103,11 +194,9 @@ class Scratch:
 def producer() -> Celery:
     """A producer as the contract describes it: broker and backend URLs, nothing else (and
     with RabbitMQ quorum queues, the queue type every producer must declare them with)."""
-    app = Celery(
-        "producer",
-        broker=os.environ["TOKENS_BROKER_URL"],
-        backend=os.environ["TOKENS_RESULT_BACKEND"],
-    )
+    from worker.settings import get_settings  # read once the scratch variables are set
+
+    app = Celery("producer", broker=get_settings().broker, backend=get_settings().backend)
     if os.environ.get("TOKENS_QUEUE_TYPE") == "quorum":
         app.conf.task_default_queue_type = "quorum"
         app.conf.task_create_missing_queue_type = "quorum"  # a queue named by a send_task

