@@ -20,7 +20,7 @@ from worker.preflight import (
     broker_problem,
     database_revisions,
     head_revisions,
-    missing_sqlite_file,
+    not_running,
     reason,
     schema_problem,
 )
@@ -40,14 +40,12 @@ class Check:
 
 def _database(timeout: float) -> list[Check]:
     url = get_settings().db_url
-    missing = missing_sqlite_file(url)
-    if missing:
-        return [Check("database", "FAIL", missing), Check("schema", "skip", "no database")]
     try:
         current = database_revisions(url, timeout)
     except SQLAlchemyError as exc:
+        down = not_running(url) or f"{masked(url)} unreachable: {reason(exc)}"
         return [
-            Check("database", "FAIL", f"{masked(url)} unreachable: {reason(exc)}"),
+            Check("database", "FAIL", down),
             Check("schema", "skip", "the database is unreachable"),
         ]
     reachable = Check("database", "ok", f"{masked(url)} reachable")
