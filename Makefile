@@ -7,7 +7,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: install lock run beat test lint bench bench-quick bench-transport bench-renewals bench-grants bench-expiry bench-batches bench-brokers bench-reads bench-domain-debit bench-movements profile clean
+.PHONY: install lock run beat test lint bench bench-quick bench-transport bench-renewals bench-grants bench-expiry bench-batches bench-brokers bench-reads bench-domain-debit profile clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -100,11 +100,6 @@ bench-grants: install
 bench-domain-debit: install
 	scripts/ensure-services.sh
 	$(BIN)/python -m bench.domain_debit
-
-# Every movement on the Python path (before) against its one statement alone (after).
-bench-movements: install
-	scripts/ensure-services.sh
-	$(BIN)/python -m bench.movements
 
 bench-batches: install
 	scripts/ensure-services.sh

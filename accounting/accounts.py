@@ -5,13 +5,13 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import select, text, update
 from sqlalchemy.orm import Session
 
 from accounting import clock, grants
-from accounting.catalog import cost_of, known_operation, tier_of
+from accounting.catalog import cost_of, tier_of
 from accounting.errors import negative_balance, user_not_found
-from accounting.idempotency import insert_ignoring_conflicts
+from accounting.events import note_balance_change
 from models.schemas import BalanceOut, CanAffordOut, OpenAccountOut
 from models.tables import Account
 
@@ -51,6 +51,14 @@ def load_account(session: Session, user_id: str, *, lock: bool = False) -> Accou
     return account
 
 
+# sql/accounts/tokens_open.sql: the account and its initial balance, through the functions
+# every movement uses to grant and write.
+_OPEN = text(
+    "SELECT * FROM tokens_open(:user_id, :tier, :initial, CAST(:expires AS timestamptz),"
+    " CAST(:renewed AS timestamptz))"
+)
+
+
 def open_account(
     session: Session,
     user_id: str,
@@ -63,38 +71,26 @@ def open_account(
     tier_of(tier)
     if initial_balance < 0:
         raise negative_balance()
-    now = clock.now_sql()
-    inserted = session.execute(
-        insert_ignoring_conflicts(Account)
-        .values(
-            user_id=user_id,
-            tier=tier,
-            tokens_balance=0,
-            tokens_reserved=0,
-            debt=0,
-            tokens_spent=0,
-            last_renewal_at=last_renewal_at,
-            subscription_expires_at=subscription_expires_at,
-            created_at=now,
-            updated_at=now,
-        )
-        .returning(Account.updated_at)
-    ).first()
-    created = inserted is not None
-    if inserted is not None and initial_balance:
-        fresh = grants.Locked(user_id, 0, 0, 0, 0, inserted[0])
-        change = grants.Change(fresh)
-        change.grant(session, "adjustment", initial_balance)
-        grants.write(
+    row = session.execute(
+        _OPEN,
+        {
+            "user_id": user_id,
+            "tier": tier,
+            "initial": initial_balance,
+            "expires": subscription_expires_at,
+            "renewed": last_renewal_at,
+        },
+    ).one()
+    if row.entry_id is not None:
+        note_balance_change(
             session,
-            change,
-            kind="adjustment",
-            operation_type=known_operation("adjustment"),
-            metadata={"reason": "initial_balance"},
-            event="open_account",
+            user_id=user_id,
+            balance=initial_balance,
+            tokens_reserved=0,
+            operation="open_account",
         )
     account = load_account(session, user_id)
-    return OpenAccountOut(**balance_of(account, session).model_dump(), created=created)
+    return OpenAccountOut(**balance_of(account, session).model_dump(), created=row.created)
 
 
 def set_tier(

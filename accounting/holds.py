@@ -1,5 +1,5 @@
-"""A reserve or release on PostgreSQL in one statement: ``tokens_reserve()`` and
-``tokens_release()`` (migration 0010).
+"""A reserve, release or extend on PostgreSQL in one statement: ``tokens_reserve()``,
+``tokens_release()`` and ``tokens_extend()`` (sql/holds/).
 
 Each does in one round trip what :func:`accounting.reservations.reserve` or ``release`` does
 through :mod:`accounting.grants` with the idempotency claim and record around it; the Python code
@@ -23,13 +23,14 @@ from accounting.errors import (
     reservation_not_found,
 )
 from accounting.events import note_balance_change
-from models.schemas import ReleaseOut, ReserveOut
+from models.schemas import ExtendOut, ReleaseOut, ReserveOut
 
 _RESERVE = (
     "tokens_reserve(:user_id, :key, :digest, :reservation_id, :amount, :op, :ttl,"
     " CAST(:metadata AS jsonb), :overcapture)"
 )
 _RELEASE = "tokens_release(:reservation_id, :key, :digest, :reason)"
+_EXTEND = "tokens_extend(:reservation_id, :key, :digest, :amount, :ttl)"
 
 
 def reserve(
@@ -119,3 +120,50 @@ def release(
     )
     statements.note_expiries(session, row.owner, reserved, row.expired_tokens, row.expired_balances)
     return ReleaseOut(**row.response)
+
+
+def extend(
+    session: Session,
+    *,
+    reservation_id: str,
+    amount: int,
+    ttl_seconds: int | None,
+    idempotency_key: str | None,
+    digest: str,
+) -> ExtendOut:
+    """Read, claim, lock, expire, guard, hold more and keep alive in one statement."""
+    row = statements.call(
+        session,
+        _EXTEND,
+        {
+            "reservation_id": reservation_id,
+            "key": idempotency_key,
+            "digest": digest,
+            "amount": amount,
+            "ttl": ttl_seconds,
+        },
+    )
+    status = row.status
+    if status == "not_found":
+        raise reservation_not_found()
+    if status == "replay":
+        return ExtendOut(**row.response)
+    if status == "conflict":
+        raise idempotency_conflict()
+    if status == "not_active":
+        raise reservation_not_active(row.reservation_status)
+    reserved = int(row.reserved)
+    statements.note_expiries(
+        session, row.owner, reserved - amount, row.expired_tokens, row.expired_balances
+    )
+    if status == "insufficient":
+        raise insufficient_tokens(amount, int(row.available))
+    if amount:
+        note_balance_change(
+            session,
+            user_id=row.owner,
+            balance=int(row.balance),
+            tokens_reserved=reserved,
+            operation="extend",
+        )
+    return ExtendOut(**row.response)

@@ -1,7 +1,8 @@
-"""Balance movements: each locks the account, spends or makes grants, and writes its ledger
-entry with the split across grants, in one transaction (``accounting.grants``).
+"""Balance movements: validate, then one statement of the functions under sql/movements/, which
+lock the account, spend or make grants and write the ledger entry with its split.
 
-Nothing here commits; the caller (a task, the CLI, a test) owns the transaction.
+Nothing here commits; the caller (a task, the CLI, a test) owns the transaction, or runs the
+statement alone (:mod:`accounting.statements`).
 """
 
 from __future__ import annotations
@@ -9,46 +10,24 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select
-from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import Session
 
 from accounting import credit as credit_statement
-from accounting import grants, idempotency, spend, statements
+from accounting import idempotency, spend
 from accounting import refund as refund_statement
 from accounting.catalog import known_operation, price_of
 from accounting.errors import (
-    below_reserved,
     entry_not_found,
-    expires_at_not_future,
-    insufficient_tokens,
     invalid_amount,
     negative_balance,
-    refund_exceeds_original,
     validation_error,
 )
 from models.schemas import DebitIn, MovementOut
-from models.tables import LedgerEntry, entry_grant_table, refund_total_table
 
 # Entries a refund may point at: what took tokens for a service.
 REFUNDABLE_KINDS = ("debit", "charge", "capture")
 # What tokens.credit may make (renewals make allowances, refunds and resets adjustments).
 CREDIT_KINDS = ("purchased", "promo")
-
-
-def movement_result(
-    locked: grants.Locked, operation_type: str, delta: int, entry_id: int
-) -> MovementOut:
-    """The contract's movement result for an entry of ``delta`` leaving the account ``locked``."""
-    return MovementOut(
-        user_id=locked.user_id,
-        operation_type=operation_type,
-        amount=delta,
-        balance_before=locked.balance - delta,
-        new_balance=locked.balance,
-        tokens_spent=locked.spent,
-        ledger_entry_id=str(entry_id),
-    )
 
 
 def _spend_once(
@@ -63,26 +42,8 @@ def _spend_once(
     idempotency_key: str | None,
     digest: str,
 ) -> MovementOut:
-    """A debit or charge under its idempotency key: on PostgreSQL the one statement
-    (``accounting.spend``), elsewhere the portable path (replay, else :func:`_spend`)."""
-    if statements.applies(session):
-        return spend.spend(
-            session,
-            user_id=user_id,
-            kind=kind,
-            operation_type=operation_type,
-            amount=amount,
-            allow_overdraft=allow_overdraft,
-            metadata=metadata,
-            idempotency_key=idempotency_key,
-            digest=digest,
-        )
-    statements.need_transaction(session)
-    if (
-        replay := idempotency.replay(session, user_id, idempotency_key, digest, MovementOut)
-    ) is not None:
-        return replay
-    out = _spend(
+    """A debit or charge under its idempotency key: one statement (``accounting.spend``)."""
+    return spend.spend(
         session,
         user_id=user_id,
         kind=kind,
@@ -91,43 +52,8 @@ def _spend_once(
         allow_overdraft=allow_overdraft,
         metadata=metadata,
         idempotency_key=idempotency_key,
+        digest=digest,
     )
-    return _done(session, idempotency_key, out)
-
-
-def _spend(
-    session: Session,
-    *,
-    user_id: str,
-    kind: str,
-    operation_type: str,
-    amount: int,
-    allow_overdraft: bool,
-    metadata: dict[str, Any],
-    idempotency_key: str | None,
-) -> MovementOut:
-    """A debit or charge: spend ``amount`` in burn order, refused beyond what is available
-    unless ``allow_overdraft`` (then what no grant covers becomes debt)."""
-    locked = grants.lock_current(session, user_id)
-    if not allow_overdraft and locked.available < amount:
-        raise insufficient_tokens(amount, locked.available)
-    change = grants.Change(locked)
-    change.spend(session, amount, into_debt=True)
-    entry_id, after = grants.write(
-        session,
-        change,
-        kind=kind,
-        operation_type=operation_type,
-        spent_delta=amount,
-        metadata=metadata,
-        idempotency_key=idempotency_key,
-    )
-    return movement_result(after, operation_type, -amount, entry_id)
-
-
-def _done(session: Session, key: str | None, out: MovementOut) -> MovementOut:
-    idempotency.record(session, out.user_id, key, out.model_dump(mode="json"))
-    return out
 
 
 def debit(
@@ -195,7 +121,7 @@ def credit(
     priority: int | None = None,
 ) -> MovementOut:
     """Add ``amount`` as a new ``purchased`` (or ``promo``) grant; it pays any debt first. On
-    PostgreSQL one statement (``accounting.credit``)."""
+    One statement (``accounting.credit``)."""
     if amount <= 0:
         raise invalid_amount("Credit")
     known_operation(operation_type)
@@ -216,38 +142,18 @@ def credit(
     digest = idempotency.request_hash(
         "credit", amount=amount, operation_type=operation_type, metadata=metadata, **grant_args
     )
-    if statements.applies(session):
-        return credit_statement.credit(
-            session,
-            user_id=user_id,
-            amount=amount,
-            operation_type=operation_type,
-            grant_kind=grant_kind,
-            priority=priority,
-            expires_at=expires_at,
-            metadata=metadata,
-            idempotency_key=idempotency_key,
-            digest=digest,
-        )
-    statements.need_transaction(session)
-    if (
-        replay := idempotency.replay(session, user_id, idempotency_key, digest, MovementOut)
-    ) is not None:
-        return replay
-    locked = grants.lock_current(session, user_id)
-    if expires_at is not None and expires_at <= locked.now:
-        raise expires_at_not_future()
-    change = grants.Change(locked)
-    change.grant(session, grant_kind, amount, priority=priority, expires_at=expires_at)
-    entry_id, after = grants.write(
+    return credit_statement.credit(
         session,
-        change,
-        kind="credit",
+        user_id=user_id,
+        amount=amount,
         operation_type=operation_type,
+        grant_kind=grant_kind,
+        priority=priority,
+        expires_at=expires_at,
         metadata=metadata,
         idempotency_key=idempotency_key,
+        digest=digest,
     )
-    return _done(session, idempotency_key, movement_result(after, operation_type, amount, entry_id))
 
 
 def charge(
@@ -283,7 +189,7 @@ def refund(
     idempotency_key: str | None = None,
 ) -> MovementOut:
     """Give tokens back; against ``original_entry_id``, never more in all than it charged. On
-    PostgreSQL one statement (``accounting.refund``), elsewhere the portable path below."""
+    One statement (``accounting.refund``)."""
     if amount <= 0:
         raise invalid_amount("Refund")
     metadata = dict(metadata or {})
@@ -293,89 +199,15 @@ def refund(
     digest = idempotency.request_hash(
         "refund", amount=amount, original_entry_id=original, metadata=metadata
     )
-    if statements.applies(session):
-        return refund_statement.refund(
-            session,
-            user_id=user_id,
-            amount=amount,
-            original_entry_id=original,
-            metadata=metadata,
-            idempotency_key=idempotency_key,
-            digest=digest,
-        )
-    statements.need_transaction(session)
-    if (
-        replay := idempotency.replay(session, user_id, idempotency_key, digest, MovementOut)
-    ) is not None:
-        return replay
-    already = 0 if original is None else _check_refundable(session, user_id, original, amount)
-    locked = grants.lock_current(session, user_id)
-    change = grants.Change(locked)
-    ended: list[tuple[int, int]] = []
-    if original is None:
-        change.grant(session, "adjustment", amount)
-    else:
-        ended = _put_back(session, change, original, already, amount)
-    operation_type = known_operation("refund")
-    entry_id, after = grants.write(
+    return refund_statement.refund(
         session,
-        change,
-        kind="refund",
-        operation_type=operation_type,
-        spent_delta=-amount,
+        user_id=user_id,
+        amount=amount,
+        original_entry_id=original,
         metadata=metadata,
         idempotency_key=idempotency_key,
-        original_entry_id=original,
+        digest=digest,
     )
-    out = movement_result(after, operation_type, amount, entry_id)
-    # A refund never revives an ended grant: what went back into one leaves again at once.
-    for grant_id, tokens in ended:
-        after = grants.expire_grant(session, after, grant_id, tokens)
-    return _done(session, idempotency_key, out)
-
-
-def _put_back(
-    session: Session, change: grants.Change, original: int, already: int, amount: int
-) -> list[tuple[int, int]]:
-    """Return ``amount`` to where ``original`` took its tokens from, last spent first, after the
-    ``already`` refunded tokens. What the entry took as debt (spent after every grant) comes
-    back first: it pays the user's debt, and once that is paid it is a new ``adjustment``
-    grant. Returns the (grant, tokens) put back into grants that have ended."""
-    splits = session.execute(
-        select(entry_grant_table.c.grant_id, entry_grant_table.c.amount)
-        .where(entry_grant_table.c.entry_id == original, entry_grant_table.c.amount < 0)
-        .order_by(entry_grant_table.c.seq.desc())
-    ).all()
-    charged = -session.execute(
-        select(LedgerEntry.tokens_amount).where(LedgerEntry.id == original)
-    ).scalar_one()
-    from_grants = sum(-int(a) for _, a in splits)
-    sources: list[tuple[int | None, int]] = [(None, charged - from_grants)]
-    sources += [(int(g), -int(a)) for g, a in splits]
-    skip, left = already, amount
-    ended: list[tuple[int, int]] = []
-    for grant_id, took in sources:
-        if skip >= took:
-            skip -= took
-            continue
-        share = min(took - skip, left)
-        skip = 0
-        left -= share
-        if grant_id is None:
-            debt = change.locked.debt + change.debt_delta
-            paid = min(debt, share)
-            change.debt_delta -= paid
-            if share > paid:
-                change.grant(session, "adjustment", share - paid)
-        elif change.put_back(session, grant_id, share):
-            ended.append((grant_id, share))
-        if left == 0:
-            break
-    if left:
-        # An entry written before grants existed has no split: its tokens come back as one
-        # adjustment grant, as a refund without an original would.
-        change.grant(session, "adjustment", left)
-    return ended
 
 
 def _entry_id(value: str | int) -> int:
@@ -389,44 +221,6 @@ def _entry_id(value: str | int) -> int:
     return int(value)
 
 
-def _check_refundable(session: Session, user_id: str, entry_id: int, amount: int) -> int:
-    """Count ``amount`` against what ``entry_id`` charged, or refuse; returns what had been
-    refunded against it before.
-
-    The running total lives in ``refund_totals``, not in a sum over refund entries that pruning
-    may delete. One upsert both checks and adds, so concurrent refunds of one entry serialise on
-    its row and together never exceed the charge.
-    """
-    original = session.execute(
-        select(LedgerEntry.tokens_amount).where(
-            LedgerEntry.id == entry_id,
-            LedgerEntry.user_id == user_id,
-            LedgerEntry.kind.in_(REFUNDABLE_KINDS),
-        )
-    ).scalar_one_or_none()
-    if original is None:
-        raise entry_not_found()
-    charged = -original
-    if amount <= charged:
-        totals = refund_total_table.c
-        added = session.execute(
-            postgresql.insert(refund_total_table)
-            .values(entry_id=entry_id, user_id=user_id, charged=charged, refunded=amount)
-            .on_conflict_do_update(
-                index_elements=[totals.entry_id],
-                set_={"refunded": totals.refunded + amount},
-                where=totals.refunded + amount <= totals.charged,
-            )
-            .returning(totals.refunded)
-        ).first()
-        if added is not None:
-            return int(added[0]) - amount
-    refunded = session.execute(
-        select(refund_total_table.c.refunded).where(refund_total_table.c.entry_id == entry_id)
-    ).scalar_one_or_none()
-    raise refund_exceeds_original(charged, refunded or 0)
-
-
 def reset_balance(
     session: Session,
     user_id: str,
@@ -436,7 +230,7 @@ def reset_balance(
     idempotency_key: str | None = None,
 ) -> MovementOut:
     """Set the balance to ``new_balance`` with an ``adjustment`` entry of the difference. On
-    PostgreSQL one statement (``accounting.credit``)."""
+    One statement (``accounting.credit``)."""
     if new_balance < 0:
         raise negative_balance()
     metadata = dict(metadata or {})
@@ -444,38 +238,12 @@ def reset_balance(
         metadata.setdefault("reason", reason)
     digest = idempotency.request_hash("reset_balance", new_balance=new_balance, metadata=metadata)
     operation_type = known_operation("adjustment")
-    if statements.applies(session):
-        return credit_statement.reset(
-            session,
-            user_id=user_id,
-            new_balance=new_balance,
-            operation_type=operation_type,
-            metadata=metadata,
-            idempotency_key=idempotency_key,
-            digest=digest,
-        )
-    statements.need_transaction(session)
-    if (
-        replay := idempotency.replay(session, user_id, idempotency_key, digest, MovementOut)
-    ) is not None:
-        return replay
-    locked = grants.lock_current(session, user_id)
-    # What reservations hold was promised; a balance under it would let a capture overdraw.
-    if new_balance < locked.reserved:
-        raise below_reserved(locked.reserved)
-    change = grants.Change(locked)
-    delta = new_balance - locked.balance
-    if delta > 0:
-        change.grant(session, "adjustment", delta)
-    elif delta < 0:
-        # Never into debt: new_balance >= reserved leaves the free tokens enough.
-        change.spend(session, -delta, into_debt=False)
-    entry_id, after = grants.write(
+    return credit_statement.reset(
         session,
-        change,
-        kind="adjustment",
+        user_id=user_id,
+        new_balance=new_balance,
         operation_type=operation_type,
         metadata=metadata,
         idempotency_key=idempotency_key,
+        digest=digest,
     )
-    return _done(session, idempotency_key, movement_result(after, operation_type, delta, entry_id))

@@ -21,8 +21,8 @@ Two instants, both from the database's clock (``accounting.clock``), never a wor
 
 A renewal grants the tier's allocation as an ``allowance`` that pays the user's debt first; under
 a tier's ``reset`` policy it first ends the previous allowance and rollover (one ``expiry``
-entry, keeping up to ``rollover_max`` as a rollover). ``accounting.renewal_grants`` does it for
-one user; the PostgreSQL chunk statements do the same set-based.
+entry, keeping up to ``rollover_max`` as a rollover). One statement (:data:`_RENEW`) does it for a
+chunk of users or for one (``renew_user``).
 
 ``check_eligibility``, ``renew_user`` and ``due`` work in the caller's session and never commit.
 
@@ -62,12 +62,11 @@ from sqlalchemy.orm import Session
 
 from accounting import clock, grants, idempotency
 from accounting.accounts import load_account
-from accounting.catalog import FREE_TIERS, known_operation, tier_of
+from accounting.catalog import FREE_TIERS, tier_of
 from accounting.config import rules
 from accounting.errors import not_due, subscription_expired
 from accounting.events import balance_changed, note_balance_change, note_renewals
 from accounting.idempotency import insert_ignoring_conflicts
-from accounting.renewal_grants import PRIORITY, renew_grants
 from models.schemas import (
     DueOut,
     EligibilityOut,
@@ -82,6 +81,9 @@ log = logging.getLogger(__name__)
 
 KIND = "renewal"
 OPERATION = "monthly_reset"
+# Allowances and rollovers share one priority.
+PRIORITY = grants.DEFAULT_PRIORITY["allowance"]
+assert grants.DEFAULT_PRIORITY["rollover"] == PRIORITY
 MAX_ERRORS_LISTED = 100
 MAX_ERROR_LENGTH = 500
 # Sweep plans and tallies are kept this long (a redelivered message is minutes old, not days).
@@ -269,38 +271,32 @@ def renew_user(
 def _renew_one(
     session: Session, user_id: str, plans: dict[str, TierPlan], now: datetime, source: str
 ) -> RenewOut | None:
-    """The conditional UPDATE for one user, then its grants and entries under that row lock;
-    None when the user is not due (or unknown)."""
-    tier = session.execute(
-        update(Account)
-        .where(Account.user_id == user_id, due_clause(plans, now))
-        .values(last_renewal_at=now)
-        .returning(Account.tier)
-        .execution_options(synchronize_session=False)
-    ).scalar()
-    if tier is None:
+    """One user renewed by the statement that renews a chunk (:data:`_ONE_SQL`), after their
+    due grants are expired (``grants.lock_current``); None when not due (or unknown)."""
+    due = select(Account.user_id).where(Account.user_id == user_id, due_clause(plans, now))
+    if session.execute(due).first() is None:
+        return None  # not due, or no such user: the caller tells which
+    grants.lock_current(session, user_id)
+    params = _params(plans, now) | {"user_id": user_id, "source": source}
+    row = session.execute(text(_ONE_SQL), params).first()
+    if row is None:
         return None
-    plan = plans[tier]
-    done = renew_grants(
+    note_balance_change(
         session,
-        grants.lock_current(session, user_id),
-        allocation=plan.allocation,
-        resets=plan.resets,
-        rollover_max=plan.rollover_max,
-        ends=plan.ends,
-        kind=KIND,
-        operation_type=known_operation(OPERATION),
-        metadata={"tier": tier, "source": source},
+        user_id=user_id,
+        balance=row.tokens_balance,
+        tokens_reserved=row.tokens_reserved,
+        operation=KIND,
     )
     return RenewOut(
         user_id=user_id,
-        tier=tier,
-        tokens_added=plan.allocation,
-        previous_balance=done.before,
-        new_balance=done.after.balance,
+        tier=row.tier,
+        tokens_added=row.allocation,
+        previous_balance=row.tokens_balance - row.allocation - row.rolled + row.expired,
+        new_balance=row.tokens_balance,
         renewal_date=now,
-        tokens_expired=done.expired,
-        tokens_rolled_over=done.rolled,
+        tokens_expired=row.expired,
+        tokens_rolled_over=row.rolled,
     )
 
 
@@ -398,12 +394,12 @@ LEFT JOIN LATERAL (SELECT * FROM page ORDER BY {_ORDER_DESC} LIMIT 1) k ON true"
 _LOCKED_COLUMNS = "a.user_id, a.tier, a.debt, a.updated_at"
 _STAMPED = "h.user_id, h.tier, h.debt, GREATEST(clock_timestamp(), h.updated_at) AS at"
 
-# What a renewal does, set-based over the locked users (see accounting.renewal_grants for the
-# rule, one user at a time). Under the ``reset`` policy the users' previous allowance and
-# rollover grants are locked (account first, then its grants; expired ones never come back, so
-# they are left alone) and re-read: the statement's snapshot may predate a movement its lock
-# waited for, the lock gives the current rows. ``ending``: per user, what is left of them (less
-# what reservations hold), and of the allowances still running, which may roll over.
+# What a renewal does, set-based over the locked users: the one definition of the rule. Under
+# the ``reset`` policy the users' previous allowance and rollover grants are locked (account
+# first, then its grants; expired ones never come back, so they are left alone) and re-read:
+# the statement's snapshot may predate a movement its lock waited for, the lock gives the
+# current rows. ``ending``: per user, what is left of them (less what reservations hold), and
+# of the allowances still running, which may roll over.
 #
 # Linear in the chunk: no CTE is joined to another on user_id (the planner, blind to their
 # sizes, would loop over one for each row of the other). ``candidates`` gathers each locked
@@ -569,6 +565,18 @@ locked AS (
 ),
 {_RENEW}
 SELECT (SELECT count(*) FROM renewed) AS renewed, {_CHANGES} AS changes, {_BY_TIER} AS by_tier"""
+
+
+# One user (renew_user, and a failed chunk's users one by one): the chunk's statement, on one
+# locked row, waiting for its lock as a movement would.
+_ONE_SQL = f"""WITH {_TIERS},
+locked AS (
+    SELECT {_STAMPED} FROM (
+        SELECT {_LOCKED_COLUMNS} FROM accounts a WHERE a.user_id = :user_id FOR UPDATE OF a
+    ) h
+),
+{_RENEW}
+SELECT tier, allocation, tokens_balance, tokens_reserved, expired, rolled FROM renewed"""
 
 
 def _params(

@@ -14,30 +14,22 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import ColumnElement, Table, bindparam, func, insert, literal, select, update
+from sqlalchemy import ColumnElement, Table, bindparam, func, literal, select, update
 from sqlalchemy.orm import Session
 
 from accounting import capture as capture_statement
-from accounting import clock, grants, holds, idempotency, statements
+from accounting import clock, grants, holds, idempotency
 from accounting.catalog import known_operation, price_of
 from accounting.errors import (
-    capture_exceeds_reservation,
-    insufficient_tokens,
     invalid_amount,
-    merged_metadata_too_large,
-    reservation_not_active,
-    reservation_not_found,
     validation_error,
 )
 from accounting.events import note_balance_change
-from accounting.movements import movement_result
 from models.schemas import (
-    MAX_METADATA_BYTES,
     CaptureOut,
     ExtendOut,
     ReleaseOut,
     ReserveOut,
-    metadata_bytes,
 )
 from models.tables import Account, Reservation
 
@@ -90,81 +82,18 @@ def reserve(
         **extra,
     )
     reservation_id = str(uuid.uuid4())
-    if statements.applies(session):
-        return holds.reserve(
-            session,
-            user_id=user_id,
-            reservation_id=reservation_id,
-            amount=amount,
-            operation_type=operation_type,
-            ttl_seconds=ttl_seconds,
-            metadata=metadata,
-            overcapture_limit=overcapture_limit,
-            idempotency_key=idempotency_key,
-            digest=digest,
-        )
-    statements.need_transaction(session)
-    replay = idempotency.replay(session, user_id, idempotency_key, digest, ReserveOut)
-    if replay is not None:
-        return replay
-
-    locked = grants.lock_current(session, user_id)
-    if locked.available < amount:
-        raise insufficient_tokens(amount, locked.available)
-    # The hold's times are the database's, taken under the account's lock.
-    expires_at = locked.now + timedelta(seconds=ttl_seconds)
-    session.execute(
-        insert(Reservation).values(
-            id=reservation_id,
-            user_id=user_id,
-            amount=amount,
-            operation_type=operation_type,
-            status=ACTIVE,
-            expires_at=expires_at,
-            created_at=locked.now,
-            meta=metadata,
-            overcapture_limit=overcapture_limit,
-        )
-    )
-    grants.hold(session, locked, reservation_id, amount)
-    after = grants.move_reserved(session, locked, amount, "reserve")
-    out = ReserveOut(
+    return holds.reserve(
+        session,
+        user_id=user_id,
         reservation_id=reservation_id,
         amount=amount,
-        expires_at=expires_at,
-        tokens_available=after.available,
+        operation_type=operation_type,
+        ttl_seconds=ttl_seconds,
+        metadata=metadata,
+        overcapture_limit=overcapture_limit,
+        idempotency_key=idempotency_key,
+        digest=digest,
     )
-    idempotency.record(session, user_id, idempotency_key, out.model_dump(mode="json"))
-    return out
-
-
-def _load(session: Session, reservation_id: str) -> Reservation:
-    return _load_at(session, reservation_id)[0]
-
-
-def _load_at(session: Session, reservation_id: str) -> tuple[Reservation, datetime]:
-    """The reservation and the database's time, read together."""
-    found = session.execute(
-        select(Reservation, clock.now_sql())
-        .where(Reservation.id == reservation_id)
-        .execution_options(populate_existing=True)
-    ).one_or_none()
-    if found is None:
-        raise reservation_not_found()
-    return found[0], found[1]
-
-
-def _status(reservation: Reservation, now: datetime) -> str:
-    """What the reservation is for a capture: an active one past its expiry is expired."""
-    if reservation.status == ACTIVE and reservation.expires_at <= now:
-        return "expired"
-    return reservation.status
-
-
-def _refuse(session: Session, reservation_id: str, now: datetime) -> Exception:
-    """The refusal for a reservation a conditional update did not match (re-read: the statement
-    that lost the race sees what the winner committed)."""
-    return reservation_not_active(_status(_load(session, reservation_id), now))
 
 
 def capture(
@@ -188,90 +117,15 @@ def capture(
     digest = idempotency.request_hash(
         "capture", reservation_id=reservation_id, amount=amount, metadata=metadata
     )
-    if statements.applies(session):
-        return capture_statement.capture(
-            session,
-            reservation_id=reservation_id,
-            amount=amount,
-            metadata=metadata,
-            idempotency_key=idempotency_key,
-            digest=digest,
-            now=now,
-        )
-    statements.need_transaction(session)
-    found, db_time = _load_at(session, reservation_id)
-    now = now or db_time
-    # A reservation's user never changes, so it may be read without a lock.
-    user_id = found.user_id
-    replay = idempotency.replay(session, user_id, idempotency_key, digest, CaptureOut)
-    if replay is not None:
-        return replay
-    if (status := _status(found, now)) != ACTIVE:
-        raise reservation_not_active(status)
-    _check_capture(found.amount, found.overcapture_limit, amount)
-    # The entry keeps the reservation's metadata, the capture's and the id: bound the whole.
-    # (An active reservation's metadata never changes; only a release, which ends it, adds to it.)
-    merged = {**found.meta, **metadata, "reservation_id": reservation_id}
-    if (size := metadata_bytes(merged)) > MAX_METADATA_BYTES:
-        raise merged_metadata_too_large(size, MAX_METADATA_BYTES)
-
-    ended = session.execute(
-        update(Reservation)
-        .where(
-            Reservation.id == reservation_id,
-            Reservation.status == ACTIVE,
-            Reservation.expires_at > now,
-        )
-        .values(status="captured", settled_at=clock.now_sql())
-        .returning(Reservation.operation_type, Reservation.amount, Reservation.overcapture_limit)
-        .execution_options(synchronize_session=False)
-    ).first()
-    if ended is None:
-        raise _refuse(session, reservation_id, now)
-    operation_type, reserved, limit = ended[0], int(ended[1]), int(ended[2])
-    # tokens.extend may have grown the hold since it was read: check again under the lock.
-    captured = _check_capture(reserved, limit, amount)
-    locked = grants.lock_current(session, user_id)
-    change = grants.Change(locked)
-    left = captured
-    for grant_id, held in grants.holds_of(session, reservation_id):
-        take = min(held, left)
-        change.spend_held(session, grant_id, take, held - take)
-        left -= take
-    shortfall = change.spend(session, left, into_debt=True) if left else 0
-    entry_id, after = grants.write(
+    return capture_statement.capture(
         session,
-        change,
-        kind="capture",
-        operation_type=operation_type or "capture",
-        spent_delta=captured,
-        reserved_delta=-reserved,
-        metadata=merged,
+        reservation_id=reservation_id,
+        amount=amount,
+        metadata=metadata,
         idempotency_key=idempotency_key,
+        digest=digest,
+        now=now,
     )
-    moved = movement_result(after, operation_type or "capture", -captured, entry_id)
-    out = CaptureOut(
-        **moved.model_dump(), overcaptured=max(0, captured - reserved), shortfall=shortfall
-    )
-    # Held tokens of a grant that ended meanwhile, and not captured, now leave with it.
-    grants.expire_due(session, after)
-    session.execute(
-        update(Reservation)
-        .where(Reservation.id == reservation_id)
-        .values(ledger_entry_id=entry_id, captured_amount=captured)
-        .execution_options(synchronize_session=False)
-    )
-    idempotency.record(session, user_id, idempotency_key, out.model_dump(mode="json"))
-    return out
-
-
-def _check_capture(reserved: int, limit: int, amount: int | None) -> int:
-    """What a capture of ``amount`` takes, or ``CAPTURE_EXCEEDS_RESERVATION`` beyond the hold
-    and its over-capture limit."""
-    captured = reserved if amount is None else amount
-    if captured > reserved + limit:
-        raise capture_exceeds_reservation(reserved + limit, captured)
-    return captured
 
 
 def release(
@@ -287,48 +141,13 @@ def release(
     hear so.
     """
     digest = idempotency.request_hash("release", reservation_id=reservation_id, reason=reason)
-    if statements.applies(session):
-        return holds.release(
-            session,
-            reservation_id=reservation_id,
-            reason=reason,
-            idempotency_key=idempotency_key,
-            digest=digest,
-        )
-    statements.need_transaction(session)
-    found = _load(session, reservation_id)
-    user_id = found.user_id
-    stored = idempotency.claim(session, user_id, idempotency_key, digest)
-    if stored is not None:
-        return ReleaseOut(**stored)
-    if found.status != ACTIVE:
-        raise reservation_not_active(found.status)
-    ended = session.execute(
-        update(Reservation)
-        .where(Reservation.id == reservation_id, Reservation.status == ACTIVE)
-        .values(status="released", settled_at=clock.now_sql())
-        .returning(Reservation.amount, Reservation.meta)
-        .execution_options(synchronize_session=False)
-    ).first()
-    if ended is None:
-        raise reservation_not_active(_load(session, reservation_id).status)
-    held, meta = ended
-    if reason is not None:
-        # The row is ours (locked by the update above), so this rewrite cannot lose a change.
-        session.execute(
-            update(Reservation)
-            .where(Reservation.id == reservation_id)
-            .values(meta={**meta, "release_reason": reason})
-            .execution_options(synchronize_session=False)
-        )
-    locked = grants.lock(session, user_id)
-    grants.unhold(session, [reservation_id])
-    after = grants.move_reserved(session, locked, -held, "release")
-    # Tokens it held of a grant that has ended meanwhile leave now.
-    grants.expire_due(session, after)
-    out = ReleaseOut(reservation_id=reservation_id, status="released")
-    idempotency.record(session, user_id, idempotency_key, out.model_dump(mode="json"))
-    return out
+    return holds.release(
+        session,
+        reservation_id=reservation_id,
+        reason=reason,
+        idempotency_key=idempotency_key,
+        digest=digest,
+    )
 
 
 def extend(
@@ -338,50 +157,26 @@ def extend(
     ttl_seconds: int | None = None,
     idempotency_key: str | None = None,
 ) -> ExtendOut:
-    """Hold ``amount`` more (of the user's available tokens, in burn order) and/or move the
-    expiry to now + ``ttl_seconds``, never past 7 days after the reservation was made.
+    """Hold ``amount`` more (of the user's available tokens, in burn order) and/or keep the hold
+    alive until now + ``ttl_seconds``: never past 7 days after the reservation was made, and
+    never earlier than it ends already (an extension that would end it sooner keeps its end).
 
     Lock order: the key (the task id), the reservation row, then the account. A capture reads
     the hold again under its own conditional update, so it sees what an extension committed.
     """
     if amount < 0:
         raise validation_error("Invalid arguments: amount: must be 0 or more")
-    found = _load(session, reservation_id)
-    user_id = found.user_id
     digest = idempotency.request_hash(
         "extend", reservation_id=reservation_id, amount=amount, ttl_seconds=ttl_seconds
     )
-    stored = idempotency.claim(session, user_id, idempotency_key, digest)
-    if stored is not None:
-        return ExtendOut(**stored)
-    row = _lock_reservation(session, reservation_id)
-    if row.status != ACTIVE:
-        raise reservation_not_active(row.status)
-    locked = grants.lock_current(session, user_id)
-    if row.expires_at <= locked.now:
-        raise reservation_not_active("expired")
-    if amount and locked.available < amount:
-        raise insufficient_tokens(amount, locked.available)
-    expires_at = row.expires_at
-    if ttl_seconds is not None:
-        expires_at = min(locked.now + timedelta(seconds=ttl_seconds), row.created_at + MAX_HOLD)
-    if amount:
-        grants.hold(session, locked, reservation_id, amount)
-        locked = grants.move_reserved(session, locked, amount, "extend")
-    session.execute(
-        update(Reservation)
-        .where(Reservation.id == reservation_id)
-        .values(amount=Reservation.amount + amount, expires_at=expires_at)
-        .execution_options(synchronize_session=False)
-    )
-    out = ExtendOut(
+    return holds.extend(
+        session,
         reservation_id=reservation_id,
-        amount=int(row.amount) + amount,
-        expires_at=expires_at,
-        tokens_available=locked.available,
+        amount=amount,
+        ttl_seconds=ttl_seconds,
+        idempotency_key=idempotency_key,
+        digest=digest,
     )
-    idempotency.record(session, user_id, idempotency_key, out.model_dump(mode="json"))
-    return out
 
 
 def _lock_reservation(session: Session, reservation_id: str) -> Any:

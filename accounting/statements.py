@@ -2,7 +2,7 @@
 
 In a caller's transaction (the CLI, tests, a batch's savepoint) a function returns its refusal
 as a ``status`` and leaves what it did (the key's claim, expiries) to the caller, whose
-transaction rolls back as it would on the portable path.
+transaction rolls back.
 
 *Alone* (``worker.db.statement_scope``) the statement is the whole transaction, one round trip
 with no BEGIN or COMMIT, on a pooled connection in autocommit used directly, without the
@@ -11,8 +11,6 @@ Session's or the Core's per-statement machinery: the session then carries, under
 filtered through ``tokens_ok()`` (migration 0006), which raises on a refusal so that it leaves
 nothing behind; the refusal comes back from the error's detail as the row the function returned.
 The events are noted on the session as in a transaction and sent when the scope commits it.
-Only a movement that is one statement may run alone: the portable path calls
-:func:`need_transaction` first.
 """
 
 from __future__ import annotations
@@ -31,9 +29,6 @@ from sqlalchemy.orm import Session
 from accounting.errors import idempotency_conflict, user_not_found
 from accounting.events import note_balance_change, note_grants_expired
 
-# Off: every movement takes the portable Python path (tests compare the two; bench measures).
-ENABLED = True
-
 # tokens_ok()'s SQLSTATE for a refusal.
 REFUSED = "TKREF"
 
@@ -48,20 +43,9 @@ _driver_sql: dict[str, str] = {}
 _NAMED = re.compile(r"(?<![:\w]):(\w+)")
 
 
-def applies(session: Session) -> bool:
-    """Whether ``session``'s movements run through the functions (unless disabled)."""
-    return ENABLED
-
-
 def alone(session: Session) -> bool:
     """Whether ``session``'s movements run alone, each statement its own transaction."""
     return ALONE in session.info
-
-
-def need_transaction(session: Session) -> None:
-    """Refuse to run a movement of several statements where each would commit on its own."""
-    if alone(session):
-        raise RuntimeError("this movement is several statements: run it in a transaction")
 
 
 def call(session: Session, function: str, params: dict[str, Any]) -> Any:

@@ -48,7 +48,6 @@ BENCHES = (
     Bench("grant_debits", quick=("--debits", "200", "--rounds", "1")),
     Bench("grant_expiry", ("--users", "100000"), ("--users", "10000")),
     Bench("domain_debit", quick=("--seconds", "2", "--runs", "1")),
-    Bench("movements", quick=("--seconds", "1", "--runs", "1", "--users", "200")),
     Bench("debit_batches", quick=("--items", "1000", "--rounds", "1", "--pgbench-seconds", "2")),
     Bench("coalescer", quick=("--debits", "400", "--rounds", "1")),
     Bench("brokers", quick=("--tasks", "200", "--rounds", "1")),

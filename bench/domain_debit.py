@@ -4,11 +4,10 @@
 
 Measures, each for ``--seconds`` and ``--runs`` times interleaved (medians printed):
 
-- ``movements.debit`` through ``worker.db.session_scope``, on the portable Python path
-  (accounting/grants.py: about 8 statements) and on the one statement ``tokens_spend()``
-  (migration 0005) in a transaction, then through ``worker.db.statement_scope``: the statement
-  alone in autocommit on a pooled driver connection (what ``tokens.debit`` runs), one thread,
-  random users and fresh keys;
+- ``movements.debit`` through ``worker.db.session_scope``: the one statement ``tokens_spend()``
+  in a transaction, then through ``worker.db.statement_scope``: the statement alone in
+  autocommit on a pooled driver connection (what ``tokens.debit`` runs), one thread, random
+  users and fresh keys;
 - the same statement on a bare pooled connection (no Session): the floor of the Python side,
   from worker.db's engine (a ping only after a second idle) and from one with ``pool_pre_ping``
   (a ping on every checkout, as before);
@@ -118,7 +117,7 @@ def main() -> None:
 def _run(url: str, seconds: int, users: int, hot_clients: int, runs: int) -> None:
     from sqlalchemy import Engine, create_engine, text
 
-    from accounting import accounts, movements, statements
+    from accounting import accounts, movements
     from worker.db import get_engine, session_scope, statement_scope
     from worker.migrate import upgrade
 
@@ -129,20 +128,13 @@ def _run(url: str, seconds: int, users: int, hot_clients: int, runs: int) -> Non
         accounts.open_account(s, "hot", initial_balance=10**12)
     tag = uuid.uuid4().hex[:6]
 
-    def debit(
-        user: Callable[[int], str], python: bool, alone: bool = False
-    ) -> Callable[[int, int], None]:
+    def debit(user: Callable[[int], str], alone: bool = False) -> Callable[[int, int], None]:
         scope = statement_scope if alone else session_scope
 
         def work(t: int, i: int) -> None:
-            statements.ENABLED = not python
             with scope() as s:
                 movements.debit(
-                    s,
-                    user(i),
-                    1,
-                    "chatgpt_message",
-                    idempotency_key=f"{tag}-{t}-{i}-{python}-{alone}",
+                    s, user(i), 1, "chatgpt_message", idempotency_key=f"{tag}-{t}-{i}-{alone}"
                 )
 
         return work
@@ -163,23 +155,20 @@ def _run(url: str, seconds: int, users: int, hot_clients: int, runs: int) -> Non
 
     spread = lambda i: f"user-{i % users}"  # noqa: E731
     measures: dict[str, Callable[[], float]] = {
-        "python": lambda: _for(seconds, 1, debit(spread, True)),
-        "statement": lambda: _for(seconds, 1, debit(spread, False)),
-        "alone": lambda: _for(seconds, 1, debit(spread, False, alone=True)),
+        "statement": lambda: _for(seconds, 1, debit(spread)),
+        "alone": lambda: _for(seconds, 1, debit(spread, alone=True)),
         "bare": lambda: _for(seconds, 1, bare(get_engine())),
         "bare_pre_ping": lambda: _for(seconds, 1, bare(pre_ping)),
         "pgbench": lambda: _pgbench(url, _script(users, False), 1, seconds),
         "pgbench_tx": lambda: _pgbench(url, _script(users, True), 1, seconds),
-        "hot_python": lambda: _for(seconds, hot_clients, debit(lambda i: "hot", True)),
-        "hot_statement": lambda: _for(seconds, hot_clients, debit(lambda i: "hot", False)),
-        "hot_alone": lambda: _for(seconds, hot_clients, debit(lambda i: "hot", False, True)),
+        "hot_statement": lambda: _for(seconds, hot_clients, debit(lambda i: "hot")),
+        "hot_alone": lambda: _for(seconds, hot_clients, debit(lambda i: "hot", alone=True)),
         "hot_pgbench": lambda: _pgbench(url, _script(users, False, hot=True), hot_clients, seconds),
     }
     rates: dict[str, list[float]] = {name: [] for name in measures}
     for _ in range(runs):
         for name, measure in measures.items():
             rates[name].append(measure())
-    statements.ENABLED = True
     m = {name: statistics.median(r) for name, r in rates.items()}
 
     with session_scope() as s:
@@ -193,13 +182,11 @@ def _run(url: str, seconds: int, users: int, hot_clients: int, runs: int) -> Non
     rows = [
         ("pgbench -c 1: SELECT tokens_spend(...) (baseline)", "pgbench", "pgbench"),
         ("pgbench -c 1: BEGIN; SELECT tokens_spend(...); COMMIT", "pgbench_tx", "pgbench"),
-        ("domain debit, Python path (before), session_scope", "python", "pgbench"),
         ("domain debit, one statement in a transaction, session_scope", "statement", "pgbench"),
-        ("domain debit, the statement alone, statement_scope (after)", "alone", "pgbench"),
+        ("domain debit, the statement alone, statement_scope", "alone", "pgbench"),
         ("  the statement on a pooled Connection, no Session", "bare", "pgbench"),
         ("  the same, pool_pre_ping=True (a ping per checkout)", "bare_pre_ping", "pgbench"),
         (f"pgbench -c {hot_clients}, one hot account (baseline)", "hot_pgbench", "hot_pgbench"),
-        (f"hot account, {hot_clients} threads, Python path (before)", "hot_python", "hot_pgbench"),
         (f"hot account, {hot_clients} threads, one statement", "hot_statement", "hot_pgbench"),
         (f"hot account, {hot_clients} threads, the statement alone", "hot_alone", "hot_pgbench"),
     ]
@@ -210,10 +197,6 @@ def _run(url: str, seconds: int, users: int, hot_clients: int, runs: int) -> Non
     print(
         f"one statement vs pgbench BEGIN/SELECT/COMMIT (the same round trips): "
         f"{m['statement'] / m['pgbench_tx']:.2f}"
-    )
-    print(
-        f"the statement alone vs the Python path: {m['alone'] / m['python']:.2f}x single, "
-        f"{m['hot_alone'] / m['hot_python']:.2f}x hot"
     )
     alone = m["alone"] / m["pgbench"]
     summary.record(

@@ -53,14 +53,14 @@ CAPTURE_KEYS = MOVEMENT_KEYS | {"overcaptured", "shortfall"}
 FAILURE_KEYS = {"success", "error", "error_code"}
 
 
-def _rows(sql: str, **params: Any) -> list[dict[str, Any]]:
+def rows(sql: str, **params: Any) -> list[dict[str, Any]]:
     with get_engine().connect() as conn:
         return [dict(r) for r in conn.execute(text(sql), params).mappings()]
 
 
 def account(user_id: str) -> dict[str, Any] | None:
-    rows = _rows("SELECT * FROM accounts WHERE user_id = :u", u=user_id)
-    return rows[0] if rows else None
+    found = rows("SELECT * FROM accounts WHERE user_id = :u", u=user_id)
+    return found[0] if found else None
 
 
 def balance(user_id: str) -> int:
@@ -71,15 +71,15 @@ def balance(user_id: str) -> int:
 
 def entries(user_id: str) -> list[dict[str, Any]]:
     """A user's ledger entries, oldest first."""
-    return _rows("SELECT * FROM ledger_entries WHERE user_id = :u ORDER BY id", u=user_id)
+    return rows("SELECT * FROM ledger_entries WHERE user_id = :u ORDER BY id", u=user_id)
 
 
 def snapshot() -> tuple[list[dict[str, Any]], ...]:
     """Everything a task could change."""
     return (
-        _rows("SELECT * FROM accounts ORDER BY user_id"),
-        _rows("SELECT * FROM ledger_entries ORDER BY id"),
-        _rows("SELECT * FROM idempotency_records ORDER BY user_id, key"),
+        rows("SELECT * FROM accounts ORDER BY user_id"),
+        rows("SELECT * FROM ledger_entries ORDER BY id"),
+        rows("SELECT * FROM idempotency_records ORDER BY user_id, key"),
     )
 
 

@@ -171,14 +171,8 @@ def statement_scope() -> Iterator[Session]:
     the statement runs alone: on a pooled connection in autocommit, used through the driver, it
     is its own transaction and one round trip, without BEGIN and COMMIT nor the Session's and
     the Core's per-statement work. The session carries the events, sent at the end as after a
-    commit (and dropped after an exception, as a rollback drops them). Elsewhere, or with the
-    statements off, a :func:`session_scope`."""
+    commit (and dropped after an exception, as a rollback drops them)."""
     session = session_factory()()
-    if not statements.applies(session):
-        session.close()
-        with session_scope() as session:
-            yield session
-        return
     engine = get_engine()
     pooled = _checkout(engine)
     driver = pooled.driver_connection

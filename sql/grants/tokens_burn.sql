@@ -15,11 +15,7 @@ BEGIN
         RETURN;
     END IF;
     FOR g IN
-        SELECT gr.id, gr.remaining - gr.held AS free
-        FROM grants gr
-        WHERE gr.user_id = p_user AND gr.status = 'active' AND gr.remaining > gr.held
-          AND (gr.expires_at IS NULL OR gr.expires_at > p_now)
-        ORDER BY gr.priority, gr.expires_at NULLS LAST, gr.created_at, gr.id
+        SELECT f.id, f.free FROM tokens_free_grants(p_user, p_now) f ORDER BY f.burn_rank
     LOOP
         v_take := least(g.free, uncovered);
         UPDATE grants SET

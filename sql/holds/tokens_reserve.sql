@@ -8,9 +8,6 @@ CREATE OR REPLACE FUNCTION tokens_reserve(
 DECLARE
     v_now timestamptz;
     v_expires timestamptz;
-    v_left bigint;
-    v_take bigint;
-    g record;
 BEGIN
     SELECT c.status, c.response INTO status, response
     FROM tokens_claim(p_user, p_key, p_digest) c;
@@ -39,36 +36,12 @@ BEGIN
                               metadata, overcapture_limit)
     VALUES (p_id, p_user, p_amount, p_op, 'active', v_expires, v_now, p_metadata, p_overcapture);
 
-    -- The hold: the free tokens of the live grants in burn order (grants.hold).
-    v_left := p_amount;
-    FOR g IN
-        SELECT gr.id, gr.remaining - gr.held AS free
-        FROM grants gr
-        WHERE gr.user_id = p_user AND gr.status = 'active' AND gr.remaining > gr.held
-          AND (gr.expires_at IS NULL OR gr.expires_at > v_now)
-        ORDER BY gr.priority, gr.expires_at NULLS LAST, gr.created_at, gr.id
-    LOOP
-        v_take := least(g.free, v_left);
-        UPDATE grants SET held = held + v_take WHERE id = g.id;
-        INSERT INTO reservation_grants (reservation_id, grant_id, amount)
-        VALUES (p_id, g.id, v_take);
-        v_left := v_left - v_take;
-        EXIT WHEN v_left = 0;
-    END LOOP;
-    IF v_left > 0 THEN
-        RAISE EXCEPTION 'hold of % beyond the free tokens', p_amount;
-    END IF;
-    UPDATE accounts SET tokens_reserved = tokens_reserved + p_amount, updated_at = v_now
-    WHERE user_id = p_user;
+    PERFORM tokens_hold(p_user, p_id, p_amount, v_now);
 
-    -- ReserveOut as pydantic writes it (expires_at by datetime.isoformat()).
     response := jsonb_build_object(
         'success', true, 'reservation_id', p_id, 'amount', p_amount,
-        'expires_at', to_char(v_expires AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS')
-            || CASE WHEN date_trunc('second', v_expires) = v_expires THEN ''
-                    ELSE to_char(v_expires AT TIME ZONE 'UTC', '.US') END
-            || '+00:00',
-        'tokens_available', available - p_amount, 'replayed', false);
+        'expires_at', tokens_iso(v_expires), 'tokens_available', available - p_amount,
+        'replayed', false);
     IF p_key IS NOT NULL THEN
         UPDATE idempotency_records r SET response = tokens_reserve.response
         WHERE r.user_id = p_user AND r.key = p_key;

@@ -9,10 +9,7 @@ tests/accounting/test_spend_statement.py run it too).
 from __future__ import annotations
 
 import json
-import random
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from functools import partial
 from typing import Any
 
 import pytest
@@ -21,11 +18,10 @@ from hypothesis import strategies as st
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
-from accounting import accounts, events, movements, reservations
+from accounting import accounts, movements, reservations
 from accounting.errors import DomainError
 from models.schemas import CaptureOut, DebitIn, metadata_bytes
 from tasks.reservations import capture as capture_task
-from tests.accounting.test_spend_statement import USERS, Pair, _outcome, _state, python_path
 from tests.support import assert_ledger_consistent, run_in_threads, statements_sent
 from worker.db import session_factory, statement_scope
 
@@ -74,23 +70,6 @@ def _held(s: Session, user: str, amount: int = 40, limit: int = 20) -> str:
 def held(clean_db: None) -> str:
     with session_factory()() as s, s.begin():
         return _held(s, "u")
-
-
-@contextmanager
-def noting(pair: Pair) -> Iterator[None]:
-    """Record each user's balance events in ``pair``; both users' must be the same."""
-
-    def on_balance(sender: Any, **fields: Any) -> None:
-        pair.events[fields["user_id"]].append(
-            (fields["balance"], fields["tokens_reserved"], fields["operation"])
-        )
-
-    events.balance_changed.connect(on_balance, weak=False)
-    try:
-        yield
-    finally:
-        events.balance_changed.disconnect(on_balance)
-    assert pair.events["ref"] == pair.events["fn"]
 
 
 def _sent(action: Callable[[], Any]) -> tuple[Any, list[str]]:
@@ -146,10 +125,6 @@ def test_a_capture_in_a_transaction_is_one_statement(clean_db: None) -> None:
     out, sent = _sent(capture(rids[0]))
     assert sent == ["SELECT * FROM tokens_capture"]
     assert (out.amount, out.overcaptured, out.shortfall, out.new_balance) == (-55, 15, 0, 45)
-    with python_path(True):
-        again, sent = _sent(capture(rids[1]))
-    assert _outcome(again) == _outcome(out)
-    assert len(sent) >= 12  # what the Python path costs, for the record
 
 
 def _captured(s: Session, rid: str) -> None:
@@ -223,9 +198,6 @@ def test_a_refusal_alone_leaves_nothing(held: str, case: str) -> None:
         reservations.capture(s, **call)
     assert (refused.value.code, refused.value.message) == (code, message)
     assert _rows() == before
-    with python_path(True), pytest.raises(DomainError) as reference, session_factory()() as s:
-        reservations.capture(s, **call)
-    assert (reference.value.code, reference.value.message) == (code, message)
 
 
 def test_an_invalid_amount_sends_nothing(held: str) -> None:
@@ -278,149 +250,6 @@ def test_racing_captures_alone_settle_once_and_the_losers_leave_nothing(clean_db
         assert s.execute(text("SELECT count(*) FROM idempotency_records")).scalar_one() == 6
         assert s.execute(text("SELECT sum(tokens_reserved) FROM accounts")).scalar_one() == 0
         assert_ledger_consistent(s)
-
-
-@pytest.mark.parametrize("alone", [False, True])
-def test_settlement_agrees_with_the_python_path(clean_db: None, alone: bool) -> None:
-    """Held tokens of ended grants spent, the rest freed and expired after the entry; an
-    over-capture into a free grant and then debt; each refusal; a replay: every result, row and
-    event the same."""
-    pair = Pair(alone)
-
-    def both(act: Callable[[Session, str], Any], capture: bool = True) -> Any:
-        def of(u: str) -> Callable[[Session], Any]:
-            return lambda s: act(s, u)
-
-        results = [_outcome(pair.run(u, of(u), one_statement=capture)) for u in USERS]
-        assert results[0] == results[1]
-        return results[1]
-
-    def held(s: Session, u: str) -> None:
-        pair.reservations[u].append(_held(s, u))
-
-    def capture(i: int, amount: int | None, **kw: Any) -> Callable[[Session, str], Any]:
-        return lambda s, u: reservations.capture(s, pair.reservations[u][i], amount, **kw)
-
-    # Keys start "cp": a capture's digest names the user's own reservation (_state).
-    with noting(pair):
-        # r0: 40 of 60 held (the promo's 30, 10 of the purchase); r1: 50 more of the purchase.
-        both(held, capture=False)
-        both(lambda s, u: reservations.reserve(s, u, 50, overcapture_limit=60), capture=False)
-        both(lambda s, u: _due(s, u, "purchased"), capture=False)
-        first = both(capture(0, 25, metadata={"b": 2}, idempotency_key="cp-a"))
-        assert first["new_balance"] == 65  # 10 of the purchase expired first
-        both(
-            lambda s, u: movements.credit(s, u, 30, "purchase", grant_kind="promo", priority=5),
-            capture=False,
-        )
-        assert both(capture(1, 111, metadata=BIG))[1:] == (
-            "CAPTURE_EXCEEDS_RESERVATION",
-            "Capture exceeds reservation. Reserved: 110, Requested: 111",
-        )
-        assert both(capture(1, 100, metadata=BIG))[1] == "VALIDATION_ERROR"
-        over = both(capture(1, 100, idempotency_key="cp-b"))
-        assert (over["overcaptured"], over["shortfall"], over["new_balance"]) == (50, 20, -20)
-        assert both(capture(0, 25, metadata={"b": 2}, idempotency_key="cp-a"))["replayed"]
-        assert both(capture(0, None, idempotency_key="cp-c"))[2] == "Reservation is captured"
-    # The promo's 5 and the purchase's 10 that r0 freed expired after its entry.
-    assert [e[2] for e in pair.events["fn"]].count("expiry") == 3
-    with session_factory()() as s:
-        assert _state(s, "ref") == _state(s, "fn")
-        stored = s.execute(
-            text(
-                "SELECT user_id, key, response - 'ledger_entry_id' - 'user_id'"
-                " FROM idempotency_records ORDER BY key, user_id"
-            )
-        ).all()
-        assert [(k, r) for u, k, r in stored if u == "ref"] == [
-            (k, r) for u, k, r in stored if u == "fn"
-        ]
-        assert_ledger_consistent(s)
-
-
-@pytest.mark.parametrize(("seed", "alone"), [(11, False), (12, True)])
-def test_random_settlements_agree_with_the_python_path(
-    clean_db: None, seed: int, alone: bool
-) -> None:
-    """Many holds and captures (partial, whole, over the hold, past the bound, replayed, of
-    ended holds) between credits, overdrafts and grants falling due."""
-    rng = random.Random(seed)
-    pair = Pair(alone)
-    captures: list[tuple[str, int, int | None]] = []
-    with session_factory()() as s, s.begin():
-        for u in USERS:
-            accounts.open_account(s, u, initial_balance=200)
-    with noting(pair):
-        for step in range(250):
-            roll = rng.random()
-            capture = False
-            act: Callable[[Session, str], Any]
-            if roll < 0.35:
-                amount, limit = rng.choice([5, 20, 40]), rng.choice([0, 10, 100])
-                act = partial(_reserve, amount=amount, limit=limit, key=f"rs{step}")
-            elif roll < 0.7:
-                capture = True
-                held = len(pair.reservations["fn"])
-                if captures and rng.random() < 0.15:
-                    key, index, take = rng.choice(captures)  # a replay
-                else:
-                    # One of the last three holds: most are still active.
-                    key, index = f"cp{step}", held - 1 - int(rng.random() * min(3, held))
-                    take = rng.choice([None, 1, 10, 30, 90])
-                    captures.append((key, index, take))
-                act = partial(_capture, pair=pair, index=index, take=take, key=key)
-            elif roll < 0.85:
-                act = partial(_credit, amount=rng.choice([20, 80]), priority=rng.choice([5, 60]))
-            elif roll < 0.92:
-                act = partial(_overdraft, amount=rng.choice([10, 100]))
-            else:
-                act = partial(_fall_due, rank=rng.randrange(6))
-            results = [
-                _outcome(pair.run(u, partial(_as, act, u), one_statement=capture)) for u in USERS
-            ]
-            assert results[0] == results[1], f"step {step}: {results}"
-            pair.outcomes.append(results[1])
-    with session_factory()() as s:
-        assert _state(s, "ref") == _state(s, "fn")
-        assert_ledger_consistent(s)
-    done = [o for o in pair.outcomes if isinstance(o, dict) and "shortfall" in o]
-    refusals = {o[1] for o in pair.outcomes if isinstance(o, tuple)}
-    assert {"RESERVATION_NOT_ACTIVE", "CAPTURE_EXCEEDS_RESERVATION"} <= refusals
-    assert any(o["replayed"] for o in done)
-    assert any(o["shortfall"] for o in done)
-
-
-def _as(act: Callable[[Session, str], Any], user: str, s: Session) -> Any:
-    return act(s, user)
-
-
-def _reserve(s: Session, u: str, *, amount: int, limit: int, key: str) -> Any:
-    return reservations.reserve(s, u, amount, overcapture_limit=limit, idempotency_key=key)
-
-
-def _capture(s: Session, u: str, *, pair: Pair, index: int, take: int | None, key: str) -> Any:
-    if index < 0:
-        return None
-    return reservations.capture(s, pair.reservations[u][index], take, {"k": key}, key)
-
-
-def _credit(s: Session, u: str, *, amount: int, priority: int) -> Any:
-    return movements.credit(s, u, amount, "purchase", grant_kind="promo", priority=priority)
-
-
-def _overdraft(s: Session, u: str, *, amount: int) -> Any:
-    return movements.debit(s, u, amount, "image_generation", allow_overdraft=True)
-
-
-def _fall_due(s: Session, u: str, *, rank: int) -> None:
-    s.execute(
-        text(
-            "UPDATE grants SET expires_at = clock_timestamp() - interval '1 second'"
-            " WHERE id = (SELECT id FROM grants WHERE user_id = :u AND status = 'active'"
-            " ORDER BY id OFFSET :r LIMIT 1)"
-        ),
-        {"u": u, "r": rank},
-    )
 
 
 # --- the metadata bound measures what is stored ------------------------------------------------

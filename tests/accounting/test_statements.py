@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
-from accounting import accounts, movements, reservations, statements
+from accounting import accounts, movements, reservations
 from accounting.errors import DomainError
 from tests.support import assert_ledger_consistent, run_in_threads, statements_sent
 from worker.db import session_factory, statement_scope
@@ -108,23 +108,6 @@ def test_replay_conflict_and_unknown_user_alone(user: str) -> None:
     assert missing.value.code == "USER_NOT_FOUND"
     with session_factory()() as s:
         assert s.execute(text("SELECT count(*) FROM idempotency_records")).scalar_one() == 1
-
-
-def test_the_portable_path_refuses_to_run_alone(user: str) -> None:
-    """Its statements would each commit on their own: no atomicity. It must never run so."""
-    before = _rows(user)
-    try:
-        with pytest.raises(RuntimeError), statement_scope() as s:
-            statements.ENABLED = False
-            movements.debit(s, user, 10, "image_generation", idempotency_key="p")
-        statements.ENABLED = False
-        # statement_scope itself keeps a transaction when the statements are off.
-        with statement_scope() as s:
-            movements.debit(s, user, 10, "image_generation", idempotency_key="p")
-            assert not statements.alone(s)
-    finally:
-        statements.ENABLED = True
-    assert _rows(user)["account"][0] == before["account"][0] - 30 - 10
 
 
 def test_a_credit_and_a_reset_are_one_statement_each(user: str) -> None:

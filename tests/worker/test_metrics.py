@@ -250,7 +250,7 @@ def test_a_known_mix_moves_every_series_exactly(
     }
     credits = sum(v for k, v in moved.items() if ("direction", "credit") in k)
     debits = sum(v for k, v in moved.items() if ("direction", "debit") in k)
-    ledger_sum = dbstate._rows(
+    ledger_sum = dbstate.rows(
         "SELECT sum(tokens_amount) AS s FROM ledger_entries WHERE id > :mark", mark=mark
     )[0]["s"]
     assert credits - debits == ledger_sum  # the metrics agree with the ledger
