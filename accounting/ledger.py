@@ -272,68 +272,18 @@ def _prune_page(
     session: Session, older_than: datetime, after: str | None, size: int
 ) -> tuple[list[str], int] | None:
     """Prune the next ``size`` users (in user id order, after ``after``) who have entries to
-    prune; their ids and the entries deleted, or None when no user is left.
-
-    On PostgreSQL their accounts are locked first, in user id order as every movement locks
-    them, and the prune is a statement of its own after the lock: nothing moves a user's money
-    while their history is rewritten, a refund of an entry being pruned waits and then finds it
-    gone, and a second prune reads (and folds) the first one's carried_forward entry. A user is
-    pruned whole by one statement: the rows deleted are exactly the rows summed.
-    """
-    page = select(LedgerEntry.user_id).where(_prunable(older_than))
-    if after is not None:
-        page = page.where(LedgerEntry.user_id > after)
-    page = page.distinct().order_by(LedgerEntry.user_id).limit(size)
-    lock = (
-        select(Account.user_id)
-        .where(Account.user_id.in_(page.scalar_subquery()))
-        .order_by(Account.user_id)
-        .with_for_update()
-    )
-    users = list(session.scalars(lock).all())
-    if not users:
+    prune (``tokens_prune``, sql/ledger/tokens_prune.sql: their accounts locked first, as every
+    movement locks them); their ids and the entries deleted, or None when no user is left."""
+    row = session.execute(
+        _PRUNE,
+        {"after": after, "size": size, "cutoff": older_than, "older_than": older_than.isoformat()},
+    ).one()
+    if not row.users:
         return None
-    params = {"users": users, "cutoff": older_than, "cutoff_text": older_than.isoformat()}
-    return users, int(session.execute(_PG_PRUNE, params).scalar_one())
+    return list(row.users), int(row.deleted)
 
 
-# The locked users' entries before the cut-off, their carried_forward entry, and its split:
-# the removed entries' splits summed per grant (their own rows go with them, ON DELETE CASCADE,
-# and so do the refund caps of the removed entries).
-_PG_PRUNE = text(
-    """
-    WITH gone AS (
-        DELETE FROM ledger_entries
-        WHERE user_id = ANY(CAST(:users AS text[])) AND created_at < :cutoff
-        RETURNING id, user_id, kind, tokens_amount, metadata, created_at
-    ), carried AS (
-        INSERT INTO ledger_entries (user_id, kind, operation_type, tokens_amount,
-                                    balance_before, balance_after, metadata, created_at)
-        SELECT user_id, 'carried_forward', 'carried_forward', SUM(tokens_amount),
-               0, SUM(tokens_amount),
-               jsonb_build_object(
-                   'entries', SUM(CASE WHEN kind = 'carried_forward'
-                                       THEN COALESCE((metadata->>'entries')::bigint, 1)
-                                       ELSE 1 END),
-                   'older_than', CAST(:cutoff_text AS text)),
-               MAX(created_at)
-        FROM gone GROUP BY user_id
-        RETURNING id, user_id
-    ), split AS (
-        INSERT INTO entry_grants (entry_id, grant_id, amount, seq)
-        SELECT c.id, s.grant_id, s.amount,
-               CAST(row_number() OVER (PARTITION BY c.id ORDER BY s.grant_id) - 1 AS integer)
-        FROM (
-            SELECT g.user_id, eg.grant_id, SUM(eg.amount) AS amount
-            FROM entry_grants eg JOIN gone g ON g.id = eg.entry_id
-            GROUP BY g.user_id, eg.grant_id
-            HAVING SUM(eg.amount) <> 0
-        ) s JOIN carried c ON c.user_id = s.user_id
-        RETURNING 1
-    )
-    SELECT COUNT(*) FROM gone WHERE kind <> 'carried_forward'
-    """
-)
+_PRUNE = text("SELECT * FROM tokens_prune(:after, :size, :cutoff, :older_than)")
 
 
 _g = grant_table.c

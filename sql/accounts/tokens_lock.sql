@@ -4,10 +4,8 @@ CREATE OR REPLACE FUNCTION tokens_lock(
     OUT moment timestamptz, OUT expired_tokens bigint[], OUT expired_balances bigint[]
 ) LANGUAGE plpgsql VOLATILE AS $fn$
 -- The account lock, then the movement's time, read once the lock is held (moment NULL: no such
--- account); then the due grants' expiry by (expires_at, id), one expiry entry each.
+-- account); then the due grants' expiry (tokens_expire_due).
 #variable_conflict use_column
-DECLARE
-    g record;
 BEGIN
     expired_tokens := '{}';
     expired_balances := '{}';
@@ -19,16 +17,10 @@ BEGIN
     IF NOT FOUND THEN
         RETURN;
     END IF;
-    FOR g IN
-        SELECT gr.id, gr.remaining - gr.held AS free
-        FROM grants gr
-        WHERE gr.user_id = p_user AND gr.status = 'active' AND gr.remaining > gr.held
-          AND gr.expires_at IS NOT NULL AND gr.expires_at <= moment
-        ORDER BY gr.expires_at, gr.id
-    LOOP
-        balance := tokens_expire_grant(p_user, g.id, g.free, moment);
-        expired_tokens := expired_tokens || g.free;
-        expired_balances := expired_balances || balance;
-    END LOOP;
+    SELECT e.tokens, e.balances INTO expired_tokens, expired_balances
+    FROM tokens_expire_due(p_user, moment) e;
+    IF cardinality(expired_balances) > 0 THEN
+        balance := expired_balances[cardinality(expired_balances)];
+    END IF;
 END
 $fn$;
