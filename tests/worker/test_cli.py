@@ -116,6 +116,26 @@ def test_commands_that_mirror_tasks_take_the_tasks_kwargs_model() -> None:
         signature(action).bind(None, **dict.fromkeys(model.model_fields))
 
 
+def every_command(group: click.Group = main, path: tuple[str, ...] = ()) -> Iterator[list[str]]:
+    for name, command in group.commands.items():
+        if isinstance(command, click.Group):
+            yield from every_command(command, (*path, name))
+        else:
+            yield [*path, name]
+
+
+def test_every_command_explains_itself() -> None:
+    """Each command's --help renders (the generated ones build their options from the model
+    only then), and names every option it takes."""
+    for path in every_command():
+        result = CliRunner().invoke(main, [*path, "--help"])
+        assert result.exit_code == 0, (path, result.output, result.exception)
+        assert f"Usage: main {' '.join(path)}" in result.stdout
+    debit = CliRunner().invoke(main, ["debit", "--help"]).stdout
+    for option in ("--operation-type", "--allow-overdraft", "--metadata", "--idempotency-key"):
+        assert option in debit
+
+
 def test_options_come_from_the_model(session: Session) -> None:
     """Fields the CLI never declared one by one are there, typed and checked as the task checks
     them (open_account's subscription end and last renewal, history's filters)."""
