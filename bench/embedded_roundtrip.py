@@ -53,7 +53,7 @@ def main() -> None:
     }
     with tempfile.TemporaryDirectory(prefix="tokens-embedded-") as tmp:
         Path(tmp).chmod(0o755)  # reachable by nobody, who runs PostgreSQL under root
-        run = EmbeddedRun(Path(tmp), env, "-l", "WARNING")
+        run = EmbeddedRun(Path(tmp), env)
         try:
             run.wait_ready()
             for key in [k for k in os.environ if k.startswith("TOKENS_")]:
