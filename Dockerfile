@@ -16,10 +16,10 @@ COPY models ./models
 COPY accounting ./accounting
 COPY migrations ./migrations
 COPY beat_schedule.py ./
-# The worker's dependency on token-worker-client is the local ./client, installed beside it.
-RUN pip install --no-deps ./client '.' && pip check
-# With no TOKENS_* set the worker runs the embedded default, whose SQLite files live in ./var:
-# it must be writable by the user the image runs as.
+# The worker's distribution carries its client (client/src/token_worker_client) itself.
+RUN pip install --no-deps '.' && pip check
+# With no TOKENS_* set, `python -m worker.embedded run` keeps the embedded PostgreSQL and Valkey
+# in ./var: it must be writable by the user the image runs as.
 RUN install -d -o tokens -g tokens /app/var
 USER tokens
 # Worker metrics (TOKENS_METRICS_PORT) and Flower.

@@ -82,8 +82,8 @@ def test_the_image_installs_the_lock_before_the_code() -> None:
     ]
     lock = steps.index("RUN pip install -r requirements.lock")
     assert steps[lock - 1] == "COPY requirements.lock ./"
-    # The code after it, the worker beside its own client, adding no dependency of its own.
-    code = steps.index("RUN pip install --no-deps ./client '.' && pip check")
+    # The code after it, the worker with its own client, adding no dependency of its own.
+    code = steps.index("RUN pip install --no-deps '.' && pip check")
     assert lock < steps.index("COPY client ./client") < code
     # The image runs as a user of its own, who owns the embedded default's var directory.
     assert steps.index("RUN install -d -o tokens -g tokens /app/var") < steps.index("USER tokens")
