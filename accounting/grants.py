@@ -27,7 +27,6 @@ from sqlalchemy import (
     literal,
     select,
     text,
-    update,
 )
 from sqlalchemy.orm import Session
 
@@ -197,19 +196,3 @@ def total_debt(session: Session) -> tuple[int, int]:
 # --- holds (reservations) ----------------------------------------------------------------------
 
 _rg = reservation_grant_table.c
-
-
-def unhold(session: Session, reservation_ids: list[str]) -> None:
-    """Free what the given (ended) reservations held of their grants. Their accounts must be
-    locked; tokens freed in a grant that has ended are then due (:func:`expire_due`)."""
-    rows = session.execute(
-        select(_rg.grant_id, func.sum(_rg.amount))
-        .where(_rg.reservation_id.in_(reservation_ids))
-        .group_by(_rg.grant_id)
-        .order_by(_rg.grant_id)
-    ).all()
-    if rows:
-        session.execute(_UNHOLD, [{"gid": g, "n": int(n)} for g, n in rows])
-
-
-_UNHOLD = update(grant_table).where(_g.id == bindparam("gid")).values(held=_g.held - bindparam("n"))

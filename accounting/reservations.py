@@ -9,16 +9,15 @@ the first to lock the row wins and the others match nothing. Nothing here commit
 from __future__ import annotations
 
 import uuid
-from collections import defaultdict
 from collections.abc import Callable
 from datetime import datetime, timedelta
-from typing import Any, cast
+from typing import Any
 
-from sqlalchemy import ColumnElement, Table, bindparam, func, literal, select, update
+from sqlalchemy import func, literal, select, text
 from sqlalchemy.orm import Session
 
 from accounting import capture as capture_statement
-from accounting import clock, grants, holds, idempotency
+from accounting import holds, idempotency
 from accounting.catalog import known_operation, price_of
 from accounting.errors import (
     invalid_amount,
@@ -31,15 +30,12 @@ from models.schemas import (
     ReleaseOut,
     ReserveOut,
 )
-from models.tables import Account, Reservation
+from models.tables import Reservation
 
 ACTIVE = "active"
 EXPIRE_CHUNK = 5000
 # A hold never lasts past this long after it was made, however often it is extended.
 MAX_HOLD = timedelta(seconds=604800)
-# Serialises expiry sweeps (per database): two overlapping sweeps would otherwise update the
-# accounts of their chunks in plan-dependent orders and could deadlock each other.
-EXPIRE_LOCK_KEY = 0x7265_7365_7276
 
 
 def reserve(
@@ -221,74 +217,22 @@ def expire_all(sessions: Callable[[], Session], now: datetime | None = None) -> 
 
 
 def expire_batch(session: Session, limit: int = EXPIRE_CHUNK, now: datetime | None = None) -> int:
-    """Expire up to ``limit`` active reservations past ``expires_at``; returns how many.
+    """Expire up to ``limit`` active reservations past ``expires_at`` and free their holds
+    (``tokens_expire_holds``, sql/holds/); returns how many.
 
     The caller commits after each batch and calls again while a full batch came back, so a
-    backlog of any size is worked off in short transactions of bounded size.
+    backlog of any size is worked off in short transactions of bounded size. Tokens freed in a
+    grant that has ended are left to ``grants.expire`` (and to the user's next read or
+    movement, which expires them first).
     """
-    return _expire_batch_postgresql(session, limit, clock.at(session, now))
-
-
-def _expire_batch_postgresql(session: Session, limit: int, now: ColumnElement[datetime]) -> int:
-    session.execute(select(func.pg_advisory_xact_lock(EXPIRE_LOCK_KEY)))
-    # SKIP LOCKED: rows a capture or release is ending right now are theirs; the status check
-    # is re-evaluated on every row locked here, so nothing already ended is expired.
-    due = (
-        select(Reservation.id)
-        # A literal, not a bound parameter: the planner matches the partial index on active
-        # reservations only against a condition it can see (a prepared, generic plan cannot).
-        .where(Reservation.status == literal(ACTIVE, literal_execute=True))
-        .where(Reservation.expires_at <= now)
-        .order_by(Reservation.expires_at)
-        .limit(limit)
-        .with_for_update(skip_locked=True)
-    )
-    gone = session.execute(
-        update(Reservation)
-        .where(Reservation.id.in_(due.scalar_subquery()))
-        .values(status="expired", settled_at=now)
-        .returning(Reservation.id, Reservation.user_id, Reservation.amount)
-        .execution_options(synchronize_session=False)
-    ).all()
-    return _end_holds(session, [(r, u, int(a)) for r, u, a in gone])
-
-
-def _end_holds(session: Session, gone: list[tuple[str, str, int]]) -> int:
-    """Free what the expired reservations ``gone`` held: their accounts are locked in user order
-    (as every multi-account statement locks them, so none deadlocks with another), then their
-    grants and ``tokens_reserved``. Tokens freed in a grant that has ended are left to
-    ``grants.expire`` (and to the user's next read or movement, which expires them first)."""
-    if not gone:
-        return 0
-    held: dict[str, int] = defaultdict(int)
-    for _, user_id, amount in gone:
-        held[user_id] += amount
-    users = sorted(held)
-    lock = (
-        select(Account.user_id)
-        .where(Account.user_id.in_(users))
-        .order_by(Account.user_id)
-        .with_for_update()
-    )
-    session.execute(lock).all()
-    grants.unhold(session, [r for r, _, _ in gone])
-    accounts = cast(Table, Account.__table__)
-    session.connection().execute(
-        update(accounts)
-        .where(accounts.c.user_id == bindparam("uid"))
-        .values(
-            tokens_reserved=accounts.c.tokens_reserved - bindparam("held"),
-            updated_at=clock.stamp(accounts.c.updated_at),
-        ),
-        [{"uid": u, "held": held[u]} for u in users],
-    )
-    changed = session.execute(
-        select(Account.user_id, Account.tokens_balance, Account.tokens_reserved).where(
-            Account.user_id.in_(users)
-        )
-    )
-    for user_id, balance, reserved in changed:
+    row = session.execute(_EXPIRE, {"limit": limit, "now": now}).one()
+    for user_id, balance, reserved in zip(
+        row.users or [], row.balances or [], row.reserveds or [], strict=True
+    ):
         note_balance_change(
             session, user_id=user_id, balance=balance, tokens_reserved=reserved, operation="expire"
         )
-    return len(gone)
+    return int(row.expired)
+
+
+_EXPIRE = text("SELECT * FROM tokens_expire_holds(:limit, CAST(:now AS timestamptz))")

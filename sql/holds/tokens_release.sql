@@ -7,7 +7,6 @@ CREATE OR REPLACE FUNCTION tokens_release(
 #variable_conflict use_column
 DECLARE
     v_now timestamptz;
-    v_held bigint;
 BEGIN
     -- A reservation's user never changes, so it is read without a lock, before the key.
     SELECT r.user_id, r.status INTO owner, reservation_status
@@ -31,8 +30,7 @@ BEGIN
         settled_at = clock_timestamp(),
         metadata = CASE WHEN p_reason IS NULL THEN r.metadata
                         ELSE r.metadata || jsonb_build_object('release_reason', p_reason) END
-    WHERE r.id = p_id AND r.status = 'active'
-    RETURNING r.amount INTO v_held;
+    WHERE r.id = p_id AND r.status = 'active';
     IF NOT FOUND THEN
         -- Lost the race: the re-read sees what the winner committed.
         SELECT r.status INTO reservation_status FROM reservations r WHERE r.id = p_id;
@@ -41,16 +39,11 @@ BEGIN
     END IF;
     reservation_status := 'released';
 
-    -- The time once the account is held (see tokens_lock).
+    -- The time once the account is held (see tokens_lock), then the hold freed
+    -- (tokens_unhold): balance and reserved are the account's then, before the expiries.
     SELECT greatest(clock_timestamp(), l.updated_at) INTO v_now
     FROM (SELECT a.updated_at FROM accounts a WHERE a.user_id = owner FOR UPDATE) l;
-    UPDATE grants g SET held = g.held - rg.amount
-    FROM reservation_grants rg
-    WHERE rg.reservation_id = p_id AND g.id = rg.grant_id;
-    -- balance and reserved are the account's once the hold is freed, before the expiries.
-    UPDATE accounts SET tokens_reserved = tokens_reserved - v_held, updated_at = v_now
-    WHERE user_id = owner
-    RETURNING tokens_balance, tokens_reserved INTO balance, reserved;
+    SELECT u.balance, u.reserved INTO balance, reserved FROM tokens_unhold(ARRAY[p_id], v_now) u;
     SELECT e.tokens, e.balances INTO expired_tokens, expired_balances
     FROM tokens_expire_due(owner, v_now) e;
 
