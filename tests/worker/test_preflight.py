@@ -112,14 +112,14 @@ SETTINGS: dict[str, tuple[dict[str, str | None], str]] = {
     "unsupported database": (
         {"TOKENS_DATABASE_URL": "mysql://u:pw@127.0.0.1/tokens"},
         "configuration error: TOKENS_DATABASE_URL: unsupported database 'mysql'; write "
-        "postgresql+psycopg://USER:PASSWORD@HOST:5432/DATABASE (or sqlite:///PATH on one "
-        "machine)",
+        "postgresql+psycopg://USER:PASSWORD@HOST:5432/DATABASE (PostgreSQL is the only "
+        "database)",
     ),
     "partial configuration": (
         {"TOKENS_RESULT_BACKEND": None},
         "configuration error: partial configuration: TOKENS_DATABASE_URL and TOKENS_BROKER_URL "
         "are set but TOKENS_RESULT_BACKEND is not; set all three (servers) or none (the "
-        "embedded SQLite default)",
+        "embedded default, `make run`)",
     ),
     "handler that does not import": (
         {"TOKENS_BALANCE_CHANGED_HANDLERS": '["nowhere.to_be_found"]'},
