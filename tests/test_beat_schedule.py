@@ -102,9 +102,15 @@ def test_config_uses_redbeat_with_redis_and_celerys_scheduler_embedded() -> None
     assert redis_config["redbeat_lock_timeout"] >= 5 * redis_config["beat_max_loop_interval"]
     assert (redis_config["timezone"], redis_config["enable_utc"]) == ("UTC", True)
 
-    embedded = celery_config(Settings(**EMBEDDED))
+    # The embedded default: RedBeat on its Valkey; on the SQLAlchemy transport (no Valkey wheel)
+    # Celery's own PersistentScheduler.
+    embedded = celery_config(Settings(**EMBEDDED, embedded_broker="valkey", redbeat_redis_url=None))
     assert embedded["beat_schedule"].keys() == redis_config["beat_schedule"].keys()
-    assert "beat_scheduler" not in embedded  # Celery's own PersistentScheduler
+    assert embedded["beat_scheduler"] == "redbeat.RedBeatScheduler"
+    assert embedded["redbeat_redis_url"] == "redis://127.0.0.1:63790/0"
+    embedded = celery_config(Settings(**EMBEDDED, embedded_broker="sql"))
+    assert embedded["beat_schedule"].keys() == redis_config["beat_schedule"].keys()
+    assert "beat_scheduler" not in embedded
     assert embedded["beat_schedule_filename"].endswith("celerybeat-schedule")
 
 
