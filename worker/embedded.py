@@ -40,6 +40,9 @@ from importlib.util import find_spec
 from pathlib import Path
 from typing import IO, Any
 
+from sqlalchemy.exc import SQLAlchemyError
+
+from worker.preflight import Unavailable, reason
 from worker.settings import (
     EMBEDDED_CELERY_DATABASE,
     ConfigurationError,
@@ -456,8 +459,11 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"embedded {server.name} on 127.0.0.1:{server.port} (pid {server.pid})")
         else:
             stop_servers(settings)
-    except (LaunchError, ConfigurationError) as exc:
+    except (LaunchError, ConfigurationError, Unavailable) as exc:
         print(f"make run: {exc}", file=sys.stderr)
+        return 1
+    except SQLAlchemyError as exc:  # the migrations, on servers TOKENS_* names
+        print(f"make run: migrations failed: {reason(exc)}", file=sys.stderr)
         return 1
     return 0
 
