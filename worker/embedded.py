@@ -107,6 +107,23 @@ def alive(pid: int) -> bool:
     return True
 
 
+def runs(pid: int, marker: str) -> bool:
+    """Whether ``pid`` is alive and its command line names ``marker`` (our data directory, or
+    our port as a server shows it): a pid file outlives its process, and its pid may be another
+    program's by now. (A stale ./var/valkey/launcher.pid once named the machine's own Redis,
+    which got our SIGTERM.)"""
+    if not alive(pid):
+        return False
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:  # no /proc (macOS)
+        shown = subprocess.run(
+            ["ps", "-p", str(pid), "-o", "command="], capture_output=True, text=True, check=False
+        )
+        cmdline = shown.stdout
+    return marker in cmdline
+
+
 def _stop_pid(pid: int, sig: signal.Signals, timeout: float = STOP_TIMEOUT) -> None:
     """Send ``sig``; SIGKILL after ``timeout``. Reaps it if it is our child."""
     with suppress(ProcessLookupError):
@@ -233,7 +250,7 @@ def _postmaster(data: Path) -> tuple[int, int] | None:
         pid, port = int(lines[0]), int(lines[3])
     except (OSError, ValueError, IndexError):
         return None
-    return (pid, port) if alive(pid) else None
+    return (pid, port) if runs(pid, str(data)) else None
 
 
 def start_postgres(settings: Settings) -> Server:
@@ -312,7 +329,7 @@ def start_valkey(settings: Settings) -> Server | None:
     port = settings.embedded_valkey_port
     with suppress(OSError, ValueError):
         pid = int(pidfile.read_text())
-        if alive(pid):
+        if runs(pid, f"valkey-server 127.0.0.1:{port}"):
             if _answers(port, "valkey"):
                 return Server("Valkey", pid, port)  # a killed run's: taken over
             _stop_pid(pid, signal.SIGTERM)
@@ -340,7 +357,7 @@ def stop_servers(settings: Settings) -> None:
     var = settings.var_dir.resolve()
     with suppress(OSError, ValueError):
         pid = int((var / "valkey" / "launcher.pid").read_text())
-        if alive(pid):
+        if runs(pid, f"valkey-server 127.0.0.1:{settings.embedded_valkey_port}"):
             _stop_pid(pid, signal.SIGTERM)
     running = _postmaster(var / "postgres")
     if running is not None:

@@ -218,3 +218,27 @@ def test_under_root_a_directory_nobody_cannot_pass_is_named(tmp_path: Path) -> N
     line = run.text()
     assert line.count("\n") == 1 and f"runs as {RUN_AS_ROOT}, who cannot reach" in line, line
     assert "is closed to others" in line and "`chmod o+x /" in line
+
+
+def test_a_stale_pid_file_never_signals_another_program(tmp_path: Path) -> None:
+    """A pid file outlives its server, and its pid may be another program's by now: stopping
+    (or taking over) the embedded servers signals only a process that is ours. (The machine's
+    own Redis got a SIGTERM from a stale ./var/valkey/launcher.pid during this issue's work.)"""
+    from worker import embedded
+    from worker.settings import Settings
+
+    other = subprocess.Popen(["sleep", "60"])
+    try:
+        (tmp_path / "valkey").mkdir()
+        (tmp_path / "valkey" / "launcher.pid").write_text(f"{other.pid}\n")
+        (tmp_path / "postgres").mkdir()
+        (tmp_path / "postgres" / "postmaster.pid").write_text(
+            f"{other.pid}\n{tmp_path / 'postgres'}\n0\n{free_port()}\n"
+        )
+        embedded.stop_servers(Settings(var_dir=tmp_path))
+        assert other.poll() is None, "a program that was not ours got the signal"
+        assert embedded.runs(other.pid, "sleep 60")
+        assert not embedded.runs(other.pid, "valkey-server")
+    finally:
+        other.kill()
+        other.wait()
