@@ -229,6 +229,7 @@ def test_a_stale_pid_file_never_signals_another_program(tmp_path: Path) -> None:
 
     other = subprocess.Popen(["sleep", "60"])
     try:
+        wait_for(lambda: embedded.runs(other.pid, "sleep 60"), 5, "sleep started")
         (tmp_path / "valkey").mkdir()
         (tmp_path / "valkey" / "launcher.pid").write_text(f"{other.pid}\n")
         (tmp_path / "postgres").mkdir()
@@ -237,7 +238,6 @@ def test_a_stale_pid_file_never_signals_another_program(tmp_path: Path) -> None:
         )
         embedded.stop_servers(Settings(var_dir=tmp_path))
         assert other.poll() is None, "a program that was not ours got the signal"
-        assert embedded.runs(other.pid, "sleep 60")
         assert not embedded.runs(other.pid, "valkey-server")
     finally:
         other.kill()
