@@ -304,6 +304,15 @@ class Grant(Base):
         CheckConstraint("remaining >= 0", name="remaining_not_negative"),
         CheckConstraint("held >= 0 AND held <= remaining", name="held_within_remaining"),
         CheckConstraint("priority >= 0 AND priority <= 100", name="priority_range"),
+        # A grant's own arithmetic; an active grant has tokens left, a depleted one none. (An
+        # expired grant keeps none either, but a refund puts tokens back into one and expires
+        # them again within its statement, and a CHECK cannot wait for the end of it.)
+        CheckConstraint(
+            "spent >= 0 AND expired >= 0 AND returned >= 0", name="counters_not_negative"
+        ),
+        CheckConstraint("remaining = amount - spent - expired + returned", name="arithmetic"),
+        CheckConstraint("status <> 'active' OR remaining > 0", name="active_has_tokens"),
+        CheckConstraint("status <> 'depleted' OR remaining = 0", name="depleted_has_none"),
         # A user's active grants in burn order (movements, tokens.grants).
         Index(
             "ix_grants_user_active",
