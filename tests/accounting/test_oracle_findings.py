@@ -1,0 +1,121 @@
+"""Disagreements between the worker and the contract found by the oracle
+(tests/oracle/model.py, tests/accounting/test_against_oracle.py), each as a minimal,
+deterministic regression through the real tasks (``task.apply``: validation, transaction scope,
+the SQL path). Marked ``xfail(strict=True)`` while the worker is wrong: a fix makes them pass,
+and then the mark goes (and so does the matching switch in the oracle's machine).
+
+Time moves as the oracle moves it: a grant's ``expires_at`` is set back, which is the clock
+moving forward past it.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from sqlalchemy import text
+
+from tasks import accounts as account_tasks
+from tasks import movements, renewals
+from worker.db import get_engine
+
+
+def send(task: Any, **kwargs: Any) -> dict[str, Any]:
+    out: dict[str, Any] = task.apply(kwargs=kwargs, task_id=str(uuid.uuid4())).get()
+    return out
+
+
+def a_due_grant(user_id: str, tokens: int) -> None:
+    """Credit ``tokens`` ending in an hour, then move that end two hours back: the grant is
+    due now, and nothing has expired it yet (``grants.expire`` has not run)."""
+    ends = (datetime.now(UTC) + timedelta(hours=1)).isoformat()
+    out = send(movements.credit, user_id=user_id, amount=tokens, expires_at=ends)
+    assert out["success"], out
+    with get_engine().begin() as conn:
+        conn.execute(
+            text(
+                "UPDATE grants SET expires_at = expires_at - interval '2 hours' WHERE user_id = :u"
+            ),
+            {"u": user_id},
+        )
+
+
+def balance_entries(user_id: str) -> list[tuple[str, int, int]]:
+    with get_engine().connect() as conn:
+        return [
+            (str(op), int(amount), int(before))
+            for op, amount, before in conn.execute(
+                text(
+                    "SELECT operation_type, tokens_amount, balance_before FROM ledger_entries"
+                    " WHERE user_id = :u ORDER BY created_at, id"
+                ),
+                {"u": user_id},
+            )
+        ]
+
+
+STALE_READ = (
+    "{task} reports a due grant's tokens as still in the balance; the contract: 'A due grant "
+    "counts as expired for every read ... from that instant'"
+)
+
+
+@pytest.mark.parametrize(
+    ("task", "kwargs"),
+    [
+        pytest.param(
+            account_tasks.set_tier,
+            {"tier": "Professional"},
+            marks=pytest.mark.xfail(strict=True, reason=STALE_READ.format(task="tokens.set_tier")),
+            id="set_tier",
+        ),
+        pytest.param(
+            account_tasks.open_account,
+            {},
+            marks=pytest.mark.xfail(
+                strict=True, reason=STALE_READ.format(task="tokens.open_account (existing user)")
+            ),
+            id="open_account",
+        ),
+        pytest.param(account_tasks.get_balance, {}, id="get_balance"),  # passes today
+    ],
+)
+def test_balance_fields_count_a_due_grant_as_expired(
+    clean_db: None, task: Any, kwargs: dict[str, Any]
+) -> None:
+    assert send(account_tasks.open_account, user_id="u1")["created"]
+    a_due_grant("u1", 5)
+    out = send(task, user_id="u1", **kwargs)
+    assert (out["tokens_balance"], out["tokens_available"], out["by_kind"]) == (0, 0, {})
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="renewals.sweep writes the renewal without first expiring the user's due grants "
+    "(renewals.renew_user does): the contract: 'a movement first expires that user's due grants "
+    "in the same transaction'",
+)
+def test_sweep_expires_due_grants_before_the_renewal(clean_db: None) -> None:
+    assert send(account_tasks.open_account, user_id="u1")["created"]  # Gift, never renewed
+    a_due_grant("u1", 1)
+    out = send(renewals.sweep)
+    assert (out["successful"], out["failed"]) == (1, 0)
+    assert balance_entries("u1") == [
+        ("purchase", 1, 0),
+        ("expiry", -1, 1),
+        ("monthly_reset", 100, 0),
+    ]
+
+
+def test_renew_user_expires_due_grants_before_the_renewal(clean_db: None) -> None:
+    """What the sweep should do, as renew_user does it (passes today)."""
+    assert send(account_tasks.open_account, user_id="u1")["created"]
+    a_due_grant("u1", 1)
+    assert send(renewals.renew_user, user_id="u1")["success"]
+    assert balance_entries("u1") == [
+        ("purchase", 1, 0),
+        ("expiry", -1, 1),
+        ("monthly_reset", 100, 0),
+    ]
