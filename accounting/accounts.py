@@ -89,6 +89,8 @@ def open_account(
             tokens_reserved=0,
             operation="open_account",
         )
+    if not row.created:
+        grants.settle_reads(session, user_id)
     account = load_account(session, user_id)
     return OpenAccountOut(**balance_of(account, session).model_dump(), created=row.created)
 
@@ -111,6 +113,7 @@ def set_tier(
     ).first()
     if row is None:
         raise user_not_found()
+    grants.settle_reads(session, user_id)
     return balance_of(load_account(session, user_id), session)
 
 

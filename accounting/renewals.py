@@ -60,7 +60,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
-from accounting import clock, grants, idempotency
+from accounting import clock, grants, idempotency, statements
 from accounting.accounts import load_account
 from accounting.catalog import FREE_TIERS, tier_of
 from accounting.config import rules
@@ -567,6 +567,29 @@ locked AS (
 SELECT (SELECT count(*) FROM renewed) AS renewed, {_CHANGES} AS changes, {_BY_TIER} AS by_tier"""
 
 
+def _expire_page_sql(phase: Phase, plans: dict[str, TierPlan]) -> str:
+    """Before a chunk's renewals, as before any movement, the due grants of the page's users
+    leave (``tokens_lock``: the lock, then ``tokens_expire_due``): rows another transaction
+    holds are skipped here, as the chunk's statement skips them, and stay locked by this
+    transaction for it. The users whose grants expired, with what the expiry left."""
+    return f"""WITH {_TIERS}, {_page_cte(phase, plans, bounded=True)},
+locked AS (
+    SELECT a.user_id FROM accounts a WHERE a.ctid = ANY(ARRAY(SELECT ctid FROM page))
+    ORDER BY a.user_id
+    FOR UPDATE OF a SKIP LOCKED
+)
+SELECT l.user_id, x.reserved, x.expired_tokens, x.expired_balances
+FROM locked l CROSS JOIN LATERAL tokens_lock(l.user_id) x
+WHERE cardinality(x.expired_tokens) > 0"""
+
+
+# The same for the contested users, waited for in user order.
+_EXPIRE_CONTESTED_SQL = """SELECT c.u, x.reserved, x.expired_tokens, x.expired_balances
+FROM (SELECT u FROM unnest(CAST(:contested AS text[])) AS u ORDER BY u) c
+CROSS JOIN LATERAL tokens_lock(c.u) x
+WHERE cardinality(x.expired_tokens) > 0"""
+
+
 # One user (renew_user, and a failed chunk's users one by one): the chunk's statement, on one
 # locked row, waiting for its lock as a movement would.
 _ONE_SQL = f"""WITH {_TIERS},
@@ -1026,6 +1049,7 @@ def _renew_chunk(session: Session, chunk: _Chunk) -> tuple[SweepChunkOut, list[s
     params = _params(plans, now, r.after, r.planned, r.upto) | {
         "with_changes": balance_changed.has_listeners()
     }
+    _note_expiries(session, session.execute(text(_expire_page_sql(r.phase, plans)), params))
     row = session.execute(text(_chunk_sql(r.phase, plans)), params).one()
     _note_changes(session, row.changes)
     by_tier, contested = Counter(row.by_tier or {}), list(row.contested or [])
@@ -1089,9 +1113,15 @@ def _renew_contested(
         "contested": contested,
         "with_changes": balance_changed.has_listeners(),
     }
+    _note_expiries(session, session.execute(text(_EXPIRE_CONTESTED_SQL), params))
     row = session.execute(text(_CONTESTED_SQL), params).one()
     _note_changes(session, row.changes)
     return Counter(row.by_tier or {})
+
+
+def _note_expiries(session: Session, rows: Any) -> None:
+    for user_id, reserved, tokens, balances in rows:
+        statements.note_expiries(session, user_id, int(reserved), tokens, balances)
 
 
 def _note_changes(session: Session, changes: list[list[Any]] | None) -> None:

@@ -1,8 +1,9 @@
 """Disagreements between the worker and the contract found by the oracle
 (tests/oracle/model.py, tests/accounting/test_against_oracle.py), each as a minimal,
 deterministic regression through the real tasks (``task.apply``: validation, transaction scope,
-the SQL path). Marked ``xfail(strict=True)`` while the worker is wrong: a fix makes them pass,
-and then the mark goes (and so does the matching switch in the oracle's machine).
+the SQL path). Each failed on the worker as the oracle found it (a due grant's tokens still
+counted by set_tier and by open_account of an existing user; the sweep renewing before it
+expired the user's due grants) and passes since the fix.
 
 Time moves as the oracle moves it: a grant's ``expires_at`` is set back, which is the clock
 moving forward past it.
@@ -56,30 +57,12 @@ def balance_entries(user_id: str) -> list[tuple[str, int, int]]:
         ]
 
 
-STALE_READ = (
-    "{task} reports a due grant's tokens as still in the balance; the contract: 'A due grant "
-    "counts as expired for every read ... from that instant'"
-)
-
-
 @pytest.mark.parametrize(
     ("task", "kwargs"),
     [
-        pytest.param(
-            account_tasks.set_tier,
-            {"tier": "Professional"},
-            marks=pytest.mark.xfail(strict=True, reason=STALE_READ.format(task="tokens.set_tier")),
-            id="set_tier",
-        ),
-        pytest.param(
-            account_tasks.open_account,
-            {},
-            marks=pytest.mark.xfail(
-                strict=True, reason=STALE_READ.format(task="tokens.open_account (existing user)")
-            ),
-            id="open_account",
-        ),
-        pytest.param(account_tasks.get_balance, {}, id="get_balance"),  # passes today
+        pytest.param(account_tasks.set_tier, {"tier": "Professional"}, id="set_tier"),
+        pytest.param(account_tasks.open_account, {}, id="open_account"),
+        pytest.param(account_tasks.get_balance, {}, id="get_balance"),
     ],
 )
 def test_balance_fields_count_a_due_grant_as_expired(
@@ -91,12 +74,6 @@ def test_balance_fields_count_a_due_grant_as_expired(
     assert (out["tokens_balance"], out["tokens_available"], out["by_kind"]) == (0, 0, {})
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="renewals.sweep writes the renewal without first expiring the user's due grants "
-    "(renewals.renew_user does): the contract: 'a movement first expires that user's due grants "
-    "in the same transaction'",
-)
 def test_sweep_expires_due_grants_before_the_renewal(clean_db: None) -> None:
     assert send(account_tasks.open_account, user_id="u1")["created"]  # Gift, never renewed
     a_due_grant("u1", 1)
@@ -110,7 +87,7 @@ def test_sweep_expires_due_grants_before_the_renewal(clean_db: None) -> None:
 
 
 def test_renew_user_expires_due_grants_before_the_renewal(clean_db: None) -> None:
-    """What the sweep should do, as renew_user does it (passes today)."""
+    """What the sweep does, as renew_user does it."""
     assert send(account_tasks.open_account, user_id="u1")["created"]
     a_due_grant("u1", 1)
     assert send(renewals.renew_user, user_id="u1")["success"]
