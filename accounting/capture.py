@@ -1,10 +1,7 @@
-"""A capture on PostgreSQL in one statement: ``tokens_capture()`` (migration 0009).
+"""A capture in one statement: ``tokens_capture()`` (sql/movements/tokens_capture.sql).
 
-The function does in one round trip what :func:`accounting.reservations.capture` does through
-:mod:`accounting.grants` with the idempotency claim and record around it; the Python code stays
-the reference (and what SQLite runs), and tests/accounting/test_spend_statement.py runs the same
-random movements through both and compares every row. The refusals, the result and the events
-are the same. It runs in the caller's transaction or alone (:mod:`accounting.statements`).
+The replay, the refusals and the events come back from its row. It runs in the caller's
+transaction or alone (:mod:`accounting.statements`).
 """
 
 from __future__ import annotations

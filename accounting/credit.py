@@ -1,11 +1,8 @@
-"""A credit or a balance reset on PostgreSQL in one statement: ``tokens_credit()`` and
-``tokens_reset()`` (migration 0008).
+"""A credit or a balance reset in one statement: ``tokens_credit()`` and ``tokens_reset()``
+(sql/movements/), over ``tokens_grant`` (a new grant pays the debt first), ``tokens_burn`` and
+``tokens_write``.
 
-The functions do in one round trip what :func:`accounting.movements.credit` and
-:func:`accounting.movements.reset_balance` do through :mod:`accounting.grants` with the
-idempotency claim and record around them; the Python code stays the reference (and what SQLite
-runs), and tests/accounting/test_spend_statement.py runs the same random movements through both
-and compares every row. The refusals, the result and the events are the same. They run in the
+The replay, the refusals and the events come back from the function's row. They run in the
 caller's transaction or alone (:mod:`accounting.statements`).
 """
 

@@ -1,11 +1,8 @@
-"""A reserve, release or extend on PostgreSQL in one statement: ``tokens_reserve()``,
-``tokens_release()`` and ``tokens_extend()`` (sql/holds/).
+"""A reserve, release or extend in one statement: ``tokens_reserve()``, ``tokens_release()`` and
+``tokens_extend()`` (sql/holds/), over ``tokens_hold`` and ``tokens_unhold``.
 
-Each does in one round trip what :func:`accounting.reservations.reserve` or ``release`` does
-through :mod:`accounting.grants` with the idempotency claim and record around it; the Python code
-stays the reference (and what SQLite runs), and tests/accounting/test_spend_statement.py runs the
-same random movements through both and compares every row. The refusals, the result and the
-events are the same. Each runs in the caller's transaction or alone (:mod:`accounting.statements`).
+The replay, the refusals and the events come back from the function's row. Each runs in the
+caller's transaction or alone (:mod:`accounting.statements`).
 """
 
 from __future__ import annotations

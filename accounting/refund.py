@@ -1,11 +1,9 @@
-"""A refund on PostgreSQL in one statement: ``tokens_refund()`` (migrations 0007, 0011).
+"""A refund in one statement: ``tokens_refund()`` (sql/movements/tokens_refund.sql): the key,
+the account lock, the refund cap, where the tokens go back (the original's debt part first, then
+its grants, last spent first) and the re-expiry of what went back into an ended grant.
 
-The function does in one round trip what :func:`accounting.movements.refund` does through
-:mod:`accounting.grants` (the refund cap, ``_put_back``, the re-expiry of what went back into an
-ended grant) with the idempotency claim and record around it; the Python code stays the
-reference (and what SQLite runs), and tests/accounting/test_spend_statement.py runs the same
-random movements through both and compares every row. The refusals, the result and the events
-are the same. It runs in the caller's transaction or alone (:mod:`accounting.statements`).
+The replay, the refusals and the events come back from its row. It runs in the caller's
+transaction or alone (:mod:`accounting.statements`).
 """
 
 from __future__ import annotations

@@ -1,10 +1,8 @@
-"""A debit or charge on PostgreSQL in one statement: ``tokens_spend()`` (migrations 0005, 0011).
+"""A debit or charge in one statement: ``tokens_spend()`` (sql/movements/tokens_spend.sql).
 
-The function does in one round trip what :func:`accounting.movements._spend` does through
-:mod:`accounting.grants` with the idempotency claim and record around it; the Python code stays
-the reference (and what SQLite runs), and tests/accounting/test_spend_statement.py runs the same
-random movements through both and compares every row. The refusals, the result and the events
-are the same. It runs in the caller's transaction or alone (:mod:`accounting.statements`).
+Claim, lock, expire, guard, burn, write and record in one round trip; the replay, the refusals
+and the events come back from its row. It runs in the caller's transaction or alone
+(:mod:`accounting.statements`).
 """
 
 from __future__ import annotations

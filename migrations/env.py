@@ -13,32 +13,9 @@ target_metadata = Base.metadata
 
 
 def run(connection: Connection) -> None:
-    sqlite = connection.dialect.name == "sqlite"
-    context.configure(
-        connection=connection,
-        target_metadata=target_metadata,
-        render_as_batch=sqlite,
-        compare_type=True,
-    )
-    if not sqlite:
-        with context.begin_transaction():
-            context.run_migrations()
-        return
-    # Batch mode rebuilds a SQLite table (copy, drop, rename): with foreign keys enforced, the
-    # drop fails as soon as other rows reference the table (accounts, in 0004). So they are off
-    # for the migration, set on the driver connection before any transaction (SQLite ignores
-    # the pragma inside one), and every reference is checked before the commit.
-    driver = connection.connection.driver_connection
-    assert driver is not None
-    driver.execute("PRAGMA foreign_keys=OFF")
-    try:
-        with context.begin_transaction():
-            context.run_migrations()
-            dangling = connection.exec_driver_sql("PRAGMA foreign_key_check").all()
-            if dangling:
-                raise RuntimeError(f"migration left foreign keys dangling: {dangling[:10]}")
-    finally:
-        driver.execute("PRAGMA foreign_keys=ON")
+    context.configure(connection=connection, target_metadata=target_metadata, compare_type=True)
+    with context.begin_transaction():
+        context.run_migrations()
 
 
 def run_migrations_online() -> None:

@@ -36,9 +36,7 @@ class UTCDateTime(TypeDecorator[datetime]):
             return None
         if value.tzinfo is None:
             raise ValueError("naive datetime: every timestamp must carry a timezone")
-        value = value.astimezone(UTC)
-        # SQLite keeps text; store naive UTC so string comparisons order correctly.
-        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+        return value.astimezone(UTC)
 
     def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
         if value is None:
@@ -94,7 +92,6 @@ class Account(Base):
             "user_id",
             "debt",
             postgresql_where=text("debt > 0"),
-            sqlite_where=text("debt > 0"),
         ),
     )
 
@@ -104,9 +101,7 @@ class LedgerEntry(Base):
 
     __tablename__ = "ledger_entries"
 
-    id: Mapped[int] = mapped_column(
-        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
-    )
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
     user_id: Mapped[str] = mapped_column(String(128), ForeignKey("accounts.user_id"))
     # What kind of movement wrote it (debit, charge, capture, credit, refund, adjustment,
     # renewal, carried_forward): refunds may only point at debits, charges and captures.
@@ -129,11 +124,7 @@ class LedgerEntry(Base):
             "ix_ledger_entries_original",
             "original_entry_id",
             postgresql_where=text("original_entry_id IS NOT NULL"),
-            sqlite_where=text("original_entry_id IS NOT NULL"),
         ),
-        # Without AUTOINCREMENT SQLite reuses the ids of pruned newest rows, and a late refund
-        # could then point at an unrelated entry.
-        {"sqlite_autoincrement": True},
     )
 
 
@@ -259,7 +250,6 @@ class Reservation(Base):
             "ix_reservations_active_expiry",
             "expires_at",
             postgresql_where=text("status = 'active'"),
-            sqlite_where=text("status = 'active'"),
         ),
         Index("ix_reservations_user", "user_id"),
     )
@@ -276,9 +266,7 @@ class Grant(Base):
 
     __tablename__ = "grants"
 
-    id: Mapped[int] = mapped_column(
-        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
-    )
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
     user_id: Mapped[str] = mapped_column(String(128), ForeignKey("accounts.user_id"))
     kind: Mapped[str] = mapped_column(String(16))
     amount: Mapped[int] = mapped_column(BigInteger)
@@ -322,7 +310,6 @@ class Grant(Base):
             "created_at",
             "id",
             postgresql_where=text("status = 'active'"),
-            sqlite_where=text("status = 'active'"),
         ),
         # Due grants across all users (grants.expire).
         Index(
@@ -330,7 +317,6 @@ class Grant(Base):
             "expires_at",
             "user_id",
             postgresql_where=text("status = 'active' AND expires_at IS NOT NULL"),
-            sqlite_where=text("status = 'active' AND expires_at IS NOT NULL"),
         ),
         Index("ix_grants_user_created", "user_id", "created_at"),
     )

@@ -47,7 +47,9 @@ def create_app() -> Celery:
         # Celery's command line does not turn into a traceback. One line, status 1.
         raise SystemExit(f"configuration error: {exc}") from None
     if not (settings.database_url and settings.broker_url and settings.result_backend):
-        settings.var_dir.mkdir(parents=True, exist_ok=True)  # the embedded SQLite files live here
+        settings.var_dir.mkdir(
+            parents=True, exist_ok=True
+        )  # the embedded servers keep their data here
     app = Celery("tokens", include=TASK_MODULES)
     app.config_from_object(celery_config(settings))
     # The single-debit coalescer's thread; it runs only with TOKENS_COALESCE_MS > 0.

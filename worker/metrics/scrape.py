@@ -18,7 +18,6 @@ from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import mark_process_dead
 from prometheus_client.registry import Collector
 from sqlalchemy import Engine, create_engine
-from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
 from accounting import grants, renewals, reservations
@@ -111,13 +110,10 @@ class DatabaseReads:
                 )
 
     def _engine(self) -> Engine:
-        if make_url(self.url).get_backend_name() == "sqlite":
-            connect_args: dict[str, Any] = {"timeout": SCRAPE_TIMEOUT}
-        else:
-            connect_args = {
-                "connect_timeout": SCRAPE_TIMEOUT,
-                "options": f"-c statement_timeout={SCRAPE_TIMEOUT * 1000}",
-            }
+        connect_args: dict[str, Any] = {
+            "connect_timeout": SCRAPE_TIMEOUT,
+            "options": f"-c statement_timeout={SCRAPE_TIMEOUT * 1000}",
+        }
         return create_engine(
             self.url, pool_size=1, max_overflow=0, pool_pre_ping=True, connect_args=connect_args
         )
