@@ -6,8 +6,9 @@ transaction rolls back.
 
 *Alone* (``worker.db.statement_scope``) the statement is the whole transaction, one round trip
 with no BEGIN or COMMIT, on a pooled connection in autocommit used directly, without the
-Session's or the Core's per-statement machinery: the session then carries, under
-:data:`ALONE`, the function that runs a statement so (a :data:`Runner`). The statement is
+Session's or the Core's per-statement machinery: the scope's session is an
+:class:`AloneSession`, made with the function that runs a statement so (a :data:`Runner`),
+decided once, where the scope is opened. The statement is
 filtered through ``tokens_ok()`` (migration 0006), which raises on a refusal so that it leaves
 nothing behind; the refusal comes back from the error's detail as the row the function returned.
 The events are noted on the session as in a transaction and sent when the scope commits it.
@@ -32,11 +33,20 @@ from accounting.events import note_balance_change, note_grants_expired
 # tokens_ok()'s SQLSTATE for a refusal.
 REFUSED = "TKREF"
 
-# session.info key of the Runner of a session whose movements run alone.
-ALONE = "tokens_alone"
 # Runs one statement (driver placeholders, ``%(name)s``) in autocommit and returns its one row
 # with attribute access; a database error comes as SQLAlchemy's DBAPIError, as from a Session.
 Runner = Callable[[str, dict[str, Any]], Any]
+
+
+class AloneSession(Session):
+    """A session whose movements run alone (``worker.db.statement_scope`` makes one): each
+    function is sent by ``run``, on a connection in autocommit, and is its own transaction. The
+    session itself still carries the events noted, sent when the scope ends."""
+
+    def __init__(self, run: Runner, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.run = run
+
 
 _texts: dict[str, TextClause] = {}
 _driver_sql: dict[str, str] = {}
@@ -45,7 +55,7 @@ _NAMED = re.compile(r"(?<![:\w]):(\w+)")
 
 def alone(session: Session) -> bool:
     """Whether ``session``'s movements run alone, each statement its own transaction."""
-    return ALONE in session.info
+    return isinstance(session, AloneSession)
 
 
 def call(session: Session, function: str, params: dict[str, Any]) -> Any:
@@ -53,8 +63,7 @@ def call(session: Session, function: str, params: dict[str, Any]) -> Any:
     ``tokens_spend(:user_id, ...)``): the function's one row, with attribute access. Alone, a
     refusal is the same row, rebuilt from ``tokens_ok()``'s error after the statement rolled
     back (JSON: arrays as lists, ``jsonb`` as dicts, as psycopg returns them)."""
-    run: Runner | None = session.info.get(ALONE)
-    if run is None:
+    if not isinstance(session, AloneSession):
         statement = _texts.get(function)
         if statement is None:
             statement = _texts[function] = text(f"SELECT * FROM {function}")
@@ -68,7 +77,7 @@ def call(session: Session, function: str, params: dict[str, Any]) -> Any:
             "WHERE r.status IN ('ok', 'replay') OR tokens_ok(to_jsonb(r))"
         )
     try:
-        return run(sql, params)
+        return session.run(sql, params)
     except DBAPIError as exc:
         if getattr(exc.orig, "sqlstate", None) != REFUSED:
             raise

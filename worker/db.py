@@ -172,14 +172,15 @@ def statement_scope() -> Iterator[Session]:
     is its own transaction and one round trip, without BEGIN and COMMIT nor the Session's and
     the Core's per-statement work. The session carries the events, sent at the end as after a
     commit (and dropped after an exception, as a rollback drops them)."""
-    session = session_factory()()
     engine = get_engine()
     pooled = _checkout(engine)
     driver = pooled.driver_connection
     assert driver is not None
+    session = statements.AloneSession(
+        partial(_run_alone, engine, pooled), bind=engine, expire_on_commit=False, autoflush=False
+    )
     try:
         driver.autocommit = True
-        session.info[statements.ALONE] = partial(_run_alone, engine, pooled)
         yield session
         if session.in_transaction():  # nothing uses the session itself today, but if it did
             session.commit()

@@ -197,13 +197,15 @@ def test_a_statement_run_alone_gives_its_row_by_column_name_whatever_its_width(
 
     def row() -> Any:
         with db.statement_scope() as session:
-            return session.info[statements.ALONE]("SELECT * FROM tokens_test_row()", {})
+            assert isinstance(session, statements.AloneSession)
+            return session.run("SELECT * FROM tokens_test_row()", {})
 
     try:
         define("OUT a int", "'SELECT 1'")
         assert row().a == 1
         with db.statement_scope() as session:
-            assert session.info[statements.ALONE]("SELECT 1 AS a WHERE false", {}) is None
+            assert isinstance(session, statements.AloneSession)
+            assert session.run("SELECT 1 AS a WHERE false", {}) is None
         define("OUT a int, OUT b text", "'SELECT 2, ''two'''")
         assert (row().a, row().b) == (2, "two")
         define("OUT b text, OUT c int", "'SELECT ''three'', 3'")
