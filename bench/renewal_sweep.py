@@ -194,16 +194,16 @@ def run_fanned_out(workers: list[WorkerProcess], users: int) -> str:
 
 
 def run_single_statement(engine: Engine) -> None:
-    from accounting import renewals
+    from accounting.renewals import plans_at, statements
 
     sql = f"""
-WITH {renewals._TIERS},
+WITH {statements._TIERS},
 renewed AS (
     UPDATE accounts a
     SET tokens_balance = a.tokens_balance + t.allocation, last_renewal_at = :now,
         updated_at = GREATEST(clock_timestamp(), a.updated_at)
     FROM tiers t
-    WHERE a.tier = t.tier AND {renewals._GUARD}
+    WHERE a.tier = t.tier AND {statements._GUARD}
     RETURNING a.user_id, a.tier, a.tokens_balance, t.allocation, a.updated_at
 )
 INSERT INTO ledger_entries
@@ -215,7 +215,7 @@ FROM renewed
 """
     with engine.begin() as conn:
         now: datetime = conn.execute(text("SELECT now()")).scalar_one()
-        conn.execute(text(sql), renewals._params(renewals.plans_at(now), now))
+        conn.execute(text(sql), statements.statement_params(plans_at(now), now))
 
 
 def run_per_user(sessions: sessionmaker[Session], sample: int) -> None:

@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 
 from accounting import accounts, clock, movements, renewals
 from accounting.errors import DomainError
+from accounting.renewals import sweeps as renewal_sweeps
 from models.schemas import SweepOut
 from models.tables import LedgerEntry
 from tests.polling import wait_for
@@ -751,7 +752,7 @@ def test_a_chunk_cut_off_while_waiting_for_held_rows_finishes_them_when_redelive
     with Session(get_engine()) as holder:
         holder.execute(text("SELECT 1 FROM accounts WHERE user_id = 'b' FOR UPDATE"))
         with monkeypatch.context() as patched:
-            patched.setattr(renewals, "_finish_contested", crash)
+            patched.setattr(renewal_sweeps, "_finish_contested", crash)
             with pytest.raises(SystemExit):
                 renewals.run_chunk(session_factory(), "s1", 0)
         assert chunk_rows(session)[0][4:] == ("contested", 2, 0, 0)
