@@ -48,9 +48,8 @@ EXPIRY = "expiry"
 _a = account_table.c
 _g = grant_table.c
 
-# The order grants are listed in (tokens.grants): the burn order, which the functions take
-# from tokens_free_grants (sql/grants/tokens_free_grants.sql).
-BURN_ORDER = (_g.priority, _g.expires_at.asc().nulls_last(), _g.created_at, _g.id)
+# The burn order (sql/grants/tokens_burn_order.sql), the order grants are listed in.
+BURN_ORDER = func.tokens_burn_order(_g.priority, _g.expires_at, _g.created_at, _g.id)
 
 
 def _due(now: datetime | ColumnElement[datetime]) -> ColumnElement[bool]:
@@ -138,7 +137,7 @@ def list_grants(session: Session, user_id: str, include_ended: bool = False) -> 
     if debt is None:
         raise user_not_found()
     active = session.execute(
-        select(*_COLUMNS).where(_g.user_id == user_id, _g.status == ACTIVE).order_by(*BURN_ORDER)
+        select(*_COLUMNS).where(_g.user_id == user_id, _g.status == ACTIVE).order_by(BURN_ORDER)
     ).all()
     grants = [grant_out(r) for r in active]
     if include_ended:

@@ -93,7 +93,7 @@ BEGIN
         SELECT rg.grant_id AS id, rg.amount AS held
         FROM reservation_grants rg JOIN grants gr ON gr.id = rg.grant_id
         WHERE rg.reservation_id = p_reservation
-        ORDER BY gr.priority, gr.expires_at NULLS LAST, gr.created_at, gr.id
+        ORDER BY tokens_burn_order(gr.priority, gr.expires_at, gr.created_at, gr.id)
     LOOP
         v_take := least(g.held, v_left);
         UPDATE grants SET
