@@ -1,9 +1,10 @@
 CREATE OR REPLACE FUNCTION tokens_expire_grant(
     p_user text, p_grant bigint, p_tokens bigint, p_now timestamptz
 ) RETURNS bigint LANGUAGE plpgsql VOLATILE AS $fn$
+-- Write off p_tokens of an ended grant through its own expiry entry (tokens_write); the
+-- account is locked. Returns the balance after.
 DECLARE
     v_balance bigint;
-    v_entry bigint;
 BEGIN
     UPDATE grants SET
         remaining = remaining - p_tokens,
@@ -11,19 +12,10 @@ BEGIN
         status = CASE WHEN remaining = p_tokens THEN 'expired' ELSE status END,
         ended_at = coalesce(ended_at, expires_at, p_now)
     WHERE id = p_grant;
-    UPDATE accounts SET
-        tokens_balance = tokens_balance - p_tokens,
-        updated_at = p_now
-    WHERE user_id = p_user
-    RETURNING tokens_balance INTO v_balance;
-    INSERT INTO ledger_entries (user_id, kind, operation_type, tokens_amount, balance_before,
-                                balance_after, idempotency_key, original_entry_id, metadata,
-                                created_at)
-    VALUES (p_user, 'expiry', 'expiry', -p_tokens, v_balance + p_tokens, v_balance, NULL, NULL,
-            jsonb_build_object('grant_id', p_grant::text), p_now)
-    RETURNING id INTO v_entry;
-    INSERT INTO entry_grants (entry_id, grant_id, amount, seq)
-    VALUES (v_entry, p_grant, -p_tokens, 0);
+    SELECT w.balance INTO v_balance
+    FROM tokens_write(p_user, 'expiry', 'expiry', -p_tokens, 0, 0, NULL,
+                      jsonb_build_object('grant_id', p_grant::text), p_now,
+                      ARRAY[p_grant], ARRAY[-p_tokens]) w;
     RETURN v_balance;
 END
 $fn$;

@@ -17,8 +17,6 @@ DECLARE
     v_left bigint;
     v_take bigint;
     v_pos integer;
-    v_balance bigint;
-    v_spent bigint;
     v_entry bigint;
     v_gids bigint[] := '{}';
     v_amounts bigint[] := '{}';
@@ -126,31 +124,12 @@ BEGIN
     END IF;
 
     -- The account, the entry and its split (grants.write); what no grant covered is debt.
-    UPDATE accounts SET
-        tokens_balance = tokens_balance - captured,
-        debt = debt + v_left,
-        tokens_reserved = tokens_reserved - hold,
-        tokens_spent = CASE WHEN tokens_spent + captured < 0 THEN 0
-                            ELSE tokens_spent + captured END,
-        updated_at = v_at
-    WHERE user_id = v_user
-    RETURNING tokens_balance, tokens_reserved, tokens_spent INTO v_balance, reserved, v_spent;
-    INSERT INTO ledger_entries (user_id, kind, operation_type, tokens_amount, balance_before,
-                                balance_after, idempotency_key, original_entry_id, metadata,
-                                created_at)
-    VALUES (v_user, 'capture', coalesce(v_op, 'capture'), -captured, v_balance + captured,
-            v_balance, p_key, NULL,
-            v_meta || p_metadata || jsonb_build_object('reservation_id', p_reservation), v_at)
-    RETURNING id INTO v_entry;
-    IF cardinality(v_gids) > 0 THEN
-        INSERT INTO entry_grants (entry_id, grant_id, amount, seq)
-        SELECT v_entry, s.gid, s.amount, (s.n - 1)::integer
-        FROM unnest(v_gids, v_amounts) WITH ORDINALITY AS s(gid, amount, n);
-    END IF;
-    response := jsonb_build_object(
-        'success', true, 'user_id', v_user, 'operation_type', coalesce(v_op, 'capture'),
-        'amount', -captured, 'balance_before', v_balance + captured, 'new_balance', v_balance,
-        'tokens_spent', v_spent, 'ledger_entry_id', v_entry::text, 'replayed', false,
+    SELECT w.entry_id, w.reserved, w.response INTO v_entry, reserved, response
+    FROM tokens_write(v_user, 'capture', coalesce(v_op, 'capture'), -captured, v_left,
+                      captured, p_key,
+                      v_meta || p_metadata || jsonb_build_object('reservation_id', p_reservation),
+                      v_at, v_gids, v_amounts, NULL, -hold) w;
+    response := response || jsonb_build_object(
         'overcaptured', greatest(0, captured - hold), 'shortfall', v_left);
     -- Held tokens of a grant that ended meanwhile, and not captured, now leave with it.
     SELECT * INTO ended_tokens, ended_balances FROM tokens_expire_due(v_user, v_at);

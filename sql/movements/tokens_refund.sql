@@ -136,30 +136,11 @@ BEGIN
         EXIT WHEN v_left = 0;
     END LOOP;
 
-    -- The account, the entry and its split (grants.write), and the stored outcome.
-    UPDATE accounts SET
-        tokens_balance = tokens_balance + p_amount,
-        debt = debt + v_debt_delta,
-        tokens_spent = CASE WHEN tokens_spent - p_amount < 0 THEN 0
-                            ELSE tokens_spent - p_amount END,
-        updated_at = v_now
-    WHERE user_id = p_user
-    RETURNING tokens_balance, tokens_reserved, tokens_spent INTO balance, reserved, spent;
-    INSERT INTO ledger_entries (user_id, kind, operation_type, tokens_amount, balance_before,
-                                balance_after, idempotency_key, original_entry_id, metadata,
-                                created_at)
-    VALUES (p_user, 'refund', 'refund', p_amount, balance - p_amount, balance, p_key,
-            p_original, p_metadata, v_now)
-    RETURNING id INTO entry_id;
-    IF cardinality(v_gids) > 0 THEN
-        INSERT INTO entry_grants (entry_id, grant_id, amount, seq)
-        SELECT tokens_refund.entry_id, x.gid, x.amount, (x.n - 1)::integer
-        FROM unnest(v_gids, v_amounts) WITH ORDINALITY AS x(gid, amount, n);
-    END IF;
-    response := jsonb_build_object(
-        'success', true, 'user_id', p_user, 'operation_type', 'refund', 'amount', p_amount,
-        'balance_before', balance - p_amount, 'new_balance', balance, 'tokens_spent', spent,
-        'ledger_entry_id', entry_id::text, 'replayed', false);
+    -- The account, the entry against its original with its split, and the stored outcome.
+    SELECT w.entry_id, w.balance, w.reserved, w.spent, w.response
+    INTO entry_id, balance, reserved, spent, response
+    FROM tokens_write(p_user, 'refund', 'refund', p_amount, v_debt_delta, -p_amount, p_key,
+                      p_metadata, v_now, v_gids, v_amounts, p_original) w;
 
     -- A refund never revives an ended grant: what went back into one leaves again at once.
     FOR i IN 1 .. cardinality(v_ended_gids) LOOP
@@ -167,10 +148,6 @@ BEGIN
             || tokens_expire_grant(p_user, v_ended_gids[i], ended_tokens[i], v_now);
     END LOOP;
 
-    IF p_key IS NOT NULL THEN
-        UPDATE idempotency_records r SET response = tokens_refund.response
-        WHERE r.user_id = p_user AND r.key = p_key;
-    END IF;
     status := 'ok';
 END
 $fn$;
