@@ -5,7 +5,6 @@ timeout. Read rather than counted, they survive a worker's restart and agree acr
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from sqlalchemy import Engine, create_engine
 from sqlalchemy.orm import Session
 
 from accounting import grants, renewals, reservations
+from worker.embedded import alive
 from worker.failures import one_line
 
 log = logging.getLogger(__name__)
@@ -203,15 +203,5 @@ class ScrapeCollector(Collector):
     def _forget_dead_processes(self) -> None:
         for path in self.directory.glob("gauge_live*_*.db"):
             pid = path.stem.rpartition("_")[2]
-            if pid.isdigit() and not _alive(int(pid)):
+            if pid.isdigit() and not alive(int(pid)):
                 mark_process_dead(int(pid), str(self.directory))  # type: ignore[no-untyped-call]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
