@@ -194,13 +194,6 @@ class Model:
         self.keys: dict[tuple[str, str], tuple[tuple[Any, ...], dict[str, Any]]] = {}
         self.refunded: dict[int, int] = {}
         self._ids = 0
-        # Known deviation (tests/accounting/test_oracle_findings.py): the worker's set_tier and
-        # open_account (existing user) report due grants as still there. True makes the model
-        # answer so too, until the worker is fixed; the contract's answer is False.
-        self.unsettled_reads = False
-        # Known deviation (same file): renewals.sweep renews without first expiring the user's
-        # due grants (renew_user does). False makes the model do so too; the contract: True.
-        self.sweep_settles_due = True
 
     def _next_id(self) -> int:
         self._ids += 1
@@ -450,11 +443,9 @@ class Model:
 
     def _settled_view(self, user_id: str, now: datetime) -> dict[str, Any]:
         """The balance fields as a read sees them: due grants count as expired (contract:
-        "for every read"), whether or not this read writes their entries."""
-        if self.unsettled_reads:
-            return self._balance_fields(self._account(user_id), now)
-        view = copy.deepcopy(self)
-        return view._balance_fields(view._lock(user_id, now), now)
+        "for every read"). silent: whether a read writes their expiry entries; every read of
+        the worker that answers with balance fields does, as this does."""
+        return self._balance_fields(self._lock(user_id, now), now)
 
     # --- accounts ---------------------------------------------------------------------------
 
@@ -509,8 +500,7 @@ class Model:
         return self._atomic(run)
 
     def get_balance(self, now: datetime, user_id: str) -> dict[str, Any]:
-        # silent: whether a read writes the due grants' expiry entries; the worker does.
-        return self._atomic(lambda: self._balance_fields(self._lock(user_id, now), now))
+        return self._atomic(lambda: self._settled_view(user_id, now))
 
     def can_afford(self, now: datetime, user_id: str, operation_type: str) -> dict[str, Any]:
         def run() -> dict[str, Any]:
@@ -1060,8 +1050,7 @@ class Model:
     def _renew(self, account: Account, now: datetime, source: str) -> dict[str, Any]:
         rule = self.tiers[account.tier]
         account.last_renewal_at = now
-        if source != "sweep" or self.sweep_settles_due:
-            self._expire_due(account, now)
+        self._expire_due(account, now)
         before = account.balance
         expired = rolled = 0
         ends = None
