@@ -47,7 +47,7 @@ lint: install
 # database down), the coalescer, the CLI, the worker's start-up checks and beat (RedBeat keeps
 # its schedule in Redis) run a second and third time on RabbitMQ (classic, then quorum queues, a
 # virtual host of their own): about 6 minutes more. Then the end-to-end tasks suite once more on
-# the embedded default, started exactly as `make run` starts it (worker/devenv.py EmbeddedRun:
+# the embedded default, started exactly as `make run` starts it (tests/devenv.py EmbeddedRun:
 # PostgreSQL and Valkey from their wheels, on free ports): about a minute.
 AMQP_TESTS ?= tests/tasks tests/worker/test_poison.py tests/worker/test_faults.py \
 	tests/worker/test_coalescer.py tests/worker/test_cli.py tests/worker/test_preflight.py \

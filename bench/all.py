@@ -70,7 +70,7 @@ def _postgres_version() -> str:
     try:
         import psycopg
 
-        from worker.devenv import PG_ADMIN_URL
+        from tests.devenv import PG_ADMIN_URL
 
         with psycopg.connect(PG_ADMIN_URL, connect_timeout=5) as conn:
             row = conn.execute("SHOW server_version").fetchone()
@@ -83,7 +83,7 @@ def _redis_version() -> str:
     try:
         import redis
 
-        from worker.devenv import REDIS_URL
+        from tests.devenv import REDIS_URL
 
         client = redis.Redis.from_url(REDIS_URL, socket_timeout=5)
         try:

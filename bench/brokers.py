@@ -22,7 +22,7 @@ from celery import Celery
 
 from bench import summary
 from bench.debits import _round_trips
-from worker.devenv import AMQP_URL, Scratch, WorkerProcess, _rabbitmqctl
+from tests.devenv import AMQP_URL, Scratch, WorkerProcess, _rabbitmqctl
 
 BROKERS = ("redis", "rabbitmq classic", "rabbitmq quorum")
 

@@ -21,7 +21,7 @@ import time
 from typing import Any
 
 from bench import summary
-from worker.devenv import Scratch, WorkerProcess, producer, running_workers
+from tests.devenv import Scratch, WorkerProcess, producer, running_workers
 
 USERS = 100
 

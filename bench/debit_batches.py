@@ -34,7 +34,7 @@ from functools import partial
 from typing import Any
 
 from bench import summary
-from worker.devenv import Scratch
+from tests.devenv import Scratch
 
 OPERATION = "chatgpt_message"
 BIG = 10**12

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from bench import summary
-from worker.devenv import Scratch, WorkerProcess, producer, running_workers
+from tests.devenv import Scratch, WorkerProcess, producer, running_workers
 
 
 def _rate(n: int, seconds: float) -> str:

@@ -34,7 +34,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bench import summary
-from worker.devenv import Scratch
+from tests.devenv import Scratch
 
 PGBENCH = os.environ.get("PGBENCH", "/usr/bin/pgbench")
 STATEMENT = (

@@ -17,8 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from tests.devenv import EmbeddedRun, free_port
 from token_worker_client import TokenClient
-from worker.devenv import EmbeddedRun, free_port
 
 
 def round_trips(client: TokenClient, calls: int) -> list[float]:

@@ -29,7 +29,7 @@ from functools import cache
 from typing import Any
 
 from bench import summary
-from worker.devenv import Scratch
+from tests.devenv import Scratch
 
 OPERATION = "chatgpt_message"
 POPULATIONS = ("v1", "one", "five")

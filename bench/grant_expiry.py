@@ -3,7 +3,7 @@
     python -m bench.grant_expiry                  # 1,000,000 users, one due grant each
     python -m bench.grant_expiry --users 100000 --chunk-size 5000
 
-Creates its own PostgreSQL database (``worker.devenv.Scratch``, dropped at the end), fills it via
+Creates its own PostgreSQL database (``tests.devenv.Scratch``, dropped at the end), fills it via
 ``generate_series`` with users who each hold one due ``purchased`` grant (credited through a
 ledger entry and its split, so every invariant holds) and a never-expiring ``adjustment`` grant,
 then, from the same starting data each time, times:
@@ -31,7 +31,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from bench import summary
 from bench.renewal_sweep import Run, maintain
-from worker.devenv import Scratch
+from tests.devenv import Scratch
 
 TABLES = ("accounts", "grants", "ledger_entries", "entry_grants")
 

@@ -5,7 +5,7 @@
     python -m bench.ledger_reads --keep                   # keep the database, print its name
     python -m bench.ledger_reads --reuse tokens_bench_reads_...   # time a kept one again
 
-Creates its own PostgreSQL database (``worker.devenv.Scratch``, dropped at the end unless
+Creates its own PostgreSQL database (``tests.devenv.Scratch``, dropped at the end unless
 ``--keep``) and fills it set-based (``generate_series``): every user holds a never-expiring
 adjustment grant (credited by the first entry) and an allowance expiring in a month (credited by
 the second), then spends one token at a time. Entries are written in time order across all
@@ -41,7 +41,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from bench import summary
 from bench.renewal_sweep import maintain
-from worker.devenv import Scratch
+from tests.devenv import Scratch
 
 DAYS = 400
 
@@ -323,7 +323,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"kept database {scratch.db_name} (drop it when done)")
             import redis
 
-            from worker.devenv import REDIS_URL
+            from tests.devenv import REDIS_URL
 
             redis.Redis.from_url(f"{REDIS_URL}/0").delete(f"tokens-test-slot:{scratch.slot}")
         else:

@@ -27,7 +27,7 @@ from collections import Counter
 from pathlib import Path
 
 from bench.transport import debit_kwargs, round_trips
-from worker.devenv import ROOT, Scratch, WorkerProcess, producer, running_workers
+from tests.devenv import ROOT, Scratch, WorkerProcess, producer, running_workers
 
 OURS = tuple(
     f"({d}/" for d in ("tasks", "worker", "accounting", "models", "src/token_worker_client")

@@ -3,7 +3,7 @@
     python -m bench.renewal_sweep              # 1,000,000 due accounts; 2 and 4 worker processes
     python -m bench.renewal_sweep --users 50000 --workers 2
 
-Creates its own PostgreSQL database and claims its own Redis pair (``worker.devenv.Scratch``,
+Creates its own PostgreSQL database and claims its own Redis pair (``tests.devenv.Scratch``,
 both dropped at the end),
 fills the database with due accounts via ``generate_series``, then, from the same starting data
 each time, times:
@@ -37,7 +37,7 @@ from pathlib import Path
 from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session, sessionmaker
 
-from worker.devenv import ROOT, Scratch, WorkerProcess, producer, running_workers
+from tests.devenv import ROOT, Scratch, WorkerProcess, producer, running_workers
 
 # A tenth never renewed, the rest renewed 30..59 days before the seed at any time of day; tiers
 # mixed (6 Gift : 3 Professional : 1 Business); a third of the paid users with a future expiry.

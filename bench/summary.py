@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 ENV = "TOKENS_BENCH_SUMMARY"
-# Read when a benchmark imports this module too: ``Scratch.export()`` (worker/devenv.py) clears
+# Read when a benchmark imports this module too: ``Scratch.export()`` (tests/devenv.py) clears
 # every TOKENS_* variable but TOKENS_TEST_* from the environment before the benchmark runs.
 _AT_IMPORT = os.environ.get(ENV)
 

@@ -46,7 +46,7 @@ import redis
 from celery import Celery
 
 from bench import summary
-from worker.devenv import Scratch, WorkerProcess, producer, running_workers
+from tests.devenv import Scratch, WorkerProcess, producer, running_workers
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 NOOP, DEBIT = "health.noop", "tokens.debit"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from worker.devenv import Scratch
+from tests.devenv import Scratch
 
 SCRATCH = Scratch("tokens_test")
 SCRATCH.export()

@@ -15,9 +15,9 @@ from sqlalchemy.orm import Session
 
 import worker.db
 from accounting.errors import DomainError
+from tests.devenv import ROOT, WorkerProcess, producer, running_workers
 from tests.polling import wait_for
 from worker.db import get_engine, session_scope
-from worker.devenv import ROOT, WorkerProcess, producer, running_workers
 
 __all__ = ["ROOT", "TABLES", "WorkerProcess", "call", "free_port", "producer", "running_workers"]
 

@@ -38,11 +38,11 @@ import redis
 import yaml
 from celery import Celery
 
+from tests.devenv import Scratch
 from tests.polling import wait_for
 from tests.support import ROOT
 from tests.test_ops import run_promtool
 from worker.config import celery_config
-from worker.devenv import Scratch
 from worker.settings import Settings
 
 COMPOSE_FILE = ROOT / "docker-compose.yml"

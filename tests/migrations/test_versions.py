@@ -17,9 +17,9 @@ from sqlalchemy.orm import Session
 
 from accounting.ledger import reconcile
 from models.tables import Base
+from tests.devenv import PG_ADMIN_URL
 from tests.support import assert_ledger_consistent
 from worker.db import get_engine
-from worker.devenv import PG_ADMIN_URL
 from worker.migrate import alembic_config, upgrade
 
 

@@ -23,9 +23,9 @@ import psycopg
 import pytest
 
 from bench.embedded_roundtrip import round_trips
+from tests.devenv import EmbeddedRun, free_port
 from tests.polling import wait_for
 from token_worker_client import Failure, TokenClient
-from worker.devenv import EmbeddedRun, free_port
 from worker.embedded import RUN_AS_ROOT, alive, port_taken
 from worker.settings import EMBEDDED_PG_PORT, EMBEDDED_VALKEY_PORT
 

@@ -453,7 +453,7 @@ def test_rabbitmq_queue_lengths_are_ready_message_counts() -> None:
     declared yet counts 0, and the channel RabbitMQ closes for it does not break the next read."""
     from kombu import Connection, Exchange, Queue  # type: ignore[attr-defined]
 
-    from worker.devenv import AMQP_URL
+    from tests.devenv import AMQP_URL
 
     url = f"{AMQP_URL}//"
     name = f"tokens-metrics-test-{uuid.uuid4().hex[:8]}"
