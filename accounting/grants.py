@@ -21,7 +21,6 @@ from typing import Any
 from sqlalchemy import (
     ColumnElement,
     and_,
-    bindparam,
     exists,
     func,
     literal,
@@ -60,15 +59,6 @@ def _due(now: datetime | ColumnElement[datetime]) -> ColumnElement[bool]:
         _g.expires_at <= now,
         _g.remaining > _g.held,
     )
-
-
-def due_unheld(now: datetime | ColumnElement[datetime]) -> ColumnElement[bool]:
-    """Grants with tokens to expire at ``now`` (active, past their end, not all held): what
-    ``grants.expire`` looks for across users (accounting/expiry.py)."""
-    return _due(now)
-
-
-_spent_after = _a.tokens_spent + bindparam("spent_delta")
 
 
 _LOCK_CURRENT = text("SELECT * FROM tokens_lock(:user_id)")

@@ -105,14 +105,6 @@ def withdraw(session: Session, user_id: str, key: str | None) -> None:
         session.execute(_WITHDRAW, {"uid": user_id, "k": key})
 
 
-def replay(
-    session: Session, user_id: str, key: str | None, digest: str, result: type[R]
-) -> R | None:
-    """:func:`claim`, with a stored outcome returned as ``result`` marked ``replayed``."""
-    stored = claim(session, user_id, key, digest)
-    return None if stored is None else result(**{**stored, "replayed": True})
-
-
 def record(session: Session, user_id: str, key: str | None, response: dict[str, Any]) -> None:
     """Store the outcome of a claimed key (same transaction as the effect)."""
     if key is None:

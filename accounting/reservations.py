@@ -175,18 +175,6 @@ def extend(
     )
 
 
-def _lock_reservation(session: Session, reservation_id: str) -> Any:
-    """The reservation's row, locked."""
-    stmt = (
-        select(
-            Reservation.status, Reservation.amount, Reservation.expires_at, Reservation.created_at
-        )
-        .where(Reservation.id == reservation_id)
-        .with_for_update()
-    )
-    return session.execute(stmt).one()
-
-
 # Active reservations and the tokens they hold, across all users. The status is a literal: the
 # planner matches the partial index on active reservations only against what it can see.
 HELD = select(func.count(), func.coalesce(func.sum(Reservation.amount), 0)).where(

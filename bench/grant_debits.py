@@ -66,8 +66,8 @@ def _v1_debit(session: Any, user_id: str, amount: int, key: str) -> None:
 
     known_operation(OPERATION)
     digest = debit_digest(amount, OPERATION, False, {})
-    if idempotency.replay(session, user_id, key, digest, MovementOut) is not None:
-        return
+    if idempotency.claim(session, user_id, key, digest) is not None:
+        return  # a replay
     guarded, insert_entry = _v1_statements()
     row = session.execute(
         guarded,
