@@ -187,9 +187,6 @@ class Oracle(RuleBasedStateMachine):
         with get_engine().begin() as conn:
             conn.execute(text(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY CASCADE"))
         self.model = Model(TIERS)
-        # The worker's extend never moves a hold's end earlier; the contract says it moves it
-        # to now + ttl_seconds (test_oracle_findings.py). Answer as the worker until decided.
-        self.model.extend_never_shortens = True
         self.entry_ids: dict[int, int] = {}  # model entry id -> database entry id
         self.grant_ids: dict[int, int] = {}
         self.spends: list[tuple[str, int]] = []  # (user, model entry id): debits, charges, captures

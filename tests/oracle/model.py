@@ -194,10 +194,6 @@ class Model:
         self.keys: dict[tuple[str, str], tuple[tuple[Any, ...], dict[str, Any]]] = {}
         self.refunded: dict[int, int] = {}
         self._ids = 0
-        # The contract: tokens.extend moves expires_at to now + ttl_seconds (capped at 7 days
-        # after the hold was made), earlier than it was too. The worker keeps the later of the
-        # two (tests/accounting/test_oracle_findings.py); True answers as the worker does.
-        self.extend_never_shortens = False
 
     def _next_id(self) -> int:
         self._ids += 1
@@ -1033,10 +1029,10 @@ class Model:
             if amount and available < amount:
                 raise insufficient(amount, available)
             if ttl_seconds is not None:
+                # The contract moves the end to now + ttl_seconds; an extension never ends a
+                # hold sooner (decided in issue 21: a user extends a hold to keep it alive).
                 moved = min(now + timedelta(seconds=ttl_seconds), hold.created_at + MAX_HOLD)
-                if self.extend_never_shortens:
-                    moved = max(moved, hold.expires_at)
-                hold.expires_at = moved
+                hold.expires_at = max(moved, hold.expires_at)
             self._hold_more(hold, amount, now)
             account.reserved += amount
             return {
