@@ -23,14 +23,12 @@ from typing import Any
 from sqlalchemy import bindparam, select, text
 from sqlalchemy.orm import Session
 
-from accounting import idempotency, movements, statements
+from accounting import idempotency, movements, spend
 from accounting.catalog import known_operation
 from accounting.errors import (
     DomainError,
-    insufficient_tokens,
     invalid_amount,
 )
-from accounting.events import note_balance_change
 from models.schemas import DebitBatchOut, DebitIn, Failure, MovementOut
 from models.tables import Account
 
@@ -117,23 +115,9 @@ def debit_many(
 def _result(session: Session, item: DebitIn, row: Any) -> MovementOut | Failure:
     """One item's row: its movement (and events), or the refusal ``tokens.debit`` gives."""
     try:
-        if (replay := statements.replayed(row, MovementOut)) is not None:
-            return replay
+        return spend.outcome(session, row, user_id=item.user_id, kind="debit", amount=item.amount)
     except DomainError as exc:
         return _refusal(exc)
-    statements.note_expiries(
-        session, item.user_id, int(row.reserved), row.expired_tokens, row.expired_balances
-    )
-    if row.status == "insufficient":
-        return _refusal(insufficient_tokens(item.amount, int(row.available)))
-    note_balance_change(
-        session,
-        user_id=item.user_id,
-        balance=int(row.balance),
-        tokens_reserved=int(row.reserved),
-        operation="debit",
-    )
-    return MovementOut(**row.response)
 
 
 def debit_batch_item_by_item(

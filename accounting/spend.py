@@ -51,6 +51,12 @@ def spend(
             "metadata": json.dumps(metadata),
         },
     )
+    return outcome(session, row, user_id=user_id, kind=kind, amount=amount)
+
+
+def outcome(session: Session, row: Any, *, user_id: str, kind: str, amount: int) -> MovementOut:
+    """A ``tokens_spend`` row as its movement: the stored outcome of a replay, or the refusal
+    raised, or the movement with its events noted (a single debit's, and each of a batch's)."""
     if (replay := statements.replayed(row, MovementOut)) is not None:
         return replay
     reserved = int(row.reserved)
