@@ -8,7 +8,7 @@ caller's transaction or alone (:mod:`accounting.statements`).
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy.orm import Session
 
@@ -97,15 +97,8 @@ def release(
             "reason": reason,
         },
     )
-    status = row.status
-    if status == "not_found":
-        raise reservation_not_found()
-    if status == "replay":
-        return ReleaseOut(**row.response)
-    if status == "conflict":
-        raise idempotency_conflict()
-    if status == "not_active":
-        raise reservation_not_active(row.reservation_status)
+    if (replay := _replayed(row, ReleaseOut)) is not None:
+        return replay
     # The function's balance and reserved are the account's once the hold is freed.
     reserved = int(row.reserved)
     note_balance_change(
@@ -140,20 +133,16 @@ def extend(
             "ttl": ttl_seconds,
         },
     )
-    status = row.status
-    if status == "not_found":
-        raise reservation_not_found()
-    if status == "replay":
-        return ExtendOut(**row.response)
-    if status == "conflict":
-        raise idempotency_conflict()
-    if status == "not_active":
-        raise reservation_not_active(row.reservation_status)
+    if (replay := _replayed(row, ExtendOut)) is not None:
+        return replay
+    # The function's reserved is the account's once the hold grew (before it, on a refusal);
+    # the expiries came before the hold.
     reserved = int(row.reserved)
+    held_before = reserved - amount if row.status == "ok" else reserved
     statements.note_expiries(
-        session, row.owner, reserved - amount, row.expired_tokens, row.expired_balances
+        session, row.owner, held_before, row.expired_tokens, row.expired_balances
     )
-    if status == "insufficient":
+    if row.status == "insufficient":
         raise insufficient_tokens(amount, int(row.available))
     if amount:
         note_balance_change(
@@ -164,3 +153,21 @@ def extend(
             operation="extend",
         )
     return ExtendOut(**row.response)
+
+
+R = TypeVar("R", ReleaseOut, ExtendOut)
+
+
+def _replayed(row: Any, result: type[R]) -> R | None:
+    """What a release or an extension row says before its effects: the stored outcome of a
+    replay, or None; raises the refusals both have (no such reservation, the key names another
+    request, the reservation has ended)."""
+    if row.status == "not_found":
+        raise reservation_not_found()
+    if row.status == "replay":
+        return result(**row.response)
+    if row.status == "conflict":
+        raise idempotency_conflict()
+    if row.status == "not_active":
+        raise reservation_not_active(row.reservation_status)
+    return None
