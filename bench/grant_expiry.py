@@ -8,11 +8,11 @@ Creates its own PostgreSQL database (``tests.devenv.Scratch``, dropped at the en
 ledger entry and its split, so every invariant holds) and a never-expiring ``adjustment`` grant,
 then, from the same starting data each time, times:
 
-1. the baseline: one set-based statement doing the same work for every due grant at once (the
-   grants, one chained ``expiry`` entry each, their splits and the accounts, one transaction);
+1. the baseline: ``tokens_lock`` (the lock and ``tokens_expire_due``, what every movement runs
+   first) over every account in one statement and one transaction;
 2. ``accounting.expiry.expire_all``: what ``grants.expire`` runs, one transaction per chunk
-   (lock a chunk's accounts with SKIP LOCKED, then one statement), with this process's peak
-   RSS before and after, to show memory stays bounded.
+   (lock a chunk's accounts with SKIP LOCKED, then ``tokens_lock`` for each), with this
+   process's peak RSS before and after, to show memory stays bounded.
 
 After each it checks: every due grant expired once, one ``expiry`` entry per grant with its
 split, and every balance equal to its ledger and to its grants.
@@ -138,17 +138,10 @@ def check(engine: Engine, users: int) -> None:
 
 
 def run_single_statement(engine: Engine) -> None:
-    """The chunk's own statement, over every account at once, with no lock step."""
-    from accounting import expiry
-
-    # The same statement over every account, minus the RETURNING the chunk reads its events
-    # from (a million rows sent back would cost the baseline time and this process memory).
-    sql = str(expiry._EXPIRE.text).replace(
-        "FROM accounts WHERE user_id = ANY(:users)", "FROM accounts"
-    )
-    sql = sql[: sql.rindex("RETURNING")]
+    """What a chunk does to each user (tokens_lock, which expires their due grants), over every
+    account in one statement and one transaction, with no chunking and no events."""
     with engine.begin() as conn:
-        conn.execute(text(sql), {"now": None})
+        conn.execute(text("SELECT count(*) FROM accounts a, LATERAL tokens_lock(a.user_id) x"))
 
 
 def run_chunked(sessions: sessionmaker[Session], users: int, chunk_size: int) -> str:

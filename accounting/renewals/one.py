@@ -13,7 +13,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Session
 
-from accounting import grants, idempotency
+from accounting import idempotency, statements
 from accounting.accounts import load_account
 from accounting.catalog import tier_of
 from accounting.config import rules
@@ -97,29 +97,26 @@ def renew_user(
 def renew_one(
     session: Session, user_id: str, plans: dict[str, TierPlan], now: datetime, source: str
 ) -> RenewOut | None:
-    """One user renewed by the statement that renews a chunk (:data:`ONE_SQL`), after their
-    due grants are expired (``grants.lock_current``); None when not due (or unknown)."""
+    """One user renewed through tokens_renew (:data:`ONE_SQL`), which expires their due grants
+    first; None when not due (or unknown)."""
     due = select(Account.user_id).where(Account.user_id == user_id, due_clause(plans, now))
     if session.execute(due).first() is None:
         return None  # not due, or no such user: the caller tells which
-    grants.lock_current(session, user_id)
     params = statement_params(plans, now) | {"user_id": user_id, "source": source}
     row = session.execute(text(ONE_SQL), params).first()
     if row is None:
         return None
+    reserved = int(row.reserved)
+    statements.note_expiries(session, user_id, reserved, row.expired_tokens, row.expired_balances)
     note_balance_change(
-        session,
-        user_id=user_id,
-        balance=row.tokens_balance,
-        tokens_reserved=row.tokens_reserved,
-        operation=KIND,
+        session, user_id=user_id, balance=row.balance, tokens_reserved=reserved, operation=KIND
     )
     return RenewOut(
         user_id=user_id,
         tier=row.tier,
         tokens_added=row.allocation,
-        previous_balance=row.tokens_balance - row.allocation - row.rolled + row.expired,
-        new_balance=row.tokens_balance,
+        previous_balance=row.balance - row.allocation - row.rolled + row.expired,
+        new_balance=row.balance,
         renewal_date=now,
         tokens_expired=row.expired,
         tokens_rolled_over=row.rolled,

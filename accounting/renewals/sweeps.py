@@ -43,12 +43,10 @@ from accounting.renewals.rule import (
 )
 from accounting.renewals.statements import (
     CONTESTED_SQL,
-    EXPIRE_CONTESTED_SQL,
     Key,
     Phase,
     chunk_sql,
     due_page,
-    expire_page_sql,
     next_range,
     statement_params,
 )
@@ -425,9 +423,8 @@ def _renew_chunk(session: Session, chunk: _Chunk) -> tuple[SweepChunkOut, list[s
     params = statement_params(plans, now, r.after, r.planned, r.upto) | {
         "with_changes": balance_changed.has_listeners()
     }
-    _note_expiries(session, session.execute(text(expire_page_sql(r.phase, plans)), params))
     row = session.execute(text(chunk_sql(r.phase, plans)), params).one()
-    _note_changes(session, row.changes)
+    _note(session, row)
     by_tier, contested = Counter(row.by_tier or {}), list(row.contested or [])
     renewed = by_tier.total()
     # Due at planning but not renewed now (renewed meanwhile, or no longer due): skipped.
@@ -489,19 +486,16 @@ def _renew_contested(
         "contested": contested,
         "with_changes": balance_changed.has_listeners(),
     }
-    _note_expiries(session, session.execute(text(EXPIRE_CONTESTED_SQL), params))
     row = session.execute(text(CONTESTED_SQL), params).one()
-    _note_changes(session, row.changes)
+    _note(session, row)
     return Counter(row.by_tier or {})
 
 
-def _note_expiries(session: Session, rows: Any) -> None:
-    for user_id, reserved, tokens, balances in rows:
+def _note(session: Session, row: Any) -> None:
+    """The events of a chunk's renewals: due grants' expiries first, as they were written."""
+    for user_id, reserved, tokens, balances in row.expiries or []:
         statements.note_expiries(session, user_id, int(reserved), tokens, balances)
-
-
-def _note_changes(session: Session, changes: list[list[Any]] | None) -> None:
-    for user_id, balance, reserved in changes or []:
+    for user_id, balance, reserved in row.changes or []:
         note_balance_change(
             session, user_id=user_id, balance=balance, tokens_reserved=reserved, operation=KIND
         )
