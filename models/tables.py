@@ -21,7 +21,7 @@ from sqlalchemy import (
     TypeDecorator,
     text,
 )
-from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -79,6 +79,10 @@ class Account(Base):
     subscription_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    # The seq of the user's last event (sql/events/tokens_event.sql), and whether the account has
+    # alerts or an auto top-up to decide at each change's commit (tokens_alerts).
+    events_seq: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    watched: Mapped[bool] = mapped_column(Boolean, default=False, server_default="false")
 
     __table_args__ = (
         CheckConstraint("tokens_reserved >= 0", name="reserved_not_negative"),
@@ -355,6 +359,84 @@ class ReservationGrant(Base):
     __table_args__ = (CheckConstraint("amount > 0", name="amount_positive"),)
 
 
+class Event(Base):
+    """The outbox: one row per event, written in the transaction of the change it reports
+    (``sql/events/``). ``pos``: its place in the global order, given after it committed
+    (``tokens_events_number``); the webhook columns: that channel's delivery of it."""
+
+    __tablename__ = "events"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    user_id: Mapped[str] = mapped_column(String(128))
+    seq: Mapped[int] = mapped_column(BigInteger)
+    type: Mapped[str] = mapped_column(String(64))
+    at: Mapped[datetime] = mapped_column(UTCDateTime)
+    data: Mapped[dict[str, Any]] = mapped_column(JSONType)
+    # balance.changed: the entry (its split is read with the event).
+    entry_id: Mapped[int | None] = mapped_column(BigInteger)
+    pos: Mapped[int | None] = mapped_column(BigInteger)
+    webhook_done_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    webhook_dead_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    webhook_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    webhook_next_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    webhook_failing_since: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    webhook_error: Mapped[str | None] = mapped_column(String(1000))
+
+    __table_args__ = (
+        Index("ix_events_user_id_seq", "user_id", "seq", unique=True),
+        Index("ix_events_pos", "pos", unique=True, postgresql_where=text("pos IS NOT NULL")),
+        # What the numbering reads: few rows, each for the moment between commit and number.
+        Index("ix_events_unnumbered", "id", postgresql_where=text("pos IS NULL")),
+        Index(
+            "ix_events_webhook_pending",
+            "pos",
+            postgresql_where=text(
+                "pos IS NOT NULL AND webhook_done_at IS NULL AND webhook_dead_at IS NULL"
+            ),
+        ),
+    )
+
+
+class EventPosition(Base):
+    """One row: the last pos given; locked by the transaction numbering events."""
+
+    __tablename__ = "event_positions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    last: Mapped[int] = mapped_column(BigInteger)
+
+
+class EventChannel(Base):
+    """A push channel delivering in pos order (the Celery task): every event up to ``pos`` sent."""
+
+    __tablename__ = "event_channels"
+
+    name: Mapped[str] = mapped_column(String(32), primary_key=True)
+    pos: Mapped[int] = mapped_column(BigInteger)
+
+
+class EventAlerts(Base):
+    """An account's thresholds and auto top-up, and what the last decision saw."""
+
+    __tablename__ = "event_alerts"
+
+    user_id: Mapped[str] = mapped_column(
+        String(128), ForeignKey("accounts.user_id", ondelete="CASCADE"), primary_key=True
+    )
+    thresholds: Mapped[list[int]] = mapped_column(
+        ARRAY(BigInteger), default=list, server_default="{}"
+    )
+    # tokens_available at the last commit that changed it (crossings are counted from it).
+    available: Mapped[int] = mapped_column(BigInteger)
+    topup_below: Mapped[int | None] = mapped_column(BigInteger)
+    topup_amount: Mapped[int | None] = mapped_column(BigInteger)
+    topup_max_per_month: Mapped[int | None] = mapped_column(Integer)
+    topup_key: Mapped[str | None] = mapped_column(String(64))
+    topup_requested_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    topup_month: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    topup_count: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+
+
 # The Core tables, typed, for statements built once with bind parameters.
 account_table = cast(Table, Account.__table__)
 ledger_table = cast(Table, LedgerEntry.__table__)
@@ -366,3 +448,5 @@ sweep_chunk_table = cast(Table, SweepChunk.__table__)
 grant_table = cast(Table, Grant.__table__)
 entry_grant_table = cast(Table, EntryGrant.__table__)
 reservation_grant_table = cast(Table, ReservationGrant.__table__)
+event_table = cast(Table, Event.__table__)
+event_alerts_table = cast(Table, EventAlerts.__table__)

@@ -32,6 +32,9 @@ TABLES = (
     "accounts",
     "sweep_chunks",
     "sweeps",
+    "events",
+    "event_channels",
+    "event_alerts",
 )
 T = TypeVar("T")
 R = TypeVar("R")
