@@ -19,7 +19,7 @@ from celery.signals import (
 )
 
 import worker.logs  # noqa: F401  (connects the logging hooks)
-from worker import coalescer
+from worker import coalescer, relay
 from worker.config import celery_config
 from worker.db import dispose_engines, reset_engines_after_fork
 from worker.limits import time_limit_problems
@@ -36,6 +36,7 @@ TASK_MODULES = [
     "tasks.reservations",
     "tasks.health",
     "tasks.maintenance",
+    "tasks.events",
 ]
 
 
@@ -54,6 +55,8 @@ def create_app() -> Celery:
     app.config_from_object(celery_config(settings))
     # The single-debit coalescer's thread; it runs only with TOKENS_COALESCE_MS > 0.
     app.steps["worker"].add(coalescer.Step)
+    # The events relay's thread; it runs only with a push channel configured (worker/relay.py).
+    app.steps["worker"].add(relay.Step)
     return app
 
 

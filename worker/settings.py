@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from kombu.utils.url import maybe_sanitize_url
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from accounting import config as domain_config
@@ -164,6 +164,21 @@ class Settings(BaseSettings):
     metrics_addr: str = "127.0.0.1"
     metrics_dir: Path | None = None
 
+    # Events (contract v1.2; worker/relay.py): pushed as the task events_task on events_queue
+    # and/or POSTed to webhook_url signed with webhook_secret, by the one relay of all workers;
+    # kept events_retention_days and until every configured push channel delivered them. A
+    # webhook delivery is retried with backoff up to webhook_backoff_max seconds apart, for
+    # webhook_give_up_hours (the contract: at least 72), then dead (`tokens events dead`).
+    events_task: str | None = Field(default=None, min_length=1)
+    events_queue: str = Field(default="tokens.events", min_length=1)
+    webhook_url: str | None = None
+    webhook_secret: SecretStr | None = None
+    events_retention_days: int = Field(default=7, ge=1)
+    events_poll_seconds: float = Field(default=0.05, gt=0, le=10)
+    webhook_timeout: float = Field(default=10, gt=0, le=120)
+    webhook_backoff_max: float = Field(default=600, gt=0)
+    webhook_give_up_hours: float = Field(default=72, gt=0)
+
     # Dotted paths ("package.module:function" or "package.module.function") connected at start-up.
     balance_changed_handlers: list[str] = Field(default_factory=list)
     operation_completed_handlers: list[str] = Field(default_factory=list)
@@ -212,6 +227,10 @@ class Settings(BaseSettings):
         for name in SYSTEM_OPERATION_TYPES:
             if self.prices.setdefault(name, 0) != 0:
                 raise ValueError(f"TOKENS_PRICES: {name} is written by the ledger and must cost 0")
+        if (self.webhook_url is None) != (self.webhook_secret is None):
+            raise ValueError("TOKENS_WEBHOOK_URL and TOKENS_WEBHOOK_SECRET go together: set both")
+        if self.webhook_url is not None and _scheme(self.webhook_url) not in ("http", "https"):
+            raise ValueError("TOKENS_WEBHOOK_URL: an http:// or https:// URL")
         if not self.task_soft_time_limit < self.task_time_limit < self.visibility_timeout:
             raise ValueError(
                 f"need TOKENS_TASK_SOFT_TIME_LIMIT ({self.task_soft_time_limit}) < "
@@ -263,6 +282,11 @@ class Settings(BaseSettings):
         if self.embedded_valkey:
             return f"redis://127.0.0.1:{self.embedded_valkey_port}/1"
         return f"db+{self.embedded_pg_url(EMBEDDED_CELERY_DATABASE)}"
+
+    @property
+    def push_channels(self) -> tuple[bool, bool]:
+        """Which push channels of events are configured: (the Celery task, the webhook)."""
+        return self.events_task is not None, self.webhook_url is not None
 
     @property
     def broker_is_redis(self) -> bool:

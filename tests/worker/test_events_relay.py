@@ -1,0 +1,162 @@
+"""The events relay through real worker processes: published as Celery tasks in order, one relay
+at a time, taken over when its worker dies, and at least once when killed between a publish and
+its record (the same event_id again)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, cast
+
+import pytest
+import redis
+from sqlalchemy import text
+
+from accounting import accounts, movements
+from tests.polling import wait_for
+from tests.support import WorkerProcess, running_workers
+from worker.db import get_engine, session_scope
+from worker.relay import LOCK_KEY
+from worker.settings import get_settings
+
+TASK = "producer.on_event"
+
+
+class EventQueue:
+    """The events queue, read straight from Redis as a producer's worker would take it."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.client = redis.Redis.from_url(get_settings().broker)
+        self.received: list[dict[str, Any]] = []
+
+    def drain(self) -> list[dict[str, Any]]:
+        while (raw := self.client.rpop(self.name)) is not None:
+            envelope = json.loads(cast(bytes, raw))
+            assert envelope["headers"]["task"] == TASK
+            _args, kwargs, _embed = json.loads(base64.b64decode(envelope["body"]))
+            self.received.append(kwargs)
+        return self.received
+
+    def ids(self) -> list[str]:
+        return [e["event_id"] for e in self.drain()]
+
+
+@pytest.fixture
+def events_queue(clean_db: None) -> Iterator[EventQueue]:
+    queue = EventQueue(f"events-{uuid.uuid4().hex[:8]}")
+    yield queue
+    queue.client.delete(queue.name)
+
+
+def relay_worker(
+    name: str, queue: EventQueue, include: str | None = None, **env: str
+) -> WorkerProcess:
+    return WorkerProcess(
+        f"{name}-{os.getpid()}",
+        concurrency=1,
+        queues=f"idle-{uuid.uuid4().hex[:8]}",  # serves no task of the run
+        env={"TOKENS_EVENTS_TASK": TASK, "TOKENS_EVENTS_QUEUE": queue.name, **env},
+        include=include,
+    )
+
+
+def written() -> list[str]:
+    with get_engine().connect() as conn:
+        return [str(i) for i in conn.execute(text("SELECT id FROM events ORDER BY id")).scalars()]
+
+
+def relays_holding_the_lock() -> int:
+    with get_engine().connect() as conn:
+        return int(
+            conn.execute(
+                text(
+                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted"
+                    " AND database = (SELECT oid FROM pg_database"
+                    "                 WHERE datname = current_database())"
+                    " AND (classid::bigint << 32 | objid::bigint) = :k"
+                ),
+                {"k": LOCK_KEY},
+            ).scalar_one()
+        )
+
+
+def move(users: list[str], rounds: int) -> None:
+    for n in range(rounds):
+        for user in users:
+            with session_scope() as session:
+                if n % 3 == 2:
+                    movements.credit(session, user, 3)
+                else:
+                    movements.debit(session, user, 2, "image_generation")
+
+
+def opened(users: list[str]) -> None:
+    for user in users:
+        with session_scope() as session:
+            accounts.open_account(session, user, initial_balance=1000)
+
+
+def in_seq_order(received: list[dict[str, Any]]) -> None:
+    last: dict[str, int] = {}
+    for e in received:
+        assert e["seq"] > last.get(e["user_id"], 0), f"{e['user_id']}: seq {e['seq']} late"
+        last[e["user_id"]] = e["seq"]
+
+
+def test_events_are_published_in_order_by_one_relay_that_a_standby_replaces(
+    events_queue: EventQueue, app: Any
+) -> None:
+    users = ["a", "b", "c"]
+    opened(users)
+    first, second = relay_worker("relay1", events_queue), relay_worker("relay2", events_queue)
+    with running_workers(app, first, second):
+        move(users, 10)
+        wait_for(lambda: len(events_queue.ids()) >= len(written()), 30, "every event published")
+        assert sorted(events_queue.ids(), key=int) == written()
+        assert relays_holding_the_lock() == 1
+        in_seq_order(events_queue.drain())
+        assert events_queue.drain()[0]["data"]["operation_type"] == "adjustment"
+        # The active relay's worker dies: the other takes over within seconds.
+        holder = first if "events relay: active" in first.log_path.read_text() else second
+        holder.kill()
+        started = time.monotonic()
+        move(users, 3)
+        wait_for(lambda: len(events_queue.ids()) >= len(written()), 30, "the standby publishing")
+        took = time.monotonic() - started
+        assert took < 10, f"taken over after {took:.1f}s"
+        assert sorted(set(events_queue.ids()), key=int) == written()
+
+
+def test_a_relay_killed_between_publish_and_record_publishes_again_with_the_same_ids(
+    events_queue: EventQueue, app: Any, tmp_path: Path
+) -> None:
+    users = ["a", "b"]
+    opened(users)
+    move(users, 5)
+    paused = tmp_path / "paused"
+    stuck = relay_worker(
+        "stuck",
+        events_queue,
+        TOKENS_TEST_RELAY_PAUSED=str(paused),
+        include="tests.worker.relay_pause",
+    )
+    with running_workers(app, stuck):
+        wait_for(paused.exists, 30, "the relay pausing after a publish")
+        first_time = events_queue.ids()
+        assert sorted(first_time, key=int) == written()
+        assert stuck.proc is not None
+        os.killpg(stuck.proc.pid, signal.SIGKILL)  # before it recorded what it published
+        stuck.proc.wait(10)
+    move(users, 2)
+    with running_workers(app, relay_worker("after", events_queue)):
+        wait_for(lambda: len(events_queue.ids()) >= 2 * len(first_time) + 4, 30, "republished")
+    again = events_queue.ids()[len(first_time) :]
+    assert again[: len(first_time)] == first_time  # the same events, the same ids, in order
+    assert sorted(set(again), key=int) == written()
