@@ -82,6 +82,7 @@ INTERNAL = {
     "renewals.sweep_totals",
     "idempotency.prune",
     "health.noop",
+    "events.prune",
 }
 
 
@@ -98,7 +99,11 @@ def test_one_method_per_contract_task_named_without_its_prefix() -> None:
     assert {spec_of(m).name for m in PUBLIC} == served
     for method in PUBLIC:
         name = spec_of(method).name
-        special = {"reservations.expire": "expire_reservations", "grants.expire": "expire_grants"}
+        special = {
+            "reservations.expire": "expire_reservations",
+            "grants.expire": "expire_grants",
+            "events.list": "list_events",
+        }
         expected = special.get(name, name.split(".")[1])
         assert method == expected
 

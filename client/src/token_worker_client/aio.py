@@ -20,6 +20,7 @@ from celery.exceptions import TimeoutError as CeleryTimeoutError
 from token_worker_client import contract
 from token_worker_client.client import Date, Transport
 from token_worker_client.contract import Spec, prepare
+from token_worker_client.events import AlertsOut, EventsOut
 from token_worker_client.models import (
     BalanceOut,
     CanAffordOut,
@@ -280,6 +281,40 @@ class AsyncTokenClient:
 
     async def expire_grants(self, *, timeout: float | None = None) -> GrantsExpireOut | Failure:
         return await self._call(contract.EXPIRE_GRANTS, locals())
+
+    # --- events ------------------------------------------------------------------------------
+
+    async def set_alerts(
+        self, *, user_id: str, thresholds: list[int], timeout: float | None = None
+    ) -> AlertsOut | Failure:
+        """Up to 4 thresholds of ``tokens_available``: each crossing down is one ``balance.low``
+        event, each crossing back up one ``balance.recovered`` (``[]``: none)."""
+        return await self._call(contract.SET_ALERTS, locals())
+
+    async def set_auto_topup(
+        self,
+        *,
+        user_id: str,
+        below: int | None,
+        amount: int | None = None,
+        max_per_month: int | None = None,
+        timeout: float | None = None,
+    ) -> AlertsOut | Failure:
+        """A ``topup.requested`` event when a change leaves ``tokens_available`` below ``below``
+        (``None``: off); credit ``amount`` with its ``idempotency_key`` to fulfil it."""
+        return await self._call(contract.SET_AUTO_TOPUP, locals())
+
+    async def list_events(
+        self,
+        *,
+        after: str | None = None,
+        limit: int = 100,
+        user_id: str | None = None,
+        timeout: float | None = None,
+    ) -> EventsOut | Failure:
+        """The events after the cursor ``after``; pass the result's ``next`` back for the rest
+        (none is ever skipped). Webhooks: ``token_worker_client.events.verify_webhook``."""
+        return await self._call(contract.LIST_EVENTS, locals())
 
     # --- ledger ------------------------------------------------------------------------------
 

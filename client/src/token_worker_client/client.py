@@ -16,6 +16,7 @@ from kombu.exceptions import OperationalError
 from token_worker_client import contract
 from token_worker_client.contract import Request, Spec, prepare
 from token_worker_client.errors import TaskFailed, TokenTimeout, TokenUnavailable
+from token_worker_client.events import AlertsOut, EventsOut
 from token_worker_client.models import (
     BalanceOut,
     CanAffordOut,
@@ -392,6 +393,40 @@ class TokenClient:
 
     def expire_grants(self, *, timeout: float | None = None) -> GrantsExpireOut | Failure:
         return self._call(contract.EXPIRE_GRANTS, locals())
+
+    # --- events ------------------------------------------------------------------------------
+
+    def set_alerts(
+        self, *, user_id: str, thresholds: list[int], timeout: float | None = None
+    ) -> AlertsOut | Failure:
+        """Up to 4 thresholds of ``tokens_available``: each crossing down is one ``balance.low``
+        event, each crossing back up one ``balance.recovered`` (``[]``: none)."""
+        return self._call(contract.SET_ALERTS, locals())
+
+    def set_auto_topup(
+        self,
+        *,
+        user_id: str,
+        below: int | None,
+        amount: int | None = None,
+        max_per_month: int | None = None,
+        timeout: float | None = None,
+    ) -> AlertsOut | Failure:
+        """A ``topup.requested`` event when a change leaves ``tokens_available`` below ``below``
+        (``None``: off); credit ``amount`` with its ``idempotency_key`` to fulfil it."""
+        return self._call(contract.SET_AUTO_TOPUP, locals())
+
+    def list_events(
+        self,
+        *,
+        after: str | None = None,
+        limit: int = 100,
+        user_id: str | None = None,
+        timeout: float | None = None,
+    ) -> EventsOut | Failure:
+        """The events after the cursor ``after``; pass the result's ``next`` back for the rest
+        (none is ever skipped). Webhooks: ``token_worker_client.events.verify_webhook``."""
+        return self._call(contract.LIST_EVENTS, locals())
 
     # --- ledger ------------------------------------------------------------------------------
 

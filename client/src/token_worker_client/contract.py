@@ -21,6 +21,13 @@ from typing import Annotated, Any, Generic, TypeVar
 from pydantic import BaseModel, Field, TypeAdapter
 
 from token_worker_client.errors import ErrorCode, InvalidPayload
+from token_worker_client.events import (
+    AlertsOut,
+    EventsListIn,
+    EventsOut,
+    SetAlertsIn,
+    SetAutoTopupIn,
+)
 from token_worker_client.models import (
     BalanceOut,
     CanAffordIn,
@@ -127,6 +134,11 @@ EXPIRE_RESERVATIONS: Spec[ExpireOut | Failure] = _spec("reservations.expire", No
 EXTEND: Spec[ExtendOut | Failure] = _spec("tokens.extend", ExtendIn, ExtendOut, Key.TASK_ID)
 GRANTS: Spec[GrantsOut | Failure] = _spec("tokens.grants", GrantsIn, GrantsOut)
 EXPIRE_GRANTS: Spec[GrantsExpireOut | Failure] = _spec("grants.expire", NoArgsIn, GrantsExpireOut)
+SET_ALERTS: Spec[AlertsOut | Failure] = _spec("tokens.set_alerts", SetAlertsIn, AlertsOut)
+SET_AUTO_TOPUP: Spec[AlertsOut | Failure] = _spec(
+    "tokens.set_auto_topup", SetAutoTopupIn, AlertsOut
+)
+LIST_EVENTS: Spec[EventsOut | Failure] = _spec("events.list", EventsListIn, EventsOut)
 USER_ENTRIES: Spec[EntriesOut | Failure] = _spec("ledger.user_entries", UserEntriesIn, EntriesOut)
 ENTRIES_BY_TYPE: Spec[EntriesOut | Failure] = _spec(
     "ledger.entries_by_type", EntriesByTypeIn, EntriesOut
