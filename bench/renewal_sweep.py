@@ -203,13 +203,15 @@ renewed AS (
     SET tokens_balance = a.tokens_balance + t.allocation, last_renewal_at = :now,
         updated_at = GREATEST(clock_timestamp(), a.updated_at)
     FROM tiers t
-    WHERE a.tier = t.tier AND {statements._GUARD}
+    WHERE a.tier = t.tier AND (a.last_renewal_at IS NULL OR a.last_renewal_at < t.cutoff)
+      AND (NOT t.paid OR a.subscription_expires_at IS NULL OR a.subscription_expires_at > :now)
     RETURNING a.user_id, a.tier, a.tokens_balance, t.allocation, a.updated_at
 )
 INSERT INTO ledger_entries
     (user_id, kind, operation_type, tokens_amount, balance_before, balance_after, metadata,
      created_at)
-SELECT user_id, :kind, :operation, allocation, tokens_balance - allocation, tokens_balance,
+SELECT user_id, 'renewal', 'monthly_reset', allocation, tokens_balance - allocation,
+       tokens_balance,
        jsonb_build_object('tier', tier, 'source', CAST(:source AS text)), updated_at
 FROM renewed
 """

@@ -8,7 +8,6 @@ from __future__ import annotations
 from datetime import datetime
 
 from sqlalchemy import (
-    select,
     text,
 )
 from sqlalchemy.orm import Session
@@ -22,7 +21,6 @@ from accounting.events import note_balance_change, note_renewals
 from accounting.renewals.rule import (
     KIND,
     TierPlan,
-    due_clause,
     instant,
     lapsed,
     next_renewal_date,
@@ -98,10 +96,7 @@ def renew_one(
     session: Session, user_id: str, plans: dict[str, TierPlan], now: datetime, source: str
 ) -> RenewOut | None:
     """One user renewed through tokens_renew (:data:`ONE_SQL`), which expires their due grants
-    first; None when not due (or unknown)."""
-    due = select(Account.user_id).where(Account.user_id == user_id, due_clause(plans, now))
-    if session.execute(due).first() is None:
-        return None  # not due, or no such user: the caller tells which
+    first; None when not due, or unknown: the caller tells which."""
     params = statement_params(plans, now) | {"user_id": user_id, "source": source}
     row = session.execute(text(ONE_SQL), params).first()
     if row is None:

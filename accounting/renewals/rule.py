@@ -24,18 +24,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, time, timedelta
 from typing import Any
 
-from sqlalchemy import (
-    ColumnElement,
-    and_,
-    false,
-    or_,
-)
 from sqlalchemy.orm import Session
 
 from accounting import clock, grants
 from accounting.catalog import FREE_TIERS, tier_of
 from accounting.config import rules
-from models.tables import Account
 
 log = logging.getLogger(__name__)
 
@@ -143,25 +136,6 @@ def lapsed(tier: str, subscription_expires_at: datetime | None, now: datetime) -
         tier not in FREE_TIERS
         and subscription_expires_at is not None
         and subscription_expires_at <= now
-    )
-
-
-def due_clause(plans: dict[str, TierPlan], now: datetime) -> ColumnElement[bool]:
-    """The renewal guard as a WHERE clause over ``accounts`` (portable across dialects)."""
-    if not plans:
-        return false()
-    not_expired = or_(
-        Account.subscription_expires_at.is_(None), Account.subscription_expires_at > now
-    )
-    return or_(
-        *(
-            and_(
-                Account.tier == plan.name,
-                or_(Account.last_renewal_at.is_(None), Account.last_renewal_at < plan.cutoff),
-                *([not_expired] if plan.paid else []),
-            )
-            for plan in plans.values()
-        )
     )
 
 

@@ -40,9 +40,7 @@ class Key:
 Page = Sequence[tuple[str, datetime | None]]
 
 
-# PostgreSQL. Tiers travel as arrays, so the statement text depends only on which tiers are
-# swept. The guard: every renewing statement carries it, so a user renewed meanwhile (committed
-# by another transaction, seen here after waiting for its row lock) is left alone.
+# Tiers travel as arrays, so the statement text depends only on which tiers are swept.
 _TIERS = """tiers AS (
     SELECT * FROM unnest(
         CAST(:tier_names AS text[]), CAST(:allocations AS bigint[]),
@@ -50,10 +48,6 @@ _TIERS = """tiers AS (
         CAST(:rollover_maxes AS bigint[]), CAST(:ends AS timestamptz[])
     ) AS t(tier, allocation, cutoff, paid, resets, rollover_max, ends)
 )"""
-_NOT_EXPIRED = (
-    "(NOT t.paid OR a.subscription_expires_at IS NULL OR a.subscription_expires_at > :now)"
-)
-_GUARD = f"(a.last_renewal_at IS NULL OR a.last_renewal_at < t.cutoff) AND {_NOT_EXPIRED}"
 _ORDER_DESC = "last_renewal_at DESC, user_id DESC"
 
 
