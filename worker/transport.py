@@ -9,7 +9,8 @@ stays on the message and the consumer refuses it, as on Redis.
 
 Redis:
 
-Before Celery sees a message, kombu's Redis channel pops the raw envelope off the queue (BRPOP),
+Before Celery sees a message, kombu's Redis channel pops the raw envelope off the queue (here with
+the script of worker/reliable.py, which records it in ``unacked`` in the same step),
 parses it with ``json.loads`` and builds a message from it. An envelope that is not JSON, is
 nested past the decoder's recursion limit, holds a ``{"__type__": ...}`` object kombu does not
 know, is not an object, or lacks the properties kombu reads, raises there, in the event loop,
@@ -28,6 +29,7 @@ import kombu.transport.redis as kombu_redis
 from kombu.utils.json import loads as kombu_loads
 
 from worker.poison import MessageCheck, Refusal, readable, refuse
+from worker.reliable import ReliableChannel
 from worker.settings import get_settings
 
 log = logging.getLogger(__name__)
@@ -69,6 +71,9 @@ def _install_bounded_loads(check: MessageCheck) -> None:
 
 
 class Transport(kombu_redis.Transport):
+    # Pops a message and records it in ``unacked`` in one step (worker/reliable.py).
+    Channel = ReliableChannel
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
         self.message_check = MessageCheck.from_settings(get_settings())
