@@ -1,4 +1,9 @@
-"""Accounts: open, change tier, read balances."""
+"""Accounts: open, change tier, read balances.
+
+A member (contract v1.2 pools: an account opened with a parent) has no balance of its own: its
+reads show its pool's balance fields with its own ``tokens_spent``, and what changes a balance
+or a plan (``set_tier``, like credits, resets and renewals) is refused on it.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,13 @@ from sqlalchemy.orm import Session
 
 from accounting import clock, grants
 from accounting.catalog import cost_of, tier_of
-from accounting.errors import negative_balance, user_not_found
+from accounting.errors import (
+    member_account,
+    negative_balance,
+    parent_not_found,
+    user_not_found,
+    validation_error,
+)
 from accounting.events import note_balance_change
 from models.schemas import BalanceOut, CanAffordOut, OpenAccountOut
 from models.tables import Account
@@ -18,25 +29,42 @@ from models.tables import Account
 
 def balance_of(account: Account, session: Session | None = None) -> BalanceOut:
     """The balance fields; with ``session``, the v1.1 grant fields too (``by_kind``,
-    ``next_expiry``)."""
+    ``next_expiry``), and a member's are its pool's but for its own ``tokens_spent``."""
     extra: dict[str, Any] = {}
+    pool = account
     if session is not None:
+        if account.pool_id is not None:
+            pool = load_account(session, account.pool_id)
         extra = {
-            "by_kind": grants.by_kind(session, account.user_id),
-            "next_expiry": grants.next_expiry(session, account.user_id),
+            "by_kind": grants.by_kind(session, pool.user_id),
+            "next_expiry": grants.next_expiry(session, pool.user_id),
         }
     return BalanceOut(
         **extra,
-        debt=account.debt,
+        debt=pool.debt,
         user_id=account.user_id,
-        tokens_balance=account.tokens_balance,
-        tokens_reserved=account.tokens_reserved,
-        tokens_available=account.tokens_balance - account.tokens_reserved,
+        tokens_balance=pool.tokens_balance,
+        tokens_reserved=pool.tokens_reserved,
+        tokens_available=pool.tokens_balance - pool.tokens_reserved,
         tokens_spent=account.tokens_spent,
-        tier=account.tier,
-        last_renewal_at=account.last_renewal_at,
-        subscription_expires_at=account.subscription_expires_at,
+        tier=pool.tier,
+        last_renewal_at=pool.last_renewal_at,
+        subscription_expires_at=pool.subscription_expires_at,
+        pool_id=account.pool_id,
+        parent_id=account.parent_id,
     )
+
+
+def pool_of(session: Session, user_id: str) -> str:
+    """The account that holds ``user_id``'s balance: its pool, or itself (``USER_NOT_FOUND``).
+    A member's pool is fixed when it is opened."""
+    row = session.execute(
+        select(Account.user_id, Account.pool_id).where(Account.user_id == user_id)
+    ).one_or_none()
+    if row is None:
+        raise user_not_found()
+    pool: str = row.pool_id or row.user_id
+    return pool
 
 
 def load_account(session: Session, user_id: str, *, lock: bool = False) -> Account:
@@ -55,7 +83,7 @@ def load_account(session: Session, user_id: str, *, lock: bool = False) -> Accou
 # every movement uses to grant and write.
 _OPEN = text(
     "SELECT * FROM tokens_open(:user_id, :tier, :initial, CAST(:expires AS timestamptz),"
-    " CAST(:renewed AS timestamptz))"
+    " CAST(:renewed AS timestamptz), :parent)"
 )
 
 
@@ -66,11 +94,18 @@ def open_account(
     initial_balance: int = 0,
     subscription_expires_at: datetime | None = None,
     last_renewal_at: datetime | None = None,
+    parent_id: str | None = None,
 ) -> OpenAccountOut:
-    """Create an account; an existing one is returned unchanged with ``created: false``."""
+    """Create an account; an existing one is returned unchanged with ``created: false``. With
+    ``parent_id`` it is a member of the parent's pool (at most pool, team, member)."""
     tier_of(tier)
     if initial_balance < 0:
         raise negative_balance()
+    if parent_id is not None and initial_balance != 0:
+        raise validation_error(
+            "Invalid arguments: initial_balance: must be 0 for a member (tokens enter through"
+            " the pool)"
+        )
     row = session.execute(
         _OPEN,
         {
@@ -79,8 +114,16 @@ def open_account(
             "initial": initial_balance,
             "expires": subscription_expires_at,
             "renewed": last_renewal_at,
+            "parent": parent_id,
         },
     ).one()
+    if row.status == "parent_not_found":
+        raise parent_not_found()
+    if row.status == "too_deep":
+        raise validation_error(
+            "Invalid arguments: parent_id: at most 3 levels (pool, team, member); the parent is"
+            " a member of a team"
+        )
     if row.entry_id is not None:
         note_balance_change(
             session,
@@ -90,7 +133,7 @@ def open_account(
             operation="open_account",
         )
     if not row.created:
-        grants.settle_reads(session, user_id)
+        grants.settle_reads(session, pool_of(session, user_id))
     account = load_account(session, user_id)
     return OpenAccountOut(**balance_of(account, session).model_dump(), created=row.created)
 
@@ -100,6 +143,8 @@ def set_tier(
 ) -> BalanceOut:
     """Move a user to ``tier``; ``subscription_expires_at`` (None: never) replaces the old one."""
     tier_of(tier)
+    if (pool := pool_of(session, user_id)) != user_id:
+        raise member_account(pool)
     row = session.execute(
         update(Account)
         .where(Account.user_id == user_id)
@@ -118,14 +163,17 @@ def set_tier(
 
 
 def get_balance(session: Session, user_id: str) -> BalanceOut:
-    grants.settle_reads(session, user_id)
+    grants.settle_reads(session, pool_of(session, user_id))
     return balance_of(load_account(session, user_id), session)
 
 
 def can_afford(session: Session, user_id: str, operation_type: str) -> CanAffordOut:
+    """Whether a charge of ``operation_type`` would go through now: enough available tokens
+    (the pool's, for a member)."""
     cost = cost_of(operation_type)
-    grants.settle_reads(session, user_id)
-    account = load_account(session, user_id)
+    pool = pool_of(session, user_id)
+    grants.settle_reads(session, pool)
+    account = load_account(session, pool)
     available = account.tokens_balance - account.tokens_reserved
     return CanAffordOut(
         can_afford=available >= cost,

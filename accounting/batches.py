@@ -62,7 +62,7 @@ def _out(results: list[MovementOut | Failure]) -> DebitBatchOut:
 
 
 def _refusal(exc: DomainError) -> Failure:
-    return Failure(error=exc.message, error_code=exc.code)
+    return Failure(error=exc.message, error_code=exc.code, **exc.fields)
 
 
 def debit_batch(session: Session, items: Sequence[DebitIn], task_id: str | None) -> DebitBatchOut:

@@ -15,7 +15,7 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from accounting import grants, statements
-from accounting.errors import below_reserved, expires_at_not_future
+from accounting.errors import below_reserved, expires_at_not_future, member_account
 from accounting.events import note_balance_change
 from models.schemas import MovementOut
 from models.tables import UTCDateTime
@@ -65,8 +65,10 @@ def credit(
     if (replay := statements.replayed(row, MovementOut)) is not None:
         return replay
     statements.note_expiries(
-        session, user_id, int(row.reserved), row.expired_tokens, row.expired_balances
+        session, row.pool, int(row.reserved), row.expired_tokens, row.expired_balances
     )
+    if row.status == "member":
+        raise member_account(row.pool)
     if row.status == "expires_past":
         raise expires_at_not_future()
     return _done(session, user_id, row, "credit")
@@ -101,8 +103,10 @@ def reset(
     if (replay := statements.replayed(row, MovementOut)) is not None:
         return replay
     statements.note_expiries(
-        session, user_id, int(row.reserved), row.expired_tokens, row.expired_balances
+        session, row.pool, int(row.reserved), row.expired_tokens, row.expired_balances
     )
+    if row.status == "member":
+        raise member_account(row.pool)
     if row.status == "below_reserved":
         raise below_reserved(int(row.reserved))
     return _done(session, user_id, row, "adjustment")

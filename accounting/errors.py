@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class DomainError(Exception):
-    """A refusal that changes nothing. The task returns it as ``success: false``."""
+    """A refusal that changes nothing. The task returns it as ``success: false``, with the
+    ``fields`` a refusal adds (``limit``, for ``LIMIT_EXCEEDED``)."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, **fields: Any) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.fields = fields
 
 
 def validation_error(message: str) -> DomainError:
@@ -97,4 +101,23 @@ def subscription_expired() -> DomainError:
 def below_reserved(reserved: int) -> DomainError:
     return DomainError(
         "BELOW_RESERVED", f"Balance cannot go below reserved tokens. Reserved: {reserved}"
+    )
+
+
+def parent_not_found() -> DomainError:
+    return DomainError("PARENT_NOT_FOUND", "Parent account not found")
+
+
+def member_account(pool: str) -> DomainError:
+    return DomainError("MEMBER_ACCOUNT", f"Account is a member of {pool}: move tokens on the pool")
+
+
+def limit_exceeded(limit: dict[str, Any], requested: int) -> DomainError:
+    """``limit``: the refusing limit as ``tokens.limits`` lists it (``used`` before the
+    request)."""
+    return DomainError(
+        "LIMIT_EXCEEDED",
+        f"Spend limit exceeded: {limit['name']} on {limit['user_id']}. "
+        f"Limit: {limit['max_tokens']}, Used: {limit['used']}, Requested: {requested}",
+        limit=limit,
     )

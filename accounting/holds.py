@@ -16,6 +16,7 @@ from accounting import statements
 from accounting.errors import (
     idempotency_conflict,
     insufficient_tokens,
+    limit_exceeded,
     reservation_not_active,
     reservation_not_found,
 )
@@ -64,12 +65,14 @@ def reserve(
         return replay
     # The function's balance and reserved are the account's before the hold.
     reserved = int(row.reserved)
-    statements.note_expiries(session, user_id, reserved, row.expired_tokens, row.expired_balances)
+    statements.note_expiries(session, row.pool, reserved, row.expired_tokens, row.expired_balances)
     if row.status == "insufficient":
         raise insufficient_tokens(amount, int(row.available))
+    if row.status == "limit":
+        raise limit_exceeded(row.refused, amount)
     note_balance_change(
         session,
-        user_id=user_id,
+        user_id=row.pool,
         balance=int(row.balance),
         tokens_reserved=reserved + amount,
         operation="reserve",
@@ -144,6 +147,8 @@ def extend(
     )
     if row.status == "insufficient":
         raise insufficient_tokens(amount, int(row.available))
+    if row.status == "limit":
+        raise limit_exceeded(row.refused, amount)
     if amount:
         note_balance_change(
             session,

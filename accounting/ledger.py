@@ -53,6 +53,7 @@ def entry_out(entry: Any, splits: list[EntrySplit] | None = None) -> EntryOut:
         original_entry_id=None if entry.original_entry_id is None else str(entry.original_entry_id),
         metadata=entry.metadata,
         created_at=entry.created_at,
+        spent_by=entry.spent_by,
     )
 
 
@@ -69,6 +70,7 @@ ENTRY_COLUMNS = (
     _e.original_entry_id,
     _e.metadata,
     _e.created_at,
+    _e.spent_by,
 )
 
 
@@ -115,6 +117,18 @@ def _page(
     return EntriesOut(entries=entries), found
 
 
+def _whose(session: Session, user_id: str) -> tuple[ColumnElement[bool], str]:
+    """Which entries are ``user_id``'s, and the account whose due grants a read of them settles:
+    an account's own ledger (a pool's has its members' entries too), or for a member (contract
+    v1.2) the entries it spent in its pool's ledger."""
+    pool = session.execute(
+        select(Account.pool_id).where(Account.user_id == user_id)
+    ).scalar_one_or_none()
+    if pool is None:
+        return _e.user_id == user_id, user_id
+    return and_(_e.spent_by == user_id, _e.user_id == pool), pool
+
+
 def user_entries(
     session: Session,
     user_id: str,
@@ -127,13 +141,14 @@ def user_entries(
     """A page of ``user_id``'s history, after their due grants have expired. The page is read
     together with the probe for due grants; only when one was due (or the page is empty, so
     the probe said nothing) are they expired and the page read again."""
-    stmt = select(*ENTRY_COLUMNS).where(_e.user_id == user_id, *_period(start_date, end_date))
+    whose, pool = _whose(session, user_id)
+    stmt = select(*ENTRY_COLUMNS).where(whose, *_period(start_date, end_date))
     if operation_type is not None:
         stmt = stmt.where(_e.operation_type == operation_type)
-    page, due = _page(session, stmt, limit, offset, grants.any_due(session, user_id))
+    page, due = _page(session, stmt, limit, offset, grants.any_due(session, pool))
     if due is False:
         return page
-    grants.settle_reads(session, user_id)
+    grants.settle_reads(session, pool)
     return _page(session, stmt, limit, offset)[0]
 
 
@@ -155,14 +170,15 @@ def _sums(
     session: Session, user_id: str, start_date: datetime | None, end_date: datetime | None
 ) -> tuple[int, int, int]:
     """(spent, earned, count): spent sums the negative entries, earned the positive ones."""
-    grants.settle_reads(session, user_id)
+    whose, pool = _whose(session, user_id)
+    grants.settle_reads(session, pool)
     amount = LedgerEntry.tokens_amount
     row = session.execute(
         select(
             func.coalesce(func.sum(case((amount < 0, -amount), else_=0)), 0),
             func.coalesce(func.sum(case((amount > 0, amount), else_=0)), 0),
             func.count(),
-        ).where(LedgerEntry.user_id == user_id, *_period(start_date, end_date))
+        ).where(whose, *_period(start_date, end_date))
     ).one()
     return int(row[0]), int(row[1]), int(row[2])
 
@@ -194,7 +210,7 @@ def statistics(
     spent, earned, count = _sums(session, user_id, start_date, end_date)  # settles due grants
     by_type = session.execute(
         select(LedgerEntry.operation_type, func.count(), func.sum(LedgerEntry.tokens_amount))
-        .where(LedgerEntry.user_id == user_id, *_period(start_date, end_date))
+        .where(_whose(session, user_id)[0], *_period(start_date, end_date))
         .group_by(LedgerEntry.operation_type)
         .order_by(LedgerEntry.operation_type)
     ).all()

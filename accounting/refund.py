@@ -52,13 +52,14 @@ def refund(
     if row.status == "exceeds":
         raise refund_exceeds_original(int(row.charged), int(row.refunded))
     reserved = int(row.reserved)
-    statements.note_expiries(session, user_id, reserved, row.expired_tokens, row.expired_balances)
+    pool = row.pool  # a member refunds into its pool
+    statements.note_expiries(session, pool, reserved, row.expired_tokens, row.expired_balances)
     note_balance_change(
         session,
-        user_id=user_id,
+        user_id=pool,
         balance=int(row.balance),
         tokens_reserved=reserved,
         operation="refund",
     )
-    statements.note_expiries(session, user_id, reserved, row.ended_tokens, row.ended_balances)
+    statements.note_expiries(session, pool, reserved, row.ended_tokens, row.ended_balances)
     return MovementOut(**row.response)

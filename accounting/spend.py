@@ -13,7 +13,7 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from accounting import statements
-from accounting.errors import insufficient_tokens
+from accounting.errors import insufficient_tokens, limit_exceeded
 from accounting.events import note_balance_change
 from models.schemas import MovementOut
 
@@ -56,16 +56,19 @@ def spend(
 
 def outcome(session: Session, row: Any, *, user_id: str, kind: str, amount: int) -> MovementOut:
     """A ``tokens_spend`` row as its movement: the stored outcome of a replay, or the refusal
-    raised, or the movement with its events noted (a single debit's, and each of a batch's)."""
+    raised, or the movement with its events noted (a single debit's, and each of a batch's). A
+    member's events are its pool's, whose balance moved."""
     if (replay := statements.replayed(row, MovementOut)) is not None:
         return replay
     reserved = int(row.reserved)
-    statements.note_expiries(session, user_id, reserved, row.expired_tokens, row.expired_balances)
+    statements.note_expiries(session, row.pool, reserved, row.expired_tokens, row.expired_balances)
     if row.status == "insufficient":
         raise insufficient_tokens(amount, int(row.available))
+    if row.status == "limit":
+        raise limit_exceeded(row.refused, amount)
     note_balance_change(
         session,
-        user_id=user_id,
+        user_id=row.pool,
         balance=int(row.balance),
         tokens_reserved=reserved,
         operation=kind,

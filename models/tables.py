@@ -79,6 +79,17 @@ class Account(Base):
     subscription_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    # Pools (contract v1.2): a member's parent and the pool at the top of its tree, both fixed
+    # when it is opened (NULL for a pool, which every account outside a tree is). A member's
+    # balance, grants, holds and ledger are its pool's.
+    parent_id: Mapped[str | None] = mapped_column(String(128), ForeignKey("accounts.user_id"))
+    pool_id: Mapped[str | None] = mapped_column(String(128))
+    # On a pool: whether some account of its tree has a spend limit (movements skip the limits'
+    # tables otherwise).
+    limited: Mapped[bool] = mapped_column(Boolean, default=False, server_default="false")
+    # On a member: what the active reservations it and the accounts below it made hold (a
+    # pool's is its tokens_reserved).
+    subtree_held: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     # The seq of the user's last event (sql/events/tokens_event.sql), and whether the account has
     # alerts or an auto top-up to decide at each change's commit (tokens_alerts).
     events_seq: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
@@ -86,6 +97,8 @@ class Account(Base):
 
     __table_args__ = (
         CheckConstraint("tokens_reserved >= 0", name="reserved_not_negative"),
+        CheckConstraint("subtree_held >= 0", name="subtree_held_not_negative"),
+        Index("ix_accounts_pool", "pool_id", postgresql_where=text("pool_id IS NOT NULL")),
         CheckConstraint("tokens_spent >= 0", name="spent_not_negative"),
         CheckConstraint("debt >= 0", name="debt_not_negative"),
         # The renewal sweep pages through due users of a tier, oldest renewal first.
@@ -118,9 +131,19 @@ class LedgerEntry(Base):
     original_entry_id: Mapped[int | None] = mapped_column(BigInteger)
     meta: Mapped[dict[str, Any]] = mapped_column("metadata", JSONType, default=dict)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    # The member that made the movement, in its pool's ledger (NULL: the account's own).
+    spent_by: Mapped[str | None] = mapped_column(String(128))
 
     __table_args__ = (
         CheckConstraint("balance_after = balance_before + tokens_amount", name="arithmetic"),
+        # A member's history (ledger reads of a member cover the entries it spent).
+        Index(
+            "ix_ledger_entries_spent_by",
+            "spent_by",
+            "created_at",
+            "id",
+            postgresql_where=text("spent_by IS NOT NULL"),
+        ),
         Index("ix_ledger_entries_user_created", "user_id", "created_at", "id"),
         Index("ix_ledger_entries_type_created", "operation_type", "created_at", "id"),
         Index("ix_ledger_entries_created", "created_at"),
@@ -243,6 +266,8 @@ class Reservation(Base):
     meta: Mapped[dict[str, Any]] = mapped_column("metadata", JSONType, default=dict)
     # How far past ``amount`` a capture may go (contract v1.1 settlement).
     overcapture_limit: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    # The member that made it; ``user_id`` is the pool whose grants it holds (NULL: its own).
+    spent_by: Mapped[str | None] = mapped_column(String(128))
 
     __table_args__ = (
         CheckConstraint("amount > 0", name="amount_positive"),
@@ -437,6 +462,43 @@ class EventAlerts(Base):
     topup_count: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
 
+class SpendLimit(Base):
+    """A spend limit (contract v1.2) on an account: what it and every account below it may spend
+    in one window of ``period`` (calendar, UTC, or rolling)."""
+
+    __tablename__ = "spend_limits"
+
+    user_id: Mapped[str] = mapped_column(
+        String(128), ForeignKey("accounts.user_id"), primary_key=True
+    )
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    max_tokens: Mapped[int] = mapped_column(BigInteger)
+    period: Mapped[str] = mapped_column(String(8))
+    rolling: Mapped[bool] = mapped_column(Boolean)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+    __table_args__ = (
+        CheckConstraint("max_tokens >= 0", name="max_not_negative"),
+        CheckConstraint(
+            "period IN ('minute', 'hour', 'day', 'week', 'month')", name="period_known"
+        ),
+    )
+
+
+class LimitBucket(Base):
+    """What an account with limits and the accounts below it spent (less refunds of those
+    spends) within one bucket of time: ``grain`` names the bucket's width (``60s``, ``week``,
+    ``month``; sql/limits/tokens_bucket.sql). A window's spend is the sum of its buckets, so no
+    movement reads the ledger; old buckets are pruned as new ones are made."""
+
+    __tablename__ = "limit_buckets"
+
+    user_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    grain: Mapped[str] = mapped_column(String(8), primary_key=True)
+    bucket: Mapped[datetime] = mapped_column(UTCDateTime, primary_key=True)
+    tokens: Mapped[int] = mapped_column(BigInteger)
+
+
 # The Core tables, typed, for statements built once with bind parameters.
 account_table = cast(Table, Account.__table__)
 ledger_table = cast(Table, LedgerEntry.__table__)
@@ -448,5 +510,7 @@ sweep_chunk_table = cast(Table, SweepChunk.__table__)
 grant_table = cast(Table, Grant.__table__)
 entry_grant_table = cast(Table, EntryGrant.__table__)
 reservation_grant_table = cast(Table, ReservationGrant.__table__)
+spend_limit_table = cast(Table, SpendLimit.__table__)
+limit_bucket_table = cast(Table, LimitBucket.__table__)
 event_table = cast(Table, Event.__table__)
 event_alerts_table = cast(Table, EventAlerts.__table__)

@@ -28,6 +28,7 @@ def open_account(session: Session, p: OpenAccountIn, _task_id: str | None) -> Op
         initial_balance=p.initial_balance,
         subscription_expires_at=p.subscription_expires_at,
         last_renewal_at=p.last_renewal_at,
+        parent_id=p.parent_id,
     )
 
 
@@ -49,3 +50,4 @@ def can_afford(session: Session, p: CanAffordIn, _task_id: str | None) -> CanAff
 @contract_task("tokens.grants", GrantsIn)
 def list_grants(session: Session, p: GrantsIn, _task_id: str | None) -> GrantsOut:
     return grants.list_grants(session, p.user_id, include_ended=p.include_ended)
+

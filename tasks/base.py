@@ -135,7 +135,8 @@ class ContractTask(Task):  # type: ignore[misc]
                 result = handler(session, payload, self.request.id)
             return result.model_dump(mode="json")
         except DomainError as exc:
-            return Failure(error=exc.message, error_code=exc.code).model_dump()
+            failure = Failure(error=exc.message, error_code=exc.code, **exc.fields)
+            return failure.model_dump(mode="json")
         except Exception as exc:
             if not is_transient(exc):
                 raise

@@ -36,6 +36,9 @@ BALANCE_KEYS = {
     "by_kind",
     "debt",
     "next_expiry",
+    # v1.2 (both null for a pool, which every account outside a tree is)
+    "pool_id",
+    "parent_id",
 }
 MOVEMENT_KEYS = {
     "success",

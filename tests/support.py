@@ -30,6 +30,8 @@ TABLES = (
     "reservations",
     "ledger_entries",
     "accounts",
+    "spend_limits",
+    "limit_buckets",
     "sweep_chunks",
     "sweeps",
     "events",

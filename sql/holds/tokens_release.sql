@@ -5,18 +5,22 @@ CREATE OR REPLACE FUNCTION tokens_release(
     OUT expired_tokens bigint[], OUT expired_balances bigint[]
 ) LANGUAGE plpgsql VOLATILE AS $fn$
 #variable_conflict use_column
+-- owner: the pool whose grants the reservation holds; its key is its spender's (the member
+-- that made it, else the owner).
 DECLARE
     v_now timestamptz;
+    v_spender text;
 BEGIN
     -- A reservation's user never changes, so it is read without a lock, before the key.
-    SELECT r.user_id, r.status INTO owner, reservation_status
+    SELECT r.user_id, coalesce(r.spent_by, r.user_id), r.status
+    INTO owner, v_spender, reservation_status
     FROM reservations r WHERE r.id = p_id;
     IF NOT FOUND THEN
         status := 'not_found';
         RETURN;
     END IF;
     SELECT c.status, c.response INTO status, response
-    FROM tokens_claim(owner, p_key, p_digest) c;
+    FROM tokens_claim(v_spender, p_key, p_digest) c;
     IF status IS NOT NULL THEN
         RETURN;
     END IF;
@@ -51,7 +55,7 @@ BEGIN
         'success', true, 'reservation_id', p_id, 'status', 'released');
     IF p_key IS NOT NULL THEN
         UPDATE idempotency_records r SET response = tokens_release.response
-        WHERE r.user_id = owner AND r.key = p_key;
+        WHERE r.user_id = v_spender AND r.key = p_key;
     END IF;
     status := 'ok';
 END

@@ -6,13 +6,22 @@ LANGUAGE plpgsql VOLATILE AS $fn$
 -- accounts' tokens_reserved go down, the accounts stamped at p_now (NULL: the database's clock),
 -- never before their previous change. Tokens freed in a grant that has ended are then due; the
 -- caller expires them (tokens_expire_due) or leaves them to grants.expire and the next read.
--- One row per account: its balance and reserved tokens after.
+-- One row per account: its balance and reserved tokens after. What members made stops
+-- counting for them and the accounts above them (tokens_limit).
 #variable_conflict use_column
 BEGIN
     PERFORM 1 FROM accounts a
     WHERE a.user_id IN (SELECT r.user_id FROM reservations r WHERE r.id = ANY(p_ids))
     ORDER BY a.user_id
     FOR UPDATE;
+    PERFORM tokens_limit(h.pool, h.spender, a.limited, 0, NULL, -h.n,
+                         coalesce(p_now, clock_timestamp()), false)
+    FROM (SELECT CAST(r.user_id AS text) AS pool,
+                 CAST(coalesce(r.spent_by, r.user_id) AS text) AS spender,
+                 CAST(sum(r.amount) AS bigint) AS n
+          FROM reservations r WHERE r.id = ANY(p_ids) GROUP BY 1, 2) h
+    JOIN accounts a ON a.user_id = h.pool
+    WHERE h.spender <> h.pool OR a.limited;
     UPDATE grants g SET held = g.held - h.n
     FROM (SELECT rg.grant_id, sum(rg.amount) AS n FROM reservation_grants rg
           WHERE rg.reservation_id = ANY(p_ids) GROUP BY rg.grant_id) h

@@ -6,9 +6,13 @@ CREATE OR REPLACE FUNCTION tokens_capture(
     OUT expired_tokens bigint[], OUT expired_balances bigint[],
     OUT ended_tokens bigint[], OUT ended_balances bigint[]
 ) LANGUAGE plpgsql VOLATILE AS $fn$
+-- A member's reservation (spent_by) holds its pool's grants (user_id): the capture spends
+-- them and writes the pool's entry, spent by the member, under the member's key.
 #variable_conflict use_column
 DECLARE
     v_user text;
+    v_spender text;
+    v_limited boolean;
     v_limit bigint;
     v_meta jsonb;
     v_op text;
@@ -25,9 +29,9 @@ DECLARE
 BEGIN
     -- The reservation and the time its state is judged at (reservations._load_at, _status).
     v_now := coalesce(p_now, clock_timestamp());
-    SELECT r.user_id, r.amount, r.overcapture_limit, r.metadata,
+    SELECT r.user_id, coalesce(r.spent_by, r.user_id), r.amount, r.overcapture_limit, r.metadata,
            CASE WHEN r.status = 'active' AND r.expires_at <= v_now THEN 'expired' ELSE r.status END
-    INTO v_user, hold, v_limit, v_meta, reservation_status
+    INTO v_user, v_spender, hold, v_limit, v_meta, reservation_status
     FROM reservations r WHERE r.id = p_reservation;
     IF NOT FOUND THEN
         status := 'reservation_not_found';
@@ -35,7 +39,8 @@ BEGIN
     END IF;
 
     -- The key before the reservation's lock (accounting/idempotency.py claim).
-    SELECT c.status, c.response INTO status, response FROM tokens_claim(v_user, p_key, p_digest) c;
+    SELECT c.status, c.response INTO status, response
+    FROM tokens_claim(v_spender, p_key, p_digest) c;
     IF status IS NOT NULL THEN
         RETURN;
     END IF;
@@ -82,8 +87,10 @@ BEGIN
     END IF;
 
     -- The account lock (grants.lock) and the movement's time; due grants expire first.
-    SELECT l.moment, l.expired_tokens, l.expired_balances
-    INTO v_at, expired_tokens, expired_balances FROM tokens_lock(v_user) l;
+    SELECT l.moment, l.expired_tokens, l.expired_balances, l.limited
+    INTO v_at, expired_tokens, expired_balances, v_limited FROM tokens_lock(v_user) l;
+    -- Never refused for a limit (the work was done): the spend counts, the hold stops counting.
+    PERFORM tokens_limit(v_user, v_spender, v_limited, captured, v_at, -hold, v_at, false);
 
     -- The held grants in burn order (grants.Change.spend_held): spent, the rest of the hold freed.
     v_left := captured;
@@ -128,7 +135,7 @@ BEGIN
     FROM tokens_write(v_user, 'capture', coalesce(v_op, 'capture'), -captured, v_left,
                       captured, p_key,
                       v_meta || p_metadata || jsonb_build_object('reservation_id', p_reservation),
-                      v_at, v_gids, v_amounts, NULL, -hold) w;
+                      v_at, v_gids, v_amounts, NULL, -hold, nullif(v_spender, v_user)) w;
     response := response || jsonb_build_object(
         'overcaptured', greatest(0, captured - hold), 'shortfall', v_left);
     -- Held tokens of a grant that ended meanwhile, and not captured, now leave with it.
@@ -137,7 +144,7 @@ BEGIN
     WHERE r.id = p_reservation;
     IF p_key IS NOT NULL THEN
         UPDATE idempotency_records r SET response = tokens_capture.response
-        WHERE r.user_id = v_user AND r.key = p_key;
+        WHERE r.user_id = v_spender AND r.key = p_key;
     END IF;
     status := 'ok';
 END

@@ -4,10 +4,16 @@ CREATE OR REPLACE FUNCTION tokens_refund(
     OUT status text, OUT charged bigint, OUT refunded bigint, OUT entry_id bigint,
     OUT balance bigint, OUT reserved bigint, OUT spent bigint, OUT response jsonb,
     OUT expired_tokens bigint[], OUT expired_balances bigint[],
-    OUT ended_tokens bigint[], OUT ended_balances bigint[]
+    OUT ended_tokens bigint[], OUT ended_balances bigint[], OUT pool text
 ) LANGUAGE plpgsql VOLATILE AS $fn$
+-- A member (p_user) refunds into its pool, and only entries it spent itself; a pool any entry
+-- of its ledger. Against an original, the refund gives back what the entry counted against the
+-- spend limits of its spender and the accounts above it, in the entry's own windows.
 #variable_conflict use_column
 DECLARE
+    v_limited boolean;
+    v_at timestamptz;
+    v_spender text;
     v_now timestamptz;
     v_debt bigint;
     v_debt_delta bigint := 0;
@@ -36,8 +42,9 @@ BEGIN
     -- The account lock, the movement's time and the due grants' expiry (tokens_lock). A prune
     -- takes this lock too, so none is in flight for this user from here on.
     SELECT l.balance, l.reserved, l.spent, l.debt, l.moment, l.expired_tokens,
-           l.expired_balances
-    INTO balance, reserved, spent, v_debt, v_now, expired_tokens, expired_balances
+           l.expired_balances, l.pool, l.limited
+    INTO balance, reserved, spent, v_debt, v_now, expired_tokens, expired_balances, pool,
+         v_limited
     FROM tokens_lock(p_user) l;
     IF v_now IS NULL THEN
         status := 'not_found';
@@ -47,9 +54,11 @@ BEGIN
     -- The refund cap, under the account lock: the original entry as committed now, held
     -- against deletion until this commits, and one upsert of its cap row that checks and adds.
     IF p_original IS NOT NULL THEN
-        SELECT -e.tokens_amount INTO charged
+        SELECT -e.tokens_amount, e.created_at, coalesce(e.spent_by, e.user_id)
+        INTO charged, v_at, v_spender
         FROM ledger_entries e
-        WHERE e.id = p_original AND e.user_id = p_user
+        WHERE e.id = p_original AND e.user_id = pool
+          AND (p_user = pool OR e.spent_by = p_user)
           AND e.kind IN ('debit', 'charge', 'capture')
         FOR KEY SHARE;
         IF NOT FOUND THEN
@@ -59,7 +68,7 @@ BEGIN
         v_already := NULL;
         IF p_amount <= charged THEN
             INSERT INTO refund_totals AS t (entry_id, user_id, charged, refunded)
-            VALUES (p_original, p_user, tokens_refund.charged, p_amount)
+            VALUES (p_original, pool, tokens_refund.charged, p_amount)
             ON CONFLICT (entry_id) DO UPDATE SET refunded = t.refunded + p_amount
             WHERE t.refunded + p_amount <= t.charged
             RETURNING t.refunded - p_amount INTO v_already;
@@ -123,7 +132,7 @@ BEGIN
             IF s.part = 3 OR v_share > v_paid THEN
                 INSERT INTO grants (user_id, kind, amount, remaining, held, spent, expired,
                                     returned, priority, expires_at, status, created_at, ended_at)
-                VALUES (p_user, 'adjustment',
+                VALUES (pool, 'adjustment',
                         CASE WHEN s.part = 3 THEN v_share ELSE v_share - v_paid END,
                         v_share - v_paid, 0, CASE WHEN s.part = 3 THEN v_paid ELSE 0 END, 0, 0,
                         50, NULL, CASE WHEN v_share > v_paid THEN 'active' ELSE 'depleted' END,
@@ -139,13 +148,17 @@ BEGIN
     -- The account, the entry against its original with its split, and the stored outcome.
     SELECT w.entry_id, w.balance, w.reserved, w.spent, w.response
     INTO entry_id, balance, reserved, spent, response
-    FROM tokens_write(p_user, 'refund', 'refund', p_amount, v_debt_delta, -p_amount, p_key,
-                      p_metadata, v_now, v_gids, v_amounts, p_original) w;
+    FROM tokens_write(pool, 'refund', 'refund', p_amount, v_debt_delta, -p_amount, p_key,
+                      p_metadata, v_now, v_gids, v_amounts, p_original,
+                      p_spent_by => nullif(p_user, pool)) w;
+    IF p_original IS NOT NULL THEN
+        PERFORM tokens_limit(pool, v_spender, v_limited, -p_amount, v_at, 0, v_now, false);
+    END IF;
 
     -- A refund never revives an ended grant: what went back into one leaves again at once.
     FOR i IN 1 .. cardinality(v_ended_gids) LOOP
         ended_balances := ended_balances
-            || tokens_expire_grant(p_user, v_ended_gids[i], ended_tokens[i], v_now);
+            || tokens_expire_grant(pool, v_ended_gids[i], ended_tokens[i], v_now);
     END LOOP;
 
     status := 'ok';

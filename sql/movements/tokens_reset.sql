@@ -3,9 +3,10 @@ CREATE OR REPLACE FUNCTION tokens_reset(
     p_metadata jsonb,
     OUT status text, OUT entry_id bigint, OUT balance bigint, OUT reserved bigint,
     OUT spent bigint, OUT response jsonb,
-    OUT expired_tokens bigint[], OUT expired_balances bigint[]
+    OUT expired_tokens bigint[], OUT expired_balances bigint[], OUT pool text
 ) LANGUAGE plpgsql VOLATILE AS $fn$
--- status: 'ok', 'replay', 'conflict', 'not_found' or 'below_reserved'. Upwards the difference
+-- status: 'ok', 'replay', 'conflict', 'not_found', 'member' (with pool) or
+-- 'below_reserved'. Upwards the difference
 -- is an adjustment grant (of p_priority) that pays the debt first; downwards it is spent in
 -- burn order, never into debt (p_new_balance >= reserved leaves the free tokens enough).
 DECLARE
@@ -22,11 +23,16 @@ BEGIN
         RETURN;
     END IF;
     SELECT l.balance, l.reserved, l.spent, l.debt, l.moment, l.expired_tokens,
-           l.expired_balances
-    INTO balance, reserved, spent, v_debt, v_now, expired_tokens, expired_balances
+           l.expired_balances, l.pool
+    INTO balance, reserved, spent, v_debt, v_now, expired_tokens, expired_balances, pool
     FROM tokens_lock(p_user) l;
     IF v_now IS NULL THEN
         status := 'not_found';
+        RETURN;
+    END IF;
+    -- Tokens enter a pool's tree through the pool.
+    IF pool <> p_user THEN
+        status := 'member';
         RETURN;
     END IF;
     IF p_new_balance < reserved THEN

@@ -43,6 +43,9 @@ def test_open_account_creates_with_defaults(session: Session) -> None:
         "by_kind": {},
         "debt": 0,
         "next_expiry": None,
+        # v1.2: both null for a pool, which every account outside a tree is
+        "pool_id": None,
+        "parent_id": None,
         "created": True,
     }
     assert entries(session, "u1") == []  # a zero initial balance writes no entry
@@ -90,6 +93,9 @@ def test_existing_account_is_returned_unchanged(session: Session) -> None:
         "by_kind": {"adjustment": 40},
         "debt": 0,
         "next_expiry": None,
+        # v1.2: both null for a pool, which every account outside a tree is
+        "pool_id": None,
+        "parent_id": None,
         "created": False,
     }
     assert [e.tokens_amount for e in entries(session, "u1")] == [40]
@@ -187,6 +193,9 @@ def test_get_balance_subtracts_reserved(session: Session) -> None:
         "by_kind": {"adjustment": 100},
         "debt": 0,
         "next_expiry": None,
+        # v1.2: both null for a pool, which every account outside a tree is
+        "pool_id": None,
+        "parent_id": None,
     }
     assert code_and_message(refused(session, accounts.get_balance, "ghost")) == (
         "USER_NOT_FOUND",

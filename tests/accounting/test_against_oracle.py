@@ -461,6 +461,7 @@ class Oracle(RuleBasedStateMachine):
             "original_entry_id": None if e.original is None else str(self.entry_ids[e.original]),
             "created_at": e.created_at,
             "grants": [{"grant_id": str(self.grant_ids[g]), "amount": a} for g, a in e.splits],
+            "spent_by": None,
         }
         if e.operation_type not in ("monthly_reset", "expiry"):
             shown["metadata"] = meta

@@ -89,6 +89,7 @@ def test_user_entries_newest_first_with_every_field(session: Session) -> None:
         "metadata": {},
         "created_at": day(5),
         "grants": [{"grant_id": refund.grants[0].grant_id, "amount": 10}],
+        "spent_by": None,  # v1.2: the account's own movement
     }
     assert refund.model_dump(mode="json")["created_at"] == "2026-01-06T00:00:00+00:00"
     assert ledger.user_entries(session, "nobody").entries == []

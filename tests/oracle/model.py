@@ -439,6 +439,8 @@ class Model:
             "by_kind": dict(sorted(by_kind.items())),
             "debt": account.debt,
             "next_expiry": next_expiry,
+            "pool_id": None,
+            "parent_id": None,
         }
 
     def _settled_view(self, user_id: str, now: datetime) -> dict[str, Any]:

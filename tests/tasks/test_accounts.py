@@ -29,6 +29,9 @@ def test_open_account_returns_balance_fields_and_writes_initial_balance_as_adjus
         "by_kind": {"adjustment": 250},
         "debt": 0,
         "next_expiry": None,
+        # v1.2: both null for a pool, which every account outside a tree is
+        "pool_id": None,
+        "parent_id": None,
         "created": True,
     }
     [entry] = dbstate.entries("u1")

@@ -88,7 +88,7 @@ def refuse(exc: DomainError) -> NoReturn:
     """A domain refusal: the contract's failure JSON on stdout, exit 1."""
     from models.schemas import Failure
 
-    emit(Failure(error=exc.message, error_code=exc.code))
+    emit(Failure(error=exc.message, error_code=exc.code, **exc.fields))
     raise SystemExit(1) from None
 
 
@@ -126,7 +126,9 @@ def run_task(operation: str | None, action: Callable[..., BaseModel], **kwargs: 
             out = action(session, **kwargs)
     except DomainError as exc:
         if operation is not None:
-            failure = Failure(error=exc.message, error_code=exc.code).model_dump()
+            failure = Failure(error=exc.message, error_code=exc.code, **exc.fields).model_dump(
+                mode="json"
+            )
             send_completed(operation, None, kwargs, failure, since(started))
         refuse(exc)
     result = out.model_dump(mode="json")

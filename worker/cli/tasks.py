@@ -36,8 +36,13 @@ mirror(
     "open-account",
     "tokens.open_account",
     "accounting.accounts:open_account",
-    "Open an account (nothing changes if it exists).",
-    Fields("OpenAccountIn", USER),
+    "Open an account (nothing changes if it exists); with --parent, a member of its pool.",
+    Fields(
+        "OpenAccountIn",
+        USER,
+        names={"parent_id": ("--parent", "--parent-id")},
+        helps={"parent_id": "The account above it: it spends its pool's tokens."},
+    ),
 )
 mirror(
     main,

@@ -229,8 +229,10 @@ class TokenClient:
         initial_balance: int = 0,
         subscription_expires_at: Date | None = None,
         last_renewal_at: Date | None = None,
+        parent_id: str | None = None,
         timeout: float | None = None,
     ) -> OpenAccountOut | Failure:
+        """With ``parent_id``, a member of the parent's pool: it spends the pool's tokens."""
         return self._call(contract.OPEN_ACCOUNT, locals())
 
     def set_tier(

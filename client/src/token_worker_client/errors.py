@@ -32,6 +32,10 @@ class ErrorCode(StrEnum):
     NOT_DUE = "NOT_DUE"
     SUBSCRIPTION_EXPIRED = "SUBSCRIPTION_EXPIRED"
     BELOW_RESERVED = "BELOW_RESERVED"
+    # v1.2: pools and spend limits
+    PARENT_NOT_FOUND = "PARENT_NOT_FOUND"
+    MEMBER_ACCOUNT = "MEMBER_ACCOUNT"
+    LIMIT_EXCEEDED = "LIMIT_EXCEEDED"
 
 
 class TokenWorkerError(Exception):
@@ -126,6 +130,20 @@ class BelowReserved(TokenRefused):
     pass
 
 
+class ParentNotFound(TokenRefused):
+    pass
+
+
+class MemberAccount(TokenRefused):
+    """Tokens enter a pool's tree through the pool: credits, resets, tiers and renewals of a
+    member are refused."""
+
+
+class LimitExceeded(TokenRefused):
+    """A spend limit of the account or of an account above it refused the request; the
+    refusing limit is ``result.limit``."""
+
+
 _BY_CODE: dict[str, type[TokenRefused]] = {
     ErrorCode.USER_NOT_FOUND: UserNotFound,
     ErrorCode.INSUFFICIENT_TOKENS: InsufficientTokens,
@@ -143,6 +161,9 @@ _BY_CODE: dict[str, type[TokenRefused]] = {
     ErrorCode.NOT_DUE: NotDue,
     ErrorCode.SUBSCRIPTION_EXPIRED: SubscriptionExpired,
     ErrorCode.BELOW_RESERVED: BelowReserved,
+    ErrorCode.PARENT_NOT_FOUND: ParentNotFound,
+    ErrorCode.MEMBER_ACCOUNT: MemberAccount,
+    ErrorCode.LIMIT_EXCEEDED: LimitExceeded,
 }
 
 

@@ -172,6 +172,8 @@ class OpenAccountIn(Payload):
     initial_balance: Amount = 0
     subscription_expires_at: UTCDatetime | None = None
     last_renewal_at: UTCDatetime | None = None
+    # v1.2: a member of the parent's pool (its initial_balance must be 0), at most 3 levels.
+    parent_id: UserId | None = None
 
 
 class SetTierIn(Payload):
@@ -187,6 +189,22 @@ class UserIn(Payload):
 class CanAffordIn(Payload):
     user_id: UserId
     operation_type: OperationType
+
+
+# --- spend limits (v1.2) --------------------------------------------------------------------
+
+MAX_LIMITS = 8
+Period = Literal["minute", "hour", "day", "week", "month"]
+LimitName = Annotated[str, Field(min_length=1, max_length=64), NoNul]
+
+
+class SetLimitIn(Payload):
+    user_id: UserId
+    name: LimitName
+    # None removes the limit ``name`` (``period`` is then not needed).
+    max_tokens: Annotated[int, Field(ge=0, le=MAX_AMOUNT)] | None = None
+    period: Period | None = None
+    rolling: bool = False
 
 
 # --- movements ------------------------------------------------------------------------------
@@ -374,6 +392,25 @@ Code = Annotated[
 ]
 
 
+class SpendLimitOut(BaseModel):
+    """A spend limit as ``tokens.limits`` lists it: ``used`` in the current window (holds
+    included), ``remaining``, and ``resets_at`` (a calendar window's end; for a rolling window,
+    when the oldest spend still counted leaves it, or None when no spend counts)."""
+
+    user_id: str
+    name: str
+    max_tokens: int
+    period: str
+    rolling: bool
+    used: int
+    remaining: int
+    resets_at: UTCDatetime | None
+
+
+def _absent(value: Any) -> bool:
+    return value is None
+
+
 class Failure(BaseModel):
     """A refusal: nothing changed."""
 
@@ -382,6 +419,8 @@ class Failure(BaseModel):
     success: Literal[False] = False
     error: str
     error_code: Code
+    # LIMIT_EXCEEDED: the limit that refused (absent from every other refusal).
+    limit: SpendLimitOut | None = Field(default=None, exclude_if=_absent)
 
     def unwrap(self) -> NoReturn:
         """Raise the :class:`~token_worker_client.errors.TokenRefused` subclass of this code."""
@@ -406,6 +445,9 @@ class BalanceOut(Result):
     by_kind: dict[str, int] = Field(default_factory=dict)
     debt: int = 0
     next_expiry: NextExpiry | None = None
+    # v1.2: a member's pool and parent (both None for a pool, which every other account is)
+    pool_id: str | None = None
+    parent_id: str | None = None
 
 
 class OpenAccountOut(BalanceOut):
@@ -417,6 +459,8 @@ class CanAffordOut(Result):
     cost: int
     balance: int
     deficit: int
+    # v1.2: the limit that would refuse (only then present)
+    limit: SpendLimitOut | None = Field(default=None, exclude_if=_absent)
 
 
 class MovementOut(Result):
@@ -510,6 +554,8 @@ class EntryOut(BaseModel):
     metadata: dict[str, Any]
     created_at: UTCDatetime
     grants: list[EntrySplit] = Field(default_factory=list)
+    # v1.2: the member that spent it, in its pool's ledger (None: the account's own)
+    spent_by: str | None = None
 
 
 class EntriesOut(Result):
@@ -583,6 +629,14 @@ class SweepOut(Result):
     failed: int
     skipped: int
     errors: list[SweepError]
+
+
+class LimitsOut(Result):
+    """``tokens.limits`` (every limit that applies: the account's, then each account's above
+    it, up to the pool, each by name) and ``tokens.set_limit`` (the account's own)."""
+
+    user_id: str
+    limits: list[SpendLimitOut]
 
 
 class PingOut(Result):
