@@ -51,7 +51,7 @@ lint: install
 # PostgreSQL and Valkey from their wheels, on free ports): about a minute.
 AMQP_TESTS ?= tests/tasks tests/worker/test_poison.py tests/worker/test_faults.py \
 	tests/worker/test_coalescer.py tests/worker/test_cli.py tests/worker/test_preflight.py \
-	tests/test_beat_schedule.py
+	tests/test_beat_schedule.py tests/worker/test_producers_e2e.py
 test: install lint
 	scripts/ensure-services.sh
 	VENV=$(VENV) scripts/ensure-promtool.sh

@@ -121,3 +121,11 @@ def limit_exceeded(limit: dict[str, Any], requested: int) -> DomainError:
         f"Limit: {limit['max_tokens']}, Used: {limit['used']}, Requested: {requested}",
         limit=limit,
     )
+
+
+def unauthorized(producer: str | None, task: str) -> DomainError:
+    """A message the worker takes from no allowed producer (``TOKENS_PRODUCERS``): ``producer``
+    is the one the message names, None when it names none the worker knows."""
+    if producer is None:
+        return DomainError("UNAUTHORIZED", "Unsigned message")
+    return DomainError("UNAUTHORIZED", f"Producer {producer} may not send {task}")

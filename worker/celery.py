@@ -19,11 +19,13 @@ from celery.signals import (
 )
 
 import worker.logs  # noqa: F401  (connects the logging hooks)
+from token_worker_client.signing import sign_messages
 from worker import coalescer, relay
 from worker.config import celery_config
 from worker.db import dispose_engines, reset_engines_after_fork
 from worker.limits import time_limit_problems
 from worker.preflight import start_problems
+from worker.producers import Producers, unmatched_patterns
 from worker.queues import drop_stale_bindings
 from worker.settings import ConfigurationError, get_settings
 from worker.signals import connect_configured_handlers
@@ -53,6 +55,9 @@ def create_app() -> Celery:
         )  # the embedded servers keep their data here
     app = Celery("tokens", include=TASK_MODULES)
     app.config_from_object(celery_config(settings))
+    if settings.producers is not None:
+        # What the worker, its beat and `tokens` publish is signed (worker/producers.py).
+        sign_messages(app, Producers(settings.producers).signer(settings.producer_name))
     # The single-debit coalescer's thread; it runs only with TOKENS_COALESCE_MS > 0.
     app.steps["worker"].add(coalescer.Step)
     # The events relay's thread; it runs only with a push channel configured (worker/relay.py).
@@ -89,7 +94,10 @@ def _check_before_start(instance: Any, **_: Any) -> None:
     # dispatch (which logs and swallows exceptions) and ends the command with status 1 and this
     # one line on stderr. A worker that cannot reach its database (or finds it unmigrated), its
     # broker or its result backend would otherwise say ready and fail every task.
-    problems = time_limit_problems(instance.app.tasks.values(), get_settings().visibility_timeout)
+    settings = get_settings()
+    problems = time_limit_problems(instance.app.tasks.values(), settings.visibility_timeout)
+    if not problems and settings.producers is not None:
+        problems = unmatched_patterns(settings.producers, instance.app.tasks.keys())
     if not problems:
         problems = start_problems()
     if problems:

@@ -10,6 +10,9 @@ counted in :data:`refused_messages`, announced by ``message_refused``, and, when
 read, answered in the result backend as the contract answers every invalid request (state
 ``SUCCESS``, ``{"success": false, "error": "Invalid arguments: <part>: <why>", "error_code":
 "VALIDATION_ERROR"}``).
+
+With ``TOKENS_PRODUCERS`` set, the same check refuses a message from no allowed producer
+(worker/producers.py) the same way, its result ``UNAUTHORIZED``.
 """
 
 from __future__ import annotations
@@ -24,7 +27,9 @@ from typing import Any
 from celery import states
 from celery.utils.time import maybe_iso8601
 
+from accounting.errors import unauthorized
 from models.schemas import Failure
+from worker.producers import Producers
 from worker.settings import Settings
 from worker.signals import message_refused
 
@@ -32,6 +37,9 @@ log = logging.getLogger(__name__)
 
 # Why a message was refused (the ``reason`` of message_refused and the keys of the counter).
 REASONS = ("envelope", "headers", "content_type", "size", "decode", "shape", "depth", "error")
+#: The reason of a message from no allowed producer (worker/producers.py): answered UNAUTHORIZED,
+#: counted apart from poison (``tokens_unauthorized_total``).
+UNAUTHORIZED = "unauthorized"
 
 refused_messages: Counter[str] = Counter()
 """Refused messages by reason, since this process started (for the metrics to export)."""
@@ -46,6 +54,17 @@ class Refusal:
     task: str | None
     reason: str
     error: str  # "<part or field>: <why>", as it follows "Invalid arguments: " in the result
+    # An UNAUTHORIZED refusal: ``error`` is its whole result message, ``producer`` the producer
+    # named (None: none could be), ``detail`` which check failed (the log line's).
+    code: str = "VALIDATION_ERROR"
+    producer: str | None = None
+    detail: str | None = None
+
+    @property
+    def result(self) -> Failure:
+        if self.code == "VALIDATION_ERROR":
+            return Failure(error=f"Invalid arguments: {self.error}", error_code=self.code)
+        return Failure(error=self.error, error_code=self.code)
 
     @classmethod
     def of(cls, message: Any, reason: str, error: str) -> Refusal:
@@ -90,16 +109,27 @@ class MessageCheck:
     debit it is a few type checks, one length and two byte counts (the body is decoded once, as
     Celery would decode it anyway, and kept on the message)."""
 
-    def __init__(self, max_depth: int, max_bytes: int, visibility_timeout: float) -> None:
+    def __init__(
+        self,
+        max_depth: int,
+        max_bytes: int,
+        visibility_timeout: float,
+        producers: Producers | None = None,
+    ) -> None:
         self.max_depth = max_depth
         self.max_bytes = max_bytes
         self.visibility_timeout = visibility_timeout
+        self.producers = producers
         self.deep = f"nested deeper than {max_depth} levels"
 
     @classmethod
     def from_settings(cls, settings: Settings) -> MessageCheck:
+        producers = None if settings.producers is None else Producers(settings.producers)
         return cls(
-            settings.max_message_depth, settings.max_message_bytes, settings.visibility_timeout
+            settings.max_message_depth,
+            settings.max_message_bytes,
+            settings.visibility_timeout,
+            producers,
         )
 
     @property
@@ -194,6 +224,19 @@ class MessageCheck:
         size = len(body) if isinstance(body, bytes | str) else 0
         if size > self.max_bytes:
             return refuse("size", f"message body: {size} bytes; at most {self.max_bytes} allowed")
+        if self.producers is not None:
+            raw = body.encode() if isinstance(body, str) else bytes(body or b"")
+            denial = self.producers.check(headers, task, raw)
+            if denial is not None:
+                return Refusal(
+                    task_id,
+                    task,
+                    UNAUTHORIZED,
+                    unauthorized(denial.producer, task).message,
+                    "UNAUTHORIZED",
+                    denial.producer,
+                    denial.why,
+                )
         try:
             decoded = message.decode()
         except Exception as exc:
@@ -276,24 +319,39 @@ class MessageCheck:
 # --- what a refusal does ----------------------------------------------------------------------
 
 
-def report_refusal(task_id: str | None, task: str | None, reason: str, error: str) -> None:
+def report_refusal(
+    task_id: str | None,
+    task: str | None,
+    reason: str,
+    error: str,
+    producer: str | None = None,
+    detail: str | None = None,
+) -> None:
     """Log one line, count, and send ``message_refused``."""
     refused_messages[reason] += 1
-    log.warning("Refused message %s (task %s), %s: %s", task_id or "?", task or "?", reason, error)
+    why = f"{error} ({detail})" if detail else error
+    log.warning("Refused message %s (task %s), %s: %s", task_id or "?", task or "?", reason, why)
     for receiver, response in message_refused.send(
-        sender=None, task_id=task_id, task=task, reason=reason, error=error
+        sender=None, task_id=task_id, task=task, reason=reason, error=error, producer=producer
     ):
         if isinstance(response, Exception):
             log.error("message_refused handler %r failed: %r", receiver, response)
 
 
 def refuse(refusal: Refusal, backend: Any) -> None:
-    """Report ``refusal`` and, if its task id is known, store the VALIDATION_ERROR result."""
-    report_refusal(refusal.task_id, refusal.task, refusal.reason, refusal.error)
+    """Report ``refusal`` and, if its task id is known, store its result (VALIDATION_ERROR, or
+    UNAUTHORIZED)."""
+    report_refusal(
+        refusal.task_id,
+        refusal.task,
+        refusal.reason,
+        refusal.error,
+        refusal.producer,
+        refusal.detail,
+    )
     if refusal.task_id is None:
         return
-    result = Failure(error=f"Invalid arguments: {refusal.error}", error_code="VALIDATION_ERROR")
     try:
-        backend.store_result(refusal.task_id, result.model_dump(), states.SUCCESS)
+        backend.store_result(refusal.task_id, refusal.result.model_dump(), states.SUCCESS)
     except Exception as exc:  # the refusal stands; only the answer is lost
         log.error("Could not store the refusal of %s: %r", refusal.task_id, exc)

@@ -9,6 +9,7 @@ kombu's SQLAlchemy transport and Celery's database backend on the embedded Postg
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterator
 from functools import lru_cache
@@ -28,6 +29,8 @@ from accounting.catalog import (
     SYSTEM_OPERATION_TYPES,
     Tier,
 )
+from worker.producers import ProducerConfig
+from worker.producers import setting_problem as producers_problem
 
 __all__ = [
     "DEFAULT_PRICES",
@@ -151,6 +154,12 @@ class Settings(BaseSettings):
     max_message_depth: int = Field(default=32, ge=4, le=100)
     max_message_bytes: int = Field(default=32 * 1024 * 1024, ge=4096)
 
+    # Producers allowed to send tasks (worker/producers.py): unset, every message runs; set,
+    # each must be signed by one of them, for a task it may send. The worker signs its own as
+    # producer_name, which must be one of them.
+    producers: dict[str, ProducerConfig] | None = None
+    producer_name: str = "worker"
+
     # Prometheus metrics (worker/metrics.py), served by a worker's main process when a port is
     # set. The directory holds every process's metric files; it is emptied when the worker
     # starts, so each worker needs its own (default: var/metrics/<node name>).
@@ -189,6 +198,17 @@ class Settings(BaseSettings):
     @classmethod
     def _database_url(cls, url: str | None) -> str | None:
         return None if url is None else normalise_database_url(url)
+
+    @field_validator("producers", mode="before")
+    @classmethod
+    def _producers_json(cls, value: Any) -> Any:
+        # pydantic-settings hands an optional field's undecodable JSON over as the string.
+        if isinstance(value, str):
+            try:
+                return json.loads(value)
+            except ValueError as exc:
+                raise ValueError(f"not valid JSON ({exc})") from None
+        return value
 
     @field_validator("broker_url")
     @classmethod
@@ -231,6 +251,10 @@ class Settings(BaseSettings):
             raise ValueError("TOKENS_WEBHOOK_URL and TOKENS_WEBHOOK_SECRET go together: set both")
         if self.webhook_url is not None and _scheme(self.webhook_url) not in ("http", "https"):
             raise ValueError("TOKENS_WEBHOOK_URL: an http:// or https:// URL")
+        if self.producers is not None:
+            problem = producers_problem(self.producers, self.producer_name)
+            if problem:
+                raise ValueError(problem)
         if not self.task_soft_time_limit < self.task_time_limit < self.visibility_timeout:
             raise ValueError(
                 f"need TOKENS_TASK_SOFT_TIME_LIMIT ({self.task_soft_time_limit}) < "

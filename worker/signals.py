@@ -19,9 +19,11 @@
   None.
 - ``operation_retried(operation, task_id, attempt, error)``: an attempt (1 for the first) failed
   with a transient error and the task will run again.
-- ``message_refused(task_id, task, reason, error)``: the worker refused a message before any task
-  saw it (worker/poison.py); sent in the worker's main process. ``task_id`` and ``task`` are None
-  when unreadable; ``reason`` is one of ``worker.poison.REASONS``.
+- ``message_refused(task_id, task, reason, error, producer)``: the worker refused a message before
+  any task saw it (worker/poison.py); sent in the worker's main process. ``task_id`` and ``task``
+  are None when unreadable; ``reason`` is one of ``worker.poison.REASONS``, or ``unauthorized``
+  for a message from no allowed producer (worker/producers.py; ``producer`` is then the one it
+  named, None when none could be; None for every other reason).
 
 Handlers listed in ``TOKENS_BALANCE_CHANGED_HANDLERS``, ``TOKENS_OPERATION_COMPLETED_HANDLERS``,
 ``TOKENS_OPERATION_RETRIED_HANDLERS`` and ``TOKENS_MESSAGE_REFUSED_HANDLERS`` (JSON lists of dotted
@@ -79,7 +81,7 @@ operation_retried = Signal(
     name="operation_retried", providing_args={"operation", "task_id", "attempt", "error"}
 )
 message_refused = Signal(
-    name="message_refused", providing_args={"task_id", "task", "reason", "error"}
+    name="message_refused", providing_args={"task_id", "task", "reason", "error", "producer"}
 )
 
 

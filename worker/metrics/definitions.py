@@ -59,6 +59,13 @@ REFUSED = Counter(
     ["reason"],
     registry=None,
 )
+UNAUTHORIZED = Counter(
+    "tokens_unauthorized",
+    "Messages refused UNAUTHORIZED (TOKENS_PRODUCERS): producer is the one named, unknown when"
+    " none could be (unsigned, or a name the worker does not know).",
+    ["producer", "task"],
+    registry=None,
+)
 DURATION = Histogram(
     "tokens_task_duration_seconds",
     "Time a contract task took, from validation to its committed outcome.",
@@ -117,7 +124,7 @@ ACTIVE = Gauge(
 
 FILE_METRICS: tuple[Counter | Gauge | Histogram, ...] = (
     OPERATIONS, REPLAYS, MOVED, BATCH_ITEMS, RETRIES, RENEWALS, EXPIRED_TOKENS, EXPIRED_GRANTS,
-    REFUSED, DURATION,
+    REFUSED, UNAUTHORIZED, DURATION,
     RECONCILE_MISMATCHES, LAST_RECONCILE, SENT, RECEIVED, STARTED, SUCCEEDED, FAILED, RETRIED,
     RUNTIME, QUEUE_WAIT, ACTIVE,
 )  # fmt: skip

@@ -51,9 +51,12 @@ from worker.metrics.definitions import (
     SENT,
     STARTED,
     SUCCEEDED,
+    UNAUTHORIZED,
 )
 from worker.metrics.labels import known_queue, moved, of, operation_type_label, queue_label
 from worker.poison import REASONS
+from worker.poison import UNAUTHORIZED as UNAUTHORIZED_REASON
+from worker.producers import UNKNOWN
 from worker.signals import message_refused, operation_completed, operation_retried
 
 
@@ -112,7 +115,19 @@ def on_operation_retried(sender: Any = None, *, operation: str, **_: Any) -> Non
     of(RETRIES, operation).inc()
 
 
-def on_message_refused(sender: Any = None, *, reason: str, **_: Any) -> None:
+def on_message_refused(
+    sender: Any = None,
+    *,
+    reason: str,
+    task: str | None = None,
+    producer: str | None = None,
+    **_: Any,
+) -> None:
+    if reason == UNAUTHORIZED_REASON:
+        # Bounded: a producer is named only if the setting has it, and the check runs once
+        # the task is known to be registered.
+        of(UNAUTHORIZED, producer or UNKNOWN, task or UNKNOWN).inc()
+        return
     of(REFUSED, reason if reason in REASONS else OTHER).inc()
 
 

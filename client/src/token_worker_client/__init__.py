@@ -32,6 +32,7 @@ from token_worker_client.errors import (
     TokenTimeout,
     TokenUnavailable,
     TokenWorkerError,
+    Unauthorized,
     UnknownOperationType,
     UserNotFound,
 )
@@ -129,6 +130,7 @@ __all__ = [
     "TokenWorkerError",
     "TotalOut",
     "TypeStats",
+    "Unauthorized",
     "UnknownOperationType",
     "UserNotFound",
 ]

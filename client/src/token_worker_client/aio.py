@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 from celery.exceptions import TimeoutError as CeleryTimeoutError
 
 from token_worker_client import contract
-from token_worker_client.client import Date, Transport
+from token_worker_client.client import Date, Transport, producer_signer
 from token_worker_client.contract import Spec, prepare
 from token_worker_client.events import AlertsOut, EventsOut
 from token_worker_client.models import (
@@ -64,10 +64,14 @@ class AsyncTokenClient:
         retries: int = 2,
         max_concurrency: int = 32,
         config: Mapping[str, Any] | None = None,
+        producer: str | None = None,
+        producer_key: str | None = None,
     ) -> None:
         self.timeout = timeout
         self.retries = retries
-        self.transport = Transport(broker_url, backend_url, config)
+        self.transport = Transport(
+            broker_url, backend_url, config, producer_signer(producer, producer_key)
+        )
         self._pool = ThreadPoolExecutor(max_concurrency, thread_name_prefix="token-worker-client")
 
     async def __aenter__(self) -> AsyncTokenClient:

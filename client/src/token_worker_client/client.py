@@ -43,6 +43,7 @@ from token_worker_client.models import (
     SweepOut,
     TotalOut,
 )
+from token_worker_client.signing import Signer, sign_messages
 
 R = TypeVar("R")
 Date = date | str  # a date, a datetime or an ISO 8601 string
@@ -83,6 +84,12 @@ def default_urls() -> tuple[str, str]:
     return f"redis://127.0.0.1:{valkey}/0", f"redis://127.0.0.1:{valkey}/1"
 
 
+def producer_signer(name: str | None, key: str | None) -> Signer | None:
+    """The signer a client was given, else the environment's; None: messages go unsigned."""
+    signer = Signer.of(name, key)
+    return signer if signer is not None else Signer.from_env()
+
+
 class Transport:
     """The Celery side, shared by both clients: send one request and wait for its result.
 
@@ -96,6 +103,7 @@ class Transport:
         broker_url: str | None = None,
         backend_url: str | None = None,
         config: Mapping[str, Any] | None = None,
+        signer: Signer | None = None,
     ) -> None:
         if broker_url is None or backend_url is None:
             default_broker, default_backend = default_urls()
@@ -113,6 +121,8 @@ class Transport:
                 **(config or {}),
             }
         )
+        if signer is not None:
+            sign_messages(self.app, signer)
 
     def attempt(self, request: Request, timeout: float) -> Any:
         """Send ``request`` (again: same task id, same kwargs) and wait up to ``timeout``.
@@ -185,13 +195,19 @@ class TokenClient:
         timeout: float = 10.0,
         retries: int = 2,
         config: Mapping[str, Any] | None = None,
+        producer: str | None = None,
+        producer_key: str | None = None,
     ) -> None:
         """Without URLs, :func:`default_urls`: ``TOKENS_BROKER_URL`` and
         ``TOKENS_RESULT_BACKEND``, else the worker's ``make run``. ``config``: extra Celery
-        settings (say, ``broker_transport_options``)."""
+        settings (say, ``broker_transport_options``). ``producer`` and ``producer_key`` (else
+        ``TOKENS_PRODUCER_NAME`` and ``TOKENS_PRODUCER_KEY``): sign every message as that
+        producer, for a worker with ``TOKENS_PRODUCERS`` set."""
         self.timeout = timeout
         self.retries = retries
-        self.transport = Transport(broker_url, backend_url, config)
+        self.transport = Transport(
+            broker_url, backend_url, config, producer_signer(producer, producer_key)
+        )
 
     def __enter__(self) -> TokenClient:
         return self

@@ -36,6 +36,7 @@ class ErrorCode(StrEnum):
     PARENT_NOT_FOUND = "PARENT_NOT_FOUND"
     MEMBER_ACCOUNT = "MEMBER_ACCOUNT"
     LIMIT_EXCEEDED = "LIMIT_EXCEEDED"
+    UNAUTHORIZED = "UNAUTHORIZED"
 
 
 class TokenWorkerError(Exception):
@@ -144,6 +145,11 @@ class LimitExceeded(TokenRefused):
     refusing limit is ``result.limit``."""
 
 
+class Unauthorized(TokenRefused):
+    """The worker checks producers (``TOKENS_PRODUCERS``) and this message was unsigned, signed
+    with a key it does not know, or for a task this producer may not send."""
+
+
 _BY_CODE: dict[str, type[TokenRefused]] = {
     ErrorCode.USER_NOT_FOUND: UserNotFound,
     ErrorCode.INSUFFICIENT_TOKENS: InsufficientTokens,
@@ -164,6 +170,7 @@ _BY_CODE: dict[str, type[TokenRefused]] = {
     ErrorCode.PARENT_NOT_FOUND: ParentNotFound,
     ErrorCode.MEMBER_ACCOUNT: MemberAccount,
     ErrorCode.LIMIT_EXCEEDED: LimitExceeded,
+    ErrorCode.UNAUTHORIZED: Unauthorized,
 }
 
 
