@@ -158,6 +158,9 @@ class Relay:
                     queue=queue,
                     declare=[queue],
                     task_id=f"tokens-event-{event.event_id}",
+                    # What Celery logs of a task: given, so it does not build a repr of each.
+                    argsrepr="()",
+                    kwargsrepr=f"{{event {event.event_id}: {event.type} of {event.user_id}}}",
                     producer=producer,
                     retry=True,
                     retry_policy={"max_retries": 3, "interval_start": 0.2},
