@@ -4,7 +4,9 @@
 - ``reservations.expire`` every ``TOKENS_RESERVATION_EXPIRY_SECONDS`` (default 60);
 - ``grants.expire`` every minute (contract v1.1);
 - ``ledger.reconcile`` daily at ``TOKENS_RECONCILE_CRON`` (default ``30 3 * * *``);
-- ``idempotency.prune`` daily at ``TOKENS_IDEMPOTENCY_PRUNE_CRON`` (default ``45 3 * * *``).
+- ``idempotency.prune`` daily at ``TOKENS_IDEMPOTENCY_PRUNE_CRON`` (default ``45 3 * * *``);
+- ``events.prune`` hourly: events past ``TOKENS_EVENTS_RETENTION_DAYS`` that every push channel
+  delivered (contract v1.2).
 
 worker/config.py installs it as ``beat_schedule``; with a Redis broker RedBeat keeps it in Redis
 and only the beat holding its lock sends, so several beat processes may run.
@@ -24,6 +26,7 @@ EXPIRE_RESERVATIONS = "reservations-expire"
 RECONCILE = "ledger-reconcile"
 PRUNE_IDEMPOTENCY = "idempotency-prune"
 EXPIRE_GRANTS = "grants-expire"
+PRUNE_EVENTS = "events-prune"
 GRANT_EXPIRY_SECONDS = 60
 
 
@@ -63,5 +66,11 @@ def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
         PRUNE_IDEMPOTENCY: {
             "task": "idempotency.prune",
             "schedule": cron(settings.idempotency_prune_cron),
+        },
+        # A missed run is worthless: the next one deletes everything due anyway.
+        PRUNE_EVENTS: {
+            "task": "events.prune",
+            "schedule": cron("7 * * * *"),
+            "options": {"expires": 3600},
         },
     }

@@ -19,6 +19,7 @@ from celery import Celery
 from beat_schedule import (
     EXPIRE_GRANTS,
     EXPIRE_RESERVATIONS,
+    PRUNE_EVENTS,
     PRUNE_IDEMPOTENCY,
     RECONCILE,
     SWEEP,
@@ -42,6 +43,7 @@ def test_default_schedule() -> None:
         EXPIRE_GRANTS: "grants.expire",
         RECONCILE: "ledger.reconcile",
         PRUNE_IDEMPOTENCY: "idempotency.prune",
+        PRUNE_EVENTS: "events.prune",
     }
     sweep, reconcile = schedule[SWEEP]["schedule"], schedule[RECONCILE]["schedule"]
     prune = schedule[PRUNE_IDEMPOTENCY]["schedule"]
@@ -95,6 +97,7 @@ def test_config_uses_redbeat_with_redis_and_celerys_scheduler_embedded() -> None
         EXPIRE_GRANTS,
         RECONCILE,
         PRUNE_IDEMPOTENCY,
+        PRUNE_EVENTS,
     }
     assert redis_config["beat_scheduler"] == "redbeat.RedBeatScheduler"
     assert redis_config["redbeat_redis_url"] == "redis://127.0.0.1:6379/5"
@@ -203,7 +206,14 @@ def test_two_beats_start_with_redbeat_and_one_holds_the_lock(
         assert 0 < client.ttl(lock_key) <= celery_config(get_settings())["redbeat_lock_timeout"]
 
         scheduled = set(client.zrange(schedule_key, 0, -1))
-        entries = (SWEEP, EXPIRE_RESERVATIONS, EXPIRE_GRANTS, RECONCILE, PRUNE_IDEMPOTENCY)
+        entries = (
+            SWEEP,
+            EXPIRE_RESERVATIONS,
+            EXPIRE_GRANTS,
+            RECONCILE,
+            PRUNE_IDEMPOTENCY,
+            PRUNE_EVENTS,
+        )
         assert scheduled == {f"{prefix}{name}" for name in entries}
         definition = json.loads(str(client.hget(f"{prefix}{SWEEP}", "definition")))
         assert definition["task"] == "renewals.sweep"

@@ -115,6 +115,13 @@ QUEUE_WAIT = Histogram(
     buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900),
     registry=None,
 )
+EVENT_DELIVERIES = Counter(
+    "tokens_events_deliveries",
+    "Events the relay pushed, by channel (celery, webhook) and outcome: delivered; for a webhook"
+    " also failed (to be retried) and dead (given up after TOKENS_WEBHOOK_GIVE_UP_HOURS).",
+    ["channel", "outcome"],
+    registry=None,
+)
 ACTIVE = Gauge(
     "celery_worker_tasks_active",
     "Tasks running now.",
@@ -126,7 +133,7 @@ FILE_METRICS: tuple[Counter | Gauge | Histogram, ...] = (
     OPERATIONS, REPLAYS, MOVED, BATCH_ITEMS, RETRIES, RENEWALS, EXPIRED_TOKENS, EXPIRED_GRANTS,
     REFUSED, UNAUTHORIZED, DURATION,
     RECONCILE_MISMATCHES, LAST_RECONCILE, SENT, RECEIVED, STARTED, SUCCEEDED, FAILED, RETRIED,
-    RUNTIME, QUEUE_WAIT, ACTIVE,
+    RUNTIME, QUEUE_WAIT, ACTIVE, EVENT_DELIVERIES,
 )  # fmt: skip
 
 # Movement tasks: their result's ``amount`` is the signed change of the balance.

@@ -27,10 +27,12 @@ from celery.signals import (
 
 from accounting.events import grants_expired, renewals_counted
 from accounting.grants import EXPIRY
+from worker import relay
 from worker.metrics.definitions import (
     ACTIVE,
     BATCH_ITEMS,
     DURATION,
+    EVENT_DELIVERIES,
     EXPIRED_GRANTS,
     EXPIRED_TOKENS,
     FAILED,
@@ -210,6 +212,11 @@ def on_after_task_publish(
     of(SENT, name or sender, known_queue(routing_key)).inc()
 
 
+
+def on_events_delivered(channel: str, outcome: str, count: int, **_: Any) -> None:
+    EVENT_DELIVERIES.labels(channel, outcome).inc(count)
+
+
 HANDLERS: tuple[tuple[Any, Any], ...] = (
     (operation_completed, on_operation_completed),
     (renewals_counted, on_renewals_counted),
@@ -223,4 +230,5 @@ HANDLERS: tuple[tuple[Any, Any], ...] = (
     (task_failure, on_task_failure),
     (task_retry, on_task_retry),
     (after_task_publish, on_after_task_publish),
+    (relay.delivered, on_events_delivered),
 )

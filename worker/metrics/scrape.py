@@ -19,9 +19,10 @@ from prometheus_client.registry import Collector
 from sqlalchemy import Engine, create_engine
 from sqlalchemy.orm import Session
 
-from accounting import grants, renewals, reservations
+from accounting import grants, outbox, renewals, reservations
 from worker.embedded import alive
 from worker.failures import one_line
+from worker.settings import get_settings
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +87,7 @@ class DatabaseState:
     last_sweep: renewals.LastSweep | None
     debtors: int = 0
     debt: int = 0
+    events: outbox.Backlog | None = None
 
 
 class DatabaseReads:
@@ -105,8 +107,14 @@ class DatabaseReads:
             with Session(self.engine) as session:
                 count, tokens = reservations.held(session)
                 debtors, debt = grants.total_debt(session)
+                celery, webhook = get_settings().push_channels
                 return DatabaseState(
-                    count, tokens, renewals.last_sweep(session), debtors=debtors, debt=debt
+                    count,
+                    tokens,
+                    renewals.last_sweep(session),
+                    debtors=debtors,
+                    debt=debt,
+                    events=outbox.backlog(session, celery, webhook),
                 )
 
     def _engine(self) -> Engine:
@@ -150,6 +158,14 @@ def families() -> list[GaugeMetricFamily]:
             "tokens_debt_tokens", "Tokens owed: overdrafts and over-captures no grant covered."
         ),
         GaugeMetricFamily(
+            "tokens_events_pending",
+            "Events not yet delivered by every configured push channel (or not yet numbered).",
+        ),
+        GaugeMetricFamily(
+            "tokens_events_oldest_pending_age_seconds",
+            "Age of the oldest of those events (0 when there is none).",
+        ),
+        GaugeMetricFamily(
             "tokens_scrape_source_up",
             "Whether the source answered this scrape (1) or not (0).",
             labels=["source"],
@@ -173,7 +189,7 @@ class ScrapeCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         self._forget_dead_processes()
-        queues, active, held, swept_at, swept, pending, debtors, debt, up = families()
+        queues, active, held, swept_at, swept, pending, debtors, debt, events, age, up = families()
         try:
             for queue, length in self.broker.lengths().items():
                 queues.add_metric([queue], length)
@@ -187,6 +203,9 @@ class ScrapeCollector(Collector):
             held.add_metric([], state.reserved_tokens)
             debtors.add_metric([], state.debtors)
             debt.add_metric([], state.debt)
+            if state.events is not None:
+                events.add_metric([], state.events.pending)
+                age.add_metric([], state.events.oldest_seconds)
             last = state.last_sweep
             if last is not None:
                 swept_at.add_metric([], last.planned_at.timestamp())
