@@ -13,7 +13,7 @@ from typing import Any
 from sqlalchemy import select, text, update
 from sqlalchemy.orm import Session
 
-from accounting import clock, grants
+from accounting import clock, grants, limits
 from accounting.catalog import cost_of, tier_of
 from accounting.errors import (
     member_account,
@@ -169,15 +169,17 @@ def get_balance(session: Session, user_id: str) -> BalanceOut:
 
 def can_afford(session: Session, user_id: str, operation_type: str) -> CanAffordOut:
     """Whether a charge of ``operation_type`` would go through now: enough available tokens
-    (the pool's, for a member)."""
+    (the pool's, for a member), and no spend limit it would break (then ``limit`` names it)."""
     cost = cost_of(operation_type)
     pool = pool_of(session, user_id)
     grants.settle_reads(session, pool)
     account = load_account(session, pool)
     available = account.tokens_balance - account.tokens_reserved
+    refusing = limits.refusing(session, user_id, cost) if account.limited else None
     return CanAffordOut(
-        can_afford=available >= cost,
+        can_afford=available >= cost and refusing is None,
         cost=cost,
         balance=available,
         deficit=max(0, cost - available),
+        limit=refusing,
     )

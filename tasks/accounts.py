@@ -4,15 +4,17 @@ from __future__ import annotations
 
 from sqlalchemy.orm import Session
 
-from accounting import accounts, grants
+from accounting import accounts, grants, limits
 from models.schemas import (
     BalanceOut,
     CanAffordIn,
     CanAffordOut,
     GrantsIn,
     GrantsOut,
+    LimitsOut,
     OpenAccountIn,
     OpenAccountOut,
+    SetLimitIn,
     SetTierIn,
     UserIn,
 )
@@ -51,3 +53,12 @@ def can_afford(session: Session, p: CanAffordIn, _task_id: str | None) -> CanAff
 def list_grants(session: Session, p: GrantsIn, _task_id: str | None) -> GrantsOut:
     return grants.list_grants(session, p.user_id, include_ended=p.include_ended)
 
+
+@contract_task("tokens.set_limit", SetLimitIn)
+def set_limit(session: Session, p: SetLimitIn, _task_id: str | None) -> LimitsOut:
+    return limits.set_limit(session, p.user_id, p.name, p.max_tokens, p.period, p.rolling)
+
+
+@contract_task("tokens.limits", UserIn)
+def list_limits(session: Session, p: UserIn, _task_id: str | None) -> LimitsOut:
+    return limits.limits(session, p.user_id)

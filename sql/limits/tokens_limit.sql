@@ -2,9 +2,56 @@ CREATE OR REPLACE FUNCTION tokens_limit(
     p_pool text, p_spender text, p_limited boolean, p_amount bigint, p_at timestamptz,
     p_hold bigint, p_now timestamptz, p_check boolean
 ) RETURNS jsonb LANGUAGE plpgsql VOLATILE AS $fn$
--- What a movement of p_spender (a member of p_pool, or the pool itself), whose pool is locked,
--- counts: p_hold more held by its reservations. Returns the limit that refuses it, or NULL.
+-- The one home of spend limits in a movement of p_spender (a member of p_pool, or the pool
+-- itself; p_limited: some account of the pool has a limit), called with the pool's row
+-- locked, so every window of the tree changes under that one lock. It decides, then counts:
+-- - p_check (a debit, charge, reserve or extend): the first limit, in tokens.limits' order,
+--   that p_amount spent plus p_hold held more would take past max_tokens refuses it: returned
+--   (as listed, used before the request), and nothing is counted;
+-- - else p_amount is counted as spent at p_at, in the window holding p_at (negative: a refund
+--   of an entry made at p_at gives back what it counted, if that bucket is still kept), and
+--   p_hold as held by the spender and the accounts above it (a pool's holds are its
+--   tokens_reserved, which the caller moves). Members' holds are counted limited or not.
+-- A bucket made new prunes its account's buckets of that width older than every window
+-- that still reads them.
+DECLARE
+    v_requested bigint := greatest(p_amount, 0) + greatest(p_hold, 0);
+    v_users text[] := '{}';
+    v_grains text[] := '{}';
+    v_los timestamptz[] := '{}';
+    v_new boolean;
+    v record;
 BEGIN
+    IF p_limited THEN
+        FOR v IN SELECT * FROM tokens_limits(p_spender, p_now, v_requested) LOOP
+            IF p_check AND v.refuses THEN
+                RETURN v.listed;
+            END IF;
+            v_users := v_users || v.user_id;
+            v_grains := v_grains || v.grain;
+            v_los := v_los || v.lo;
+        END LOOP;
+        IF p_amount <> 0 THEN
+            FOR v IN
+                SELECT c.u, c.g, min(c.lo) AS lo, tokens_bucket(c.g, p_at) AS bucket
+                FROM unnest(v_users, v_grains, v_los) AS c(u, g, lo) GROUP BY c.u, c.g
+            LOOP
+                IF p_amount > 0 THEN
+                    INSERT INTO limit_buckets AS b (user_id, grain, bucket, tokens)
+                    VALUES (v.u, v.g, v.bucket, p_amount)
+                    ON CONFLICT (user_id, grain, bucket) DO UPDATE SET tokens = b.tokens + p_amount
+                    RETURNING b.xmax = 0 INTO v_new;
+                    IF v_new THEN
+                        DELETE FROM limit_buckets b
+                        WHERE b.user_id = v.u AND b.grain = v.g AND b.bucket < v.lo;
+                    END IF;
+                ELSE
+                    UPDATE limit_buckets b SET tokens = b.tokens + p_amount
+                    WHERE b.user_id = v.u AND b.grain = v.g AND b.bucket = v.bucket;
+                END IF;
+            END LOOP;
+        END IF;
+    END IF;
     IF p_hold <> 0 AND p_spender <> p_pool THEN
         UPDATE accounts a SET subtree_held = a.subtree_held + p_hold
         WHERE a.user_id IN (p_spender, (SELECT m.parent_id FROM accounts m

@@ -63,6 +63,31 @@ mirror(
     params=[click.Option(["--json", "as_json"], is_flag=True, hidden=True)],
 )
 
+mirror(
+    main,
+    "limits",
+    "tokens.limits",
+    "accounting.limits:limits",
+    "Every spend limit that applies to an account (its own, then those above it), with use.",
+    Fields("UserIn", USER),
+)
+mirror(
+    main,
+    "set-limit",
+    "tokens.set_limit",
+    "accounting.limits:set_limit",
+    "Cap what an account and the accounts below it spend per window (no --max-tokens: remove).",
+    Fields(
+        "SetLimitIn",
+        ("user_id", "name"),
+        helps={
+            "max_tokens": "At most this many tokens per window; without it the limit goes.",
+            "period": "minute, hour, day, week or month (UTC calendar windows, weeks from Monday).",
+            "rolling": "The last 60 s, 1 h, 24 h, 7 days or 30 days instead of the calendar's.",
+        },
+    ),
+)
+
 # --- movements ------------------------------------------------------------------------------
 
 mirror(

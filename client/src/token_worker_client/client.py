@@ -32,6 +32,7 @@ from token_worker_client.models import (
     Failure,
     GrantsExpireOut,
     GrantsOut,
+    LimitsOut,
     MovementOut,
     OpenAccountOut,
     PingOut,
@@ -408,6 +409,25 @@ class TokenClient:
     ) -> GrantsOut | Failure:
         """Active grants in burn order, then (``include_ended``) ended ones newest first."""
         return self._call(contract.GRANTS, locals())
+
+    def set_limit(
+        self,
+        *,
+        user_id: str,
+        name: str,
+        max_tokens: int | None = None,
+        period: str | None = None,
+        rolling: bool = False,
+        timeout: float | None = None,
+    ) -> LimitsOut | Failure:
+        """Cap what the account and every account below it spend per ``period`` (``minute``,
+        ``hour``, ``day``, ``week``, ``month``; UTC calendar windows, or the last 60 s ... 30 days
+        with ``rolling``); ``max_tokens=None`` removes the limit ``name``."""
+        return self._call(contract.SET_LIMIT, locals())
+
+    def limits(self, *, user_id: str, timeout: float | None = None) -> LimitsOut | Failure:
+        """Every limit that applies: the account's, then each account's above it, by name."""
+        return self._call(contract.LIMITS, locals())
 
     def expire_grants(self, *, timeout: float | None = None) -> GrantsExpireOut | Failure:
         return self._call(contract.EXPIRE_GRANTS, locals())

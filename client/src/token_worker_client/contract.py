@@ -53,6 +53,7 @@ from token_worker_client.models import (
     GrantsExpireOut,
     GrantsIn,
     GrantsOut,
+    LimitsOut,
     MovementOut,
     NoArgsIn,
     OpenAccountIn,
@@ -68,6 +69,7 @@ from token_worker_client.models import (
     ReserveIn,
     ReserveOut,
     ResetBalanceIn,
+    SetLimitIn,
     SetTierIn,
     StatisticsOut,
     SweepIn,
@@ -133,6 +135,9 @@ RELEASE: Spec[ReleaseOut | Failure] = _spec("tokens.release", ReleaseIn, Release
 EXPIRE_RESERVATIONS: Spec[ExpireOut | Failure] = _spec("reservations.expire", NoArgsIn, ExpireOut)
 EXTEND: Spec[ExtendOut | Failure] = _spec("tokens.extend", ExtendIn, ExtendOut, Key.TASK_ID)
 GRANTS: Spec[GrantsOut | Failure] = _spec("tokens.grants", GrantsIn, GrantsOut)
+# Setting a limit to what it is changes nothing: a repeat is safe without a key.
+SET_LIMIT: Spec[LimitsOut | Failure] = _spec("tokens.set_limit", SetLimitIn, LimitsOut)
+LIMITS: Spec[LimitsOut | Failure] = _spec("tokens.limits", UserIn, LimitsOut)
 EXPIRE_GRANTS: Spec[GrantsExpireOut | Failure] = _spec("grants.expire", NoArgsIn, GrantsExpireOut)
 SET_ALERTS: Spec[AlertsOut | Failure] = _spec("tokens.set_alerts", SetAlertsIn, AlertsOut)
 SET_AUTO_TOPUP: Spec[AlertsOut | Failure] = _spec(
