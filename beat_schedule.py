@@ -6,7 +6,8 @@
 - ``ledger.reconcile`` daily at ``TOKENS_RECONCILE_CRON`` (default ``30 3 * * *``);
 - ``idempotency.prune`` daily at ``TOKENS_IDEMPOTENCY_PRUNE_CRON`` (default ``45 3 * * *``);
 - ``events.prune`` hourly: events past ``TOKENS_EVENTS_RETENTION_DAYS`` that every push channel
-  delivered (contract v1.2).
+  delivered (contract v1.2);
+- ``ledger.verify`` daily at ``TOKENS_VERIFY_CRON`` (default ``15 4 * * *``, contract v1.2).
 
 worker/config.py installs it as ``beat_schedule``; with a Redis broker RedBeat keeps it in Redis
 and only the beat holding its lock sends, so several beat processes may run.
@@ -24,6 +25,7 @@ from worker.settings import Settings
 SWEEP = "renewals-sweep"
 EXPIRE_RESERVATIONS = "reservations-expire"
 RECONCILE = "ledger-reconcile"
+VERIFY = "ledger-verify"
 PRUNE_IDEMPOTENCY = "idempotency-prune"
 EXPIRE_GRANTS = "grants-expire"
 PRUNE_EVENTS = "events-prune"
@@ -63,6 +65,7 @@ def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
             "options": {"expires": GRANT_EXPIRY_SECONDS},
         },
         RECONCILE: {"task": "ledger.reconcile", "schedule": cron(settings.reconcile_cron)},
+        VERIFY: {"task": "ledger.verify", "schedule": cron(settings.verify_cron)},
         PRUNE_IDEMPOTENCY: {
             "task": "idempotency.prune",
             "schedule": cron(settings.idempotency_prune_cron),

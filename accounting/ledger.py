@@ -54,6 +54,9 @@ def entry_out(entry: Any, splits: list[EntrySplit] | None = None) -> EntryOut:
         metadata=entry.metadata,
         created_at=entry.created_at,
         spent_by=entry.spent_by,
+        # An event stored before the chain existed renders its entry without one.
+        prev_hash=getattr(entry, "prev_hash", None),
+        hash=getattr(entry, "hash", None),
     )
 
 
@@ -71,6 +74,8 @@ ENTRY_COLUMNS = (
     _e.metadata,
     _e.created_at,
     _e.spent_by,
+    _e.prev_hash,
+    _e.hash,
 )
 
 

@@ -21,6 +21,7 @@ from token_worker_client.models import (
     MAX_TTL_SECONDS,
     Amount,
     BalanceOut,
+    Broken,
     CanAffordIn,
     CanAffordOut,
     CaptureIn,
@@ -91,6 +92,8 @@ from token_worker_client.models import (
     UserIn,
     UserPeriodIn,
     UTCDatetime,
+    VerifyIn,
+    VerifyOut,
     metadata_bytes,
 )
 
@@ -103,6 +106,7 @@ __all__ = [
     "MAX_TTL_SECONDS",
     "Amount",
     "BalanceOut",
+    "Broken",
     "CanAffordIn",
     "CanAffordOut",
     "CaptureIn",
@@ -179,6 +183,8 @@ __all__ = [
     "UserId",
     "UserIn",
     "UserPeriodIn",
+    "VerifyIn",
+    "VerifyOut",
     "metadata_bytes",
 ]
 

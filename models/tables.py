@@ -133,6 +133,9 @@ class LedgerEntry(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     # The member that made the movement, in its pool's ledger (NULL: the account's own).
     spent_by: Mapped[str | None] = mapped_column(String(128))
+    # The user's hash chain (sql/ledger/tokens_chain.sql sets both on insert).
+    prev_hash: Mapped[str] = mapped_column(String(64))
+    hash: Mapped[str] = mapped_column(String(64))
 
     __table_args__ = (
         CheckConstraint("balance_after = balance_before + tokens_amount", name="arithmetic"),

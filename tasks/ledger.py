@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from sqlalchemy.orm import Session
 
-from accounting import ledger
+from accounting import chain, ledger
 from models.schemas import (
     DeletedOut,
     DeleteOldEntriesIn,
@@ -16,6 +16,8 @@ from models.schemas import (
     TotalOut,
     UserEntriesIn,
     UserPeriodIn,
+    VerifyIn,
+    VerifyOut,
 )
 from tasks.base import contract_task
 
@@ -57,3 +59,8 @@ def delete_old_entries(session: Session, p: DeleteOldEntriesIn, _task_id: str | 
 @contract_task("ledger.reconcile", ReconcileIn)
 def reconcile(session: Session, p: ReconcileIn, _task_id: str | None) -> ReconcileOut:
     return ledger.reconcile(session, p.user_id)
+
+
+@contract_task("ledger.verify", VerifyIn)
+def verify(session: Session, p: VerifyIn, _task_id: str | None) -> VerifyOut:
+    return chain.verify(session, p.user_id)

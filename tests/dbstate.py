@@ -21,6 +21,8 @@ ENTRY_KEYS = {
     "metadata",
     "created_at",
     "grants",  # v1.1
+    "prev_hash",  # v1.2
+    "hash",
 }
 BALANCE_KEYS = {
     "success",

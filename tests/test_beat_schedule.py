@@ -23,6 +23,7 @@ from beat_schedule import (
     PRUNE_IDEMPOTENCY,
     RECONCILE,
     SWEEP,
+    VERIFY,
     beat_schedule,
     cron,
 )
@@ -42,6 +43,7 @@ def test_default_schedule() -> None:
         EXPIRE_RESERVATIONS: "reservations.expire",
         EXPIRE_GRANTS: "grants.expire",
         RECONCILE: "ledger.reconcile",
+        VERIFY: "ledger.verify",
         PRUNE_IDEMPOTENCY: "idempotency.prune",
         PRUNE_EVENTS: "events.prune",
     }
@@ -96,6 +98,7 @@ def test_config_uses_redbeat_with_redis_and_celerys_scheduler_embedded() -> None
         EXPIRE_RESERVATIONS,
         EXPIRE_GRANTS,
         RECONCILE,
+        VERIFY,
         PRUNE_IDEMPOTENCY,
         PRUNE_EVENTS,
     }
@@ -211,6 +214,7 @@ def test_two_beats_start_with_redbeat_and_one_holds_the_lock(
             EXPIRE_RESERVATIONS,
             EXPIRE_GRANTS,
             RECONCILE,
+            VERIFY,
             PRUNE_IDEMPOTENCY,
             PRUNE_EVENTS,
         )

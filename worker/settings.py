@@ -138,6 +138,7 @@ class Settings(BaseSettings):
 
     renewal_cron: str = "0 2 * * *"
     reconcile_cron: str = "30 3 * * *"
+    verify_cron: str = "15 4 * * *"
     reservation_expiry_seconds: int = Field(default=60, ge=1)
     # Users per sweep chunk: one task, one statement, one transaction each. The sweep fans out
     # in chunks, so no renewals task needs a time limit beyond the global one.

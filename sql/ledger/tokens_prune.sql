@@ -7,7 +7,8 @@ CREATE OR REPLACE FUNCTION tokens_prune(
 -- in) whose split is the removed entries' splits summed per grant, so balances equal their
 -- ledger and grants their splits. Their removed entries' own splits and refund caps go with
 -- them (ON DELETE CASCADE). users: who was pruned (none: the prune is done); deleted: the
--- entries removed, earlier carried_forward entries not counted.
+-- entries removed, earlier carried_forward entries not counted. The carried_forward entry is
+-- its user's chain checkpoint: prev_hash zeros, hash the last replaced entry's (tokens_chain).
 --
 -- The accounts are locked first, in user id order as every movement locks them; the prune is a
 -- statement of its own after the lock, with a snapshot taken once they are held: nothing moves
@@ -33,10 +34,11 @@ BEGIN
     WITH gone AS (
         DELETE FROM ledger_entries
         WHERE user_id = ANY(users) AND created_at < p_cutoff
-        RETURNING id, user_id, kind, tokens_amount, metadata, created_at
+        RETURNING id, user_id, kind, tokens_amount, metadata, created_at, hash
     ), carried AS (
         INSERT INTO ledger_entries (user_id, kind, operation_type, tokens_amount,
-                                    balance_before, balance_after, metadata, created_at)
+                                    balance_before, balance_after, metadata, created_at,
+                                    prev_hash, hash)
         SELECT g.user_id, 'carried_forward', 'carried_forward', sum(g.tokens_amount),
                0, sum(g.tokens_amount),
                jsonb_build_object(
@@ -44,7 +46,8 @@ BEGIN
                                        THEN coalesce((g.metadata->>'entries')::bigint, 1)
                                        ELSE 1 END),
                    'older_than', p_older_than),
-               max(g.created_at)
+               max(g.created_at),
+               repeat('0', 64), (array_agg(g.hash ORDER BY g.created_at DESC, g.id DESC))[1]
         FROM gone g GROUP BY g.user_id
         RETURNING id, user_id
     ), split AS (

@@ -90,7 +90,11 @@ def test_user_entries_newest_first_with_every_field(session: Session) -> None:
         "created_at": day(5),
         "grants": [{"grant_id": refund.grants[0].grant_id, "amount": 10}],
         "spent_by": None,  # v1.2: the account's own movement
+        # Chained when written; history() backdated it since (tests/accounting/test_chain.py).
+        "prev_hash": refund.prev_hash,
+        "hash": refund.hash,
     }
+    assert refund.prev_hash == out.entries[3].hash
     assert refund.model_dump(mode="json")["created_at"] == "2026-01-06T00:00:00+00:00"
     assert ledger.user_entries(session, "nobody").entries == []
 

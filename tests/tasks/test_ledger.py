@@ -79,7 +79,10 @@ def test_entry_fields(e2e: Celery) -> None:
         "metadata": {},
         "created_at": newest["created_at"],
         "grants": newest["grants"],
+        "prev_hash": middle["hash"],  # v1.2: each chains to the one before it
+        "hash": newest["hash"],
     }
+    assert (oldest["prev_hash"], middle["prev_hash"]) == ("0" * 64, oldest["hash"])
     # The refund went back into the grant the debit spent (v1.1).
     assert newest["grants"] == [{"grant_id": middle["grants"][0]["grant_id"], "amount": 3}]
     assert isinstance(newest["idempotency_key"], str)
@@ -212,3 +215,23 @@ def test_reconcile_reports_balances_that_differ_from_their_ledger(
         "checked": 1,
         "mismatches": [],
     }
+
+
+def test_verify_reports_an_entry_changed_behind_the_workers_back(
+    e2e: Celery, history: dict[str, str]
+) -> None:
+    """history() backdated u's entries behind the worker's back: their chain no longer holds
+    (created_at is hashed); v's, written by the worker alone, does."""
+    assert call(e2e, "ledger.verify", user_id="v") == {"success": True, "checked": 2, "broken": []}
+    dbstate.execute(
+        "UPDATE ledger_entries SET metadata = '{\"edited\": true}' WHERE id = :id",
+        id=int(history["v"]),
+    )
+    assert call(e2e, "ledger.verify", user_id="v") == {
+        "success": True,
+        "checked": 2,
+        "broken": [{"user_id": "v", "entry_id": history["v"], "reason": "hash"}],
+    }
+    everyone = call(e2e, "ledger.verify")
+    assert everyone["checked"] == 6
+    assert {b["user_id"] for b in everyone["broken"]} == {"u", "v"}

@@ -377,6 +377,18 @@ def test_reset_balance_and_history(session: Session) -> None:
     assert len(tokens("history", "u", "--limit", "1")["entries"]) == 1
 
 
+def test_verify_exits_1_on_a_broken_chain(session: Session) -> None:
+    tokens("open-account", "u", "--initial-balance", "10")
+    assert tokens("verify") == {"success": True, "checked": 1, "broken": []}
+    dbstate.execute("UPDATE ledger_entries SET metadata = '{\"x\": 1}' WHERE user_id = 'u'")
+    (entry,) = dbstate.entries("u")
+    assert tokens("verify", code=1) == {
+        "success": True,
+        "checked": 1,
+        "broken": [{"user_id": "u", "entry_id": str(entry["id"]), "reason": "hash"}],
+    }
+
+
 def test_reconcile_exits_1_on_mismatch(session: Session) -> None:
     tokens("open-account", "u", "--initial-balance", "10")
     assert tokens("reconcile") == {"success": True, "checked": 1, "mismatches": []}

@@ -15,7 +15,7 @@ from worker.cli.generated import Fields, task_command, values
 from worker.cli.group import emit, main, ready, refuse, since
 
 if TYPE_CHECKING:
-    from models.schemas import DeleteOldEntriesIn, ReconcileIn, SweepIn, UserIn
+    from models.schemas import DeleteOldEntriesIn, ReconcileIn, SweepIn, UserIn, VerifyIn
 
 
 @main.command()
@@ -122,6 +122,20 @@ def reconcile(payload: ReconcileIn) -> None:
         out = ledger.reconcile(session, payload.user_id)
     emit(out)
     if out.mismatches:
+        raise SystemExit(1)
+
+
+@task_command(main, "verify", Fields("VerifyIn", helps={"user_id": "Check one user only."}))
+def verify(payload: VerifyIn) -> None:
+    """Check every hash chain, balance field and balance (exit 1 if anything is broken)."""
+    from accounting import chain
+    from worker.db import session_scope
+
+    ready()
+    with session_scope() as session:
+        out = chain.verify(session, payload.user_id)
+    emit(out)
+    if out.broken:
         raise SystemExit(1)
 
 

@@ -80,6 +80,19 @@ RECONCILE_MISMATCHES = Gauge(
     registry=None,
     multiprocess_mode="mostrecent",
 )
+CHAIN_BROKEN = Gauge(
+    "tokens_ledger_broken_entries",
+    "Problems the last full ledger.verify found in the hash chains, balance fields and balances"
+    " (at most 100 are counted, as the task lists at most 100).",
+    registry=None,
+    multiprocess_mode="mostrecent",
+)
+LAST_VERIFY = Gauge(
+    "tokens_last_verify_timestamp_seconds",
+    "When the last full ledger.verify finished (Unix time).",
+    registry=None,
+    multiprocess_mode="mostrecent",
+)
 LAST_RECONCILE = Gauge(
     "tokens_last_reconcile_timestamp_seconds",
     "When the last full ledger.reconcile finished (Unix time).",
@@ -132,7 +145,8 @@ ACTIVE = Gauge(
 FILE_METRICS: tuple[Counter | Gauge | Histogram, ...] = (
     OPERATIONS, REPLAYS, MOVED, BATCH_ITEMS, RETRIES, RENEWALS, EXPIRED_TOKENS, EXPIRED_GRANTS,
     REFUSED, UNAUTHORIZED, DURATION,
-    RECONCILE_MISMATCHES, LAST_RECONCILE, SENT, RECEIVED, STARTED, SUCCEEDED, FAILED, RETRIED,
+    RECONCILE_MISMATCHES, LAST_RECONCILE, CHAIN_BROKEN, LAST_VERIFY,
+    SENT, RECEIVED, STARTED, SUCCEEDED, FAILED, RETRIED,
     RUNTIME, QUEUE_WAIT, ACTIVE, EVENT_DELIVERIES,
 )  # fmt: skip
 

@@ -31,12 +31,14 @@ from worker import relay
 from worker.metrics.definitions import (
     ACTIVE,
     BATCH_ITEMS,
+    CHAIN_BROKEN,
     DURATION,
     EVENT_DELIVERIES,
     EXPIRED_GRANTS,
     EXPIRED_TOKENS,
     FAILED,
     LAST_RECONCILE,
+    LAST_VERIFY,
     MOVEMENTS,
     OPERATIONS,
     OTHER,
@@ -180,6 +182,9 @@ def on_task_success(sender: Any = None, *, result: Any, runtime: float = 0.0, **
     elif name == "ledger.reconcile" and kwargs.get("user_id") is None:
         RECONCILE_MISMATCHES.set(len(result.get("mismatches") or []))
         LAST_RECONCILE.set(time.time())
+    elif name == "ledger.verify" and kwargs.get("user_id") is None:
+        CHAIN_BROKEN.set(len(result.get("broken") or []))
+        LAST_VERIFY.set(time.time())
 
 
 def _count_batch(items: list[Any], asked: list[Any]) -> None:

@@ -69,6 +69,7 @@ from token_worker_client.models import (
     SweepOut,
     TotalOut,
     TypeStats,
+    VerifyOut,
 )
 
 __all__ = [
@@ -133,4 +134,5 @@ __all__ = [
     "Unauthorized",
     "UnknownOperationType",
     "UserNotFound",
+    "VerifyOut",
 ]

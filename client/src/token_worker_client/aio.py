@@ -47,6 +47,7 @@ from token_worker_client.models import (
     StatisticsOut,
     SweepOut,
     TotalOut,
+    VerifyOut,
 )
 
 R = TypeVar("R")
@@ -408,6 +409,11 @@ class AsyncTokenClient:
         self, *, user_id: str | None = None, timeout: float | None = None
     ) -> ReconcileOut | Failure:
         return await self._call(contract.RECONCILE, locals())
+
+    async def verify(
+        self, *, user_id: str | None = None, timeout: float | None = None
+    ) -> VerifyOut | Failure:
+        return await self._call(contract.VERIFY, locals())
 
     # --- renewals ----------------------------------------------------------------------------
 

@@ -43,6 +43,7 @@ from token_worker_client.models import (
     StatisticsOut,
     SweepOut,
     TotalOut,
+    VerifyOut,
 )
 from token_worker_client.signing import Signer, sign_messages
 
@@ -532,6 +533,11 @@ class TokenClient:
         self, *, user_id: str | None = None, timeout: float | None = None
     ) -> ReconcileOut | Failure:
         return self._call(contract.RECONCILE, locals())
+
+    def verify(
+        self, *, user_id: str | None = None, timeout: float | None = None
+    ) -> VerifyOut | Failure:
+        return self._call(contract.VERIFY, locals())
 
     # --- renewals ----------------------------------------------------------------------------
 

@@ -78,6 +78,8 @@ from token_worker_client.models import (
     UserEntriesIn,
     UserIn,
     UserPeriodIn,
+    VerifyIn,
+    VerifyOut,
     parse_payload,
 )
 
@@ -155,6 +157,7 @@ DELETE_OLD_ENTRIES: Spec[DeletedOut | Failure] = _spec(
     "ledger.delete_old_entries", DeleteOldEntriesIn, DeletedOut
 )
 RECONCILE: Spec[ReconcileOut | Failure] = _spec("ledger.reconcile", ReconcileIn, ReconcileOut)
+VERIFY: Spec[VerifyOut | Failure] = _spec("ledger.verify", VerifyIn, VerifyOut)
 CHECK_ELIGIBILITY: Spec[EligibilityOut | Failure] = _spec(
     "renewals.check_eligibility", UserIn, EligibilityOut
 )

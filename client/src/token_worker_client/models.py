@@ -353,6 +353,10 @@ class ReconcileIn(Payload):
     user_id: UserId | None = None
 
 
+class VerifyIn(Payload):
+    user_id: UserId | None = None
+
+
 # --- renewals -------------------------------------------------------------------------------
 
 
@@ -556,6 +560,9 @@ class EntryOut(BaseModel):
     grants: list[EntrySplit] = Field(default_factory=list)
     # v1.2: the member that spent it, in its pool's ledger (None: the account's own)
     spent_by: str | None = None
+    # v1.2: the user's hash chain (None from a worker before it).
+    prev_hash: str | None = None
+    hash: str | None = None
 
 
 class EntriesOut(Result):
@@ -596,6 +603,17 @@ class Mismatch(BaseModel):
 class ReconcileOut(Result):
     checked: int
     mismatches: list[Mismatch]
+
+
+class Broken(BaseModel):
+    user_id: str
+    entry_id: str | None
+    reason: str
+
+
+class VerifyOut(Result):
+    checked: int
+    broken: list[Broken]
 
 
 class EligibilityOut(Result):
