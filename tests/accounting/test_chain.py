@@ -294,3 +294,24 @@ def test_the_script_checks_an_export(session: Session, tmp_path: Path) -> None:
     )
     assert run.returncode == 1
     assert f"u1 {listed[3]['id']}: hash" in run.stdout
+
+
+def test_a_pool_has_one_chain_with_its_members_entries(session: Session) -> None:
+    accounts.open_account(session, "pool", initial_balance=100)
+    accounts.open_account(session, "team", parent_id="pool")
+    accounts.open_account(session, "member", parent_id="team")
+    movements.debit(session, "member", 10, "image_generation")
+    movements.debit(session, "pool", 5, "image_generation")
+    session.commit()
+    listed = entries(session, "pool")
+    assert [e["spent_by"] for e in listed] == [None, "member", None]
+    assert listed[1]["prev_hash"] == listed[0]["hash"]
+    assert verify_ledger.problems(listed) == []
+    assert verified(session) == []
+    # spent_by is hashed: crediting the pool's own spend to a member breaks the chain.
+    tamper(
+        session,
+        "UPDATE ledger_entries SET spent_by = 'team' WHERE id = :id",
+        id=int(listed[1]["id"]),
+    )
+    assert verified(session) == [Broken(user_id="pool", entry_id=listed[1]["id"], reason="hash")]
