@@ -228,7 +228,10 @@ class Backlog:
 
 
 def backlog(session: Session, celery: bool, webhook: bool) -> Backlog:
-    """Events not yet delivered by some configured push channel (numbered or not)."""
+    """Events not yet delivered by some configured push channel (numbered or not); none without
+    a push channel (pulled events are the consumer's to fetch)."""
+    if not (celery or webhook):
+        return Backlog(0, 0.0)
     undelivered = ["e.pos IS NULL"]
     if celery:
         undelivered.append("e.pos > coalesce((SELECT pos FROM event_channels WHERE name = :ch), 0)")

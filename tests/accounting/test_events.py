@@ -238,3 +238,26 @@ def test_a_cursor_consumer_sees_every_event_once_under_concurrent_commits_held_o
         written = conn.execute(text(f"SELECT id FROM events WHERE pos > {start}")).scalars().all()
     assert sorted(map(int, seen)) == sorted(written)
     assert len(seen) == len(set(seen)) == len(users) * 15
+
+
+def test_prune_keeps_recent_events_and_those_a_push_channel_has_yet_to_deliver(
+    session: Session,
+) -> None:
+    opened(session, balance=100)
+    for _ in range(3):
+        movements.debit(session, "u1", 1, "image_generation")
+    session.commit()
+    found = events(session)
+    session.execute(text("UPDATE events SET at = at - interval '8 days' WHERE seq <= 3"))
+    session.commit()
+    third = outbox.list_events(session, None, 3, None).next
+    outbox.channel_done(session, outbox.CELERY, int(third) - 1)  # the third not sent yet
+    outbox.webhook_delivered(session, [int(e["event_id"]) for e in found[:1]])
+    assert outbox.prune(session, 7, celery=True, webhook=True) == 1  # the first: old, sent, posted
+    assert outbox.prune(session, 7, celery=True, webhook=False) == 1  # the second
+    assert outbox.prune(session, 7, celery=False, webhook=False) == 1  # the third
+    assert [e["seq"] for e in events(session)] == [4]  # recent
+    # seq goes on from the account's counter, not from what is left
+    movements.debit(session, "u1", 1, "image_generation")
+    session.commit()
+    assert [e["seq"] for e in events(session)] == [4, 5]
