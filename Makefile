@@ -7,7 +7,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: install lock run beat test lint bench bench-quick bench-transport bench-renewals bench-grants bench-expiry bench-batches bench-brokers bench-reads bench-domain-debit profile clean
+.PHONY: install lock run beat test lint faults bench bench-quick bench-transport bench-renewals bench-grants bench-expiry bench-batches bench-brokers bench-reads bench-domain-debit profile clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -59,6 +59,15 @@ test: install lint
 	TOKENS_TEST_BROKER=amqp $(BIN)/pytest -q $(AMQP_TESTS)
 	TOKENS_TEST_BROKER=quorum $(BIN)/pytest -q $(AMQP_TESTS)
 	TOKENS_TEST_BROKER=embedded $(BIN)/pytest -q tests/tasks
+
+# The fault suite under load (issue 25, tests/faults/): each fault (Redis SIGKILLed, PostgreSQL
+# restarted with an immediate shutdown, the worker's links to PostgreSQL and to Redis cut for
+# 10 s, the worker SIGKILLed every 2 s) on private servers of its own (a Redis and a PostgreSQL on
+# free ports, scratch directories) while producers send 5,000 debits through the typed client;
+# one table row per fault, also in var/faults/results-<time>.md. `make test` runs the short form
+# (1,000 debits, links cut for 5 s) with the rest of pytest: about two minutes.
+faults: install
+	TOKENS_FAULTS=full $(BIN)/pytest -q tests/faults
 
 # Every benchmark below, one after another (output in var/bench/bench-<time>.log), then one
 # table of issue 12's goals, also written to var/bench/summary-<date>.md.

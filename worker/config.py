@@ -10,6 +10,9 @@ from worker.queues import DEFAULT_QUEUE, RENEWALS_QUEUE, task_queues
 from worker.settings import Settings
 from worker.sqlpolling import BROKER_POLLING_INTERVAL
 
+#: Seconds a worker waits for Redis to answer a command (not the blocking wait for a message).
+REDIS_SOCKET_TIMEOUT = 10
+
 
 def celery_config(settings: Settings) -> dict[str, Any]:
     # Redis redelivers what a dead worker held after visibility_timeout. These options are for
@@ -22,8 +25,19 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             # (10 x 10 by default), so redelivery came up to 100 s after the visibility timeout.
             "unacked_restore_interval": max(1, min(10, settings.visibility_timeout // 10)),
             "unacked_restore_throttle": 1,
+            # Only the holder of this lock puts back what dead workers held; one whose connection
+            # went silent while taking it held it for kombu's 300 s, and nothing came back
+            # meanwhile. Each message is put back in a WATCHed transaction, so two at once are
+            # harmless: the lock need only outlast one pass.
+            "unacked_mutex_expire": max(5, min(30, settings.visibility_timeout // 10)),
             "health_check_interval": 25,
             "socket_keepalive": True,
+            # Acknowledgements and the like are read with a blocking call in the consumer's
+            # loop: on a link that went silent (packets dropped, no reset) a read without a
+            # timeout waited for TCP keepalive (hours) and the worker took nothing meanwhile.
+            # Timed out, it is a connection error: Celery reconnects (tests/faults/).
+            "socket_timeout": REDIS_SOCKET_TIMEOUT,
+            "socket_connect_timeout": REDIS_SOCKET_TIMEOUT,
         }
     # RabbitMQ has no visibility timeout: it redelivers what a worker held as soon as the
     # worker's connection closes (a crash included), and closes a channel holding a message

@@ -21,6 +21,7 @@ Each round: give committed events their place (``tokens_events_number``), then
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
@@ -96,7 +97,7 @@ class Relay:
             poolclass=NullPool,
             connect_args={
                 "connect_timeout": 10,
-                "application_name": "tokens-events-relay",
+                "application_name": f"tokens-events-relay-{os.getpid()}",
                 "keepalives": 1,
                 "keepalives_idle": 5,
                 "keepalives_interval": 2,

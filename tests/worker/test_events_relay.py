@@ -8,6 +8,7 @@ import base64
 import json
 import os
 import signal
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -20,7 +21,7 @@ from sqlalchemy import text
 
 from accounting import accounts, movements
 from tests.polling import wait_for
-from tests.support import WorkerProcess, running_workers
+from tests.support import WorkerProcess, run_in_threads, running_workers
 from worker.db import get_engine, session_scope
 from worker.relay import LOCK_KEY
 from worker.settings import get_settings
@@ -160,3 +161,70 @@ def test_a_relay_killed_between_publish_and_record_publishes_again_with_the_same
     again = events_queue.ids()[len(first_time) :]
     assert again[: len(first_time)] == first_time  # the same events, the same ids, in order
     assert sorted(set(again), key=int) == written()
+
+
+def active_relay_pid() -> int | None:
+    """The worker process whose relay holds the lock (its connection is named after it)."""
+    with get_engine().connect() as conn:
+        name = conn.execute(
+            text(
+                "SELECT a.application_name FROM pg_locks l"
+                " JOIN pg_stat_activity a ON a.pid = l.pid"
+                " WHERE l.locktype = 'advisory' AND l.granted"
+                " AND (l.classid::bigint << 32 | l.objid::bigint) = :k"
+                " AND a.datname = current_database()"
+            ),
+            {"k": LOCK_KEY},
+        ).scalar_one_or_none()
+    return int(name.rsplit("-", 1)[1]) if name else None
+
+
+MOVEMENTS = int(os.environ.get("TOKENS_TEST_RELAY_SOAK_MOVEMENTS", "2000"))
+
+
+def test_no_event_is_lost_while_the_active_relay_is_killed_every_second(
+    events_queue: EventQueue, app: Any
+) -> None:
+    users = [f"u{i}" for i in range(20)]
+    opened(users)
+    pool = [relay_worker(f"soak{i}", events_queue) for i in range(3)]
+    kills = 0
+    with running_workers(app, *pool):
+        done = threading.Event()
+
+        def movers() -> None:
+            try:
+                run_in_threads(4, lambda t: move(users[t::4], MOVEMENTS // len(users)))
+            finally:
+                done.set()
+
+        mover = threading.Thread(target=movers)
+        mover.start()
+        while not done.is_set():
+            time.sleep(1)
+            pid = active_relay_pid()
+            victim = next((w for w in pool if w.proc and w.proc.pid == pid), None)
+            if victim is not None:
+                victim.kill()
+                kills += 1
+                victim.start()  # back as a standby (ready in a few seconds)
+            events_queue.drain()
+        mover.join()
+        wait_for(
+            lambda: set(events_queue.ids()) >= set(written()), 120, "every event, after the kills"
+        )
+    received = events_queue.ids()
+    print(f"{len(written())} events, {kills} relays killed, {len(received)} deliveries")
+    assert set(received) == set(written())
+    assert len(written()) >= MOVEMENTS
+    assert kills >= 3, f"only {kills} relays killed"
+    in_seq_order_but_for_replays(events_queue.drain())
+
+
+def in_seq_order_but_for_replays(received: list[dict[str, Any]]) -> None:
+    """Per user, each first delivery comes after the user's earlier ones; a replay (the same
+    id again, after a relay died) may repeat what came before."""
+    last: dict[str, int] = {}
+    for e in received:
+        assert e["seq"] <= last.get(e["user_id"], 0) + 1, f"{e['user_id']}: a seq skipped"
+        last[e["user_id"]] = max(last.get(e["user_id"], 0), e["seq"])

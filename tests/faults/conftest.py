@@ -1,0 +1,33 @@
+"""The table of the fault suite (``make faults``): one row per fault, printed at the end of the
+run and written to var/faults/results-<time>.md."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+from tests.devenv import ROOT
+from tests.faults.load import Report
+from tests.faults.test_under_load import DEBITS, REPORTS
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if not REPORTS:
+        return
+    stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    command = "make faults" if os.environ.get("TOKENS_FAULTS") == "full" else "pytest tests/faults"
+    lines = [
+        f"Faults under load, {DEBITS} debits each ({command}, {stamp}):",
+        "",
+        Report.HEADER,
+        *(r.row() for r in REPORTS),
+    ]
+    text = "\n".join(lines)
+    terminalreporter.write_line("")
+    for line in lines:
+        terminalreporter.write_line(line)
+    out = ROOT / "var" / "faults" / f"results-{time.strftime('%Y%m%dT%H%M%S')}.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text + "\n")
