@@ -73,5 +73,23 @@ def refusing(session: Session, user_id: str, requested: int) -> SpendLimitOut | 
     return None if row.refusing is None else limit_out(row.refusing)
 
 
+# Every limit's use now, per account with limits (its own, read by tokens_limits with those
+# above it); the cost follows the accounts that have limits.
+_NEAR = text(
+    "SELECT x.listed->>'period' AS period,"
+    " count(*) FILTER (WHERE x.used * 10 >= x.max_tokens * 9) AS near,"
+    " count(*) FILTER (WHERE x.used >= x.max_tokens) AS reached"
+    " FROM (SELECT DISTINCT l.user_id FROM spend_limits l) a"
+    " CROSS JOIN LATERAL tokens_limits(a.user_id, NULL) x"
+    " WHERE x.user_id = a.user_id GROUP BY 1"
+)
+
+
+def near(session: Session) -> dict[str, tuple[int, int]]:
+    """By period: how many limits have used 90 % or more of ``max_tokens`` now, and how many
+    all of it (the metrics' near-limit gauges: five periods, whatever the number of limits)."""
+    return {row.period: (int(row.near), int(row.reached)) for row in session.execute(_NEAR)}
+
+
 def limit_out(listed: dict[str, Any]) -> SpendLimitOut:
     return SpendLimitOut.model_validate(listed)

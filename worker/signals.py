@@ -9,8 +9,9 @@
 - ``grants_expired(grants, tokens)``: the domain's event (``accounting/events.py``), sent after
   expiry entries have committed: how many grants expired and the tokens they took (metrics).
 - ``operation_completed(operation, task_id, user_id, operation_type, amount, success, replayed,
-  duration, error, error_code)``: sent once per task outcome: a success, a refusal
-  (``error``/``error_code`` of the contract), or a final failure (``error_code``
+  duration, error, error_code, limit)``: sent once per task outcome: a success, a refusal
+  (``error``/``error_code`` of the contract; ``limit``, the refusing spend limit, for
+  ``LIMIT_EXCEEDED``), or a final failure (``error_code``
   ``TIME_LIMIT_EXCEEDED``, ``DATABASE_ERROR`` or ``INTERNAL_ERROR``, ``error`` the exception in
   one line). ``operation_type`` is the movement's (or the one asked for, else None); ``replayed``
   is true when an earlier identical request had already done it. Not for an attempt that is
@@ -75,6 +76,7 @@ operation_completed = Signal(
         "duration",
         "error",
         "error_code",
+        "limit",
     },
 )
 operation_retried = Signal(
@@ -113,6 +115,8 @@ def send_completed(
         duration=duration,
         error=error if error is not None else outcome.get("error"),
         error_code=error_code if error_code is not None else outcome.get("error_code"),
+        # LIMIT_EXCEEDED: the refusing limit (contract v1.2)
+        limit=outcome.get("limit"),
     )
 
 

@@ -12,14 +12,11 @@ CREATE OR REPLACE FUNCTION tokens_limit(
 --   of an entry made at p_at gives back what it counted, if that bucket is still kept), and
 --   p_hold as held by the spender and the accounts above it (a pool's holds are its
 --   tokens_reserved, which the caller moves). Members' holds are counted limited or not.
--- A bucket made new prunes its account's buckets of that width older than every window
--- that still reads them.
 DECLARE
     v_requested bigint := greatest(p_amount, 0) + greatest(p_hold, 0);
     v_users text[] := '{}';
     v_grains text[] := '{}';
     v_los timestamptz[] := '{}';
-    v_new boolean;
     v record;
 BEGIN
     IF p_limited THEN
@@ -31,25 +28,26 @@ BEGIN
             v_grains := v_grains || v.grain;
             v_los := v_los || v.lo;
         END LOOP;
-        IF p_amount <> 0 THEN
-            FOR v IN
-                SELECT c.u, c.g, min(c.lo) AS lo, tokens_bucket(c.g, p_at) AS bucket
-                FROM unnest(v_users, v_grains, v_los) AS c(u, g, lo) GROUP BY c.u, c.g
-            LOOP
-                IF p_amount > 0 THEN
-                    INSERT INTO limit_buckets AS b (user_id, grain, bucket, tokens)
-                    VALUES (v.u, v.g, v.bucket, p_amount)
-                    ON CONFLICT (user_id, grain, bucket) DO UPDATE SET tokens = b.tokens + p_amount
-                    RETURNING b.xmax = 0 INTO v_new;
-                    IF v_new THEN
-                        DELETE FROM limit_buckets b
-                        WHERE b.user_id = v.u AND b.grain = v.g AND b.bucket < v.lo;
-                    END IF;
-                ELSE
-                    UPDATE limit_buckets b SET tokens = b.tokens + p_amount
-                    WHERE b.user_id = v.u AND b.grain = v.g AND b.bucket = v.bucket;
-                END IF;
-            END LOOP;
+        IF p_amount > 0 THEN
+            -- One upsert for every bucket the spend lands in; a bucket made new prunes its
+            -- account's buckets of that width older than every window reading them.
+            WITH counted AS (
+                INSERT INTO limit_buckets AS b (user_id, grain, bucket, tokens)
+                SELECT c.u, c.g, tokens_bucket(c.g, p_at), p_amount
+                FROM unnest(v_users, v_grains) AS c(u, g) GROUP BY c.u, c.g
+                ON CONFLICT (user_id, grain, bucket) DO UPDATE SET tokens = b.tokens + p_amount
+                RETURNING b.user_id, b.grain, b.xmax = 0 AS made
+            )
+            DELETE FROM limit_buckets b
+            USING counted n, (SELECT c.u, c.g, min(c.lo) AS lo
+                              FROM unnest(v_users, v_grains, v_los) AS c(u, g, lo)
+                              GROUP BY c.u, c.g) w
+            WHERE n.made AND w.u = n.user_id AND w.g = n.grain
+              AND b.user_id = n.user_id AND b.grain = n.grain AND b.bucket < w.lo;
+        ELSIF p_amount < 0 THEN
+            UPDATE limit_buckets b SET tokens = b.tokens + p_amount
+            FROM (SELECT DISTINCT c.u, c.g FROM unnest(v_users, v_grains) AS c(u, g)) w
+            WHERE b.user_id = w.u AND b.grain = w.g AND b.bucket = tokens_bucket(w.g, p_at);
         END IF;
     END IF;
     IF p_hold <> 0 AND p_spender <> p_pool THEN

@@ -31,7 +31,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import text
 
-from accounting import accounts, movements
+from accounting import accounts, limits, movements
 from tests import dbstate
 from tests.polling import wait_for
 from tests.support import ROOT, WorkerProcess, call, free_port, running_workers, waiting_on_locks
@@ -43,6 +43,8 @@ from worker.metrics import (
     ScrapeCollector,
     exported_names,
 )
+from worker.metrics.definitions import LIMIT_REFUSALS
+from worker.metrics.handlers import on_operation_completed
 
 Labels = tuple[tuple[str, str], ...]
 Scrape = dict[tuple[str, Labels], float]
@@ -392,6 +394,48 @@ def test_debt_is_read_on_each_scrape(tmp_path: Path) -> None:
         assert read() == (1, 3)
     finally:
         collector.database.forget()
+
+
+def test_spend_limits_near_and_at_their_max_are_read_on_each_scrape(
+    tmp_path: Path, clean_db: None
+) -> None:
+    """By period, whatever the number of limits: a day limit at 95 % is near, a minute limit
+    spent whole is near and reached; a refusal counts in tokens_limit_refusals_total."""
+    with session_scope() as session:
+        accounts.open_account(session, "lp", initial_balance=1000)
+        accounts.open_account(session, "lm", parent_id="lp")
+        limits.set_limit(session, "lp", "daily", 100, "day")
+        limits.set_limit(session, "lm", "burst", 50, "minute", rolling=True)
+        limits.set_limit(session, "lm", "weekly", 1000, "week")
+        movements.debit(session, "lm", 45, "image_generation")
+        movements.debit(session, "lp", 5, "image_generation")
+        movements.debit(session, "lm", 5, "image_generation")
+    collector = ScrapeCollector(
+        tmp_path,
+        BrokerQueues(Celery("scrape", broker="redis://127.0.0.1:6379/0"), ["celery"]),
+        DatabaseReads(get_engine().url.render_as_string(hide_password=False)),
+    )
+    try:
+        families = {f.name: f.samples for f in collector.collect()}
+    finally:
+        collector.database.forget()
+    near = {s.labels["period"]: s.value for s in families["tokens_limits_near"]}
+    reached = {s.labels["period"]: s.value for s in families["tokens_limits_reached"]}
+    assert near == {"day": 0, "minute": 1, "week": 0}  # 55 of 100 a day: not near
+    assert reached == {"day": 0, "minute": 1, "week": 0}
+    before = LIMIT_REFUSALS.labels("minute")._value.get()
+    limit = {"period": "minute", "name": "burst"}
+    on_operation_completed(
+        operation="tokens.debit",
+        operation_type="image_generation",
+        amount=1,
+        success=False,
+        replayed=False,
+        duration=0.01,
+        error_code="LIMIT_EXCEEDED",
+        limit=limit,
+    )
+    assert LIMIT_REFUSALS.labels("minute")._value.get() == before + 1
 
 
 def test_a_dead_process_in_progress_count_is_forgotten(tmp_path: Path) -> None:

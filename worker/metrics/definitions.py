@@ -135,6 +135,13 @@ EVENT_DELIVERIES = Counter(
     ["channel", "outcome"],
     registry=None,
 )
+LIMIT_REFUSALS = Counter(
+    "tokens_limit_refusals",
+    "Requests refused LIMIT_EXCEEDED (a debit, charge, reserve or extend, or a batch's item), by"
+    " the refusing limit's period (minute, hour, day, week, month).",
+    ["period"],
+    registry=None,
+)
 ACTIVE = Gauge(
     "celery_worker_tasks_active",
     "Tasks running now.",
@@ -147,7 +154,7 @@ FILE_METRICS: tuple[Counter | Gauge | Histogram, ...] = (
     REFUSED, UNAUTHORIZED, DURATION,
     RECONCILE_MISMATCHES, LAST_RECONCILE, CHAIN_BROKEN, LAST_VERIFY,
     SENT, RECEIVED, STARTED, SUCCEEDED, FAILED, RETRIED,
-    RUNTIME, QUEUE_WAIT, ACTIVE, EVENT_DELIVERIES,
+    RUNTIME, QUEUE_WAIT, ACTIVE, EVENT_DELIVERIES, LIMIT_REFUSALS,
 )  # fmt: skip
 
 # Movement tasks: their result's ``amount`` is the signed change of the balance.

@@ -39,6 +39,7 @@ from worker.metrics.definitions import (
     FAILED,
     LAST_RECONCILE,
     LAST_VERIFY,
+    LIMIT_REFUSALS,
     MOVEMENTS,
     OPERATIONS,
     OTHER,
@@ -57,7 +58,14 @@ from worker.metrics.definitions import (
     SUCCEEDED,
     UNAUTHORIZED,
 )
-from worker.metrics.labels import known_queue, moved, of, operation_type_label, queue_label
+from worker.metrics.labels import (
+    known_queue,
+    moved,
+    of,
+    operation_type_label,
+    period_label,
+    queue_label,
+)
 from worker.poison import REASONS
 from worker.poison import UNAUTHORIZED as UNAUTHORIZED_REASON
 from worker.producers import UNKNOWN
@@ -74,12 +82,14 @@ def on_operation_completed(
     replayed: bool,
     duration: float,
     error_code: str | None,
+    limit: Any = None,
     **_: Any,
 ) -> None:
     op_type = operation_type_label(operation_type)
     of(OPERATIONS, operation, op_type, "ok" if success else error_code or "UNKNOWN").inc()
     of(DURATION, operation).observe(duration)
     if not success:
+        _count_limit(limit)
         return
     if replayed:
         of(REPLAYS, operation, op_type).inc()
@@ -196,9 +206,17 @@ def _count_batch(items: list[Any], asked: list[Any]) -> None:
         op_type = operation_type_label(item.get("operation_type", sent.get("operation_type")))
         ok = item.get("success") is True
         of(BATCH_ITEMS, op_type, "ok" if ok else item.get("error_code") or "UNKNOWN").inc()
+        if not ok:
+            _count_limit(item.get("limit"))
         amount = item.get("amount")
         if ok and item.get("replayed") is not True and type(amount) is int:
             moved(op_type, amount)
+
+
+def _count_limit(limit: Any) -> None:
+    """A LIMIT_EXCEEDED refusal (it alone carries ``limit``), by its limit's period."""
+    if isinstance(limit, dict):
+        of(LIMIT_REFUSALS, period_label(limit.get("period"))).inc()
 
 
 def on_task_failure(sender: Any = None, *, exception: BaseException, **_: Any) -> None:
@@ -215,7 +233,6 @@ def on_after_task_publish(
 ) -> None:
     name = headers.get("task") if isinstance(headers, dict) else None
     of(SENT, name or sender, known_queue(routing_key)).inc()
-
 
 
 def on_events_delivered(channel: str, outcome: str, count: int, **_: Any) -> None:

@@ -28,6 +28,14 @@ def operation_type_label(operation_type: Any) -> str:
     return operation_type if operation_type in _known_types else OTHER
 
 
+_periods = frozenset(("minute", "hour", "day", "week", "month"))
+
+
+def period_label(period: Any) -> str:
+    """A spend limit's period (five values; anything else is ``other``)."""
+    return period if period in _periods else OTHER
+
+
 def queue_label(delivery_info: Any) -> str:
     key = delivery_info.get("routing_key") if isinstance(delivery_info, dict) else None
     return key if key in _queues else OTHER

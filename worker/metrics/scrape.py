@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Collection, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy import Engine, create_engine
 from sqlalchemy.orm import Session
 
-from accounting import grants, outbox, renewals, reservations
+from accounting import grants, limits, outbox, renewals, reservations
 from worker.embedded import alive
 from worker.failures import one_line
 from worker.settings import get_settings
@@ -88,6 +88,8 @@ class DatabaseState:
     debtors: int = 0
     debt: int = 0
     events: outbox.Backlog | None = None
+    # By period: spend limits at 90 % or more of max_tokens now, and those at it or past it.
+    limits: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
 class DatabaseReads:
@@ -115,6 +117,7 @@ class DatabaseReads:
                     debtors=debtors,
                     debt=debt,
                     events=outbox.backlog(session, celery, webhook),
+                    limits=limits.near(session),
                 )
 
     def _engine(self) -> Engine:
@@ -166,6 +169,16 @@ def families() -> list[GaugeMetricFamily]:
             "Age of the oldest of those events (0 when there is none).",
         ),
         GaugeMetricFamily(
+            "tokens_limits_near",
+            "Spend limits whose window has used 90 % or more of max_tokens now, by period.",
+            labels=["period"],
+        ),
+        GaugeMetricFamily(
+            "tokens_limits_reached",
+            "Spend limits whose window has used all of max_tokens now (or more), by period.",
+            labels=["period"],
+        ),
+        GaugeMetricFamily(
             "tokens_scrape_source_up",
             "Whether the source answered this scrape (1) or not (0).",
             labels=["source"],
@@ -189,7 +202,8 @@ class ScrapeCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         self._forget_dead_processes()
-        queues, active, held, swept_at, swept, pending, debtors, debt, events, age, up = families()
+        (queues, active, held, swept_at, swept, pending, debtors, debt, events, age, near, reached,
+         up) = families()  # fmt: skip
         try:
             for queue, length in self.broker.lengths().items():
                 queues.add_metric([queue], length)
@@ -203,6 +217,9 @@ class ScrapeCollector(Collector):
             held.add_metric([], state.reserved_tokens)
             debtors.add_metric([], state.debtors)
             debt.add_metric([], state.debt)
+            for period, (close, full) in state.limits.items():
+                near.add_metric([period], close)
+                reached.add_metric([period], full)
             if state.events is not None:
                 events.add_metric([], state.events.pending)
                 age.add_metric([], state.events.oldest_seconds)
@@ -217,7 +234,8 @@ class ScrapeCollector(Collector):
         except Exception as exc:
             log.warning("metrics: could not read the database: %s", one_line(exc))
             up.add_metric(["database"], 0)
-        yield from (queues, active, held, swept_at, swept, pending, debtors, debt, up)
+        yield from (queues, active, held, swept_at, swept, pending, debtors, debt, near, reached)
+        yield up
 
     def _forget_dead_processes(self) -> None:
         for path in self.directory.glob("gauge_live*_*.db"):
