@@ -162,9 +162,34 @@ def set_tier(
     return balance_of(load_account(session, user_id), session)
 
 
-def get_balance(session: Session, user_id: str) -> BalanceOut:
+def get_balance(session: Session, user_id: str, as_of: datetime | None = None) -> BalanceOut:
+    """The balance now (due grants settled first), or with ``as_of`` the four balance fields
+    as they were then (``tokens_balance_at``: the ledger's and the history's, nothing settled)."""
+    if as_of is not None:
+        return _balance_at(session, user_id, as_of)
     grants.settle_reads(session, pool_of(session, user_id))
     return balance_of(load_account(session, user_id), session)
+
+
+_BALANCE_AT = text("SELECT * FROM tokens_balance_at(:user_id, :at)")
+
+
+def _balance_at(session: Session, user_id: str, at: datetime) -> BalanceOut:
+    then = session.execute(_BALANCE_AT, {"user_id": user_id, "at": at}).one()
+    if not then.found:
+        raise user_not_found()
+    if then.pruned_before is not None:
+        raise validation_error(f"History before {then.pruned_before.isoformat()} was pruned")
+    now = balance_of(load_account(session, user_id), session)
+    return now.model_copy(
+        update={
+            "tokens_balance": then.balance,
+            "tokens_reserved": then.reserved,
+            "tokens_available": then.balance - then.reserved,
+            "tokens_spent": then.spent,
+            "as_of": at,
+        }
+    )
 
 
 def can_afford(session: Session, user_id: str, operation_type: str) -> CanAffordOut:

@@ -502,6 +502,23 @@ class LimitBucket(Base):
     tokens: Mapped[int] = mapped_column(BigInteger)
 
 
+class AccountHistory(Base):
+    """What an account's tokens_reserved and tokens_spent became at each change (the trigger
+    sql/history/tokens_history.sql writes it), for balances as of an instant."""
+
+    __tablename__ = "account_history"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    user_id: Mapped[str] = mapped_column(
+        String(128), ForeignKey("accounts.user_id", ondelete="CASCADE")
+    )
+    at: Mapped[datetime] = mapped_column(UTCDateTime)
+    reserved: Mapped[int] = mapped_column(BigInteger)
+    spent: Mapped[int] = mapped_column(BigInteger)
+
+    __table_args__ = (Index("ix_account_history_user_at", "user_id", "at", "id"),)
+
+
 # The Core tables, typed, for statements built once with bind parameters.
 account_table = cast(Table, Account.__table__)
 ledger_table = cast(Table, LedgerEntry.__table__)

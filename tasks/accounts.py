@@ -6,6 +6,7 @@ from sqlalchemy.orm import Session
 
 from accounting import accounts, grants, limits
 from models.schemas import (
+    BalanceIn,
     BalanceOut,
     CanAffordIn,
     CanAffordOut,
@@ -39,9 +40,9 @@ def set_tier(session: Session, p: SetTierIn, _task_id: str | None) -> BalanceOut
     return accounts.set_tier(session, p.user_id, p.tier, p.subscription_expires_at)
 
 
-@contract_task("tokens.get_balance", UserIn)
-def get_balance(session: Session, p: UserIn, _task_id: str | None) -> BalanceOut:
-    return accounts.get_balance(session, p.user_id)
+@contract_task("tokens.get_balance", BalanceIn)
+def get_balance(session: Session, p: BalanceIn, _task_id: str | None) -> BalanceOut:
+    return accounts.get_balance(session, p.user_id, p.as_of)
 
 
 @contract_task("tokens.can_afford", CanAffordIn)

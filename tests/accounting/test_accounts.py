@@ -251,3 +251,81 @@ def test_can_afford_refusals(session: Session) -> None:
         "USER_NOT_FOUND",
         "User not found",
     )
+
+
+# --- balances as of an instant (contract v1.2) --------------------------------------------------
+
+
+def _at(session: Session, sql: str, **params: object) -> datetime:
+    moment = session.execute(text(sql), params).scalar_one()
+    assert isinstance(moment, datetime)
+    return moment
+
+
+def _then(session: Session, user_id: str, at: datetime) -> tuple[int, int, int, int]:
+    out = accounts.get_balance(session, user_id, as_of=at)
+    assert out.as_of == at
+    return out.tokens_balance, out.tokens_reserved, out.tokens_available, out.tokens_spent
+
+
+def test_a_balance_as_of_any_instant_is_what_the_ledger_and_holds_said_then(
+    session: Session,
+) -> None:
+    from accounting import movements, reservations
+
+    accounts.open_account(session, "u", initial_balance=100)
+    movements.debit(session, "u", 30, "image_generation")
+    hold = reservations.reserve(session, "u", 20)
+    reservations.capture(session, hold.reservation_id, 15)
+    movements.credit(session, "u", 50)
+    session.commit()
+    times = list(
+        session.execute(
+            text("SELECT created_at FROM ledger_entries WHERE user_id = 'u' ORDER BY id")
+        ).scalars()
+    )
+    held_at = _at(session, "SELECT created_at FROM reservations WHERE user_id = 'u'")
+    tick = timedelta(microseconds=1)
+    assert _then(session, "u", times[0] - tick) == (0, 0, 0, 0)  # before the account's first entry
+    assert _then(session, "u", times[0]) == (100, 0, 100, 0)
+    assert _then(session, "u", times[1]) == (70, 0, 70, 30)
+    assert _then(session, "u", held_at) == (70, 20, 50, 30)
+    assert _then(session, "u", times[2] - tick) == (70, 20, 50, 30)
+    assert _then(session, "u", times[2]) == (55, 0, 55, 45)  # the capture replaced the hold
+    assert _then(session, "u", times[3]) == (105, 0, 105, 45)
+    now = accounts.get_balance(session, "u")
+    assert "as_of" not in now.model_dump(mode="json")  # only when asked
+    assert _then(session, "u", times[3] + timedelta(days=1)) == (105, 0, 105, 45)
+
+
+def test_a_member_as_of_reads_its_pool_and_its_own_spend(session: Session) -> None:
+    from accounting import movements
+
+    accounts.open_account(session, "pool", initial_balance=100)
+    accounts.open_account(session, "m", parent_id="pool")
+    movements.debit(session, "m", 10, "image_generation")
+    movements.debit(session, "pool", 5, "image_generation")
+    session.commit()
+    first, mine, pools = session.execute(
+        text("SELECT created_at FROM ledger_entries WHERE user_id = 'pool' ORDER BY id")
+    ).scalars()
+    assert _then(session, "m", mine) == (90, 0, 90, 10)
+    assert _then(session, "m", pools) == (85, 0, 85, 10)
+    assert _then(session, "pool", pools) == (85, 0, 85, 15)  # a pool counts its tree
+    assert _then(session, "m", first) == (100, 0, 100, 0)
+
+
+def test_as_of_before_a_prune_is_refused(session: Session) -> None:
+    from accounting import ledger, movements
+
+    accounts.open_account(session, "u", initial_balance=100)
+    movements.debit(session, "u", 30, "image_generation")
+    session.commit()
+    last = _at(session, "SELECT max(created_at) FROM ledger_entries WHERE user_id = 'u'")
+    ledger.delete_old_entries(session, last + timedelta(microseconds=1))
+    session.commit()
+    assert _then(session, "u", last) == (70, 0, 70, 30)  # the checkpoint stands for them
+    error = refused(session, accounts.get_balance, "u", as_of=last - timedelta(seconds=1))
+    assert error.code == "VALIDATION_ERROR"
+    assert error.message == f"History before {last.isoformat()} was pruned"
+    assert refused(session, accounts.get_balance, "nobody", as_of=last).code == "USER_NOT_FOUND"

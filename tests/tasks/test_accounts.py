@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 from celery import Celery
 
 from tests import dbstate
@@ -220,3 +222,17 @@ def test_grants_lists_active_grants_in_burn_order_then_ended_ones(e2e: Celery) -
     assert refused["error_code"] == "VALIDATION_ERROR" and "expires_at" in refused["error"]
     with session_scope() as session:
         assert_ledger_consistent(session)
+
+
+def test_get_balance_as_of_an_instant(e2e: Celery) -> None:
+    call(e2e, "tokens.open_account", user_id="u", initial_balance=100)
+    debit = call(e2e, "tokens.debit", user_id="u", amount=30, operation_type="image_generation")
+    (entry,) = [e for e in dbstate.entries("u") if str(e["id"]) == debit["ledger_entry_id"]]
+    at = entry["created_at"]
+    before = (at - timedelta(microseconds=1)).isoformat()
+    then = call(e2e, "tokens.get_balance", user_id="u", as_of=before)
+    assert set(then) == dbstate.BALANCE_KEYS | {"as_of"}
+    assert (then["tokens_balance"], then["tokens_spent"], then["as_of"]) == (100, 0, before)
+    now = call(e2e, "tokens.get_balance", user_id="u", as_of=at.isoformat())
+    assert (now["tokens_balance"], now["tokens_available"], now["tokens_spent"]) == (70, 70, 30)
+    assert "as_of" not in call(e2e, "tokens.get_balance", user_id="u")

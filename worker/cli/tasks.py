@@ -20,8 +20,8 @@ mirror(
     "balance",
     "tokens.get_balance",
     "accounting.accounts:get_balance",
-    "Show a user's balance.",
-    Fields("UserIn", USER),
+    "Show a user's balance (with --as-of, the balance fields as they were then).",
+    Fields("BalanceIn", USER, helps={"as_of": "An instant (ISO 8601, UTC if no offset)."}),
 )
 mirror(
     main,

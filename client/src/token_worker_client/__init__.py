@@ -37,6 +37,7 @@ from token_worker_client.errors import (
     UserNotFound,
 )
 from token_worker_client.models import (
+    BalanceIn,
     BalanceOut,
     CanAffordOut,
     CaptureOut,
@@ -74,6 +75,7 @@ from token_worker_client.models import (
 
 __all__ = [
     "AsyncTokenClient",
+    "BalanceIn",
     "BalanceOut",
     "BelowReserved",
     "CanAffordOut",

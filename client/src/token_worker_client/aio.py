@@ -138,7 +138,7 @@ class AsyncTokenClient:
         return await self._call(contract.SET_TIER, locals())
 
     async def get_balance(
-        self, *, user_id: str, timeout: float | None = None
+        self, *, user_id: str, as_of: Date | None = None, timeout: float | None = None
     ) -> BalanceOut | Failure:
         return await self._call(contract.GET_BALANCE, locals())
 

@@ -263,7 +263,9 @@ class TokenClient:
     ) -> BalanceOut | Failure:
         return self._call(contract.SET_TIER, locals())
 
-    def get_balance(self, *, user_id: str, timeout: float | None = None) -> BalanceOut | Failure:
+    def get_balance(
+        self, *, user_id: str, as_of: Date | None = None, timeout: float | None = None
+    ) -> BalanceOut | Failure:
         return self._call(contract.GET_BALANCE, locals())
 
     def can_afford(

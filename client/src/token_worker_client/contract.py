@@ -29,6 +29,7 @@ from token_worker_client.events import (
     SetAutoTopupIn,
 )
 from token_worker_client.models import (
+    BalanceIn,
     BalanceOut,
     CanAffordIn,
     CanAffordOut,
@@ -119,7 +120,7 @@ OPEN_ACCOUNT: Spec[OpenAccountOut | Failure] = _spec(
     "tokens.open_account", OpenAccountIn, OpenAccountOut
 )
 SET_TIER: Spec[BalanceOut | Failure] = _spec("tokens.set_tier", SetTierIn, BalanceOut)
-GET_BALANCE: Spec[BalanceOut | Failure] = _spec("tokens.get_balance", UserIn, BalanceOut)
+GET_BALANCE: Spec[BalanceOut | Failure] = _spec("tokens.get_balance", BalanceIn, BalanceOut)
 CAN_AFFORD: Spec[CanAffordOut | Failure] = _spec("tokens.can_afford", CanAffordIn, CanAffordOut)
 DEBIT: Spec[MovementOut | Failure] = _spec("tokens.debit", DebitIn, MovementOut, Key.KWARG)
 DEBIT_BATCH: Spec[DebitBatchOut | Failure] = _spec(

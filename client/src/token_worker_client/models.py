@@ -23,7 +23,9 @@ from pydantic import (
     ConfigDict,
     Field,
     PlainSerializer,
+    SerializerFunctionWrapHandler,
     ValidationError,
+    model_serializer,
 )
 
 from token_worker_client.errors import ErrorCode, InvalidPayload, TokenRefused
@@ -184,6 +186,12 @@ class SetTierIn(Payload):
 
 class UserIn(Payload):
     user_id: UserId
+
+
+class BalanceIn(Payload):
+    user_id: UserId
+    # v1.2: the balance fields as they were at this instant
+    as_of: UTCDatetime | None = None
 
 
 class CanAffordIn(Payload):
@@ -452,6 +460,15 @@ class BalanceOut(Result):
     # v1.2: a member's pool and parent (both None for a pool, which every other account is)
     pool_id: str | None = None
     parent_id: str | None = None
+    # v1.2: the instant asked for, when the fields are as they were then (absent otherwise)
+    as_of: UTCDatetime | None = None
+
+    @model_serializer(mode="wrap")
+    def _as_of_only_when_asked(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        if data.get("as_of") is None:
+            data.pop("as_of", None)
+        return data
 
 
 class OpenAccountOut(BalanceOut):
