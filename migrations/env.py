@@ -23,7 +23,7 @@ def run_migrations_online() -> None:
     if connection is not None:
         run(connection)
         return
-    url = context.config.get_main_option("sqlalchemy.url") or get_settings().db_url
+    url = context.config.get_main_option("sqlalchemy.url") or get_settings().migrate_url
     engine = make_engine(url)
     try:
         with engine.connect() as conn:
@@ -34,7 +34,7 @@ def run_migrations_online() -> None:
 
 if context.is_offline_mode():
     context.configure(
-        url=get_settings().db_url, target_metadata=target_metadata, literal_binds=True
+        url=get_settings().migrate_url, target_metadata=target_metadata, literal_binds=True
     )
     with context.begin_transaction():
         context.run_migrations()

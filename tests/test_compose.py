@@ -49,7 +49,11 @@ COMPOSE_FILE = ROOT / "docker-compose.yml"
 ENV_EXAMPLE = ROOT / ".env.example"
 PROMETHEUS_CONFIG = ROOT / "ops" / "prometheus" / "prometheus.yml"
 BIN = Path(sys.executable).parent
-COMPOSE_ENV = {"POSTGRES_PASSWORD": "compose-test", "FLOWER_BASIC_AUTH": "ops:compose-test"}
+COMPOSE_ENV = {
+    "POSTGRES_PASSWORD": "compose-test",
+    "TOKENS_WORKER_DB_PASSWORD": "compose-test-worker",
+    "FLOWER_BASIC_AUTH": "ops:compose-test",
+}
 OUR_IMAGE = "token-worker:local"
 
 
@@ -331,6 +335,11 @@ class Stack:
 def mapped(value: str, scratch: Scratch) -> str:
     """A compose URL pointing at the scratch database or Redis slot on this host."""
     if value.startswith("postgresql") and "@postgres:5432/" in value:
+        # As the role the URL names (trust authentication here: its password is not checked).
+        if value.startswith("postgresql+psycopg://tokens_worker:"):
+            as_worker = scratch.database_url.replace("://postgres@", "://tokens_worker@", 1)
+            assert "://tokens_worker@" in as_worker, scratch.database_url
+            return as_worker
         return scratch.database_url
     m = re.fullmatch(r"redis://redis:6379/(\d+)", value)
     if m:

@@ -35,3 +35,24 @@ def upgrade(url: str | None = None, revision: str = "head") -> None:
             if problem:
                 raise Unavailable(problem) from None
     command.upgrade(alembic_config(url), revision)
+
+
+WORKER_ROLE = "tokens_worker"
+
+
+def allow_worker_login(url: str, password: str) -> None:
+    """Let the worker's role (migration 0026) log in with ``password``, set again each time."""
+    from psycopg import sql
+
+    from worker.db import make_engine
+
+    engine = make_engine(url)
+    try:
+        with engine.begin() as conn:
+            raw = conn.connection.driver_connection
+            statement = sql.SQL("ALTER ROLE {} WITH LOGIN PASSWORD {}").format(
+                sql.Identifier(WORKER_ROLE), sql.Literal(password)
+            )
+            conn.exec_driver_sql(statement.as_string(raw))
+    finally:
+        engine.dispose()

@@ -96,6 +96,11 @@ class Settings(BaseSettings):
 
     var_dir: Path = Path("var")
     database_url: str | None = None
+    # Migrations connect here (the tables' owner), the worker at database_url, as a role that
+    # may never change a ledger entry (migration 0026's tokens_worker; docs/operators.md).
+    migration_database_url: str | None = None
+    # With it, `tokens migrate` lets tokens_worker log in with this password.
+    worker_db_password: SecretStr | None = None
     broker_url: str | None = None
     result_backend: str | None = None
     redbeat_redis_url: str | None = None
@@ -195,7 +200,7 @@ class Settings(BaseSettings):
     operation_retried_handlers: list[str] = Field(default_factory=list)
     message_refused_handlers: list[str] = Field(default_factory=list)
 
-    @field_validator("database_url")
+    @field_validator("database_url", "migration_database_url")
     @classmethod
     def _database_url(cls, url: str | None) -> str | None:
         return None if url is None else normalise_database_url(url)
@@ -291,6 +296,10 @@ class Settings(BaseSettings):
     @property
     def db_url(self) -> str:
         return self.database_url or self.embedded_pg_url()
+
+    @property
+    def migrate_url(self) -> str:
+        return self.migration_database_url or self.db_url
 
     @property
     def broker(self) -> str:

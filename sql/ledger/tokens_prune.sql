@@ -1,7 +1,7 @@
 CREATE OR REPLACE FUNCTION tokens_prune(
     p_after text, p_size integer, p_cutoff timestamptz, p_older_than text,
     OUT users text[], OUT deleted bigint
-) LANGUAGE plpgsql VOLATILE AS $fn$
+) LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = public, pg_temp AS $fn$
 -- Prune the next p_size users (in user id order, after p_after) who have entries created before
 -- p_cutoff: each keeps one carried_forward entry for the sum removed (an earlier one is folded
 -- in) whose split is the removed entries' splits summed per grant, so balances equal their
@@ -9,6 +9,8 @@ CREATE OR REPLACE FUNCTION tokens_prune(
 -- them (ON DELETE CASCADE). users: who was pruned (none: the prune is done); deleted: the
 -- entries removed, earlier carried_forward entries not counted. The carried_forward entry is
 -- its user's chain checkpoint: prev_hash zeros, hash the last replaced entry's (tokens_chain).
+-- SECURITY DEFINER: it runs as the tables' owner, the one way the worker's role (which may never
+-- UPDATE or DELETE a ledger entry, migration 0026) removes entries.
 --
 -- The accounts are locked first, in user id order as every movement locks them; the prune is a
 -- statement of its own after the lock, with a snapshot taken once they are held: nothing moves

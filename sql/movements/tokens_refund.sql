@@ -51,16 +51,17 @@ BEGIN
         RETURN;
     END IF;
 
-    -- The refund cap, under the account lock: the original entry as committed now, held
-    -- against deletion until this commits, and one upsert of its cap row that checks and adds.
+    -- The refund cap, under the account lock: the original entry as committed now (a prune of
+    -- this user waits for the lock, so it stays until this commits; no row lock on the entry,
+    -- which the worker's role could not take: it may not UPDATE the ledger), and one upsert of
+    -- its cap row that checks and adds.
     IF p_original IS NOT NULL THEN
         SELECT -e.tokens_amount, e.created_at, coalesce(e.spent_by, e.user_id)
         INTO charged, v_at, v_spender
         FROM ledger_entries e
         WHERE e.id = p_original AND e.user_id = pool
           AND (p_user = pool OR e.spent_by = p_user)
-          AND e.kind IN ('debit', 'charge', 'capture')
-        FOR KEY SHARE;
+          AND e.kind IN ('debit', 'charge', 'capture');
         IF NOT FOUND THEN
             status := 'entry_not_found';
             RETURN;

@@ -27,16 +27,23 @@ if TYPE_CHECKING:
     help="Retry for up to SECONDS until the database accepts connections (one still starting).",
 )
 def migrate(wait: float) -> None:
-    """Apply the database migrations (safe to run again)."""
+    """Apply the database migrations (safe to run again); with TOKENS_WORKER_DB_PASSWORD, let
+    the worker's role log in with it."""
     from worker.migrate import upgrade
     from worker.preflight import wait_for_database
     from worker.settings import get_settings, masked
 
-    url = get_settings().db_url
+    settings = get_settings()
+    url = settings.migrate_url
     if wait:
-        wait_for_database(wait)
+        wait_for_database(wait, url)
     upgrade()
     click.echo(f"schema up to date on {masked(url)}")
+    if settings.worker_db_password is not None:
+        from worker.migrate import WORKER_ROLE, allow_worker_login
+
+        allow_worker_login(url, settings.worker_db_password.get_secret_value())
+        click.echo(f"{WORKER_ROLE} may log in")
 
 
 @main.command()

@@ -1,0 +1,70 @@
+"""Migration 0026: the worker's role reads and appends to the ledger and can never change it;
+everything the worker does still works as that role, pruning included (SECURITY DEFINER)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.exc import ProgrammingError
+from sqlalchemy.orm import Session
+
+from accounting import accounts, chain, ledger, movements, renewals, reservations
+from tests.support import assert_ledger_consistent
+
+
+@pytest.fixture
+def as_worker(session: Session) -> Iterator[Session]:
+    """``session`` acting as tokens_worker (the superuser the tests connect as may SET ROLE)."""
+    session.execute(text("SET ROLE tokens_worker"))
+    try:
+        yield session
+    finally:
+        session.rollback()
+        session.execute(text("RESET ROLE"))
+        session.commit()
+
+
+def refused(session: Session, sql: str) -> str:
+    with pytest.raises(ProgrammingError) as caught:
+        session.execute(text(sql))
+    session.rollback()
+    session.execute(text("SET ROLE tokens_worker"))
+    return str(caught.value.orig)
+
+
+def test_the_worker_role_may_never_change_a_ledger_entry(as_worker: Session) -> None:
+    accounts.open_account(as_worker, "u", initial_balance=100)
+    as_worker.commit()
+    for sql in (
+        "UPDATE ledger_entries SET tokens_amount = 1",
+        "DELETE FROM ledger_entries",
+        "TRUNCATE ledger_entries CASCADE",
+        "UPDATE entry_grants SET amount = 1",
+        "DELETE FROM entry_grants",
+        "UPDATE alembic_version SET version_num = '0001'",
+    ):
+        assert "permission denied" in refused(as_worker, sql), sql
+    assert as_worker.execute(text("SELECT count(*) FROM ledger_entries")).scalar_one() == 1
+
+
+def test_everything_the_worker_does_works_as_its_role(as_worker: Session) -> None:
+    accounts.open_account(as_worker, "u", initial_balance=100)
+    accounts.open_account(as_worker, "m", parent_id="u")
+    debit = movements.debit(as_worker, "u", 30, "image_generation")
+    movements.debit(as_worker, "m", 5, "image_generation")
+    movements.refund(as_worker, "u", 10, original_entry_id=debit.ledger_entry_id)
+    movements.credit(as_worker, "u", 50)
+    hold = reservations.reserve(as_worker, "u", 20)
+    reservations.capture(as_worker, hold.reservation_id, 15)
+    renewals.renew_user(as_worker, "u")
+    as_worker.commit()
+    last = as_worker.execute(text("SELECT max(created_at) FROM ledger_entries")).scalar_one()
+    assert ledger.delete_old_entries(as_worker, last).deleted > 0  # through tokens_prune
+    as_worker.commit()
+    assert chain.verify(as_worker).broken == []
+    then = accounts.get_balance(as_worker, "u", as_of=datetime.now(UTC) + timedelta(seconds=1))
+    assert then.tokens_balance == accounts.get_balance(as_worker, "u").tokens_balance
+    assert_ledger_consistent(as_worker)
