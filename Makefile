@@ -67,7 +67,7 @@ test: install lint
 # one table row per fault, also in var/faults/results-<time>.md. `make test` runs the short form
 # (1,000 debits, links cut for 5 s) with the rest of pytest: about two minutes.
 faults: install
-	TOKENS_FAULTS=full $(BIN)/pytest -q tests/faults
+	TOKENS_TEST_FAULTS=full $(BIN)/pytest -q tests/faults
 
 # Every benchmark below, one after another (output in var/bench/bench-<time>.log), then one
 # table of issue 12's goals, also written to var/bench/summary-<date>.md.

@@ -5,12 +5,14 @@ module started (its pid kept here) is ever signalled.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
 import subprocess
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import psycopg
@@ -154,3 +156,84 @@ class PrivatePostgres:
             self.stop("immediate")
         finally:
             shutil.rmtree(self.directory, ignore_errors=True)
+
+
+RABBIT_BIN = Path(os.environ.get("TOKENS_TEST_RABBIT_BIN", "/usr/lib/rabbitmq/bin"))
+
+
+class PrivateRabbit:
+    """A RabbitMQ node of its own (node name, ports, Erlang cookie, data and log directories
+    under a scratch directory; no plugins); :meth:`kill` SIGKILLs its process group."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.directory = Path(tempfile.mkdtemp(prefix="tokens-faults-rabbit-"))
+        self.node = f"faults{self.port}@localhost"
+        cookie = self.directory / ".erlang.cookie"
+        cookie.write_text(uuid.uuid4().hex.upper())
+        cookie.chmod(0o400)
+        (self.directory / "enabled_plugins").write_text("[].\n")
+        (self.directory / "rabbitmq.conf").write_text(
+            f"loopback_users = none\nlisteners.tcp.default = 127.0.0.1:{self.port}\n"
+        )
+        self.env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("RABBITMQ_")},
+            "HOME": str(self.directory),
+            "RABBITMQ_NODENAME": self.node,
+            "RABBITMQ_NODE_PORT": str(self.port),
+            "RABBITMQ_DIST_PORT": str(free_port()),
+            "RABBITMQ_MNESIA_BASE": str(self.directory / "mnesia"),
+            "RABBITMQ_LOG_BASE": str(self.directory / "log"),
+            "RABBITMQ_PID_FILE": str(self.directory / "pid"),
+            "RABBITMQ_ENABLED_PLUGINS_FILE": str(self.directory / "enabled_plugins"),
+            "RABBITMQ_CONFIG_FILE": str(self.directory / "rabbitmq"),
+        }
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"amqp://guest:guest@127.0.0.1:{self.port}//"
+
+    def start(self) -> PrivateRabbit:
+        with (self.directory / "server.log").open("ab") as log:
+            self.proc = subprocess.Popen(
+                [str(RABBIT_BIN / "rabbitmq-server")], env=self.env, stdout=log,
+                stderr=subprocess.STDOUT, start_new_session=True,
+            )  # fmt: skip
+        _wait(self._started, 90, f"private RabbitMQ {self.node}")
+        return self
+
+    def _started(self) -> bool:
+        """Whether the node runs and its broker has started (``await_startup`` fails at once
+        while the node is not yet known to epmd)."""
+        done = subprocess.run(
+            [str(RABBIT_BIN / "rabbitmqctl"), "-n", self.node, "await_startup", "--timeout", "5"],
+            env=self.env, capture_output=True, text=True, check=False,
+        )  # fmt: skip
+        if done.returncode != 0:
+            time.sleep(0.5)
+        return done.returncode == 0
+
+    def kill(self) -> None:
+        """SIGKILL the node's process group (the Erlang VM outlives the script that started
+        it, so the group is signalled even when the script has exited)."""
+        if self.proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and _group_alive(self.proc.pid):
+            time.sleep(0.05)
+
+    def destroy(self) -> None:
+        self.kill()
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True

@@ -3,21 +3,20 @@ run and written to var/faults/results-<time>.md."""
 
 from __future__ import annotations
 
-import os
 import time
 
 import pytest
 
 from tests.devenv import ROOT
 from tests.faults.load import Report
-from tests.faults.test_under_load import DEBITS, REPORTS
+from tests.faults.test_under_load import DEBITS, FULL, REPORTS
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     if not REPORTS:
         return
     stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    command = "make faults" if os.environ.get("TOKENS_FAULTS") == "full" else "pytest tests/faults"
+    command = "make faults" if FULL else "pytest tests/faults"
     lines = [
         f"Faults under load, {DEBITS} debits each ({command}, {stamp}):",
         "",

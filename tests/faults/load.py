@@ -85,9 +85,20 @@ class Load:
     its own client; :attr:`done` counts the sends that ended (for a fault to start at)."""
 
     def __init__(
-        self, stack: Stack, total: int, users: int = 32, producers: int = 8, timeout: float = 20
+        self,
+        stack: Stack,
+        total: int,
+        users: int = 32,
+        producers: int = 8,
+        timeout: float = 20,
+        broker_url: str | None = None,
+        config: dict[str, Any] | None = None,
     ) -> None:
+        """``broker_url``, ``config``: the clients' broker (the stack's Redis by default) and
+        Celery settings (publisher confirms, the queue type)."""
         self.stack = stack
+        self.broker_url = broker_url or stack.broker_url
+        self.config = config
         self.run_id = uuid.uuid4().hex[:8]
         self.users = [f"f{self.run_id}-{i}" for i in range(users)]
         self.debits = [Debit(f"{self.run_id}-{i}", self.users[i % users]) for i in range(total)]
@@ -100,10 +111,11 @@ class Load:
 
     def client(self, timeout: float | None = None, retries: int = 0) -> TokenClient:
         return TokenClient(
-            self.stack.broker_url,
+            self.broker_url,
             self.stack.backend_url,
             timeout=timeout or self.timeout,
             retries=retries,
+            config=self.config,
         )
 
     def open_accounts(self) -> None:

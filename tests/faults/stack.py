@@ -107,27 +107,32 @@ class Stack:
         self.workers.append(w)
         return w
 
-    def control_app(self) -> Celery:
-        return Celery("faults-control", broker=self.broker_url, backend=self.backend_url)
+    def control_app(self, broker_url: str | None = None) -> Celery:
+        broker = broker_url or self.broker_url
+        return Celery("faults-control", broker=broker, backend=self.backend_url)
 
     @contextmanager
-    def running(self, *workers: WorkerProcess) -> Iterator[tuple[WorkerProcess, ...]]:
+    def running(
+        self, *workers: WorkerProcess, broker_url: str | None = None
+    ) -> Iterator[tuple[WorkerProcess, ...]]:
         for w in workers:
             w.start()
         try:
             for w in workers:
-                self.wait_ready(w)
+                self.wait_ready(w, broker_url)
             yield workers
         finally:
             for w in workers:
                 w.stop()
 
-    def wait_ready(self, w: WorkerProcess, timeout: float = 90) -> None:
+    def wait_ready(
+        self, w: WorkerProcess, broker_url: str | None = None, timeout: float = 90
+    ) -> None:
         """Until ``w`` answers a ping; a broker connection lost to an earlier fault is only
         a reason to ask again, on a fresh connection."""
         deadline = time.monotonic() + timeout
         while True:
-            app = self.control_app()
+            app = self.control_app(broker_url)
             try:
                 w.wait_ready(app, timeout=max(1.0, deadline - time.monotonic()))
                 return

@@ -8,7 +8,7 @@
 - the client's retries with the same key never apply twice; the ledger reconciles.
 
 The short form (1,000 debits a fault) runs with the rest of the suite; ``make faults``
-(``TOKENS_FAULTS=full``) sends 5,000 a fault and prints the table (tests/faults/conftest.py).
+(``TOKENS_TEST_FAULTS=full``) sends 5,000 a fault and prints the table (tests/faults/conftest.py).
 """
 
 from __future__ import annotations
@@ -18,16 +18,18 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
 from tests.faults.load import Load, Report, during
 from tests.faults.stack import FAST_REDELIVERY, Stack
+from tests.servers import PrivateRabbit
 from tests.worker.tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.faults
 
-FULL = os.environ.get("TOKENS_FAULTS") == "full"
+FULL = os.environ.get("TOKENS_TEST_FAULTS") == "full"
 DEBITS = 5000 if FULL else 1000
 #: When the fault starts: after this share of the debits was sent.
 AT = 0.3
@@ -61,11 +63,18 @@ def slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") + f"-{os.getpid()}"
 
 
-def run(stack: Stack, name: str, fault: Callable[[], object], env: dict[str, str]) -> Report:
+def run(
+    stack: Stack,
+    name: str,
+    fault: Callable[[], object],
+    env: dict[str, str],
+    broker_url: str | None = None,
+    config: dict[str, Any] | None = None,
+) -> Report:
     """One worker (two processes) of ``stack`` with ``env``, a load, ``fault`` during it."""
     worker = stack.worker(slug(name), env)
-    with stack.running(worker):
-        load = Load(stack, DEBITS)
+    with stack.running(worker, broker_url=broker_url):
+        load = Load(stack, DEBITS, broker_url=broker_url, config=config)
         load.open_accounts()
         ended = during(load.start(), AT, fault)
         return load.report(name, ended)
@@ -147,3 +156,27 @@ def test_worker_killed_every_two_seconds(stack: Stack) -> None:
         ended = during(load.start(), AT, fault)
         report = load.report(f"worker SIGKILL every 2 s ({kills}x)", ended, within=90)
     check(report)
+
+
+@pytest.mark.parametrize("queue_type", ["classic", "quorum"])
+def test_rabbitmq_killed_and_restarted(stack: Stack, queue_type: str) -> None:
+    """A RabbitMQ node of the test's own (results stay in the stack's Redis), SIGKILLed and
+    started again; producers publish with confirms, so a publish that returned is on disk."""
+    rabbit = PrivateRabbit().start()
+    try:
+        env = {**stack.env(), "TOKENS_BROKER_URL": rabbit.url, "TOKENS_QUEUE_TYPE": queue_type}
+        config: dict[str, Any] = {"broker_transport_options": {"confirm_publish": True}}
+        if queue_type == "quorum":
+            config |= {
+                "task_default_queue_type": "quorum",
+                "task_create_missing_queue_type": "quorum",
+            }
+
+        def fault() -> None:
+            rabbit.kill()
+            rabbit.start()
+
+        name = f"RabbitMQ SIGKILL ({queue_type} queues, confirms)"
+        check(run(stack, name, fault, env, broker_url=rabbit.url, config=config))
+    finally:
+        rabbit.destroy()
