@@ -9,11 +9,11 @@ import pytest
 
 from tests.devenv import ROOT
 from tests.faults.load import Report
-from tests.faults.test_under_load import DEBITS, FULL, REPORTS
+from tests.faults.test_under_load import DEBITS, FULL, REPORTS, SWEEP_LINES, SWEEP_USERS
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    if not REPORTS:
+    if not (REPORTS or SWEEP_LINES):
         return
     stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     command = "make faults" if FULL else "pytest tests/faults"
@@ -23,6 +23,16 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         Report.HEADER,
         *(r.row() for r in REPORTS),
     ]
+    if SWEEP_LINES:
+        lines += [
+            "",
+            f"Background work, {SWEEP_USERS} users each:",
+            "",
+            "| fault | users done before the work was sent again | users done at the end |"
+            " done twice | reconcile mismatches |",
+            "| --- | ---: | ---: | ---: | ---: |",
+            *SWEEP_LINES,
+        ]
     text = "\n".join(lines)
     terminalreporter.write_line("")
     for line in lines:

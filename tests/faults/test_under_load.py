@@ -13,19 +13,28 @@ The short form (1,000 debits a fault) runs with the rest of the suite; ``make fa
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import threading
 import time
+import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from sqlalchemy import text
+from sqlalchemy.orm import Session
 
+from accounting.accounts import open_account
 from tests.faults.load import Load, Report, during
 from tests.faults.stack import FAST_REDELIVERY, Stack
 from tests.servers import PrivateRabbit
 from tests.worker.tcp_proxy import TcpProxy
+from token_worker_client import TokenClient
+from token_worker_client.models import ReconcileOut
 
 pytestmark = pytest.mark.faults
 
@@ -180,3 +189,142 @@ def test_rabbitmq_killed_and_restarted(stack: Stack, queue_type: str) -> None:
         check(run(stack, name, fault, env, broker_url=rabbit.url, config=config))
     finally:
         rabbit.destroy()
+
+
+# --- PostgreSQL restarted while the background work runs ---------------------------------------
+
+SWEEP_USERS = 5000 if FULL else 1000
+SWEEP_LINES: list[str] = []
+
+
+def open_accounts_due(stack: Stack, prefix: str, count: int) -> list[str]:
+    """``count`` accounts of 100 tokens, last renewed 40 days ago (due), opened in-process."""
+    users = [f"{prefix}-{i}" for i in range(count)]
+    renewed = datetime.now(UTC) - timedelta(days=40)
+    with Session(stack.engine) as session:
+        for user in users:
+            open_account(session, user, initial_balance=100, last_renewal_at=renewed)
+        session.commit()
+    return users
+
+
+def entries_per_user(stack: Stack, prefix: str, operation: str) -> Counter[str]:
+    rows = stack.rows(
+        "SELECT user_id, count(*) FROM ledger_entries WHERE user_id LIKE :p"
+        " AND operation_type = :op GROUP BY user_id",
+        p=f"{prefix}-%",
+        op=operation,
+    )
+    return Counter({user: int(n) for user, n in rows})
+
+
+def in_background(work: Callable[[], object]) -> threading.Thread:
+    def guarded() -> None:
+        with contextlib.suppress(Exception):  # the database restarts under it: a failure
+            work()
+
+    thread = threading.Thread(target=guarded, daemon=True)
+    thread.start()
+    return thread
+
+
+def settled(stack: Stack, prefix: str, operation: str, want: int, within: float) -> Counter[str]:
+    """Until ``want`` users have their entry, or nothing changed for 10 s."""
+    deadline, last, since = time.monotonic() + within, -1, time.monotonic()
+    counts: Counter[str] = Counter()
+    while time.monotonic() < deadline:
+        counts = entries_per_user(stack, prefix, operation)
+        if len(counts) >= want:
+            break
+        if len(counts) != last:
+            last, since = len(counts), time.monotonic()
+        elif time.monotonic() - since > 10:
+            break
+        time.sleep(0.5)
+    return counts
+
+
+def reconciles(client: TokenClient) -> int:
+    out = client.reconcile()
+    return len(out.mismatches) if isinstance(out, ReconcileOut) else -1
+
+
+def test_postgres_restarted_mid_renewal_sweep(stack: Stack) -> None:
+    """The sweep in chunks of 50 users; PostgreSQL restarted once a third have renewed. A chunk
+    cut off retries; sending the sweep again (what an operator does) renews nobody twice."""
+    prefix = f"sweep{uuid.uuid4().hex[:6]}"
+    users = open_accounts_due(stack, prefix, SWEEP_USERS)
+    env = {**stack.env(), **FAST_REDELIVERY, "TOKENS_SWEEP_CHUNK_SIZE": "50"}
+    worker = stack.worker(slug("sweep"), env)
+    with (
+        stack.running(worker),
+        TokenClient(stack.broker_url, stack.backend_url, timeout=120, retries=0) as client,
+    ):
+        in_background(client.sweep)
+        deadline = time.monotonic() + 120
+        while len(entries_per_user(stack, prefix, "monthly_reset")) < len(users) // 3:
+            assert time.monotonic() < deadline, "the sweep did not get a third of the way"
+            time.sleep(0.05)
+        before = len(entries_per_user(stack, prefix, "monthly_reset"))
+        stack.pg.restart_immediate()
+        first = settled(stack, prefix, "monthly_reset", len(users), 120)
+        if len(first) < len(users):
+            client.sweep()  # again, as the runbook says: each user renews once per period
+        final = settled(stack, prefix, "monthly_reset", len(users), 120)
+        mismatches = reconciles(client)
+    SWEEP_LINES.append(
+        f"| renewal sweep, PostgreSQL immediate restart at {before} of {len(users)} users |"
+        f" {len(first)} | {len(final)} | {sum(1 for n in final.values() if n > 1)} |"
+        f" {mismatches} |"
+    )
+    assert sorted(final) == sorted(users) and set(final.values()) == {1}
+    assert mismatches == 0
+
+
+def test_postgres_restarted_mid_grant_expiry_chunk(stack: Stack) -> None:
+    """Every user's grant ends; ``grants.expire`` runs its chunk (one transaction) and
+    PostgreSQL is restarted while the chunk's statement runs: nothing half-expired, and the next
+    run expires each grant once."""
+    prefix = f"expire{uuid.uuid4().hex[:6]}"
+    users = open_accounts_due(stack, prefix, SWEEP_USERS)
+    with stack.engine.begin() as conn:
+        conn.execute(
+            text(
+                "UPDATE grants SET expires_at = now() + interval '1 second'"
+                " WHERE user_id LIKE :p AND status = 'active'"
+            ),
+            {"p": f"{prefix}-%"},
+        )
+    time.sleep(1.5)
+    worker = stack.worker(slug("expiry"), {**stack.env(), **FAST_REDELIVERY})
+    with (
+        stack.running(worker),
+        TokenClient(stack.broker_url, stack.backend_url, timeout=120, retries=0) as client,
+    ):
+        in_background(client.expire_grants)
+        deadline = time.monotonic() + 60
+        while not chunk_running(stack):
+            assert time.monotonic() < deadline, "the expiry chunk never ran"
+            time.sleep(0.01)
+        stack.pg.restart_immediate()
+        first = entries_per_user(stack, prefix, "expiry")
+        client.expire_grants()  # the next run (beat sends it every minute)
+        final = settled(stack, prefix, "expiry", len(users), 60)
+        mismatches = reconciles(client)
+    SWEEP_LINES.append(
+        f"| grants.expire chunk, PostgreSQL immediate restart while it ran, {len(users)} users |"
+        f" {len(first)} | {len(final)} | {sum(1 for n in final.values() if n > 1)} |"
+        f" {mismatches} |"
+    )
+    assert sorted(final) == sorted(users) and set(final.values()) == {1}
+    assert mismatches == 0
+
+
+def chunk_running(stack: Stack) -> bool:
+    """Whether the expiry chunk's statement is running now."""
+    return bool(
+        stack.scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE state = 'active'"
+            " AND query LIKE '%SKIP LOCKED%' AND pid <> pg_backend_pid()"
+        )
+    )
