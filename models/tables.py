@@ -395,7 +395,10 @@ class Event(Base):
     __tablename__ = "events"
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
-    user_id: Mapped[str] = mapped_column(String(128))
+    # An account's events go with it: its seq counter does (a new account starts at 1 again).
+    user_id: Mapped[str] = mapped_column(
+        String(128), ForeignKey("accounts.user_id", ondelete="CASCADE")
+    )
     seq: Mapped[int] = mapped_column(BigInteger)
     type: Mapped[str] = mapped_column(String(64))
     at: Mapped[datetime] = mapped_column(UTCDateTime)
