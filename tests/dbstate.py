@@ -23,6 +23,7 @@ ENTRY_KEYS = {
     "grants",  # v1.1
     "prev_hash",  # v1.2
     "hash",
+    "spent_by",  # v1.2 pools: the member that spent it (null: the account's own)
 }
 BALANCE_KEYS = {
     "success",

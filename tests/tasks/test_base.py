@@ -106,6 +106,7 @@ SIGNAL_FIELDS = {
     "duration",
     "error",
     "error_code",
+    "limit",  # v1.2: the refusing spend limit (LIMIT_EXCEEDED)
 }
 
 
@@ -149,6 +150,7 @@ def test_operation_completed_after_a_refusal(
         "duration": refusal["duration"],
         "error": "Insufficient tokens. Required: 10, Available: 5",
         "error_code": "INSUFFICIENT_TOKENS",
+        "limit": None,
     }
     assert invalid["user_id"] is None  # not a string: not passed on as a user id
     assert (invalid["success"], invalid["error_code"]) == (False, "VALIDATION_ERROR")

@@ -81,6 +81,7 @@ def test_entry_fields(e2e: Celery) -> None:
         "grants": newest["grants"],
         "prev_hash": middle["hash"],  # v1.2: each chains to the one before it
         "hash": newest["hash"],
+        "spent_by": None,  # v1.2: the account's own movement
     }
     assert (oldest["prev_hash"], middle["prev_hash"]) == ("0" * 64, oldest["hash"])
     # The refund went back into the grant the debit spent (v1.1).
