@@ -2,9 +2,10 @@
 
 The chain is written by the trigger ``tokens_chain`` (sql/ledger/tokens_chain.sql) on every
 insert; ``tokens_verify`` (sql/ledger/tokens_verify.sql) recomputes it with the same
-``tokens_entry_hash``, one user at a time when the whole ledger is checked, so each statement
-sorts one user's entries, never the whole table, and memory stays bounded. docs/verify_ledger.py
-checks the same chain from outside, with only the entries and the standard library.
+``tokens_entry_hash``, a page of users per statement when the whole ledger is checked, so each
+statement sorts a page's entries, never the whole table, and memory stays bounded.
+docs/verify_ledger.py checks the same chain from outside, with only the entries and the
+standard library.
 """
 
 from __future__ import annotations
@@ -18,23 +19,15 @@ MAX_BROKEN_LISTED = 100
 # Users a full check verifies per statement.
 USERS_PER_STATEMENT = 500
 
-_VERIFY = text("SELECT checked, broken FROM tokens_verify(:user_id, :max)")
+_VERIFY = text("SELECT checked, broken FROM tokens_verify(CAST(:users AS text[]), :max)")
 _PAGE = text("SELECT user_id FROM accounts WHERE user_id > :after ORDER BY user_id LIMIT :n")
-_SOME = text(
-    """
-    SELECT v.checked, v.broken
-    FROM unnest(CAST(:users AS text[])) WITH ORDINALITY AS u(user_id, n)
-    CROSS JOIN LATERAL tokens_verify(u.user_id, :max) v
-    ORDER BY u.n
-    """
-)
 
 
 def verify(session: Session, user_id: str | None = None) -> VerifyOut:
     """One user's chain, or every user's, a page of users per statement; at most
     ``MAX_BROKEN_LISTED`` problems, by user then entry."""
     if user_id is not None:
-        row = session.execute(_VERIFY, {"user_id": user_id, "max": MAX_BROKEN_LISTED}).one()
+        row = session.execute(_VERIFY, {"users": [user_id], "max": MAX_BROKEN_LISTED}).one()
         return _out(int(row.checked), row.broken)
     checked, after = 0, ""
     broken: list[dict[str, str]] = []
@@ -42,9 +35,9 @@ def verify(session: Session, user_id: str | None = None) -> VerifyOut:
         users = list(session.execute(_PAGE, {"after": after, "n": USERS_PER_STATEMENT}).scalars())
         if not users:
             return _out(checked, broken)
-        for row in session.execute(_SOME, {"users": users, "max": MAX_BROKEN_LISTED}):
-            checked += int(row.checked)
-            broken.extend(row.broken)
+        row = session.execute(_VERIFY, {"users": users, "max": MAX_BROKEN_LISTED}).one()
+        checked += int(row.checked)
+        broken.extend(row.broken)
         after = users[-1]
 
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
 import socket
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
+from types import ModuleType
 from typing import Any, TypeVar
 
 from celery import Celery
@@ -268,3 +270,17 @@ def assert_grants_consistent(session: Session, *, entry_splits: bool = True) -> 
         """,
         "grants whose remaining is not the sum of their entries' splits",
     )
+
+
+def _verify_ledger() -> ModuleType:
+    """docs/verify_ledger.py, the contract's chain check with only the standard library."""
+    spec = importlib.util.spec_from_file_location(
+        "verify_ledger", ROOT / "docs" / "verify_ledger.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+verify_ledger = _verify_ledger()

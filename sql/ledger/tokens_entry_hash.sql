@@ -15,7 +15,8 @@ SELECT encode(sha256(convert_to(
     || '+00:00"'
     || ',"id":"' || e.id || '"'
     || ',"idempotency_key":' || coalesce(to_json(e.idempotency_key)::text, 'null')
-    || ',"metadata":' || tokens_canonical(coalesce(e.metadata, '{}'))
+    || ',"metadata":' || CASE WHEN e.metadata = '{}' OR e.metadata IS NULL THEN '{}'
+                              ELSE tokens_canonical(e.metadata) END
     || ',"operation_type":' || to_json(e.operation_type)::text
     || ',"original_entry_id":'
     || coalesce('"' || e.original_entry_id || '"', 'null')

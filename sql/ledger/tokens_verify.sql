@@ -1,7 +1,8 @@
 CREATE OR REPLACE FUNCTION tokens_verify(
-    p_user text, p_max integer, OUT checked bigint, OUT broken jsonb
+    p_users text[], p_max integer, OUT checked bigint, OUT broken jsonb
 ) LANGUAGE sql STABLE AS $fn$
--- Every chain (of p_user, or of everyone), in the contract's order per user: each entry's
+-- The chains of p_users (a page of them: one plan, one sort per page), in the contract's order
+-- per user: each entry's
 -- prev_hash is the previous entry's hash (zeros for the first), its hash is recomputed, its
 -- balance_before is the previous balance_after (0 for the first); a carried_forward checkpoint,
 -- first of its user, is trusted for its hash. Then each account's balance equals the sum of its
@@ -10,10 +11,11 @@ WITH entries AS (
     SELECT l AS entry, l.user_id, l.id, l.kind, l.prev_hash, l.hash, l.balance_before,
            l.balance_after, l.tokens_amount, l.created_at,
            lag(l.hash) OVER w AS lag_hash, lag(l.balance_after) OVER w AS lag_after,
-           row_number() OVER w AS n
+           row_number() OVER w AS n, count(*) OVER u AS cnt, sum(l.tokens_amount) OVER u AS total
     FROM ledger_entries l
-    WHERE p_user IS NULL OR l.user_id = p_user
-    WINDOW w AS (PARTITION BY l.user_id ORDER BY l.created_at, l.id)
+    WHERE l.user_id = ANY(p_users)
+    WINDOW u AS (PARTITION BY l.user_id),
+           w AS (PARTITION BY l.user_id ORDER BY l.created_at, l.id)
 ), per_entry AS (
     SELECT e.user_id, e.id, e.created_at,
            CASE
@@ -26,15 +28,13 @@ WITH entries AS (
            END AS reason
     FROM entries e
 ), totals AS (
-    SELECT e.user_id, sum(e.tokens_amount) AS total,
-           (array_agg(e.balance_after ORDER BY e.n DESC))[1] AS last_after,
-           (array_agg(e.id ORDER BY e.n DESC))[1] AS last_id,
-           max(e.created_at) AS last_at
-    FROM entries e GROUP BY e.user_id
+    SELECT e.user_id, e.total, e.balance_after AS last_after, e.id AS last_id,
+           e.created_at AS last_at
+    FROM entries e WHERE e.n = e.cnt
 ), per_account AS (
     SELECT a.user_id, t.last_id AS id, t.last_at AS created_at, 'balance' AS reason
     FROM accounts a LEFT JOIN totals t ON t.user_id = a.user_id
-    WHERE (p_user IS NULL OR a.user_id = p_user)
+    WHERE a.user_id = ANY(p_users)
       AND (a.tokens_balance <> coalesce(t.total, 0)
            OR a.tokens_balance <> coalesce(t.last_after, 0))
 ), problems AS (

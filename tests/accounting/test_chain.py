@@ -4,13 +4,11 @@ contract's definition), and ``ledger.verify`` against each kind of tampering."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 from hypothesis import HealthCheck, given, settings
@@ -20,20 +18,9 @@ from sqlalchemy.orm import Session
 
 from accounting import accounts, chain, ledger, movements
 from models.schemas import Broken
+from tests.support import ROOT, verify_ledger
 
-ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "docs" / "verify_ledger.py"
-
-
-def _script() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("verify_ledger", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-verify_ledger = _script()
 
 
 def entries(session: Session, user_id: str) -> list[dict[str, Any]]:
