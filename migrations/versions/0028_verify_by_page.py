@@ -5,8 +5,8 @@ and a SQL function is planned at every call, so planning cost ten times the hash
 page of users now. ``tokens_canonical`` writes the scalars of an object or array in place
 instead of calling itself for each, and ``tokens_entry_hash`` skips it for empty metadata.
 
-Revision ID: 0027
-Revises: 0026
+Revision ID: 0028
+Revises: 0027
 Create Date: 2026-12-06
 """
 
@@ -18,15 +18,15 @@ from alembic import op
 
 from migrations import snapshot
 
-revision: str = "0027"
-down_revision: str | None = "0026"
+revision: str = "0028"
+down_revision: str | None = "0027"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
     op.execute("DROP FUNCTION tokens_verify(text, integer)")
-    snapshot.apply("0027", "tokens_canonical", "tokens_entry_hash", "tokens_verify")
+    snapshot.apply("0028", "tokens_canonical", "tokens_entry_hash", "tokens_verify")
 
 
 def downgrade() -> None:
