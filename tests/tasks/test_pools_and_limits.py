@@ -62,3 +62,28 @@ def test_a_team_plan_with_a_shared_pool_a_member_cap_and_a_team_cap(e2e: Celery)
     assert removed["limits"] == []
     with session_scope() as s:
         assert_ledger_consistent(s)
+
+
+def test_a_members_hold_capture_and_batch_through_the_worker(e2e: Celery) -> None:
+    call(e2e, "tokens.open_account", user_id="pool", initial_balance=100)
+    call(e2e, "tokens.open_account", user_id="mia", parent_id="pool")
+    call(e2e, "tokens.set_limit", user_id="mia", name="hourly", max_tokens=40, period="hour")
+    held = call(e2e, "tokens.reserve", user_id="mia", amount=30, overcapture_limit=20)
+    assert (held["amount"], held["tokens_available"]) == (30, 70)
+    refused = call(e2e, "tokens.extend", reservation_id=held["reservation_id"], amount=11)
+    assert (refused["error_code"], refused["limit"]["used"]) == ("LIMIT_EXCEEDED", 30)
+    captured = call(e2e, "tokens.capture", reservation_id=held["reservation_id"], amount=45)
+    assert (captured["user_id"], captured["amount"], captured["overcaptured"]) == ("mia", -45, 15)
+    out = call(
+        e2e,
+        "tokens.debit_batch",
+        debits=[
+            {"user_id": "pool", "amount": 5, "operation_type": "image_generation"},
+            {"user_id": "mia", "amount": 1, "operation_type": "image_generation"},
+        ],
+    )
+    assert (out["applied"], out["refused"]) == (1, 1)
+    assert out["results"][1]["limit"]["name"] == "hourly"
+    assert call(e2e, "tokens.get_balance", user_id="mia")["tokens_balance"] == 50
+    with session_scope() as s:
+        assert_ledger_consistent(s)
