@@ -7,7 +7,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: install lock run beat test lint faults bench bench-quick bench-transport bench-renewals bench-grants bench-expiry bench-batches bench-brokers bench-reads bench-domain-debit profile clean
+.PHONY: install lock run beat test lint faults bench bench-quick bench-transport bench-renewals bench-grants bench-expiry bench-batches bench-brokers bench-reads bench-domain-debit bench-pools profile clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -109,6 +109,12 @@ bench-grants: install
 bench-domain-debit: install
 	scripts/ensure-services.sh
 	$(BIN)/python -m bench.domain_debit
+
+# A member's debit through 3 levels with 2 limits each against a plain debit; a hot pool of 16
+# members against one hot account (issue 22).
+bench-pools: install
+	scripts/ensure-services.sh
+	$(BIN)/python -m bench.pool_debit
 
 bench-batches: install
 	scripts/ensure-services.sh
