@@ -1,6 +1,7 @@
 """Pools and spend limits (issue 22): a member's debit against a plain one, in the same run.
 
     python -m bench.pool_debit [--seconds 5] [--members 64] [--hot-clients 16] [--runs 3]
+                               [--tasks 1000]
 
 Measures, each for ``--seconds`` and ``--runs`` times interleaved (medians printed), every debit
 ``movements.debit`` through ``worker.db.statement_scope`` (the statement alone, what
@@ -11,7 +12,9 @@ Measures, each for ``--seconds`` and ``--runs`` times interleaved (medians print
   limits on each level (member: a calendar day and a rolling minute; team: a calendar hour and
   a rolling day; pool: a calendar month and a rolling 30 days), never reached;
 - ``--hot-clients`` threads on one hot plain account, the baseline of the next;
-- ``--hot-clients`` threads, each a different member of that limited tree (one hot pool).
+- ``--hot-clients`` threads, each a different member of that limited tree (one hot pool);
+- end to end (``--tasks`` > 0): ``tokens.debit`` round trips through one worker (concurrency 2),
+  sent all at once and awaited, to plain accounts and to members, interleaved rounds.
 
 Creates and drops its own database.
 """
@@ -22,6 +25,7 @@ import argparse
 import os
 import random
 import statistics
+import time
 import uuid
 from collections.abc import Callable
 
@@ -30,6 +34,7 @@ from bench.domain_debit import _for
 from tests.devenv import Scratch
 
 BIG = 10**12
+CHAT = "chatgpt_message"
 LIMITS = {
     "member": (("daily", "day", False), ("burst", "minute", True)),
     "team": (("hourly", "hour", False), ("day", "day", True)),
@@ -43,6 +48,7 @@ def main() -> None:
     parser.add_argument("--members", type=int, default=64)
     parser.add_argument("--hot-clients", type=int, default=16)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--tasks", type=int, default=1000)
     args = parser.parse_args()
 
     scratch = Scratch("tokens_bench_pool")
@@ -50,7 +56,7 @@ def main() -> None:
     os.environ["TOKENS_DB_POOL_SIZE"] = str(args.hot_clients + 2)
     scratch.create()
     try:
-        _run(args.seconds, args.members, args.hot_clients, args.runs)
+        _run(args.seconds, args.members, args.hot_clients, args.runs, args.tasks)
     finally:
         from worker.db import dispose_engines
 
@@ -58,7 +64,7 @@ def main() -> None:
         scratch.destroy()
 
 
-def _run(seconds: int, members: int, hot_clients: int, runs: int) -> None:
+def _run(seconds: int, members: int, hot_clients: int, runs: int, tasks: int) -> None:
     from accounting import accounts, limits, movements
     from worker.db import session_scope, statement_scope
     from worker.migrate import upgrade
@@ -104,6 +110,8 @@ def _run(seconds: int, members: int, hot_clients: int, runs: int) -> None:
         for name, measure in measures.items():
             tag = uuid.uuid4().hex[:6]
             rates[name].append(measure())
+    if tasks:
+        rates |= _end_to_end(tasks, members, names, runs)
     m = {name: statistics.median(r) for name, r in rates.items()}
 
     with session_scope() as s:
@@ -121,6 +129,11 @@ def _run(seconds: int, members: int, hot_clients: int, runs: int) -> None:
         (f"one hot account, {hot_clients} threads (baseline)", "hot", "hot"),
         (f"one hot pool, {hot_clients} members at once, 6 limits each", "hot_pool", "hot"),
     ]
+    if tasks:
+        rows += [
+            (f"tokens.debit through a worker, {tasks} plain (baseline)", "e2e_plain", "e2e_plain"),
+            (f"tokens.debit through a worker, {tasks} members", "e2e_member", "e2e_plain"),
+        ]
     for label, name, base in rows:
         low, high = min(rates[name]), max(rates[name])
         print(f"{label:60} {m[name]:8.0f}/s {m[name] / m[base]:7.2f}   ({low:.0f}-{high:.0f})")
@@ -133,6 +146,16 @@ def _run(seconds: int, members: int, hot_clients: int, runs: int) -> None:
         ">= 0.7",
         member >= 0.7,
     )
+    if tasks:
+        e2e = m["e2e_member"] / m["e2e_plain"]
+        summary.record(
+            "member debit through 3 levels, 2 limits each, end to end vs plain",
+            f"{m['e2e_member']:.0f}/s",
+            f"plain {m['e2e_plain']:.0f}/s",
+            e2e,
+            ">= 0.9",
+            e2e >= 0.9,
+        )
     hot = m["hot_pool"] / m["hot"]
     summary.record(
         f"hot pool, {hot_clients} members at once vs one hot account",
@@ -142,6 +165,39 @@ def _run(seconds: int, members: int, hot_clients: int, runs: int) -> None:
         ">= 0.5",
         hot >= 0.5,
     )
+
+
+def _end_to_end(tasks: int, members: int, names: list[str], runs: int) -> dict[str, list[float]]:
+    """Debits per second through one worker: ``tasks`` sent at once, then every result."""
+    from tests.devenv import WorkerProcess, producer, running_workers
+
+    app = producer()
+    rates: dict[str, list[float]] = {"e2e_plain": [], "e2e_member": []}
+    users = {"e2e_plain": [f"plain-{i}" for i in range(members)], "e2e_member": names}
+
+    def send(who: list[str], n: int) -> float:
+        start = time.perf_counter()
+        sent = [
+            app.send_task(
+                "tokens.debit",
+                kwargs={
+                    "user_id": who[i % len(who)],
+                    "amount": 1,
+                    "operation_type": "chatgpt_message",
+                },
+            )
+            for i in range(n)
+        ]
+        outcomes = [r.get(timeout=300) for r in sent]
+        assert all(o["success"] for o in outcomes), next(o for o in outcomes if not o["success"])
+        return n / (time.perf_counter() - start)
+
+    with running_workers(app, WorkerProcess("bench-pools", concurrency=2, loglevel="WARNING")):
+        send(users["e2e_plain"], 50)  # warm up
+        for _ in range(runs):
+            for name, who in users.items():
+                rates[name].append(send(who, tasks))
+    return rates
 
 
 if __name__ == "__main__":
