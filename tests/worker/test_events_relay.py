@@ -18,10 +18,12 @@ from typing import Any, cast
 import pytest
 import redis
 from sqlalchemy import text
+from sqlalchemy.engine import make_url
 
 from accounting import accounts, movements
 from tests.polling import wait_for
 from tests.support import WorkerProcess, run_in_threads, running_workers
+from tests.worker.tcp_proxy import TcpProxy
 from worker.db import get_engine, session_scope
 from worker.relay import LOCK_KEY
 from worker.settings import get_settings
@@ -193,8 +195,12 @@ def test_no_event_is_lost_while_the_active_relay_is_killed_every_second(
         done = threading.Event()
 
         def movers() -> None:
+            # At least MOVEMENTS, and on until three relays were killed meanwhile.
             try:
-                run_in_threads(4, lambda t: move(users[t::4], MOVEMENTS // len(users)))
+                rounds = 0
+                while rounds * 10 * len(users) < MOVEMENTS or kills < 3:
+                    run_in_threads(4, lambda t: move(users[t::4], 10))
+                    rounds += 1
             finally:
                 done.set()
 
@@ -228,3 +234,43 @@ def in_seq_order_but_for_replays(received: list[dict[str, Any]]) -> None:
     for e in received:
         assert e["seq"] <= last.get(e["user_id"], 0) + 1, f"{e['user_id']}: a seq skipped"
         last[e["user_id"]] = max(last.get(e["user_id"], 0), e["seq"])
+
+
+def test_every_event_arrives_across_a_database_outage_and_a_broker_outage(
+    events_queue: EventQueue, app: Any
+) -> None:
+    """The relay's database and broker both reached through proxies that are cut for a while
+    (connections reset, new ones refused), movements going on meanwhile."""
+    db = make_url(get_settings().db_url)
+    broker = make_url(get_settings().broker)
+    db_proxy = TcpProxy((db.host or "127.0.0.1", db.port or 5432))
+    broker_proxy = TcpProxy((broker.host or "127.0.0.1", broker.port or 6379))
+    db_proxy.open()
+    broker_proxy.open()
+    users = ["a", "b", "c"]
+    opened(users)
+    relay = relay_worker(
+        "outages",
+        events_queue,
+        TOKENS_DATABASE_URL=db.set(host="127.0.0.1", port=db_proxy.port).render_as_string(
+            hide_password=False
+        ),
+        TOKENS_BROKER_URL=str(broker.set(host="127.0.0.1", port=broker_proxy.port)),
+    )
+    try:
+        with running_workers(app, relay):
+            move(users, 3)
+            wait_for(lambda: len(events_queue.ids()) >= len(written()), 30, "before the outages")
+            for proxy in (db_proxy, broker_proxy):
+                proxy.cut()
+                move(users, 3)
+                time.sleep(3)
+                proxy.open()
+            wait_for(
+                lambda: set(events_queue.ids()) >= set(written()), 60, "every event, after them"
+            )
+        assert set(events_queue.ids()) == set(written())
+        in_seq_order_but_for_replays(events_queue.drain())
+    finally:
+        db_proxy.close()
+        broker_proxy.close()
