@@ -7,11 +7,11 @@ from __future__ import annotations
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
-from accounting.errors import user_not_found
+from accounting.errors import member_account, user_not_found
 from token_worker_client.events import AlertsOut, AutoTopup
 
 _SET = text(
-    "SELECT status, thresholds, topup FROM tokens_set_alerts("
+    "SELECT status, thresholds, topup, pool FROM tokens_set_alerts("
     "CAST(:user AS text), CAST(:thresholds AS bigint[]), :set_topup, CAST(:below AS bigint),"
     " CAST(:amount AS bigint), CAST(:max AS integer))"
 )
@@ -37,6 +37,8 @@ def _set(
     ).one()
     if row.status == "not_found":
         raise user_not_found()
+    if row.status == "member":
+        raise member_account(row.pool)
     return AlertsOut(
         user_id=user_id,
         thresholds=list(row.thresholds),

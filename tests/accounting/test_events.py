@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 
 from accounting import accounts, alerts, ledger, movements, outbox, reservations
 from accounting.errors import DomainError
-from tests.support import attempt, run_in_threads
+from tests.support import attempt, refused, run_in_threads
 from worker.db import get_engine, session_scope
 
 
@@ -261,3 +261,21 @@ def test_prune_keeps_recent_events_and_those_a_push_channel_has_yet_to_deliver(
     movements.debit(session, "u1", 1, "image_generation")
     session.commit()
     assert [e["seq"] for e in events(session)] == [4, 5]
+
+
+def test_alerts_and_top_ups_belong_to_the_pool_not_its_members(session: Session) -> None:
+    opened(session, "pool", balance=100)
+    accounts.open_account(session, "member", parent_id="pool")
+    session.commit()
+    message = "Account is a member of pool: move tokens on the pool"
+    for refusal in (
+        refused(session, alerts.set_alerts, "member", [10]),
+        refused(session, alerts.set_auto_topup, "member", 10, 5),
+    ):
+        assert (refusal.code, refusal.message) == ("MEMBER_ACCOUNT", message)
+    alerts.set_alerts(session, "pool", [50])
+    session.commit()
+    movements.debit(session, "member", 60, "image_generation")  # the pool's tokens, its events
+    session.commit()
+    found = [(e["user_id"], e["type"], e["seq"]) for e in events(session)]
+    assert found[-2:] == [("pool", "balance.changed", 2), ("pool", "balance.low", 3)]
