@@ -65,7 +65,7 @@ test: install lint
 # 10 s, the worker SIGKILLed every 2 s) on private servers of its own (a Redis and a PostgreSQL on
 # free ports, scratch directories) while producers send 5,000 debits through the typed client;
 # one table row per fault, also in var/faults/results-<time>.md. `make test` runs the short form
-# (1,000 debits, links cut for 5 s) with the rest of pytest: about two minutes.
+# (500 debits, links cut for 5 s, fewer faults) with the rest of pytest: about two minutes.
 faults: install
 	TOKENS_TEST_FAULTS=full $(BIN)/pytest -q tests/faults
 
