@@ -13,25 +13,31 @@ from sqlalchemy.orm import Session
 
 from accounting import accounts, chain, ledger, movements, renewals, reservations
 from tests.support import assert_ledger_consistent
+from worker.db import get_engine, make_engine
 
 
 @pytest.fixture
 def as_worker(session: Session) -> Iterator[Session]:
-    """``session`` acting as tokens_worker (the superuser the tests connect as may SET ROLE)."""
-    session.execute(text("SET ROLE tokens_worker"))
+    """A session of its own, logged in as tokens_worker (trust authentication here; the
+    suite's pooled connections never change role, so nothing leaks into other tests)."""
+    session.execute(text("ALTER ROLE tokens_worker LOGIN"))  # as compose's `migrate` does
+    session.commit()
+    url = get_engine().url.set(username="tokens_worker")
+    engine = make_engine(url.render_as_string(hide_password=False))
     try:
-        yield session
+        with Session(engine) as worker_session:
+            assert worker_session.execute(text("SELECT current_user")).scalar_one() == (
+                "tokens_worker"
+            )
+            yield worker_session
     finally:
-        session.rollback()
-        session.execute(text("RESET ROLE"))
-        session.commit()
+        engine.dispose()
 
 
 def refused(session: Session, sql: str) -> str:
     with pytest.raises(ProgrammingError) as caught:
         session.execute(text(sql))
     session.rollback()
-    session.execute(text("SET ROLE tokens_worker"))
     return str(caught.value.orig)
 
 
