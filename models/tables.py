@@ -482,6 +482,8 @@ class SpendLimit(Base):
     period: Mapped[str] = mapped_column(String(8))
     rolling: Mapped[bool] = mapped_column(Boolean)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    # The window (its first bucket) limit.reached was last written for: once per window.
+    reached_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
     __table_args__ = (
         CheckConstraint("max_tokens >= 0", name="max_not_negative"),

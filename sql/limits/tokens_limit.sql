@@ -12,11 +12,15 @@ CREATE OR REPLACE FUNCTION tokens_limit(
 --   of an entry made at p_at gives back what it counted, if that bucket is still kept), and
 --   p_hold as held by the spender and the accounts above it (a pool's holds are its
 --   tokens_reserved, which the caller moves). Members' holds are counted limited or not.
+-- A movement that takes a window's used from below max_tokens to it (or past it: a capture)
+-- writes limit.reached (tokens_event) for the account the limit is set on, once per window
+-- and limit (spend_limits.reached_at: the window's first bucket when it was last written).
 DECLARE
     v_requested bigint := greatest(p_amount, 0) + greatest(p_hold, 0);
     v_users text[] := '{}';
     v_grains text[] := '{}';
     v_los timestamptz[] := '{}';
+    v_reached jsonb[] := '{}';
     v record;
 BEGIN
     IF p_limited THEN
@@ -27,6 +31,14 @@ BEGIN
             v_users := v_users || v.user_id;
             v_grains := v_grains || v.grain;
             v_los := v_los || v.lo;
+            -- p_amount + p_hold: what used moves by (a capture's spend replaces its hold).
+            IF v.used < v.max_tokens AND v.used + p_amount + p_hold >= v.max_tokens THEN
+                v_reached := v_reached || jsonb_build_object(
+                    'name', v.name, 'lo', v.lo,
+                    'limit', v.listed || jsonb_build_object(
+                        'used', v.used + p_amount + p_hold,
+                        'remaining', greatest(v.max_tokens - v.used - p_amount - p_hold, 0)));
+            END IF;
         END LOOP;
         IF p_amount > 0 THEN
             -- One upsert for every bucket the spend lands in; a bucket made new prunes its
@@ -50,6 +62,15 @@ BEGIN
             WHERE b.user_id = w.u AND b.grain = w.g AND b.bucket = tokens_bucket(w.g, p_at);
         END IF;
     END IF;
+    FOR i IN 1 .. cardinality(v_reached) LOOP
+        UPDATE spend_limits l SET reached_at = CAST(v_reached[i]->>'lo' AS timestamptz)
+        WHERE l.user_id = v_reached[i]->'limit'->>'user_id' AND l.name = v_reached[i]->>'name'
+          AND l.reached_at IS DISTINCT FROM CAST(v_reached[i]->>'lo' AS timestamptz);
+        IF FOUND THEN
+            PERFORM tokens_event(v_reached[i]->'limit'->>'user_id', 'limit.reached',
+                                 v_reached[i]->'limit', p_now);
+        END IF;
+    END LOOP;
     IF p_hold <> 0 AND p_spender <> p_pool THEN
         UPDATE accounts a SET subtree_held = a.subtree_held + p_hold
         WHERE a.user_id IN (p_spender, (SELECT m.parent_id FROM accounts m

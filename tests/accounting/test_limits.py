@@ -471,3 +471,36 @@ def test_limits_changed_while_debits_race_count_every_spend_once(clean_db: None)
         [daily] = limits.limits(s, "pool").limits
         assert spent <= 150
         assert daily.used == spent
+
+
+def reached(session: Session) -> list[tuple[str, str, int]]:
+    return [
+        (r.user_id, r.data["name"], r.data["used"])
+        for r in session.execute(
+            text("SELECT user_id, data FROM events WHERE type = 'limit.reached' ORDER BY id")
+        )
+    ]
+
+
+def test_a_window_reaching_its_limit_writes_limit_reached_once(session: Session) -> None:
+    """For the account the limit is set on, once per window and limit: not again when the
+    window reaches it a second time, nor for a refusal; again in the next window."""
+    tree(session)
+    limits.set_limit(session, "alice", "daily", 10, "day")
+    limits.set_limit(session, "team", "daily", 100, "day")
+    session.commit()
+    debit(session, "alice", 6)
+    assert reached(session) == []
+    last = debit(session, "alice", 4)
+    assert reached(session) == [("alice", "daily", 10)]
+    assert refusal(session, "alice", 1).code == "LIMIT_EXCEEDED"
+    movements.refund(session, "alice", 4, original_entry_id=last.ledger_entry_id)
+    session.commit()
+    debit(session, "alice", 4)
+    assert reached(session) == [("alice", "daily", 10)]
+    at(session, datetime(2031, 1, 6, 1, tzinfo=UTC))
+    r = reservations.reserve(session, "alice", amount=8, overcapture_limit=5)
+    session.commit()
+    reservations.capture(session, r.reservation_id, amount=12)  # past the limit: counted
+    session.commit()
+    assert reached(session) == [("alice", "daily", 10), ("alice", "daily", 12)]
