@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import threading
 import time
 import uuid
@@ -32,7 +33,7 @@ from sqlalchemy.orm import Session
 from accounting.accounts import open_account
 from tests.faults.load import Load, Report, during
 from tests.faults.stack import FAST_REDELIVERY, Stack
-from tests.servers import PrivateRabbit
+from tests.servers import PG_BIN, RABBIT_BIN, PrivateRabbit
 from tests.worker.tcp_proxy import TcpProxy
 from token_worker_client import TokenClient
 from token_worker_client.models import ReconcileOut
@@ -52,6 +53,8 @@ full_only = pytest.mark.skipif(not FULL, reason="make faults (TOKENS_TEST_FAULTS
 
 @pytest.fixture(scope="module")
 def stack() -> Iterator[Stack]:
+    if shutil.which("redis-server") is None or not (PG_BIN / "initdb").exists():
+        pytest.skip(f"needs redis-server on the PATH and PostgreSQL's initdb in {PG_BIN}")
     s = Stack("always").start()
     try:
         yield s
@@ -183,6 +186,8 @@ def test_worker_killed_every_two_seconds(stack: Stack) -> None:
 def test_rabbitmq_killed_and_restarted(stack: Stack, queue_type: str) -> None:
     """A RabbitMQ node of the test's own (results stay in the stack's Redis), SIGKILLed and
     started again; producers publish with confirms, so a publish that returned is on disk."""
+    if not (RABBIT_BIN / "rabbitmq-server").exists():
+        pytest.skip(f"needs rabbitmq-server in {RABBIT_BIN}")
     rabbit = PrivateRabbit().start()
     try:
         env = {**stack.env(), "TOKENS_BROKER_URL": rabbit.url, "TOKENS_QUEUE_TYPE": queue_type}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import shutil
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -31,6 +32,8 @@ QUEUE = "q"
 
 @pytest.fixture
 def server() -> Iterator[PrivateRedis]:
+    if shutil.which("redis-server") is None:
+        pytest.skip("needs redis-server on the PATH")
     s = PrivateRedis("always").start()
     try:
         yield s
