@@ -408,3 +408,28 @@ def test_a_broker_that_is_down_raises_token_unavailable(e2e: Celery) -> None:
         down.debit(user_id="u", amount=1, operation_type="x", idempotency_key="k-1")
     assert unavailable.value.idempotency_key == "k-1"
     assert "Retry with idempotency_key='k-1'" in str(unavailable.value)
+
+
+def test_publishes_with_confirms_on_rabbitmq_and_retries_a_failed_publish() -> None:
+    """issue 25, the producer's side: confirms where the broker offers them (RabbitMQ), and a
+    publish that failed on the connection sent again (the same message) before giving up."""
+    from token_worker_client.client import PUBLISH_RETRY, Transport
+
+    amqp = Transport("amqp://guest:guest@127.0.0.1:5672//", "redis://127.0.0.1:6379/1")
+    redis_broker = Transport("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/1")
+    try:
+        assert amqp.app.conf.broker_transport_options == {"confirm_publish": True}
+        assert redis_broker.app.conf.broker_transport_options == {}
+        for transport in (amqp, redis_broker):
+            assert transport.app.conf.task_publish_retry is True
+            assert transport.app.conf.task_publish_retry_policy == PUBLISH_RETRY
+        custom = Transport(
+            "amqp://guest:guest@127.0.0.1:5672//",
+            "redis://127.0.0.1:6379/1",
+            {"broker_transport_options": {"confirm_publish": False}},
+        )
+        assert custom.app.conf.broker_transport_options == {"confirm_publish": False}
+        custom.close()
+    finally:
+        amqp.close()
+        redis_broker.close()
