@@ -16,7 +16,7 @@ from accounting import idempotency, statements
 from accounting.accounts import load_account
 from accounting.catalog import tier_of
 from accounting.config import rules
-from accounting.errors import not_due, subscription_expired
+from accounting.errors import member_account, not_due, subscription_expired
 from accounting.events import note_balance_change, note_renewals
 from accounting.renewals.rule import (
     KIND,
@@ -41,7 +41,14 @@ def check_eligibility(
     session: Session, user_id: str, now: datetime | None = None
 ) -> EligibilityOut:
     now = instant(session, now)
-    return _verdict(load_account(session, user_id), now)
+    return _verdict(_not_member(load_account(session, user_id)), now)
+
+
+def _not_member(account: Account) -> Account:
+    """Renewals are a pool's: a member (contract v1.2) is never due, and MEMBER_ACCOUNT."""
+    if account.pool_id is not None:
+        raise member_account(account.pool_id)
+    return account
 
 
 def _verdict(account: Account, now: datetime) -> EligibilityOut:
@@ -76,6 +83,7 @@ def renew_user(
     With ``idempotency_key`` (the task id), a request already done returns its first result;
     a refusal rolls back with the caller's transaction, so it does not use up the key.
     """
+    _not_member(load_account(session, user_id))  # raises USER_NOT_FOUND, MEMBER_ACCOUNT
     digest = idempotency.request_hash("renew_user")
     stored = idempotency.claim(session, user_id, idempotency_key, digest)
     if stored is not None:

@@ -78,6 +78,8 @@ def _page_cte(phase: Phase, plans: dict[str, TierPlan], bounded: bool = False) -
                 )
         if plan.paid:
             where += " AND (a.subscription_expires_at IS NULL OR a.subscription_expires_at > :now)"
+        # Members of a pool (contract v1.2) are never due: the pool is renewed.
+        where += " AND a.parent_id IS NULL"
         branches.append(
             f"""(SELECT a.user_id, a.last_renewal_at, a.ctid FROM accounts a
         WHERE a.tier = :tier_{i} AND {where}

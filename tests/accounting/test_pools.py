@@ -8,11 +8,11 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
-from accounting import accounts, batches, grants, ledger, movements, reservations
+from accounting import accounts, batches, grants, ledger, movements, renewals, reservations
 from accounting.errors import DomainError
 from models.schemas import DebitIn
 from tests.support import assert_ledger_consistent, attempt, refused, run_in_threads
-from worker.db import session_scope
+from worker.db import session_factory, session_scope
 
 
 def tree(session: Session, pool_balance: int = 1000) -> None:
@@ -268,3 +268,20 @@ def test_racing_members_of_one_pool_never_overspend_it(clean_db: None) -> None:
         assert [by_member[m] for m in members] == spent
         assert_ledger_consistent(session)
         assert ledger.reconcile(session).mismatches == []
+
+
+def test_members_are_never_due_and_renewals_of_a_member_are_refused(session: Session) -> None:
+    """Renewals are the pool's: a member (default tier Gift, never renewed) is not due, and the
+    sweep renews the pool alone (without the predicate the member got an allowance grant)."""
+    tree(session, 0)
+    assert renewals.due(session).user_ids == ["pool"]
+    for action in (renewals.renew_user, renewals.check_eligibility):
+        refusal = refused(session, action, "alice")
+        assert code(refusal) == (
+            "MEMBER_ACCOUNT",
+            "Account is a member of pool: move tokens on the pool",
+        )
+    out = renewals.sweep(session_factory())
+    assert (out.total_processed, out.successful) == (1, 1)
+    assert grants.list_grants(session, "alice").grants == []
+    assert accounts.get_balance(session, "alice").tokens_balance == 100  # the pool's allowance

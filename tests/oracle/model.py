@@ -124,6 +124,7 @@ class Entry:
     original: int | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
     splits: list[tuple[int, int]] = field(default_factory=list)
+    spent_by: str | None = None  # v1.2: the member that made it, in its pool's ledger
 
 
 @dataclass
@@ -138,6 +139,12 @@ class Hold:
     metadata: dict[str, Any]
     grants: dict[int, int] = field(default_factory=dict)  # grant id -> tokens held
     status: str = "active"
+    spent_by: str | None = None  # v1.2: the member that made it (user_id: its pool)
+
+    @property
+    def spender(self) -> str:
+        """Whose keys the reservation's capture, release and extend use."""
+        return self.spent_by or self.user_id
 
 
 @dataclass
@@ -150,6 +157,13 @@ class Account:
     reserved: int = 0
     spent: int = 0
     debt: int = 0
+    # v1.2 pools: a member's pool (holding its balance) and parent; None for a pool
+    pool_id: str | None = None
+    parent_id: str | None = None
+
+
+def member_account(pool: str) -> Refused:
+    return Refused("MEMBER_ACCOUNT", f"Account is a member of {pool}: move tokens on the pool")
 
 
 @dataclass
@@ -233,6 +247,15 @@ class Model:
             raise user_not_found()
         return account
 
+    def _pool(self, user_id: str) -> Account:
+        """The account holding ``user_id``'s balance: its pool, or itself."""
+        account = self._account(user_id)
+        return account if account.pool_id is None else self.accounts[account.pool_id]
+
+    def _spender(self, account: Account, user_id: str) -> str | None:
+        """An entry's ``spent_by``: the member that moved its pool's (``account``'s) tokens."""
+        return None if user_id == account.user_id else user_id
+
     # --- the rules --------------------------------------------------------------------------
 
     def _free(self, user_id: str, now: datetime) -> list[Grant]:
@@ -256,11 +279,15 @@ class Model:
         metadata: dict[str, Any] | None = None,
         key: str | None = None,
         original: int | None = None,
+        spent_by: str | None = None,
     ) -> Entry:
         delta = change.delta
         account.debt += change.debt_delta
         account.balance += delta
         account.spent = max(0, account.spent + spent_delta)
+        if spent_by is not None:
+            member = self.accounts[spent_by]
+            member.spent = max(0, member.spent + spent_delta)
         entry = Entry(
             id=self._next_id(),
             user_id=account.user_id,
@@ -274,6 +301,7 @@ class Model:
             original=original,
             metadata=dict(metadata or {}),
             splits=[(g, a) for g, a in change.splits if a != 0],
+            spent_by=spent_by,
         )
         self.entries[entry.id] = entry
         return entry
@@ -310,7 +338,8 @@ class Model:
         return len(due), tokens
 
     def _lock(self, user_id: str, now: datetime) -> Account:
-        account = self._account(user_id)
+        """The pool of ``user_id`` (itself unless a member), its due grants expired."""
+        account = self._pool(user_id)
         self._expire_due(account, now)
         return account
 
@@ -400,19 +429,23 @@ class Model:
     # --- results ---------------------------------------------------------------------------
 
     def _movement(self, account: Account, entry: Entry) -> dict[str, Any]:
+        """A member's movement: its own user_id and tokens_spent, its pool's balance."""
+        mover = account if entry.spent_by is None else self.accounts[entry.spent_by]
         return {
             "success": True,
-            "user_id": account.user_id,
+            "user_id": mover.user_id,
             "operation_type": entry.operation_type,
             "amount": entry.amount,
             "balance_before": entry.before,
             "new_balance": entry.after,
-            "tokens_spent": account.spent,
+            "tokens_spent": mover.spent,
             "ledger_entry_id": entry.id,
             "replayed": False,
         }
 
-    def _balance_fields(self, account: Account, now: datetime) -> dict[str, Any]:
+    def _balance_fields(self, member: Account, now: datetime) -> dict[str, Any]:
+        """A member's are its pool's, but for its user_id, tokens_spent, pool_id, parent_id."""
+        account = self._pool(member.user_id)
         active = [g for g in self.user_grants(account.user_id) if g.status == "active"]
         by_kind: dict[str, int] = {}
         for g in active:
@@ -428,26 +461,27 @@ class Model:
             next_expiry = {"at": at, "tokens": tokens}
         return {
             "success": True,
-            "user_id": account.user_id,
+            "user_id": member.user_id,
             "tokens_balance": account.balance,
             "tokens_reserved": account.reserved,
             "tokens_available": account.balance - account.reserved,
-            "tokens_spent": account.spent,
+            "tokens_spent": member.spent,
             "tier": account.tier,
             "last_renewal_at": account.last_renewal_at,
             "subscription_expires_at": account.subscription_expires_at,
             "by_kind": dict(sorted(by_kind.items())),
             "debt": account.debt,
             "next_expiry": next_expiry,
-            "pool_id": None,
-            "parent_id": None,
+            "pool_id": member.pool_id,
+            "parent_id": member.parent_id,
         }
 
     def _settled_view(self, user_id: str, now: datetime) -> dict[str, Any]:
         """The balance fields as a read sees them: due grants count as expired (contract:
         "for every read"). silent: whether a read writes their expiry entries; every read of
         the worker that answers with balance fields does, as this does."""
-        return self._balance_fields(self._lock(user_id, now), now)
+        self._lock(user_id, now)
+        return self._balance_fields(self.accounts[user_id], now)
 
     # --- accounts ---------------------------------------------------------------------------
 
@@ -465,14 +499,35 @@ class Model:
         initial_balance: int = 0,
         subscription_expires_at: datetime | None = None,
         last_renewal_at: datetime | None = None,
+        parent_id: str | None = None,
     ) -> dict[str, Any]:
         def run() -> dict[str, Any]:
             self._tier(tier)
             if initial_balance < 0:
                 raise Refused("NEGATIVE_BALANCE", "Balance cannot be negative")
+            pool_id = None
+            if parent_id is not None:
+                if initial_balance != 0:
+                    raise Refused(
+                        "VALIDATION_ERROR",
+                        "Invalid arguments: initial_balance: must be 0 for a member (tokens enter"
+                        " through the pool)",
+                    )
+                parent = self.accounts.get(parent_id)
+                if parent is None:
+                    raise Refused("PARENT_NOT_FOUND", "Parent account not found")
+                above = None if parent.parent_id is None else self.accounts[parent.parent_id]
+                if above is not None and above.parent_id is not None:
+                    raise Refused(
+                        "VALIDATION_ERROR",
+                        "Invalid arguments: parent_id: at most 3 levels (pool, team, member); the"
+                        " parent is a member of a team",
+                    )
+                pool_id = parent.pool_id or parent.user_id
             if user_id in self.accounts:
                 return {**self._settled_view(user_id, now), "created": False}
             account = Account(user_id, tier, last_renewal_at, subscription_expires_at)
+            account.pool_id, account.parent_id = pool_id, parent_id
             self.accounts[user_id] = account
             if initial_balance:
                 change = _Change()
@@ -495,6 +550,8 @@ class Model:
         def run() -> dict[str, Any]:
             self._tier(tier)
             account = self._account(user_id)
+            if account.pool_id is not None:
+                raise member_account(account.pool_id)
             account.tier = tier
             account.subscription_expires_at = subscription_expires_at
             return self._settled_view(user_id, now)
@@ -521,6 +578,9 @@ class Model:
 
     def list_grants(self, now: datetime, user_id: str) -> dict[str, Any]:
         def run() -> dict[str, Any]:
+            if self._account(user_id).pool_id is not None:
+                # silent: a member holds no grants (tokens.grants of a member lists its own)
+                return {"success": True, "grants": [], "debt": 0}
             account = self._lock(user_id, now)
             active = sorted(
                 (g for g in self.user_grants(user_id) if g.status == "active"),
@@ -534,7 +594,10 @@ class Model:
         """``ledger.user_entries``' entries, newest first. A read counts a due grant as expired:
         silent: it writes their expiry entries first, as the worker's balance reads do."""
         if user_id in self.accounts:
-            self._lock(user_id, now)
+            pool = self._lock(user_id, now)
+            if pool.user_id != user_id:  # a member's: the entries it spent
+                spent = [e for e in self.user_entries(pool.user_id) if e.spent_by == user_id]
+                return list(reversed(spent))
         return list(reversed(self.user_entries(user_id)))
 
     def _cost(self, operation_type: str) -> int:
@@ -576,6 +639,7 @@ class Model:
             spent_delta=amount,
             metadata=metadata,
             key=key,
+            spent_by=self._spender(account, user_id),
         )
         return self._movement(account, entry)
 
@@ -657,6 +721,8 @@ class Model:
 
         def apply() -> dict[str, Any]:
             account = self._lock(user_id, now)
+            if account.user_id != user_id:
+                raise member_account(account.user_id)
             if expires_at is not None and expires_at <= now:
                 raise Refused(
                     "VALIDATION_ERROR", "Invalid arguments: expires_at: must be in the future"
@@ -707,12 +773,13 @@ class Model:
             already = 0
             original: Entry | None = None
             # silent: an unknown user with an original entry: USER_NOT_FOUND first.
-            self._account(user_id)
+            pool = self._pool(user_id)
             if original_entry_id is not None:
                 original = self.entries.get(original_entry_id)
                 if (
                     original is None
-                    or original.user_id != user_id
+                    or original.user_id != pool.user_id
+                    or (pool.user_id != user_id and original.spent_by != user_id)
                     or original.kind not in REFUNDABLE
                 ):
                     raise Refused("ENTRY_NOT_FOUND", "Original entry not found")
@@ -741,6 +808,7 @@ class Model:
                 metadata=meta,
                 key=key,
                 original=None if original is None else original.id,
+                spent_by=self._spender(account, user_id),
             )
             out = self._movement(account, entry)
             # A refund never revives an ended grant: what went back into one leaves again.
@@ -816,6 +884,8 @@ class Model:
 
         def apply() -> dict[str, Any]:
             account = self._lock(user_id, now)
+            if account.user_id != user_id:
+                raise member_account(account.user_id)
             if new_balance < account.reserved:
                 raise Refused(
                     "BELOW_RESERVED",
@@ -868,7 +938,8 @@ class Model:
                 raise insufficient(need, available)
             hold = Hold(
                 id=reservation_id,
-                user_id=user_id,
+                user_id=account.user_id,
+                spent_by=self._spender(account, user_id),
                 amount=0,
                 operation_type=operation_type,
                 expires_at=now + timedelta(seconds=ttl_seconds),
@@ -966,6 +1037,7 @@ class Model:
                 spent_delta=captured,
                 metadata={**hold.metadata, **meta, "reservation_id": reservation_id},
                 key=key,
+                spent_by=hold.spent_by,
             )
             out = {
                 **self._movement(account, entry),
@@ -983,7 +1055,7 @@ class Model:
             if hold is None:
                 raise Refused("RESERVATION_NOT_FOUND", "Reservation not found")
             request = ("capture", reservation_id, amount, repr(meta))
-            return self._keyed(hold.user_id, key, request, lambda: apply(hold))
+            return self._keyed(hold.spender, key, request, lambda: apply(hold))
 
         return self._atomic(run)
 
@@ -1006,7 +1078,7 @@ class Model:
             if hold is None:
                 raise Refused("RESERVATION_NOT_FOUND", "Reservation not found")
             request = ("release", reservation_id, reason)
-            return self._keyed(hold.user_id, key, request, lambda: apply(hold))
+            return self._keyed(hold.spender, key, request, lambda: apply(hold))
 
         return self._atomic(run)
 
@@ -1050,7 +1122,7 @@ class Model:
             if hold is None:
                 raise Refused("RESERVATION_NOT_FOUND", "Reservation not found")
             request = ("extend", reservation_id, amount, ttl_seconds)
-            return self._keyed(hold.user_id, key, request, lambda: apply(hold))
+            return self._keyed(hold.spender, key, request, lambda: apply(hold))
 
         return self._atomic(run)
 
@@ -1091,7 +1163,7 @@ class Model:
 
     def _due(self, account: Account, now: datetime) -> bool:
         rule = self.tiers[account.tier]
-        if self._lapsed(account, now):
+        if self._lapsed(account, now) or account.pool_id is not None:  # members: never
             return False
         if account.last_renewal_at is None:
             return True
@@ -1195,6 +1267,8 @@ class Model:
     def renew_user(self, now: datetime, user_id: str, key: str | None = None) -> dict[str, Any]:
         def apply() -> dict[str, Any]:
             account = self._account(user_id)
+            if account.pool_id is not None:
+                raise member_account(account.pool_id)
             if self._lapsed(account, now):
                 raise Refused("SUBSCRIPTION_EXPIRED", "Subscription expired")
             if not self._due(account, now):
@@ -1269,6 +1343,8 @@ class Model:
     def check_eligibility(self, now: datetime, user_id: str) -> dict[str, Any]:
         def run() -> dict[str, Any]:
             account = self._account(user_id)
+            if account.pool_id is not None:  # members are never due: renewals are the pool's
+                raise member_account(account.pool_id)
             last = account.last_renewal_at
             rule = self.tiers[account.tier]
             next_date = None if last is None else midnight(last) + timedelta(days=rule.period_days)
