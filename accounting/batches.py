@@ -23,10 +23,11 @@ from typing import Any
 from sqlalchemy import bindparam, select, text
 from sqlalchemy.orm import Session
 
-from accounting import idempotency, movements, spend
+from accounting import idempotency, limits, movements, spend
 from accounting.catalog import known_operation
 from accounting.errors import (
     DomainError,
+    LimitExceeded,
     invalid_amount,
 )
 from models.schemas import DebitBatchOut, DebitIn, Failure, MovementOut
@@ -116,6 +117,9 @@ def _result(session: Session, item: DebitIn, row: Any) -> MovementOut | Failure:
     """One item's row: its movement (and events), or the refusal ``tokens.debit`` gives."""
     try:
         return spend.outcome(session, row, user_id=item.user_id, kind="debit", amount=item.amount)
+    except LimitExceeded as exc:
+        limits.note_refused(session, exc)  # the batch commits: its event goes with it
+        return _refusal(exc)
     except DomainError as exc:
         return _refusal(exc)
 

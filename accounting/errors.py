@@ -112,15 +112,25 @@ def member_account(pool: str) -> DomainError:
     return DomainError("MEMBER_ACCOUNT", f"Account is a member of {pool}: move tokens on the pool")
 
 
-def limit_exceeded(limit: dict[str, Any], requested: int) -> DomainError:
+class LimitExceeded(DomainError):
+    """``LIMIT_EXCEEDED``; ``spender``: the account whose request it refused, for the
+    ``limit.reached`` a refusal writes once its statement has rolled back
+    (``limits.note_refused``)."""
+
+    def __init__(self, limit: dict[str, Any], requested: int, spender: str) -> None:
+        super().__init__(
+            "LIMIT_EXCEEDED",
+            f"Spend limit exceeded: {limit['name']} on {limit['user_id']}. "
+            f"Limit: {limit['max_tokens']}, Used: {limit['used']}, Requested: {requested}",
+            limit=limit,
+        )
+        self.spender = spender
+
+
+def limit_exceeded(limit: dict[str, Any], requested: int, spender: str) -> LimitExceeded:
     """``limit``: the refusing limit as ``tokens.limits`` lists it (``used`` before the
     request)."""
-    return DomainError(
-        "LIMIT_EXCEEDED",
-        f"Spend limit exceeded: {limit['name']} on {limit['user_id']}. "
-        f"Limit: {limit['max_tokens']}, Used: {limit['used']}, Requested: {requested}",
-        limit=limit,
-    )
+    return LimitExceeded(limit, requested, spender)
 
 
 def unauthorized(producer: str | None, task: str) -> DomainError:

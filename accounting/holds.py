@@ -69,7 +69,7 @@ def reserve(
     if row.status == "insufficient":
         raise insufficient_tokens(amount, int(row.available))
     if row.status == "limit":
-        raise limit_exceeded(row.refused, amount)
+        raise limit_exceeded(row.refused, amount, user_id)
     note_balance_change(
         session,
         user_id=row.pool,
@@ -148,7 +148,7 @@ def extend(
     if row.status == "insufficient":
         raise insufficient_tokens(amount, int(row.available))
     if row.status == "limit":
-        raise limit_exceeded(row.refused, amount)
+        raise limit_exceeded(row.refused, amount, row.owner)
     if amount:
         note_balance_change(
             session,

@@ -14,7 +14,7 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
-from accounting.errors import user_not_found, validation_error
+from accounting.errors import LimitExceeded, user_not_found, validation_error
 from models.schemas import LimitsOut, SpendLimitOut
 from models.tables import Account
 
@@ -89,6 +89,19 @@ def near(session: Session) -> dict[str, tuple[int, int]]:
     """By period: how many limits have used 90 % or more of ``max_tokens`` now, and how many
     all of it (the metrics' near-limit gauges: five periods, whatever the number of limits)."""
     return {row.period: (int(row.near), int(row.reached)) for row in session.execute(_NEAR)}
+
+
+_REFUSED = text("SELECT tokens_limit_refused(:spender, :owner, :name)")
+
+
+def note_refused(session: Session, refused: LimitExceeded) -> None:
+    """``limit.reached`` for a request the limit refused, once per window and limit
+    (``tokens_limit_refused``), in ``session``'s transaction: after a single request's rolled
+    back, or within a batch's."""
+    limit = refused.fields["limit"]
+    session.execute(
+        _REFUSED, {"spender": refused.spender, "owner": limit["user_id"], "name": limit["name"]}
+    )
 
 
 def limit_out(listed: dict[str, Any]) -> SpendLimitOut:

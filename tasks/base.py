@@ -15,7 +15,8 @@ from celery.exceptions import Ignore, Retry, TimeLimitExceeded
 from pydantic import BaseModel
 from sqlalchemy.orm import Session
 
-from accounting.errors import DomainError, validation_error
+from accounting import limits
+from accounting.errors import DomainError, LimitExceeded, validation_error
 from models.schemas import Failure, Payload
 from token_worker_client.errors import InvalidPayload
 from token_worker_client.models import describe as describe  # re-exported for the tests
@@ -135,6 +136,8 @@ class ContractTask(Task):  # type: ignore[misc]
                 result = handler(session, payload, self.request.id)
             return result.model_dump(mode="json")
         except DomainError as exc:
+            if isinstance(exc, LimitExceeded):
+                note_refused(exc)
             failure = Failure(error=exc.message, error_code=exc.code, **exc.fields)
             return failure.model_dump(mode="json")
         except Exception as exc:
@@ -156,6 +159,17 @@ class ContractTask(Task):  # type: ignore[misc]
             raise self.retry(
                 exc=exc, countdown=backoff(retries), max_retries=get_settings().task_max_retries
             ) from exc
+
+
+def note_refused(refused: LimitExceeded) -> None:
+    """The ``limit.reached`` a refusal writes (once per window and limit), in a transaction of
+    its own: the request's rolled back. Best effort: the refusal is the task's answer either
+    way, and the next refusal or reach in the window writes it."""
+    try:
+        with session_scope() as session:
+            limits.note_refused(session, refused)
+    except Exception as exc:  # a refusal must stay a refusal, not become a failed task
+        log.warning("limit.reached for a refusal not written: %s", one_line(exc))
 
 
 def contract_task(

@@ -504,3 +504,37 @@ def test_a_window_reaching_its_limit_writes_limit_reached_once(session: Session)
     reservations.capture(session, r.reservation_id, amount=12)  # past the limit: counted
     session.commit()
     assert reached(session) == [("alice", "daily", 10), ("alice", "daily", 12)]
+
+
+def test_a_request_refused_by_a_limit_writes_limit_reached_once_per_window(
+    session: Session,
+) -> None:
+    """The contract's other case: refused, the statement rolled back, the event is written
+    after it (tokens.debit through its task, as a worker runs it), once per window and limit;
+    a batch's refused item writes it with the batch."""
+    from tasks import movements as movement_tasks
+
+    tree(session)
+    limits.set_limit(session, "alice", "daily", 10, "day")
+    limits.set_limit(session, "bob", "daily", 5, "day")
+    session.commit()
+    debit(session, "alice", 6)
+
+    def task_debit(user: str, amount: int) -> dict[str, Any]:
+        kwargs = {"user_id": user, "amount": amount, "operation_type": "image_generation"}
+        out: dict[str, Any] = movement_tasks.debit.apply(kwargs=kwargs).get()
+        return out
+
+    assert task_debit("alice", 5)["error_code"] == "LIMIT_EXCEEDED"
+    session.expire_all()
+    assert reached(session) == [("alice", "daily", 6)]  # the limit as listed: 6 of 10 used
+    assert task_debit("alice", 5)["error_code"] == "LIMIT_EXCEEDED"
+    assert reached(session) == [("alice", "daily", 6)]  # once per window
+    out = batches.debit_batch(
+        session,
+        [DebitIn(user_id="bob", amount=9, operation_type="image_generation")],
+        "batch-1",
+    )
+    session.commit()
+    assert out.refused == 1
+    assert reached(session) == [("alice", "daily", 6), ("bob", "daily", 0)]
