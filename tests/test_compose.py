@@ -42,6 +42,7 @@ from tests.devenv import Scratch
 from tests.polling import wait_for
 from tests.support import ROOT
 from tests.test_ops import run_promtool
+from token_worker_client.signing import Signer, sign_messages
 from worker.config import celery_config
 from worker.settings import Settings
 
@@ -52,6 +53,10 @@ BIN = Path(sys.executable).parent
 COMPOSE_ENV = {
     "POSTGRES_PASSWORD": "compose-test",
     "TOKENS_WORKER_DB_PASSWORD": "compose-test-worker",
+    "REDIS_PASSWORD": "compose-test-redis",
+    "TOKENS_WORKER_KEY": "compose-test-worker-key-0123456789abcdef",
+    "TOKENS_WEB_KEY": "compose-test-web-key-0123456789abcdef0123",
+    "TOKENS_BILLING_KEY": "compose-test-billing-key-0123456789abcdef",
     "FLOWER_BASIC_AUTH": "ops:compose-test",
 }
 OUR_IMAGE = "token-worker:local"
@@ -209,9 +214,9 @@ def test_env_example_lists_every_variable_compose_reads() -> None:
 def test_published_ports_are_on_loopback_only() -> None:
     services = compose()["services"]
     published = {n: s["ports"] for n, s in services.items() if "ports" in s}
-    # Redis for producers on the host, Flower and Prometheus for operators; never PostgreSQL,
-    # never the workers' metrics.
-    assert set(published) == {"redis", "flower", "prometheus"}
+    # Flower and Prometheus for operators; never PostgreSQL or Redis (producers join the
+    # network), never the workers' metrics.
+    assert set(published) == {"flower", "prometheus"}
     for name, ports in published.items():
         assert all(str(p).startswith("127.0.0.1:") for p in ports), (name, ports)
 
@@ -341,7 +346,8 @@ def mapped(value: str, scratch: Scratch) -> str:
             assert "://tokens_worker@" in as_worker, scratch.database_url
             return as_worker
         return scratch.database_url
-    m = re.fullmatch(r"redis://redis:6379/(\d+)", value)
+    # The local Redis has no password: the stack's is dropped from its URLs.
+    m = re.fullmatch(r"redis://(?::[^@]*@)?redis:6379/(\d+)", value)
     if m:
         # Databases 0 and 1 are the broker's and the backend's; RedBeat (2) shares the broker's.
         slot = {0: scratch.broker_url, 1: scratch.backend_url, 2: scratch.broker_url}
@@ -452,15 +458,19 @@ def wait_until_healthy(container: Container, timeout: float = 90) -> None:
         time.sleep(0.5)
 
 
-def producer(stack: Stack) -> Celery:
-    """A producer that knows only the contract: the broker and backend URLs."""
+def producer(stack: Stack, name: str = "billing") -> Celery:
+    """A producer that knows only the contract: the broker and backend URLs, and its signing
+    key (``TOKENS_PRODUCERS`` is on in the stack)."""
     env = stack.one("flower").env
-    return Celery(
+    app = Celery(
         "producer",
         broker=env["TOKENS_BROKER_URL"],
         backend=env["TOKENS_RESULT_BACKEND"],
         set_as_current=False,
     )
+    key = COMPOSE_ENV[{"billing": "TOKENS_BILLING_KEY", "web": "TOKENS_WEB_KEY"}[name]]
+    sign_messages(app, Signer(name, key.encode()))
+    return app
 
 
 def test_every_health_check_passes_and_can_fail(stack: Stack) -> None:
@@ -498,6 +508,7 @@ def test_debits_and_sweeps_run_on_their_own_workers(stack: Stack) -> None:
             )
         )
     )
+    sign_messages(ours, Signer("billing", COMPOSE_ENV["TOKENS_BILLING_KEY"].encode()))
     sweep = ours.send_task("renewals.sweep", kwargs={})
     swept = sweep.get(timeout=60)
     assert (swept["successful"], swept["failed"]) == (1, 0)
@@ -519,6 +530,23 @@ def test_debits_and_sweeps_run_on_their_own_workers(stack: Stack) -> None:
             by_worker.setdefault(task["worker"].split("@")[0], set()).add(task.get("name") or "")
     assert by_worker["renewals"] and all(n.startswith("renewals.") for n in by_worker["renewals"])
     assert not any(n.startswith("renewals.") for n in by_worker["worker"]), by_worker
+
+
+def test_only_signed_producers_move_money(stack: Stack) -> None:
+    """TOKENS_PRODUCERS is on in the stack: unsigned, or outside a producer's tasks, a message
+    changes nothing and gets UNAUTHORIZED (contract v1.2)."""
+    env = stack.one("flower").env
+    unsigned = Celery(
+        "unsigned", broker=env["TOKENS_BROKER_URL"], backend=env["TOKENS_RESULT_BACKEND"]
+    )
+    kwargs = {"user_id": "c-auth", "amount": 5}
+    out = unsigned.send_task("tokens.credit", kwargs=kwargs).get(timeout=30)
+    assert (out["error_code"], out["error"]) == ("UNAUTHORIZED", "Unsigned message")
+    web = producer(stack, "web")
+    out = web.send_task("tokens.credit", kwargs=kwargs).get(timeout=30)
+    assert out["error"] == "Producer web may not send tokens.credit"
+    balance = web.send_task("tokens.get_balance", kwargs={"user_id": "c-auth"}).get(timeout=30)
+    assert balance["error_code"] == "USER_NOT_FOUND"  # web may read; nothing was credited
 
 
 def test_each_message_reaches_one_queue(stack: Stack) -> None:
