@@ -37,7 +37,7 @@ def verify(session: Session, user_id: str | None = None) -> VerifyOut:
             return _out(checked, broken)
         row = session.execute(_VERIFY, {"users": users, "max": MAX_BROKEN_LISTED}).one()
         checked += int(row.checked)
-        broken.extend(row.broken)
+        broken.extend(row.broken[: MAX_BROKEN_LISTED - len(broken)])  # only what is listed
         after = users[-1]
 
 
