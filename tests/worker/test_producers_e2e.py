@@ -236,7 +236,9 @@ def test_a_wildcard_pattern_and_a_second_key(
         assert old.debit(**debit(alice)).unwrap().new_balance == 90
 
 
-def test_the_workers_own_fan_out_and_beat_are_signed(billing: TokenClient, alice: str) -> None:
+def test_the_workers_own_fan_out_and_beat_are_signed(
+    billing: TokenClient, alice: str, guarded: WorkerProcess
+) -> None:
     # A sweep fans out into chunks and a totals task, published by the worker itself: with
     # them refused the sweep would never finish, nor anyone renew.
     lapsed = datetime.now(UTC) - timedelta(days=45)
@@ -255,8 +257,12 @@ def test_the_workers_own_fan_out_and_beat_are_signed(billing: TokenClient, alice
             == "expired"
         ),
         45,
-        "beat's reservations.expire",
+        f"beat's reservations.expire (the worker's log: {guarded.log_path})",
     )
+    # Beat inside the worker once closed a socket of its own on its first send: its metric
+    # handler closed files the worker had open, whose numbers beat's connections had taken.
+    log = guarded.log_path.read_text(errors="replace")
+    assert "Signal handler" not in log, [line for line in log.splitlines() if "raised" in line]
 
 
 def test_the_coalescer_is_guarded(private: Private, billing: TokenClient, alice: str) -> None:

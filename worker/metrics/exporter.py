@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from celery import Celery
-from celery.signals import worker_process_init, worker_process_shutdown
+from celery.signals import beat_embedded_init, worker_process_init, worker_process_shutdown
 from prometheus_client import CollectorRegistry
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
@@ -40,6 +40,15 @@ class Exporter:
         self.server.socket.close()
         self.collector.broker.forget(close=False)
         self.collector.database.forget()
+
+    def in_embedded_beat(self, **_: Any) -> None:
+        # Beat inside the worker (-B) is a child that closed every inherited descriptor before it
+        # opened its own connections, so they took the numbers of the metric files the main
+        # process had open. The first sample it wrote made prometheus_client see a new pid and
+        # close those stale files: the close went to whichever socket now held the number (seen
+        # as OSError 29, Illegal seek, on every start). Beat writes no samples at all instead.
+        for signal, handler in HANDLERS:
+            signal.disconnect(handler)
 
     def process_exited(self, pid: int | None = None, **_: Any) -> None:
         mark_process_dead(pid or os.getpid(), str(self.directory))  # type: ignore[no-untyped-call]
@@ -72,6 +81,7 @@ def start(app: Celery, directory: Path, queues: Collection[str]) -> Exporter:
         signal.connect(handler, weak=False)
     worker_process_init.connect(exporter.after_fork, weak=False)
     worker_process_shutdown.connect(exporter.process_exited, weak=False)
+    beat_embedded_init.connect(exporter.in_embedded_beat, weak=False)
     _exporter = exporter
     log.info(
         "metrics on http://%s:%d/metrics (files in %s)",
