@@ -7,8 +7,10 @@
    (``tokens_chain``) disabled and enabled, and with the balance history's (``tokens_history``)
    disabled too; interleaved, medians of ``--runs``. Goal: the chain costs ≤ 10 % of the rate.
 2. ``ledger.verify`` over ``--users`` x ``--per-user`` entries (seeded with ``generate_series``,
+   each with metadata of three members, one of them distinct per entry,
    then chained by the migration's own ``tokens_chain_backfill``), in pages of users as the task
-   runs it; the process's peak RSS before and after. Goal: 10 million entries in < 60 s.
+   runs it, on one connection and on ``TOKENS_VERIFY_CONNECTIONS`` (default 2); the process's
+   peak RSS before and after. Goal: 10 million entries in < 60 s.
 3. ``get_balance(as_of=...)`` (``tokens_balance_at``) for random users at random instants of
    their history over the same ledger: p50 and p99. Goal: p99 < 10 ms.
 
@@ -39,7 +41,9 @@ SEED_ENTRIES = """
 INSERT INTO ledger_entries (user_id, kind, operation_type, tokens_amount, balance_before,
                             balance_after, metadata, created_at, spent_by)
 SELECT 'seed-' || lpad(u::text, 8, '0'), 'credit', 'purchase', 1, n - 1, n,
-       jsonb_build_object('order', n), now() - interval '400 days' + n * interval '1 hour', NULL
+       jsonb_build_object('order', n, 'model', 'gpt-4o-mini',
+                          'request_id', md5(u::text || '-' || n::text)),
+       now() - interval '400 days' + n * interval '1 hour', NULL
 FROM generate_series(1, :users) AS u, generate_series(1, :per_user) AS n
 """
 
@@ -150,6 +154,7 @@ def _verify_and_read(users: int, per_user: int, reads: int) -> None:
 
     from accounting import accounts, chain
     from worker.db import get_engine, session_scope
+    from worker.settings import get_settings
 
     total = users * per_user
     print(f"2. seeding {users:,} users x {per_user:,} entries ({total:,}) ...")
@@ -175,25 +180,31 @@ def _verify_and_read(users: int, per_user: int, reads: int) -> None:
     print(f"  seeded and chained in {time.perf_counter() - started:.1f} s")
 
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    started = time.perf_counter()
-    with session_scope() as s:
-        out = chain.verify(s)
-    seconds = time.perf_counter() - started
+    rates: dict[int, float] = {}
+    for connections in (1, get_settings().verify_on):
+        started = time.perf_counter()
+        with session_scope() as s:
+            out = chain.verify(s, connections=connections)
+        seconds = time.perf_counter() - started
+        assert out.checked >= total and out.broken == [], (out.checked, out.broken[:3])
+        rates[connections] = rate = out.checked / seconds
+        print(
+            f"  ledger.verify on {connections} connection(s): {out.checked:,} entries in"
+            f" {seconds:.1f} s, {rate:,.0f}/s; 10 million at this rate: {10_000_000 / rate:.0f} s"
+        )
     rss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    assert out.checked >= total and out.broken == [], (out.checked, out.broken[:3])
-    rate = out.checked / seconds
+    best = max(rates.values())
     print(
-        f"  ledger.verify: {out.checked:,} entries in {seconds:.1f} s, {rate:,.0f}/s;"
-        f" 10 million at this rate: {10_000_000 / rate:.0f} s"
+        f"  {max(rates)} connections against 1: {rates[max(rates)] / rates[1]:.2f}x"
         f" (peak RSS {rss_before / 1024:.0f} -> {rss_after / 1024:.0f} MiB)"
     )
     summary.record(
         goal="ledger.verify over 10 million entries (extrapolated)",
-        figure=f"{10_000_000 / rate:.0f} s",
-        baseline=f"{out.checked:,} entries in {seconds:.1f} s",
-        ratio=10_000_000 / rate / 60,
+        figure=f"{10_000_000 / best:.0f} s",
+        baseline=f"{rates[1]:,.0f} entries/s on 1 connection, {best:,.0f}/s on {max(rates)}",
+        ratio=10_000_000 / best / 60,
         target="< 60 s",
-        met=10_000_000 / rate < 60,
+        met=10_000_000 / best < 60,
         command="python -m bench.ledger_chain",
     )
 

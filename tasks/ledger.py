@@ -20,6 +20,7 @@ from models.schemas import (
     VerifyOut,
 )
 from tasks.base import contract_task
+from worker.settings import get_settings
 
 
 @contract_task("ledger.user_entries", UserEntriesIn)
@@ -63,4 +64,4 @@ def reconcile(session: Session, p: ReconcileIn, _task_id: str | None) -> Reconci
 
 @contract_task("ledger.verify", VerifyIn)
 def verify(session: Session, p: VerifyIn, _task_id: str | None) -> VerifyOut:
-    return chain.verify(session, p.user_id)
+    return chain.verify(session, p.user_id, get_settings().verify_on)

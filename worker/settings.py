@@ -144,6 +144,9 @@ class Settings(BaseSettings):
     renewal_cron: str = "0 2 * * *"
     reconcile_cron: str = "30 3 * * *"
     verify_cron: str = "15 4 * * *"
+    # Connections a full ledger.verify checks pages of users on at once (each a server process
+    # hashing on a core of its own), besides the task's own; at most the pool's size.
+    verify_connections: int = Field(default=2, ge=1, le=16)
     reservation_expiry_seconds: int = Field(default=60, ge=1)
     # Users per sweep chunk: one task, one statement, one transaction each. The sweep fans out
     # in chunks, so no renewals task needs a time limit beyond the global one.
@@ -272,6 +275,11 @@ class Settings(BaseSettings):
     def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
         for name, value in super().__repr_args__():
             yield name, masked(value) if name in URL_FIELDS and isinstance(value, str) else value
+
+    @property
+    def verify_on(self) -> int:
+        """Connections ledger.verify uses: TOKENS_VERIFY_CONNECTIONS, within the pool's size."""
+        return min(self.verify_connections, self.db_pool_size)
 
     @property
     def logs_as_json(self) -> bool:

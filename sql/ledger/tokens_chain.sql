@@ -5,6 +5,8 @@ LANGUAGE plpgsql VOLATILE AS $fn$
 -- id); every writer holds the account's lock and stamps created_at no earlier than the account's
 -- last change, so the new entry is last. A carried_forward entry (tokens_prune) is a checkpoint
 -- and arrives with its hash: the last it replaced.
+DECLARE
+    v_metadata text := '{}';
 BEGIN
     IF NEW.kind = 'carried_forward' AND NEW.hash IS NOT NULL THEN
         RETURN NEW;
@@ -13,7 +15,10 @@ BEGIN
         (SELECT p.hash FROM ledger_entries p WHERE p.user_id = NEW.user_id
          ORDER BY p.created_at DESC, p.id DESC LIMIT 1),
         repeat('0', 64));
-    NEW.hash := tokens_entry_hash(NEW.prev_hash, NEW);
+    IF NEW.metadata <> '{}' THEN
+        v_metadata := (SELECT o.canonical FROM tokens_canonical_objects(ARRAY[NEW.metadata]) AS o);
+    END IF;
+    NEW.hash := tokens_entry_hash(NEW.prev_hash, NEW, v_metadata);
     RETURN NEW;
 END
 $fn$;

@@ -26,7 +26,8 @@ BEGIN
             v_prev := repeat('0', 64);
         END IF;
         e.prev_hash := v_prev;
-        v_prev := tokens_entry_hash(v_prev, e);
+        v_prev := tokens_entry_hash(
+            v_prev, e, (SELECT o.canonical FROM tokens_canonical_objects(ARRAY[e.metadata]) AS o));
         UPDATE ledger_entries SET prev_hash = e.prev_hash, hash = v_prev WHERE id = e.id;
     END LOOP;
     RETURN v_users[cardinality(v_users)];

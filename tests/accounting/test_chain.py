@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import text
@@ -107,6 +108,29 @@ def test_the_canonical_json_is_pythons(session: Session, value: Any) -> None:
     ).one()
     expected = json.dumps(row.v, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     assert row.c == expected
+
+
+@settings(
+    max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(values=st.lists(json_values, max_size=6))
+def test_many_values_written_at_once_are_written_as_one_by_one(
+    session: Session, values: list[Any]
+) -> None:
+    """ledger.verify writes a page's metadata with one call of tokens_canonical_objects (one
+    sort of every member of every value): each comes out as Python writes it, in its place."""
+    rows = session.execute(
+        text(
+            "SELECT o.n, o.canonical, (CAST(:js AS jsonb[]))[o.n] AS v"
+            " FROM tokens_canonical_objects(CAST(:js AS jsonb[])) AS o ORDER BY o.n"
+        ),
+        {"js": [json.dumps(v) for v in values]},
+    ).all()
+    assert [r.n for r in rows] == list(range(1, len(values) + 1))
+    for r in rows:
+        assert r.canonical == json.dumps(
+            r.v, sort_keys=True, separators=(",", ":"), ensure_ascii=False
+        )
 
 
 def test_the_floats_python_writes_differently_from_postgresql(session: Session) -> None:
@@ -302,3 +326,81 @@ def test_a_pool_has_one_chain_with_its_members_entries(session: Session) -> None
         id=int(listed[1]["id"]),
     )
     assert verified(session) == [Broken(user_id="pool", entry_id=listed[1]["id"], reason="hash")]
+
+
+def test_pages_checked_on_several_connections_report_as_one(
+    session: Session, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full check split in pages of 2 users, on 1 and on 3 connections: the same count and
+    the same problems, by user then entry, cut at the listed maximum."""
+    monkeypatch.setattr(chain, "USERS_PER_STATEMENT", 2)
+    monkeypatch.setattr(chain, "MAX_BROKEN_LISTED", 4)
+    users = [f"p{n}" for n in range(9)]
+    for user in users:
+        accounts.open_account(session, user, initial_balance=50)
+        for n in range(3):
+            movements.debit(session, user, 1, "image_generation", metadata={"n": n, "u": user})
+    session.commit()
+    for user in ("p1", "p4", "p8"):  # pages 1, 3 and 5: two problems each, 6 in all
+        first, second = entry_ids(session, user)[1:3]
+        tamper(session, "UPDATE ledger_entries SET metadata = '{}' WHERE id = :id", id=int(first))
+        tamper(
+            session,
+            "UPDATE ledger_entries SET metadata = metadata || '{\"x\": 1}' WHERE id = :id",
+            id=int(second),
+        )
+    one = chain.verify(session, connections=1)
+    many = chain.verify(session, connections=3)
+    assert one == many
+    assert one.checked == 9 * 4
+    assert [(b.user_id, b.reason) for b in one.broken] == [("p1", "hash")] * 2 + [
+        ("p4", "hash")
+    ] * 2
+
+
+def test_a_page_of_more_entries_than_one_chunk(session: Session) -> None:
+    """tokens_verify writes a page's metadata 10,000 entries at a time: a user with more is
+    checked whole, and a problem on either side of a chunk's edge is placed on its entry."""
+    entries_made = 10_050
+    session.execute(
+        text(
+            "INSERT INTO accounts (user_id, tier, tokens_balance, tokens_reserved, tokens_spent,"
+            " debt, created_at, updated_at)"
+            " VALUES ('big', 'Gift', :n, 0, 0, 0, now(), now())"
+        ),
+        {"n": entries_made},
+    )
+    # Written through the chain's trigger, which sees the statement's earlier rows.
+    session.execute(
+        text(
+            "INSERT INTO ledger_entries (user_id, kind, operation_type, tokens_amount,"
+            " balance_before, balance_after, metadata, created_at)"
+            " SELECT 'big', 'credit', 'purchase', 1, n - 1, n,"
+            " jsonb_build_object('n', n, 'b', 'x'), now() + n * interval '1 millisecond'"
+            " FROM generate_series(1, :n) AS n"
+        ),
+        {"n": entries_made},
+    )
+    session.commit()
+    assert chain.verify(session) == chain.verify(session, "big")
+    assert (chain.verify(session).checked, chain.verify(session).broken) == (entries_made, [])
+    ids = (
+        session.execute(
+            text("SELECT id FROM ledger_entries WHERE user_id = 'big' ORDER BY created_at, id")
+        )
+        .scalars()
+        .all()
+    )
+    for place in (9_999, 10_000, 10_001, entries_made):  # 1-based; a chunk ends at 10,000
+        tamper(
+            session,
+            "UPDATE ledger_entries SET metadata = jsonb_set(metadata, '{b}', '\"y\"')"
+            " WHERE id = :id",
+            id=ids[place - 1],
+        )
+    out = chain.verify(session)
+    assert out.checked == entries_made
+    assert out.broken == [
+        Broken(user_id="big", entry_id=str(ids[place - 1]), reason="hash")
+        for place in (9_999, 10_000, 10_001, entries_made)
+    ]

@@ -137,10 +137,11 @@ def verify(payload: VerifyIn) -> None:
     """Check every hash chain, balance field and balance (exit 1 if anything is broken)."""
     from accounting import chain
     from worker.db import session_scope
+    from worker.settings import get_settings
 
     ready()
     with session_scope() as session:
-        out = chain.verify(session, payload.user_id)
+        out = chain.verify(session, payload.user_id, get_settings().verify_on)
     emit(out)
     if out.broken:
         raise SystemExit(1)
