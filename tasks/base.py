@@ -15,7 +15,6 @@ from celery.exceptions import Ignore, Retry, TimeLimitExceeded
 from pydantic import BaseModel
 from sqlalchemy.orm import Session
 
-from accounting import limits
 from accounting.errors import DomainError, LimitExceeded, validation_error
 from models.schemas import Failure, Payload
 from token_worker_client.errors import InvalidPayload
@@ -25,6 +24,7 @@ from worker.celery import app
 from worker.db import session_scope, statement_scope
 from worker.failures import failure_code, is_transient, one_line
 from worker.limits import backoff
+from worker.refusals import note_refused
 from worker.settings import get_settings
 from worker.signals import operation_retried, send_completed
 
@@ -159,17 +159,6 @@ class ContractTask(Task):  # type: ignore[misc]
             raise self.retry(
                 exc=exc, countdown=backoff(retries), max_retries=get_settings().task_max_retries
             ) from exc
-
-
-def note_refused(refused: LimitExceeded) -> None:
-    """The ``limit.reached`` a refusal writes (once per window and limit), in a transaction of
-    its own: the request's rolled back. Best effort: the refusal is the task's answer either
-    way, and the next refusal or reach in the window writes it."""
-    try:
-        with session_scope() as session:
-            limits.note_refused(session, refused)
-    except Exception as exc:  # a refusal must stay a refusal, not become a failed task
-        log.warning("limit.reached for a refusal not written: %s", one_line(exc))
 
 
 def contract_task(

@@ -280,6 +280,24 @@ def test_refusals_exit_1_with_the_contract_failure(session: Session) -> None:
     assert dbstate.entries("u") == []
 
 
+def test_a_debit_a_limit_refuses_writes_limit_reached_as_the_task_does(session: Session) -> None:
+    """Refused from the command line as from a task: LIMIT_EXCEEDED, nothing moved, and the
+    window's limit.reached written once after the request rolled back."""
+    tokens("open-account", "capped", "--initial-balance", "50")
+    tokens("set-limit", "capped", "daily", "--max-tokens", "10", "--period", "day")
+    tokens("debit", "capped", "6", "--operation-type", "image_generation")
+    for _ in range(2):
+        refused = tokens("debit", "capped", "5", "--operation-type", "image_generation", code=1)
+        assert refused["error_code"] == "LIMIT_EXCEEDED"
+    reached = session.execute(
+        text("SELECT user_id, data FROM events WHERE type = 'limit.reached'")
+    ).all()
+    assert [(r.user_id, r.data["name"], r.data["used"]) for r in reached] == [
+        ("capped", "daily", 6)
+    ]
+    assert dbstate.balance("capped") == 44
+
+
 def test_renewal_commands(session: Session) -> None:
     tokens("open-account", "due", "--tier", "Professional")
     tokens("open-account", "also-due")

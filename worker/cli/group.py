@@ -114,9 +114,10 @@ def since(started: float) -> float:
 def run_task(operation: str | None, action: Callable[..., BaseModel], **kwargs: Any) -> None:
     """``action(session, **kwargs)`` in one transaction, printed and reported through
     ``operation_completed`` as the task ``operation`` would be (``task_id`` None)."""
-    from accounting.errors import DomainError
+    from accounting.errors import DomainError, LimitExceeded
     from models.schemas import Failure
     from worker.db import session_scope
+    from worker.refusals import note_refused
     from worker.signals import send_completed
 
     ready()
@@ -125,6 +126,8 @@ def run_task(operation: str | None, action: Callable[..., BaseModel], **kwargs: 
         with session_scope() as session:
             out = action(session, **kwargs)
     except DomainError as exc:
+        if isinstance(exc, LimitExceeded):
+            note_refused(exc)
         if operation is not None:
             failure = Failure(error=exc.message, error_code=exc.code, **exc.fields).model_dump(
                 mode="json"
