@@ -1,20 +1,27 @@
 """Pools and spend limits (issue 22): a member's debit against a plain one, in the same run.
 
-    python -m bench.pool_debit [--seconds 5] [--members 64] [--hot-clients 16] [--runs 3]
-                               [--tasks 1000]
+    python -m bench.pool_debit [--seconds 5] [--slice 0.5] [--members 64] [--hot-clients 16]
+                               [--runs 3] [--tasks 1000]
 
-Measures, each for ``--seconds`` and ``--runs`` times interleaved (medians printed), every debit
-``movements.debit`` through ``worker.db.statement_scope`` (the statement alone, what
-``tokens.debit`` runs), fresh keys:
+Measures, every debit ``movements.debit`` through ``worker.db.statement_scope`` (the statement
+alone, what ``tokens.debit`` runs), fresh keys, each against its baseline:
 
-- one thread: plain accounts (no pool, no limit) at random, the baseline;
 - one thread: members of one 3-level tree (pool -> 4 teams -> members) at random, with two
   limits on each level (member: a calendar day and a rolling minute; team: a calendar hour and
-  a rolling day; pool: a calendar month and a rolling 30 days), never reached;
-- ``--hot-clients`` threads on one hot plain account, the baseline of the next;
+  a rolling day; pool: a calendar month and a rolling 30 days), never reached; against one
+  thread debiting plain accounts (no pool, no limit) at random;
 - ``--hot-clients`` threads, each a different member of that limited tree (one hot pool);
+  against as many threads on one hot plain account;
 - end to end (``--tasks`` > 0): ``tokens.debit`` round trips through one worker (concurrency 2),
-  sent all at once and awaited, to plain accounts and to members, interleaved rounds.
+  ``--tasks`` sent all at once and awaited, to members against plain accounts.
+
+The machine is shared (other runs come and go), so a measure and its baseline never run far
+apart: in each of ``--runs`` runs, each gets ``--seconds`` in slices of ``--slice`` seconds
+that alternate with its baseline's (in pairs, the baseline first in every other pair), and each
+pair of slices gives a ratio (end to end: each pair of rounds). Printed: the mean rate over the
+slices, so the ratio (the figure) is the measure's debits over its baseline's in slices of the
+same moments; then the spread: the lowest and highest of the runs' ratios, and the 10th to 90th
+percentile of the pairs' (one pair is short and noisy; the runs' range is what to trust).
 
 Creates and drops its own database.
 """
@@ -22,6 +29,7 @@ Creates and drops its own database.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import random
 import statistics
@@ -44,7 +52,8 @@ LIMITS = {
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--seconds", type=int, default=5)
+    parser.add_argument("--seconds", type=float, default=5)
+    parser.add_argument("--slice", type=float, default=0.5)
     parser.add_argument("--members", type=int, default=64)
     parser.add_argument("--hot-clients", type=int, default=16)
     parser.add_argument("--runs", type=int, default=3)
@@ -56,7 +65,7 @@ def main() -> None:
     os.environ["TOKENS_DB_POOL_SIZE"] = str(args.hot_clients + 2)
     scratch.create()
     try:
-        _run(args.seconds, args.members, args.hot_clients, args.runs, args.tasks)
+        _run(args.seconds, args.slice, args.members, args.hot_clients, args.runs, args.tasks)
     finally:
         from worker.db import dispose_engines
 
@@ -64,7 +73,65 @@ def main() -> None:
         scratch.destroy()
 
 
-def _run(seconds: int, members: int, hot_clients: int, runs: int, tasks: int) -> None:
+class Pairs:
+    """A measure against its baseline, in pairs of slices of equal length: both rates, slice by
+    slice, run by run. The ratio of a run (or of them all) is the measure's debits over the
+    baseline's in the same slices: their mean rates' ratio."""
+
+    def __init__(self) -> None:
+        self.runs: list[list[tuple[float, float]]] = []
+
+    def add_run(self, pairs: list[tuple[float, float]]) -> None:
+        self.runs.append(pairs)
+
+    @property
+    def pairs(self) -> list[tuple[float, float]]:
+        return [p for run in self.runs for p in run]
+
+    @property
+    def base(self) -> float:
+        return statistics.fmean(b for b, _ in self.pairs)
+
+    @property
+    def rate(self) -> float:
+        return statistics.fmean(r for _, r in self.pairs)
+
+    @property
+    def ratio(self) -> float:
+        return self.rate / self.base
+
+    def spread(self) -> str:
+        """The runs' ratios, low to high; the 10th to 90th percentile of the pairs' ratios."""
+        per_run = [sum(r for _, r in run) / sum(b for b, _ in run) for run in self.runs]
+        ratios = [r / b for b, r in self.pairs]
+        deciles = statistics.quantiles(ratios, n=10) if len(ratios) > 1 else ratios * 9
+        return f"{min(per_run):.2f}-{max(per_run):.2f}   {deciles[0]:.2f}-{deciles[-1]:.2f}"
+
+
+def _paired(
+    seconds: float,
+    slice_s: float,
+    threads: int,
+    base: Callable[[int, int], None],
+    work: Callable[[int, int], None],
+) -> list[tuple[float, float]]:
+    """(baseline, measure) rates in alternating slices of ``slice_s``, ``seconds`` of each in
+    all: the baseline first in even pairs, last in odd ones, so that a load coming or going
+    weighs on both alike."""
+    pairs = []
+    for k in range(max(1, round(seconds / slice_s))):
+        if k % 2 == 0:
+            b = _for(slice_s, threads, base)
+            pairs.append((b, _for(slice_s, threads, work)))
+        else:
+            r = _for(slice_s, threads, work)
+            pairs.append((_for(slice_s, threads, base), r))
+    return pairs
+
+
+def _run(
+    seconds: float, slice_s: float, members: int, hot_clients: int, runs: int, tasks: int
+) -> None:
     from accounting import accounts, limits, movements
     from worker.db import session_scope, statement_scope
     from worker.migrate import upgrade
@@ -88,31 +155,30 @@ def _run(seconds: int, members: int, hot_clients: int, runs: int, tasks: int) ->
             for name, period, rolling in LIMITS["member"]:
                 limits.set_limit(s, user, name, BIG, period, rolling)
     tag = uuid.uuid4().hex[:6]
+    keys = itertools.count()  # next() is atomic under the GIL: a fresh key in every thread
 
     def debit(user: Callable[[int, int], str]) -> Callable[[int, int], None]:
         def work(t: int, i: int) -> None:
             with statement_scope() as s:
                 movements.debit(
-                    s, user(t, i), 1, "chatgpt_message", idempotency_key=f"{tag}{t}-{i}"
+                    s, user(t, i), 1, "chatgpt_message", idempotency_key=f"{tag}-{next(keys)}"
                 )
 
         return work
 
     pick = random.Random(7)
-    measures: dict[str, Callable[[], float]] = {
-        "plain": lambda: _for(seconds, 1, debit(lambda t, i: f"plain-{pick.randrange(members)}")),
-        "member": lambda: _for(seconds, 1, debit(lambda t, i: pick.choice(names))),
-        "hot": lambda: _for(seconds, hot_clients, debit(lambda t, i: "hot")),
-        "hot_pool": lambda: _for(seconds, hot_clients, debit(lambda t, i: names[t])),
-    }
-    rates: dict[str, list[float]] = {name: [] for name in measures}
+    plain = debit(lambda t, i: f"plain-{pick.randrange(members)}")
+    member = debit(lambda t, i: pick.choice(names))
+    hot = debit(lambda t, i: "hot")
+    hot_pool = debit(lambda t, i: names[t])
+    results = {"member": Pairs(), "hot_pool": Pairs()}
+    _for(slice_s, 1, plain)  # warm up: connections, plans
+    _for(slice_s, hot_clients, hot_pool)
     for _ in range(runs):
-        for name, measure in measures.items():
-            tag = uuid.uuid4().hex[:6]
-            rates[name].append(measure())
+        results["member"].add_run(_paired(seconds, slice_s, 1, plain, member))
+        results["hot_pool"].add_run(_paired(seconds, slice_s, hot_clients, hot, hot_pool))
     if tasks:
-        rates |= _end_to_end(tasks, members, names, runs)
-    m = {name: statistics.median(r) for name, r in rates.items()}
+        results["e2e_member"] = _end_to_end(tasks, members, names, runs)
 
     with session_scope() as s:
         from accounting.ledger import reconcile
@@ -121,59 +187,66 @@ def _run(seconds: int, members: int, hot_clients: int, runs: int, tasks: int) ->
         used = limits.limits(s, names[0]).limits
         assert all(x.used <= x.max_tokens for x in used)
 
-    print(f"{seconds}s each, median of {runs} interleaved runs, {members} members, 6 limits each")
-    print(f"{'measure':60} {'rate':>9} {'ratio':>7}   (runs' min-max)")
+    print(
+        f"{seconds:g}s of each measure per run in {slice_s:g}s slices alternating with its"
+        f" baseline's, {runs} runs, {members} members, 6 limits each (rates: means over the"
+        " slices, so ratio: the measure's debits over its baseline's in the same slices)"
+    )
+    print(f"{'measure':60} {'rate':>9} {'ratio':>6}   runs' ratios   pairs' p10-p90")
     rows = [
-        ("plain debit, one thread (baseline)", "plain", "plain"),
-        ("member debit, 3 levels, 2 limits per level, one thread", "member", "plain"),
-        (f"one hot account, {hot_clients} threads (baseline)", "hot", "hot"),
-        (f"one hot pool, {hot_clients} members at once, 6 limits each", "hot_pool", "hot"),
+        ("plain debit, one thread (baseline)", "member", None),
+        ("member debit, 3 levels, 2 limits per level, one thread", "member", "member"),
+        (f"one hot account, {hot_clients} threads (baseline)", "hot_pool", None),
+        (f"one hot pool, {hot_clients} members at once, 6 limits each", "hot_pool", "hot_pool"),
     ]
     if tasks:
         rows += [
-            (f"tokens.debit through a worker, {tasks} plain (baseline)", "e2e_plain", "e2e_plain"),
-            (f"tokens.debit through a worker, {tasks} members", "e2e_member", "e2e_plain"),
+            (f"tokens.debit through a worker, {tasks} plain (baseline)", "e2e_member", None),
+            (f"tokens.debit through a worker, {tasks} members", "e2e_member", "e2e_member"),
         ]
-    for label, name, base in rows:
-        low, high = min(rates[name]), max(rates[name])
-        print(f"{label:60} {m[name]:8.0f}/s {m[name] / m[base]:7.2f}   ({low:.0f}-{high:.0f})")
-    member = m["member"] / m["plain"]
+    for label, name, measured in rows:
+        r = results[name]
+        if measured is None:
+            print(f"{label:60} {r.base:8.0f}/s {1:6.2f}")
+        else:
+            print(f"{label:60} {r.rate:8.0f}/s {r.ratio:6.2f}   {r.spread()}")
+    m = results["member"]
     summary.record(
         "member debit through 3 levels, 2 limits each (statement alone) vs plain debit",
-        f"{m['member']:.0f}/s",
-        f"plain {m['plain']:.0f}/s",
-        member,
+        f"{m.rate:.0f}/s",
+        f"plain {m.base:.0f}/s",
+        m.ratio,
         ">= 0.7",
-        member >= 0.7,
+        m.ratio >= 0.7,
     )
     if tasks:
-        e2e = m["e2e_member"] / m["e2e_plain"]
+        e = results["e2e_member"]
         summary.record(
             "member debit through 3 levels, 2 limits each, end to end vs plain",
-            f"{m['e2e_member']:.0f}/s",
-            f"plain {m['e2e_plain']:.0f}/s",
-            e2e,
+            f"{e.rate:.0f}/s",
+            f"plain {e.base:.0f}/s",
+            e.ratio,
             ">= 0.9",
-            e2e >= 0.9,
+            e.ratio >= 0.9,
         )
-    hot = m["hot_pool"] / m["hot"]
+    h = results["hot_pool"]
     summary.record(
         f"hot pool, {hot_clients} members at once vs one hot account",
-        f"{m['hot_pool']:.0f}/s",
-        f"hot account {m['hot']:.0f}/s",
-        hot,
+        f"{h.rate:.0f}/s",
+        f"hot account {h.base:.0f}/s",
+        h.ratio,
         ">= 0.5",
-        hot >= 0.5,
+        h.ratio >= 0.5,
     )
 
 
-def _end_to_end(tasks: int, members: int, names: list[str], runs: int) -> dict[str, list[float]]:
-    """Debits per second through one worker: ``tasks`` sent at once, then every result."""
+def _end_to_end(tasks: int, members: int, names: list[str], runs: int) -> Pairs:
+    """Debits per second through one worker: ``tasks`` sent at once, then every result; two
+    pairs of rounds (members, plain accounts) a run, the plain round first in the first."""
     from tests.devenv import WorkerProcess, producer, running_workers
 
     app = producer()
-    rates: dict[str, list[float]] = {"e2e_plain": [], "e2e_member": []}
-    users = {"e2e_plain": [f"plain-{i}" for i in range(members)], "e2e_member": names}
+    plain = [f"plain-{i}" for i in range(members)]
 
     def send(who: list[str], n: int) -> float:
         start = time.perf_counter()
@@ -192,12 +265,16 @@ def _end_to_end(tasks: int, members: int, names: list[str], runs: int) -> dict[s
         assert all(o["success"] for o in outcomes), next(o for o in outcomes if not o["success"])
         return n / (time.perf_counter() - start)
 
+    result = Pairs()
     with running_workers(app, WorkerProcess("bench-pools", concurrency=2, loglevel="WARNING")):
-        send(users["e2e_plain"], 50)  # warm up
+        send(plain, 50)  # warm up
+        send(names, 50)
         for _ in range(runs):
-            for name, who in users.items():
-                rates[name].append(send(who, tasks))
-    return rates
+            b = send(plain, tasks)
+            first = (b, send(names, tasks))
+            r = send(names, tasks)
+            result.add_run([first, (send(plain, tasks), r)])
+    return result
 
 
 if __name__ == "__main__":

@@ -21,21 +21,31 @@ DECLARE
     v_grains text[] := '{}';
     v_los timestamptz[] := '{}';
     v_reached jsonb[] := '{}';
+    v_reaches boolean;
+    v_listed jsonb;
     v record;
 BEGIN
     IF p_limited THEN
-        FOR v IN SELECT * FROM tokens_limits(p_spender, p_now, v_requested) LOOP
+        FOR v IN SELECT * FROM tokens_limits(p_spender, p_now, v_requested, false) LOOP
+            -- p_amount + p_hold: what used moves by (a capture's spend replaces its hold).
+            v_reaches := v.used < v.max_tokens AND v.used + p_amount + p_hold >= v.max_tokens;
+            IF (p_check AND v.refuses) OR v_reaches THEN
+                -- The listing of this one limit, read as the loop read it: nothing has counted
+                -- yet, and the pool's lock keeps every window of the tree as it was.
+                SELECT t.listed INTO v_listed
+                FROM tokens_limits(p_spender, p_now, v_requested) t
+                WHERE t.user_id = v.user_id AND t.name = v.name;
+            END IF;
             IF p_check AND v.refuses THEN
-                RETURN v.listed;
+                RETURN v_listed;
             END IF;
             v_users := v_users || v.user_id;
             v_grains := v_grains || v.grain;
             v_los := v_los || v.lo;
-            -- p_amount + p_hold: what used moves by (a capture's spend replaces its hold).
-            IF v.used < v.max_tokens AND v.used + p_amount + p_hold >= v.max_tokens THEN
+            IF v_reaches THEN
                 v_reached := v_reached || jsonb_build_object(
                     'name', v.name, 'lo', v.lo,
-                    'limit', v.listed || jsonb_build_object(
+                    'limit', v_listed || jsonb_build_object(
                         'used', v.used + p_amount + p_hold,
                         'remaining', greatest(v.max_tokens - v.used - p_amount - p_hold, 0)));
             END IF;

@@ -1,5 +1,5 @@
 CREATE OR REPLACE FUNCTION tokens_limits(
-    p_user text, p_now timestamptz, p_requested bigint DEFAULT 0
+    p_user text, p_now timestamptz, p_requested bigint DEFAULT 0, p_listed boolean DEFAULT true
 ) RETURNS TABLE (
     user_id text, name text, max_tokens bigint, used bigint, grain text, lo timestamptz,
     refuses boolean, listed jsonb
@@ -11,7 +11,9 @@ CREATE OR REPLACE FUNCTION tokens_limits(
 -- tokens_reserved, a member's subtree_held), less holds already past their end that no sweep
 -- has ended yet. refuses: p_requested more (spent or held) would take used past max_tokens,
 -- the one test of a limit (the first limit that refuses is the refusing one). listed: the
--- limit as tokens.limits shows it. PL/pgSQL, so its plan is made once per session.
+-- limit as tokens.limits shows it (NULL unless p_listed: a movement, which reads a limit's listing
+-- only when it refuses or reaches it, builds none per debit). PL/pgSQL, so its plan is made once
+-- per session.
 #variable_conflict use_column
 BEGIN
     RETURN QUERY
@@ -41,12 +43,12 @@ BEGIN
     )
     SELECT CAST(l.user_id AS text), CAST(l.name AS text), l.max_tokens, u.used, w.grain, w.lo,
            u.used + p_requested > l.max_tokens,
-           jsonb_build_object(
+           CASE WHEN p_listed THEN jsonb_build_object(
                'user_id', l.user_id, 'name', l.name, 'max_tokens', l.max_tokens,
                'period', l.period, 'rolling', l.rolling, 'used', u.used,
                'remaining', greatest(l.max_tokens - u.used, 0),
                'resets_at', tokens_iso(CASE WHEN NOT l.rolling THEN w.hi + w.leaves
-                                            ELSE s.oldest + w.leaves END))
+                                            ELSE s.oldest + w.leaves END)) END
     FROM held h
     CROSS JOIN at
     JOIN spend_limits l ON l.user_id = h.uid

@@ -10,7 +10,9 @@ LANGUAGE sql STABLE PARALLEL SAFE ROWS 1 AS $fn$
 -- older than span + one bucket): no interval of the span's length ever holds more than the
 -- limit, and a spend stops counting within one bucket after it is a span old.
 -- One SELECT of one row, nothing less stable than its declaration: a query calling it
--- inlines it.
+-- inlines it. The grain, span and step come from a subquery kept apart (OFFSET 0), so that
+-- tokens_bucket is handed columns and inlines too: handed the CASE that makes the grain (an
+-- argument it reads more than once), it stayed a called SQL function, some 8 us a call.
     SELECT w.grain, tokens_bucket(w.grain, p_now) - w.span, tokens_bucket(w.grain, p_now),
            w.span + w.step
     FROM (
@@ -28,5 +30,6 @@ LANGUAGE sql STABLE PARALLEL SAFE ROWS 1 AS $fn$
                      CASE p_period WHEN 'minute' THEN 1 WHEN 'hour' THEN 60
                                    WHEN 'day' THEN 900 WHEN 'week' THEN 7200
                                    ELSE 21600 END AS step_s) r
+        OFFSET 0
     ) w
 $fn$;

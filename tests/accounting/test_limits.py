@@ -538,3 +538,32 @@ def test_a_request_refused_by_a_limit_writes_limit_reached_once_per_window(
     session.commit()
     assert out.refused == 1
     assert reached(session) == [("alice", "daily", 6), ("bob", "daily", 0)]
+
+
+def test_a_movement_hands_out_the_limit_as_listed(session: Session) -> None:
+    """A movement lists no limit unless it needs one (tokens_limit): the limit a refusal
+    carries is the listing before the request, and the one limit.reached carries is the listing
+    once the movement counted, whole, resets_at included, on every level and kind of window."""
+
+    def listed(user_id: str) -> dict[str, dict[str, Any]]:
+        rows = session.execute(
+            text("SELECT l.listed FROM tokens_limits(:u, NULL) l"), {"u": user_id}
+        ).scalars()
+        return {f"{x['user_id']}/{x['name']}": x for x in rows}
+
+    tree(session)
+    limits.set_limit(session, "alice", "burst", 40, "minute", rolling=True)
+    limits.set_limit(session, "alice", "daily", 100, "day")
+    limits.set_limit(session, "team", "rolling-day", 30, "day", rolling=True)
+    limits.set_limit(session, "pool", "monthly", 1000, "month")
+    session.commit()
+    debit(session, "alice", 4)
+    before = listed("alice")
+    assert before["alice/burst"]["resets_at"] is not None
+    assert refusal(session, "alice", 37).fields["limit"] == before["alice/burst"]
+    assert refusal(session, "bob", 27).fields["limit"] == before["team/rolling-day"]
+    debit(session, "bob", 26)  # the team's rolling day: 30 of 30
+    [data] = session.execute(
+        text("SELECT data FROM events WHERE type = 'limit.reached' ORDER BY id")
+    ).scalars()
+    assert data == listed("bob")["team/rolling-day"] and data["remaining"] == 0
