@@ -1,4 +1,5 @@
-"""The task contract (v1 and v1.1) as plain Python: accounts, grants, holds, the ledger.
+"""The task contract (v1, v1.1, v1.2) as plain Python: accounts, grants, holds, the ledger,
+pools and spend limits.
 
 Written from ../shared/CONTRACT.md; it imports nothing of the worker (no accounting/, worker/,
 tasks/, models/, no database). Where the contract is silent the production code was read and the
@@ -7,6 +8,12 @@ choice is marked ``silent:`` below; where they disagree the contract is modelled
 Time is given by the caller (``now`` on every call): the model has no clock. Ids of entries and
 grants are the model's own (a counter each); reservation ids are the caller's (the worker chooses
 them). Every request returns a plain dict shaped like the task's JSON result.
+
+Spend limits count what the contract says counts, from the model's own record of each spend
+(``Spend``: made when, by whom, less what was refunded of it), so a window's ``used`` follows
+the contract's words: calendar windows are UTC (a week from Monday, a month from the 1st);
+rolling ones count exactly the last 60 s, 1 h, 24 h, 7 or 30 days, and pruning the ledger's
+old entries forgets no spend.
 """
 
 from __future__ import annotations
@@ -34,6 +41,16 @@ DEFAULT_PRIORITY = {"allowance": 10, "rollover": 10, "purchased": 50, "promo": 2
 REFUNDABLE = ("debit", "charge", "capture")
 MAX_HOLD = timedelta(days=7)
 CARRIED_FORWARD = "carried_forward"
+# v1.2 spend limits: a rolling window's span per period; at most 8 limits per account.
+ROLLING_SPANS = {
+    "minute": timedelta(seconds=60),
+    "hour": timedelta(hours=1),
+    "day": timedelta(hours=24),
+    "week": timedelta(days=7),
+    "month": timedelta(days=30),
+}
+MAX_LIMITS = 8
+MAX_AMOUNT = 10**12
 
 
 @dataclass(frozen=True)
@@ -52,13 +69,14 @@ DEFAULT_TIERS = {
 
 
 class Refused(Exception):
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, fields: dict[str, Any] | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.fields = dict(fields or {})
 
     def result(self) -> dict[str, Any]:
-        return {"success": False, "error": self.message, "error_code": self.code}
+        return {"success": False, "error": self.message, "error_code": self.code, **self.fields}
 
 
 def user_not_found() -> Refused:
@@ -162,6 +180,69 @@ class Account:
     parent_id: str | None = None
 
 
+@dataclass
+class Limit:
+    """A spend limit set on ``user_id`` (v1.2): it caps that account and every one below it."""
+
+    user_id: str
+    name: str
+    max_tokens: int
+    period: str
+    rolling: bool
+
+
+@dataclass
+class Spend:
+    """What a debit, charge or capture counts against limits: ``amount`` spent by ``spender``
+    (a member, or the pool itself) at ``created_at``, less what was refunded of that entry.
+    Kept apart from the ledger: pruning old entries does not forget what a window spent."""
+
+    entry_id: int
+    pool: str
+    spender: str
+    created_at: datetime
+    amount: int
+    refunded: int = 0
+
+    @property
+    def net(self) -> int:
+        return self.amount - self.refunded
+
+
+def calendar_window(period: str, now: datetime) -> tuple[datetime, datetime]:
+    """The UTC calendar window holding ``now``: [start, end). A week starts on Monday, a
+    month on the 1st."""
+    now = now.astimezone(UTC)
+    if period == "minute":
+        start = now.replace(second=0, microsecond=0)
+        return start, start + timedelta(minutes=1)
+    if period == "hour":
+        start = now.replace(minute=0, second=0, microsecond=0)
+        return start, start + timedelta(hours=1)
+    day = midnight(now)
+    if period == "day":
+        return day, day + timedelta(days=1)
+    if period == "week":
+        start = day - timedelta(days=now.weekday())
+        return start, start + timedelta(days=7)
+    start = day.replace(day=1)
+    end = (
+        start.replace(year=start.year + 1, month=1)
+        if start.month == 12
+        else start.replace(month=start.month + 1)
+    )
+    return start, end
+
+
+def limit_exceeded(listed: dict[str, Any], requested: int) -> Refused:
+    return Refused(
+        "LIMIT_EXCEEDED",
+        f"Spend limit exceeded: {listed['name']} on {listed['user_id']}. "
+        f"Limit: {listed['max_tokens']}, Used: {listed['used']}, Requested: {requested}",
+        {"limit": listed},
+    )
+
+
 def member_account(pool: str) -> Refused:
     return Refused("MEMBER_ACCOUNT", f"Account is a member of {pool}: move tokens on the pool")
 
@@ -207,6 +288,9 @@ class Model:
         self.holds: dict[str, Hold] = {}
         self.keys: dict[tuple[str, str], tuple[tuple[Any, ...], dict[str, Any]]] = {}
         self.refunded: dict[int, int] = {}
+        # v1.2 spend limits: per account, by name; what each spend entry counts against them
+        self.limits: dict[str, dict[str, Limit]] = {}
+        self.counted: dict[int, Spend] = {}
         self._ids = 0
 
     def _next_id(self) -> int:
@@ -231,6 +315,8 @@ class Model:
         for h in self.holds.values():
             h.created_at -= delta
             h.expires_at -= delta
+        for s in self.counted.values():
+            s.created_at -= delta
 
     # --- reads of the state -----------------------------------------------------------------
 
@@ -304,6 +390,10 @@ class Model:
             spent_by=spent_by,
         )
         self.entries[entry.id] = entry
+        if kind in REFUNDABLE:
+            self.counted[entry.id] = Spend(
+                entry.id, account.user_id, spent_by or account.user_id, now, -delta
+            )
         return entry
 
     def _expire_grant(self, account: Account, grant: Grant, tokens: int, now: datetime) -> None:
@@ -566,13 +656,17 @@ class Model:
             cost = self._cost(operation_type)
             account = self._lock(user_id, now)
             available = account.balance - account.reserved
-            return {
+            refusing = self._refusing(user_id, cost, now)
+            out: dict[str, Any] = {
                 "success": True,
-                "can_afford": available >= cost,
+                "can_afford": available >= cost and refusing is None,
                 "cost": cost,
                 "balance": available,
                 "deficit": max(0, cost - available),
             }
+            if refusing is not None:
+                out["limit"] = refusing
+            return out
 
         return self._atomic(run)
 
@@ -611,6 +705,136 @@ class Model:
             raise Refused("NOT_CHARGEABLE", f"Operation type {operation_type} has no cost")
         return cost
 
+    # --- spend limits (v1.2) ----------------------------------------------------------------
+
+    def _chain(self, user_id: str) -> list[str]:
+        """``user_id``, then its parent, up to its pool."""
+        chain = [user_id]
+        while (parent := self.accounts[chain[-1]].parent_id) is not None:
+            chain.append(parent)
+        return chain
+
+    def _under(self, spender: str, user_id: str) -> bool:
+        """Whether ``spender`` is ``user_id`` or an account below it."""
+        return user_id in self._chain(spender)
+
+    def _used(self, limit: Limit, now: datetime) -> tuple[int, datetime | None]:
+        """What ``limit``'s account and those below it used in the window holding ``now``:
+        spends of entries made in it less refunds of those entries, plus every active hold
+        not past its end, whenever made. And the oldest spend still counted."""
+        if limit.rolling:
+            span = ROLLING_SPANS[limit.period]
+
+            def within(t: datetime) -> bool:
+                return now - span < t <= now
+        else:
+            start, end = calendar_window(limit.period, now)
+
+            def within(t: datetime) -> bool:
+                return start <= t < end
+
+        pool = self._pool(limit.user_id).user_id
+        spends = [
+            s
+            for s in self.counted.values()
+            if s.pool == pool and within(s.created_at) and self._under(s.spender, limit.user_id)
+        ]
+        held = sum(
+            h.amount
+            for h in self.holds.values()
+            if h.user_id == pool
+            and h.status == "active"
+            and h.expires_at > now
+            and self._under(h.spender, limit.user_id)
+        )
+        oldest = min((s.created_at for s in spends if s.net > 0), default=None)
+        return sum(s.net for s in spends) + held, oldest
+
+    def _listed(self, limit: Limit, now: datetime) -> dict[str, Any]:
+        used, oldest = self._used(limit, now)
+        if limit.rolling:
+            resets_at = None if oldest is None else oldest + ROLLING_SPANS[limit.period]
+        else:
+            resets_at = calendar_window(limit.period, now)[1]
+        return {
+            "user_id": limit.user_id,
+            "name": limit.name,
+            "max_tokens": limit.max_tokens,
+            "period": limit.period,
+            "rolling": limit.rolling,
+            "used": used,
+            "remaining": max(0, limit.max_tokens - used),
+            "resets_at": resets_at,
+        }
+
+    def _applying(self, user_id: str, now: datetime) -> list[dict[str, Any]]:
+        """Every limit that applies to ``user_id``: its own, then its parent's, up to the pool,
+        each account's by name (silent: by code point, as the worker orders them)."""
+        out = []
+        for account in self._chain(user_id):
+            for name in sorted(self.limits.get(account, {})):
+                out.append(self._listed(self.limits[account][name], now))
+        return out
+
+    def _refusing(self, spender: str, requested: int, now: datetime) -> dict[str, Any] | None:
+        """The first limit (in ``tokens.limits`` order) that ``requested`` more spent or held
+        would take past its ``max_tokens``."""
+        for listed in self._applying(spender, now):
+            if listed["used"] + requested > listed["max_tokens"]:
+                return listed
+        return None
+
+    def _check_limits(self, spender: str, requested: int, now: datetime) -> None:
+        listed = self._refusing(spender, requested, now)
+        if listed is not None:
+            raise limit_exceeded(listed, requested)
+
+    def set_limit(
+        self,
+        now: datetime,
+        user_id: str,
+        name: str,
+        max_tokens: int | None,
+        period: str | None,
+        rolling: bool = False,
+    ) -> dict[str, Any]:
+        """``tokens.set_limit``: set (``max_tokens=None``: remove) the limit ``name``; the
+        account's own limits after."""
+
+        def run() -> dict[str, Any]:
+            if not 1 <= len(name) <= 64:
+                raise Refused("VALIDATION_ERROR", "name: 1-64 characters")
+            if max_tokens is not None:
+                if not 0 <= max_tokens <= MAX_AMOUNT:
+                    raise Refused("VALIDATION_ERROR", "max_tokens: 0 to 10^12")
+                if period not in ROLLING_SPANS:
+                    raise Refused("VALIDATION_ERROR", "period: minute, hour, day, week or month")
+            # silent: setting a limit takes the pool's lock, which expires its due grants first
+            # (as a movement's does).
+            self._lock(user_id, now)
+            own = self.limits.setdefault(user_id, {})
+            if max_tokens is None:
+                own.pop(name, None)  # silent: removing an unknown name is no error
+            else:
+                if name not in own and len(own) >= MAX_LIMITS:
+                    raise Refused("VALIDATION_ERROR", "name: at most 8 limits per account")
+                assert period is not None
+                own[name] = Limit(user_id, name, max_tokens, period, rolling)
+            listed = [x for x in self._applying(user_id, now) if x["user_id"] == user_id]
+            return {"success": True, "user_id": user_id, "limits": listed}
+
+        return self._atomic(run)
+
+    def limits_read(self, now: datetime, user_id: str) -> dict[str, Any]:
+        """``tokens.limits``: every limit that applies to the account (silent: a read that
+        takes no lock, so it expires nothing)."""
+
+        def run() -> dict[str, Any]:
+            self._account(user_id)
+            return {"success": True, "user_id": user_id, "limits": self._applying(user_id, now)}
+
+        return self._atomic(run)
+
     # --- movements ----------------------------------------------------------------------------
 
     def _spend_movement(
@@ -628,6 +852,7 @@ class Model:
         available = account.balance - account.reserved
         if not allow_overdraft and available < amount:
             raise insufficient(amount, available)
+        self._check_limits(user_id, amount, now)  # overdraft or not
         change = _Change()
         self._spend(account, change, amount, now, into_debt=True)
         entry = self._write(
@@ -797,6 +1022,8 @@ class Model:
                 self._grant(account, change, "adjustment", amount, now)
             else:
                 self.refunded[original.id] = already + amount
+                if original.id in self.counted:  # a refund of a spend gives back what it counted
+                    self.counted[original.id].refunded += amount
                 ended = self._put_back(account, change, original, already, amount, now)
             entry = self._write(
                 account,
@@ -936,6 +1163,7 @@ class Model:
             available = account.balance - account.reserved
             if available < need:
                 raise insufficient(need, available)
+            self._check_limits(user_id, need, now)
             hold = Hold(
                 id=reservation_id,
                 user_id=account.user_id,
@@ -1102,6 +1330,8 @@ class Model:
             available = account.balance - account.reserved
             if amount and available < amount:
                 raise insufficient(amount, available)
+            if amount:
+                self._check_limits(hold.spender, amount, now)
             if ttl_seconds is not None:
                 # The contract moves the end to now + ttl_seconds; an extension never ends a
                 # hold sooner (decided in issue 21: a user extends a hold to keep it alive).
