@@ -304,8 +304,10 @@ class Step(bootsteps.StartStopStep):  # type: ignore[misc]
     """A worker bootstep running the coalescer's consumer thread (enabled by the setting)."""
 
     label = "coalescer"
-    # After the pool has forked its processes: the thread's connections stay in this process.
-    requires = ("celery.worker.components:Pool",)
+    # After the pool and an embedded beat (-B) have forked their processes: the thread's
+    # connections stay in this process, and no child is forked while the thread imports (a
+    # child would inherit the module's import lock held, and hang on its first import of it).
+    requires = ("celery.worker.components:Pool", "celery.worker.components:Beat")
 
     def __init__(self, parent: Any, **kwargs: Any) -> None:
         super().__init__(parent, **kwargs)
@@ -319,6 +321,10 @@ class Step(bootsteps.StartStopStep):  # type: ignore[misc]
         return bool(self.window > 0)
 
     def start(self, parent: Any) -> None:
+        # The result backend's module imported here, in the thread that forks, rather than
+        # first in the coalescer's: a pool child forked later (a replacement) never inherits
+        # its import half done.
+        parent.app.backend  # noqa: B018
         self.thread = threading.Thread(
             target=self._run, args=(parent.app,), name="coalescer", daemon=True
         )

@@ -237,8 +237,10 @@ class Step(bootsteps.StartStopStep):  # type: ignore[misc]
     """A worker bootstep running the relay thread when a push channel is configured."""
 
     label = "events-relay"
-    # After the pool has forked its processes: the thread's connections stay in this process.
-    requires = ("celery.worker.components:Pool",)
+    # After the pool and an embedded beat (-B) have forked their processes: the thread's
+    # connections stay in this process, and no child is forked while the thread imports (a
+    # child would inherit the module's import lock held, and hang on its first import of it).
+    requires = ("celery.worker.components:Pool", "celery.worker.components:Beat")
 
     def __init__(self, parent: Any, **kwargs: Any) -> None:
         super().__init__(parent, **kwargs)

@@ -35,3 +35,34 @@ def test_every_pool_process_of_a_real_worker_starts_frozen(app: Celery) -> None:
     assert w.proc is not None
     assert all(s["pid"] != w.proc.pid for s in seen)  # pool processes, not the main one
     assert all(s["frozen"] > 10_000 for s in seen), seen
+
+
+def test_the_worker_threads_start_after_every_process_it_forks() -> None:
+    """The coalescer's and the events relay's threads import as they start (the coalescer: the
+    result backend). A process forked meanwhile inherits that module's import lock held by a
+    thread it does not have, and hangs at its own first import of it: an embedded beat (-B)
+    did, before its first tick, about one start in three under load (tests/worker/
+    test_producers_e2e.py). Their order among the worker's steps came from a set's iteration
+    order; the blueprint's graph must put Pool and Beat before them."""
+    from celery.worker import WorkController
+
+    from worker import coalescer, relay
+
+    blueprint = WorkController.Blueprint(steps=worker_celery.app.steps["worker"])
+    blueprint._finalize_steps(blueprint.claim_steps())
+    graph = blueprint.graph
+
+    def ancestors(step: type) -> set[str]:
+        found: set[str] = set()
+        todo = [step]
+        while todo:
+            for before in graph[todo.pop()]:
+                if before.name not in found:
+                    found.add(before.name)
+                    todo.append(before)
+        return found
+
+    for thread_step in (coalescer.Step, relay.Step):
+        assert {"celery.worker.components.Pool", "celery.worker.components.Beat"} <= ancestors(
+            thread_step
+        ), thread_step
