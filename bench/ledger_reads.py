@@ -70,7 +70,8 @@ SEED_SQL = [
     # Entry k of user u: id k * users + u (time order across users), four days apart.
     """
     INSERT INTO ledger_entries (id, user_id, kind, operation_type, tokens_amount,
-                                balance_before, balance_after, metadata, created_at)
+                                balance_before, balance_after, metadata, created_at,
+                                prev_hash, hash)
     SELECT k * :users + u, 'user-' || lpad(u::text, 8, '0'),
            CASE k WHEN 0 THEN 'adjustment' WHEN 1 THEN 'renewal' ELSE 'debit' END,
            CASE k WHEN 0 THEN 'adjustment' WHEN 1 THEN 'monthly_reset'
@@ -80,7 +81,8 @@ SEED_SQL = [
            CASE k WHEN 0 THEN 0 WHEN 1 THEN 10000 ELSE 10100 - (k - 2) END,
            CASE k WHEN 0 THEN 10000 WHEN 1 THEN 10100 ELSE 10100 - (k - 1) END,
            CASE WHEN k < 2 THEN '{}'::json ELSE json_build_object('request', k) END,
-           CAST(:start AS timestamptz) + make_interval(days => 4 * k, secs => u % 86400)
+           CAST(:start AS timestamptz) + make_interval(days => 4 * k, secs => u % 86400),
+           repeat('0', 64), repeat('0', 64)  -- no chain: these reads never look at it
     FROM generate_series(0, :per_user - 1) AS k, generate_series(1, :users) AS u
     ORDER BY k, u
     """,
