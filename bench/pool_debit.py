@@ -1,27 +1,28 @@
 """Pools and spend limits (issue 22): a member's debit against a plain one, in the same run.
 
     python -m bench.pool_debit [--seconds 5] [--slice 0.5] [--members 64] [--hot-clients 16]
-                               [--runs 3] [--tasks 1000]
+                               [--runs 3] [--tasks 1000] [--round 200]
 
 Measures, every debit ``movements.debit`` through ``worker.db.statement_scope`` (the statement
 alone, what ``tokens.debit`` runs), fresh keys, each against its baseline:
 
 - one thread: members of one 3-level tree (pool -> 4 teams -> members) at random, with two
   limits on each level (member: a calendar day and a rolling minute; team: a calendar hour and
-  a rolling day; pool: a calendar month and a rolling 30 days), never reached; against one
-  thread debiting plain accounts (no pool, no limit) at random;
+  a rolling day; pool: a calendar month and a rolling 30 days), never reached; against plain
+  accounts (no pool, no limit) at random;
 - ``--hot-clients`` threads, each a different member of that limited tree (one hot pool);
   against as many threads on one hot plain account;
 - end to end (``--tasks`` > 0): ``tokens.debit`` round trips through one worker (concurrency 2),
-  ``--tasks`` sent all at once and awaited, to members against plain accounts.
+  in rounds of ``--round`` tasks sent at once and awaited, to members against plain accounts.
 
 The machine is shared (other runs come and go), so a measure and its baseline never run far
-apart: in each of ``--runs`` runs, each gets ``--seconds`` in slices of ``--slice`` seconds
-that alternate with its baseline's (in pairs, the baseline first in every other pair), and each
-pair of slices gives a ratio (end to end: each pair of rounds). Printed: the mean rate over the
-slices, so the ratio (the figure) is the measure's debits over its baseline's in slices of the
-same moments; then the spread: the lowest and highest of the runs' ratios, and the 10th to 90th
-percentile of the pairs' (one pair is short and noisy; the runs' range is what to trust).
+apart, and the figure is a ratio of the two measured at the same moments. In each of
+``--runs`` runs, each gets ``--seconds``: the one thread alternates plain and member calls,
+each timed; the threads alternate slices of ``--slice`` seconds with their baseline's, and the
+end-to-end rounds alternate likewise (``--tasks`` of each), the baseline first in every other
+pair. Printed: each rate as the mean over the slices (or rounds), so the ratio is the measure's
+debits over its baseline's at the same moments; then its spread: the lowest and highest of the
+runs' ratios (what to trust) and the 10th to 90th percentile of the slices' (short, noisy).
 
 Creates and drops its own database.
 """
@@ -58,6 +59,7 @@ def main() -> None:
     parser.add_argument("--hot-clients", type=int, default=16)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--tasks", type=int, default=1000)
+    parser.add_argument("--round", type=int, default=200)
     args = parser.parse_args()
 
     scratch = Scratch("tokens_bench_pool")
@@ -65,7 +67,15 @@ def main() -> None:
     os.environ["TOKENS_DB_POOL_SIZE"] = str(args.hot_clients + 2)
     scratch.create()
     try:
-        _run(args.seconds, args.slice, args.members, args.hot_clients, args.runs, args.tasks)
+        _run(
+            args.seconds,
+            args.slice,
+            args.members,
+            args.hot_clients,
+            args.runs,
+            args.tasks,
+            args.round,
+        )
     finally:
         from worker.db import dispose_engines
 
@@ -101,7 +111,7 @@ class Pairs:
         return self.rate / self.base
 
     def spread(self) -> str:
-        """The runs' ratios, low to high; the 10th to 90th percentile of the pairs' ratios."""
+        """The runs' ratios, low to high; the 10th to 90th percentile of the slices' ratios."""
         per_run = [sum(r for _, r in run) / sum(b for b, _ in run) for run in self.runs]
         ratios = [r / b for b, r in self.pairs]
         deciles = statistics.quantiles(ratios, n=10) if len(ratios) > 1 else ratios * 9
@@ -129,8 +139,40 @@ def _paired(
     return pairs
 
 
+def _alternating(
+    seconds: float,
+    slice_s: float,
+    base: Callable[[int, int], None],
+    work: Callable[[int, int], None],
+) -> list[tuple[float, float]]:
+    """(baseline, measure) rates of one thread whose calls alternate (the baseline first in
+    every other pair of calls), each call timed: the rate of each is its calls over the time
+    they took, summed over slices of ``slice_s`` (both within each), ``2 * seconds`` in all.
+    A load that comes and goes weighs on both alike, to the call."""
+    pairs = []
+    i = 0
+    for _ in range(max(1, round(2 * seconds / slice_s))):
+        spent, calls = [0.0, 0.0], [0, 0]
+        stop = time.perf_counter() + slice_s
+        while time.perf_counter() < stop:
+            for side in (0, 1) if i % 2 == 0 else (1, 0):
+                start = time.perf_counter()
+                (base, work)[side](0, i)
+                spent[side] += time.perf_counter() - start
+                calls[side] += 1
+            i += 1
+        pairs.append((calls[0] / spent[0], calls[1] / spent[1]))
+    return pairs
+
+
 def _run(
-    seconds: float, slice_s: float, members: int, hot_clients: int, runs: int, tasks: int
+    seconds: float,
+    slice_s: float,
+    members: int,
+    hot_clients: int,
+    runs: int,
+    tasks: int,
+    round_tasks: int,
 ) -> None:
     from accounting import accounts, limits, movements
     from worker.db import session_scope, statement_scope
@@ -175,10 +217,10 @@ def _run(
     _for(slice_s, 1, plain)  # warm up: connections, plans
     _for(slice_s, hot_clients, hot_pool)
     for _ in range(runs):
-        results["member"].add_run(_paired(seconds, slice_s, 1, plain, member))
+        results["member"].add_run(_alternating(seconds, slice_s, plain, member))
         results["hot_pool"].add_run(_paired(seconds, slice_s, hot_clients, hot, hot_pool))
     if tasks:
-        results["e2e_member"] = _end_to_end(tasks, members, names, runs)
+        results["e2e_member"] = _end_to_end(tasks, round_tasks, members, names, runs)
 
     with session_scope() as s:
         from accounting.ledger import reconcile
@@ -188,11 +230,12 @@ def _run(
         assert all(x.used <= x.max_tokens for x in used)
 
     print(
-        f"{seconds:g}s of each measure per run in {slice_s:g}s slices alternating with its"
-        f" baseline's, {runs} runs, {members} members, 6 limits each (rates: means over the"
-        " slices, so ratio: the measure's debits over its baseline's in the same slices)"
+        f"{seconds:g}s of each measure per run, alternating with its baseline (one thread: call"
+        f" by call; threads: in {slice_s:g}s slices; end to end: in rounds of {round_tasks}),"
+        f" {runs} runs, {members} members, 6 limits each; ratio: the measure's debits over its"
+        " baseline's at the same moments"
     )
-    print(f"{'measure':60} {'rate':>9} {'ratio':>6}   runs' ratios   pairs' p10-p90")
+    print(f"{'measure':60} {'rate':>9} {'ratio':>6}   runs' ratios   slices' p10-p90")
     rows = [
         ("plain debit, one thread (baseline)", "member", None),
         ("member debit, 3 levels, 2 limits per level, one thread", "member", "member"),
@@ -201,8 +244,8 @@ def _run(
     ]
     if tasks:
         rows += [
-            (f"tokens.debit through a worker, {tasks} plain (baseline)", "e2e_member", None),
-            (f"tokens.debit through a worker, {tasks} members", "e2e_member", "e2e_member"),
+            ("tokens.debit through a worker, plain accounts (baseline)", "e2e_member", None),
+            ("tokens.debit through a worker, members", "e2e_member", "e2e_member"),
         ]
     for label, name, measured in rows:
         r = results[name]
@@ -240,9 +283,10 @@ def _run(
     )
 
 
-def _end_to_end(tasks: int, members: int, names: list[str], runs: int) -> Pairs:
-    """Debits per second through one worker: ``tasks`` sent at once, then every result; two
-    pairs of rounds (members, plain accounts) a run, the plain round first in the first."""
+def _end_to_end(tasks: int, round_tasks: int, members: int, names: list[str], runs: int) -> Pairs:
+    """Debits per second through one worker, in rounds of ``round_tasks`` sent at once, then
+    every result awaited: in each run, ``tasks`` to members and as many to plain accounts, in
+    pairs of rounds (the plain round first in every other pair)."""
     from tests.devenv import WorkerProcess, producer, running_workers
 
     app = producer()
@@ -270,10 +314,15 @@ def _end_to_end(tasks: int, members: int, names: list[str], runs: int) -> Pairs:
         send(plain, 50)  # warm up
         send(names, 50)
         for _ in range(runs):
-            b = send(plain, tasks)
-            first = (b, send(names, tasks))
-            r = send(names, tasks)
-            result.add_run([first, (send(plain, tasks), r)])
+            pairs = []
+            for k in range(max(1, tasks // round_tasks)):
+                if k % 2 == 0:
+                    b = send(plain, round_tasks)
+                    pairs.append((b, send(names, round_tasks)))
+                else:
+                    r = send(names, round_tasks)
+                    pairs.append((send(plain, round_tasks), r))
+            result.add_run(pairs)
     return result
 
 
