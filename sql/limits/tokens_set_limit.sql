@@ -3,10 +3,13 @@ CREATE OR REPLACE FUNCTION tokens_set_limit(
     OUT status text, OUT limits jsonb
 ) LANGUAGE plpgsql VOLATILE AS $fn$
 -- Set (p_max NULL: remove) the limit p_name of p_user, under its pool's lock (tokens_lock:
--- the lock every movement of the tree takes first), so no movement counts meanwhile. The
--- limit's buckets are made again from the ledger over its window: spends made before it was
--- set count too (debits, charges and captures of p_user and the accounts below it, less what
--- was refunded of each). Buckets of widths no limit of p_user reads any more go. limits: the
+-- the lock every movement of the tree takes first), so no movement counts meanwhile. When no
+-- limit of p_user read buckets of the limit's width as far back as its window starts, they
+-- are made from the ledger over its window: spends made before it was set count too (debits, charges and captures of p_user and
+-- the accounts below it, less what was refunded of each). When one did, they are complete
+-- (made so, then counted by every movement) and stay: counted again they would forget what
+-- entries ledger.delete_old_entries removed had spent in the window. Buckets of widths no
+-- limit of p_user reads any more go. limits: the
 -- account's limits as listed (tokens_limits). status: 'ok', 'not_found' or 'too_many' (a
 -- ninth limit).
 #variable_conflict use_column
@@ -15,6 +18,7 @@ DECLARE
     v_now timestamptz;
     v_grain text;
     v_lo timestamptz;
+    v_counted boolean;
 BEGIN
     SELECT l.pool, l.moment INTO v_pool, v_now FROM tokens_lock(p_user) l;
     IF v_now IS NULL THEN
@@ -29,11 +33,17 @@ BEGIN
             status := 'too_many';
             RETURN;
         END IF;
+        SELECT w.grain, w.lo INTO v_grain, v_lo FROM tokens_window(p_period, p_rolling, v_now) w;
+        SELECT EXISTS (
+            SELECT 1 FROM spend_limits l
+            CROSS JOIN LATERAL tokens_window(l.period, l.rolling, v_now) w
+            WHERE l.user_id = p_user AND w.grain = v_grain AND w.lo <= v_lo) INTO v_counted;
         INSERT INTO spend_limits AS l (user_id, name, max_tokens, period, rolling, created_at)
         VALUES (p_user, p_name, p_max, p_period, p_rolling, v_now)
         ON CONFLICT (user_id, name) DO UPDATE
         SET max_tokens = p_max, period = p_period, rolling = p_rolling;
-        SELECT w.grain INTO v_grain FROM tokens_window(p_period, p_rolling, v_now) w;
+    END IF;
+    IF p_max IS NOT NULL AND NOT v_counted THEN
         SELECT min(w.lo) INTO v_lo
         FROM spend_limits l CROSS JOIN LATERAL tokens_window(l.period, l.rolling, v_now) w
         WHERE l.user_id = p_user AND w.grain = v_grain;
