@@ -148,7 +148,9 @@ def extend(
     if row.status == "insufficient":
         raise insufficient_tokens(amount, int(row.available))
     if row.status == "limit":
-        raise limit_exceeded(row.refused, amount, row.owner)
+        # For limit.reached (limits.note_refused): a member's hold is owned by its pool, whose
+        # listing lacks the member's limits; the refusing limit's own account lists it.
+        raise limit_exceeded(row.refused, amount, row.refused["user_id"])
     if amount:
         note_balance_change(
             session,

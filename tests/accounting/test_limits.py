@@ -540,6 +540,25 @@ def test_a_request_refused_by_a_limit_writes_limit_reached_once_per_window(
     assert reached(session) == [("alice", "daily", 6), ("bob", "daily", 0)]
 
 
+def test_an_extend_a_members_limit_refuses_writes_limit_reached(session: Session) -> None:
+    """A member's hold lives in its pool's ledger; an extend its own limit refuses writes the
+    limit.reached of that limit (it was looked up under the pool, which has none, and wrote
+    nothing)."""
+    from tasks import reservations as reservation_tasks
+
+    tree(session)
+    limits.set_limit(session, "alice", "daily", 10, "day")
+    session.commit()
+    held = reservations.reserve(session, "alice", amount=6)
+    session.commit()
+    out = reservation_tasks.extend.apply(
+        kwargs={"reservation_id": held.reservation_id, "ttl_seconds": 60, "amount": 5}
+    ).get()
+    assert out["error_code"] == "LIMIT_EXCEEDED", out
+    session.expire_all()
+    assert reached(session) == [("alice", "daily", 6)]
+
+
 def test_a_movement_hands_out_the_limit_as_listed(session: Session) -> None:
     """A movement lists no limit unless it needs one (tokens_limit): the limit a refusal
     carries is the listing before the request, and the one limit.reached carries is the listing
