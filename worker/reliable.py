@@ -28,11 +28,30 @@ the channel held, or acknowledging a task that finished after the reconnect, and
 for an unrecoverable error: the worker exited, its queue filling (issue 25's 2,771 debits left
 unapplied; reproduced here with kombu's channel, 3,090 of 3,499). The channel keeps its own
 connection details, and a late acknowledgement settles the message on them.
+
+Leaving the event loop before closing: the channel's two long-lived connections (the wait for a
+message, and the subscriber of remote control) are watched by the worker's epoll. kombu took a
+socket out of it only after redis-py had shut it down and closed it, so the removal failed
+(EBADF) and was ignored. A prefork pool process forked while the socket was open still holds it,
+so epoll keeps the entry (epoll(7): an entry goes only when every descriptor of the file is
+closed) and reports the shut-down socket readable on every poll, under its old number, which
+the replacement connection takes. kombu then read the replacement subscriber, which had nothing
+to say, and redis-py (8.1) reads a subscriber with no timeout: the worker's loop waited there
+for good (issue 25, the worker-broker link silently dropped for 10 s: py-spy showed the read,
+the poll's events the old number twice, and the epoll's fdinfo two entries for it, the old
+socket's open only in a pool process). :func:`_leaves_the_loop_first` takes the socket out
+while it is still open.
+
+A settling that fails (an acknowledgement timed out on that silent link) still frees the
+message's place in the prefetch window (:meth:`ReliableQoS._settle`): kombu kept it taken, and
+two such failures left a worker of two processes connected and idle for good.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import threading
 from queue import Empty
 from time import monotonic, time
@@ -84,6 +103,26 @@ _pending_lock = threading.Lock()
 _pending_restore: dict[tuple[str, str], set[str]] = {}
 
 
+def _leaves_the_loop_first(connection_class: type, channel: Any) -> type:
+    """``connection_class`` whose ``disconnect`` takes its socket out of the event loop's epoll
+    (the one ``channel``'s transport registers it with) before redis-py shuts it down and closes
+    it; the module's docstring says why. Not through ``get_event_loop()``: Celery's hub forgets
+    it is the current loop at its first reset (a consumer reconnect). Only in the process that
+    opened it: a pool process shares the worker's epoll, and a removal there would take the
+    worker's own entry away."""
+
+    class Connection(connection_class):  # type: ignore[misc]
+        def disconnect(self, *args: Any, **kwargs: Any) -> None:
+            sock = self._sock
+            poller = getattr(getattr(channel.connection, "cycle", None), "poller", None)
+            if sock is not None and poller is not None and os.getpid() == self.pid:
+                with contextlib.suppress(Exception):
+                    poller.unregister(sock.fileno())
+            super().disconnect(*args, **kwargs)
+
+    return Connection
+
+
 class ReliableQoS(kombu_redis.QoS):  # type: ignore[misc]
     def append(self, message: Any, delivery_tag: str) -> None:
         channel = self.channel
@@ -95,15 +134,29 @@ class ReliableQoS(kombu_redis.QoS):  # type: ignore[misc]
 
     def ack(self, delivery_tag: str) -> None:
         if not self.channel.closed:
-            return super().ack(delivery_tag)  # type: ignore[no-any-return]
+            return self._settle(delivery_tag, super().ack, delivery_tag)
         self._late(delivery_tag, super().ack, delivery_tag)
         return None
 
     def reject(self, delivery_tag: str, requeue: bool = False) -> None:
         if not self.channel.closed:
-            return super().reject(delivery_tag, requeue=requeue)  # type: ignore[no-any-return]
+            return self._settle(delivery_tag, super().reject, delivery_tag, requeue=requeue)
         self._late(delivery_tag, super().reject, delivery_tag, requeue=requeue)
         return None
+
+    def _settle(self, delivery_tag: str, settle: Any, *args: Any, **kwargs: Any) -> None:
+        """kombu's settling, which frees the message's place in the prefetch window only once
+        Redis answered. On a link gone silent it times out; Celery logs "Couldn't ack" and goes
+        on, but the place stayed taken for the channel's life, and once as many settlings had
+        failed as the window holds (two for a worker of two processes) the channel asked for no
+        message again: the worker idled, connected, for good (issue 25, the broker link dropped
+        for 10 s). The place is freed either way; the message stays in ``unacked`` and the
+        visibility timeout brings it back (the task replays under its key)."""
+        try:
+            settle(*args, **kwargs)
+        except Exception:
+            virtual.QoS.ack(self, delivery_tag)  # out of the window only, not out of Redis
+            raise
 
     def _late(self, delivery_tag: str, settle: Any, *args: Any, **kwargs: Any) -> None:
         """Settle a message whose channel closed meanwhile (its connection was lost: a task
@@ -155,7 +208,7 @@ class ReliableChannel(kombu_redis.Channel):  # type: ignore[misc]
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         # How to reach Redis once the transport let go of its connection details.
-        connparams = super()._connparams
+        connparams = self._connparams
         self._params = {False: connparams(asynchronous=False), True: connparams(asynchronous=True)}
         self.restore_key = self._restore_key()
         version = str(self.client.info("server").get("redis_version", "0"))
@@ -172,7 +225,10 @@ class ReliableChannel(kombu_redis.Channel):  # type: ignore[misc]
         error: the worker stopped, the queue filled (issue 25: 2,771 debits left unapplied)."""
         if getattr(self.connection, "client", None) is None and hasattr(self, "_params"):
             return dict(self._params[asynchronous])
-        return super()._connparams(asynchronous=asynchronous)  # type: ignore[no-any-return]
+        params: dict[str, Any] = super()._connparams(asynchronous=asynchronous)
+        if asynchronous:  # the connections the event loop watches
+            params["connection_class"] = _leaves_the_loop_first(params["connection_class"], self)
+        return params
 
     def _restore_key(self) -> tuple[str, str]:
         params = self._params[False]

@@ -2,7 +2,8 @@
 killed at the worst moment: the message is taken off its queue and Redis dies before anything
 else happens. kombu's channel (BRPOP, then a second command to record the message in
 ``unacked``) loses it there; ours pops and records in one script, so it is in ``unacked`` and
-comes back.
+comes back. Last, the channel's event-loop connections leave the worker's epoll before they close
+(a stale entry stopped the worker after a silently dropped broker link).
 """
 
 from __future__ import annotations
@@ -10,12 +11,14 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import os
 import shutil
 import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import kombu as kombu_module
+import kombu.asynchronous as kombu_asynchronous
 import kombu.transport.redis as kombu_redis
 import pytest
 from kombu.exceptions import OperationalError
@@ -26,6 +29,7 @@ from worker import reliable
 from worker.transport import Transport
 
 kombu: Any = kombu_module  # untyped
+hubs: Any = kombu_asynchronous
 
 QUEUE = "q"
 
@@ -194,3 +198,68 @@ def test_a_late_ack_on_a_cleanly_closed_channel(server: PrivateRedis) -> None:
     assert where(server) == (1, 0)
     message.ack()
     assert where(server) == (1, 0)
+
+
+def stale_events_after_disconnect(server: PrivateRedis, transport: type) -> list[Any]:
+    """A channel's event-loop connection (as kombu connects the wait for a message and the
+    subscriber), watched by the worker's hub, while another descriptor of its socket is open (a
+    pool process forked meanwhile holds one; a ``dup`` here), is disconnected. What the hub's
+    epoll reports for its number afterwards: a stale entry fires readable on every poll, and
+    kombu hands that number's events to whichever connection takes the number next."""
+    hub = hubs.Hub()
+    hub.reset()  # as after a consumer reconnect: the hub is no longer the current event loop
+    conn = connection(server, transport)
+    held = -1
+    try:
+        channel = conn.default_channel
+        conn.transport.register_with_event_loop(conn.connection, hub)
+        redis_connection = channel.client.connection_pool.get_connection()
+        redis_connection.connect()
+        fd = redis_connection._sock.fileno()
+        hub.add_reader(fd, lambda: None)
+        held = os.dup(fd)  # the forked pool process's copy
+        redis_connection.disconnect()
+        return [(n, event) for n, event in hub.poller.poll(0) or () if n == fd]
+    finally:
+        if held >= 0:
+            os.close(held)
+        conn.release()
+        hub.close()
+
+
+def test_kombus_connection_leaves_a_stale_epoll_entry(server: PrivateRedis) -> None:
+    """The fault, on kombu's own channel: the socket left the loop only after it was closed."""
+    assert stale_events_after_disconnect(server, kombu_redis.Transport) != []
+
+
+def test_our_connection_leaves_the_loop_before_it_closes(server: PrivateRedis) -> None:
+    """Issue 25 (worker-broker link silently dropped): kombu then read the replacement subscriber,
+    which had nothing to say, with no timeout, and the worker took nothing more."""
+    assert stale_events_after_disconnect(server, Transport) == []
+
+
+@pytest.mark.parametrize("settle", ["ack", "reject", "requeue"])
+def test_a_failed_settling_frees_its_place_in_the_prefetch_window(
+    server: PrivateRedis, settle: str
+) -> None:
+    """Redis does not answer the acknowledgement (a link gone silent: here Redis is down). kombu
+    kept the message's place in the prefetch window for the channel's life, so a worker whose
+    window had filled with such messages took none again (issue 25). The place is freed; the
+    message stays in ``unacked``, where the visibility timeout finds it."""
+    conn, message = hold_one(server, {"n": 5})
+    try:
+        qos = message.channel.qos
+        qos.prefetch_count = 1
+        assert not qos.can_consume()
+        server.kill()
+        with pytest.raises(RedisConnectionError):
+            if settle == "ack":
+                message.ack()
+            else:
+                message.reject(requeue=settle == "requeue")
+        assert qos.can_consume()
+        server.start()
+        assert where(server) == (0, 1)
+    finally:
+        with contextlib.suppress(Exception):
+            conn.release()
