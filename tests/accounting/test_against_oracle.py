@@ -1194,8 +1194,8 @@ def test_limits_of_a_pool_team_and_member_against_the_model(clean_db: None, tier
     machine.reserve("m2", None, "chatgpt_message", 60, 0, {})
     machine.capture(0, 70, {})  # 60 over its hold: counted, never refused
     machine.refund_original(0, 25, False)  # gives back 25 of the first debit's 40
-    machine.debit("m1", 30, "chatgpt_message", False, False)  # week: 15 + 70 + 30 > 120
-    machine.debit("m1", 5, "chatgpt_message", False, False)
+    machine.debit("m1", 30, "chatgpt_message", False, False)  # the team's week: 115 of 120
+    machine.debit("m1", 5, "chatgpt_message", False, False)  # 120: reached
     machine.reserve("u1", 250, None, 60, 0, {})  # pool-day: 90 + 250 > 300
     machine.reserve("u1", 150, None, 60, 0, {})
     machine.list_limits("m2")
@@ -1204,7 +1204,7 @@ def test_limits_of_a_pool_team_and_member_against_the_model(clean_db: None, tier
     machine.reserve("u1", 200, None, 900, 0, {})
     machine.time_passes(HOUR)
     machine.list_limits("m2")
-    machine.debit("m2", 45, "chatgpt_message", False, False)
+    machine.debit("m2", 45, "chatgpt_message", False, False)  # its burst is free, its team's not
     machine.ledger_consistent()
     machine.teardown()
     print("limits sequence:", dict(sorted(OUTCOMES.items())))
