@@ -391,7 +391,7 @@ def windows_in_the_ledger(session: Session, user_id: str, period: str, rolling: 
 
 
 def test_racing_producers_never_take_a_window_past_its_limit(clean_db: None) -> None:
-    """48 producers race debits, reserves, extensions, captures and releases from 32 members
+    """64 producers race debits, reserves, extensions, captures and releases from 32 members
     of a 3-level tree with limits on every level. From the ledger afterwards: no window of any
     limit ever held more than its max_tokens; every refusal named a limit of the spender's
     chain that the request would have broken; the pool's ledger is sound."""
@@ -426,7 +426,7 @@ def test_racing_producers_never_take_a_window_past_its_limit(clean_db: None) -> 
                 applied += 1
         return applied
 
-    applied = sum(run_in_threads(48, work))
+    applied = sum(run_in_threads(64, work))
     assert applied and refusals, "the race never reached a limit"
     for member, requested, limit in refusals:
         assert limit["user_id"] in chain[member], (member, limit)
@@ -446,9 +446,10 @@ def test_racing_producers_never_take_a_window_past_its_limit(clean_db: None) -> 
 
 
 def test_limits_changed_while_debits_race_count_every_spend_once(clean_db: None) -> None:
-    """Setting a limit rebuilds its buckets from the ledger under the pool's lock: set 30 times
-    while 24 members race 240 debits at it, the buckets end equal to the ledger and the window
-    never passed the limit."""
+    """Setting a limit takes the pool's lock, and a limit of a width no other limit reads
+    counts its window from the ledger: an hour's limit removed and set again 15 times (each
+    setting counted from the ledger) beside a day's set 15 times (its buckets kept), while 24
+    members race 240 debits, and both end equal to the ledger, the day's never past its limit."""
     members = race_tree()
     with session_scope() as s:
         for user in ("pool", "t0", "t1", *members):
@@ -458,8 +459,10 @@ def test_limits_changed_while_debits_race_count_every_spend_once(clean_db: None)
 
     def work(i: int) -> None:
         if i == 0:
-            for _ in range(30):
+            for _ in range(15):
                 attempt(limits.set_limit, "pool", "daily", 150, "day")
+                attempt(limits.set_limit, "pool", "hourly", None)
+                attempt(limits.set_limit, "pool", "hourly", 10_000, "hour")
             return
         for _ in range(10):
             out = attempt(movements.debit, members[i], 1, "chatgpt_message")
@@ -468,9 +471,12 @@ def test_limits_changed_while_debits_race_count_every_spend_once(clean_db: None)
     run_in_threads(25, work)
     with session_scope() as s:
         spent = windows_in_the_ledger(s, "pool", "day", False)
-        [daily] = limits.limits(s, "pool").limits
+        listed = {x.name: x.used for x in limits.limits(s, "pool").limits}
         assert spent <= 150
-        assert daily.used == spent
+        assert listed == {
+            "daily": spent,
+            "hourly": windows_in_the_ledger(s, "pool", "hour", False),
+        }
 
 
 def reached(session: Session) -> list[tuple[str, str, int]]:
