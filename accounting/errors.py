@@ -113,24 +113,22 @@ def member_account(pool: str) -> DomainError:
 
 
 class LimitExceeded(DomainError):
-    """``LIMIT_EXCEEDED``; ``spender``: the account whose request it refused, for the
-    ``limit.reached`` a refusal writes once its statement has rolled back
-    (``limits.note_refused``)."""
+    """``LIMIT_EXCEEDED``: its own type, for the ``limit.reached`` a refusal writes once its
+    statement has rolled back (``limits.note_refused``)."""
 
-    def __init__(self, limit: dict[str, Any], requested: int, spender: str) -> None:
+    def __init__(self, limit: dict[str, Any], requested: int) -> None:
         super().__init__(
             "LIMIT_EXCEEDED",
             f"Spend limit exceeded: {limit['name']} on {limit['user_id']}. "
             f"Limit: {limit['max_tokens']}, Used: {limit['used']}, Requested: {requested}",
             limit=limit,
         )
-        self.spender = spender
 
 
-def limit_exceeded(limit: dict[str, Any], requested: int, spender: str) -> LimitExceeded:
+def limit_exceeded(limit: dict[str, Any], requested: int) -> LimitExceeded:
     """``limit``: the refusing limit as ``tokens.limits`` lists it (``used`` before the
     request)."""
-    return LimitExceeded(limit, requested, spender)
+    return LimitExceeded(limit, requested)
 
 
 def unauthorized(producer: str | None, task: str) -> DomainError:

@@ -69,7 +69,7 @@ def reserve(
     if row.status == "insufficient":
         raise insufficient_tokens(amount, int(row.available))
     if row.status == "limit":
-        raise limit_exceeded(row.refused, amount, user_id)
+        raise limit_exceeded(row.refused, amount)
     note_balance_change(
         session,
         user_id=row.pool,
@@ -148,9 +148,7 @@ def extend(
     if row.status == "insufficient":
         raise insufficient_tokens(amount, int(row.available))
     if row.status == "limit":
-        # For limit.reached (limits.note_refused): a member's hold is owned by its pool, whose
-        # listing lacks the member's limits; the refusing limit's own account lists it.
-        raise limit_exceeded(row.refused, amount, row.refused["user_id"])
+        raise limit_exceeded(row.refused, amount)
     if amount:
         note_balance_change(
             session,

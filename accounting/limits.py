@@ -97,11 +97,11 @@ _REFUSED = text("SELECT tokens_limit_refused(:spender, :owner, :name)")
 def note_refused(session: Session, refused: LimitExceeded) -> None:
     """``limit.reached`` for a request the limit refused, once per window and limit
     (``tokens_limit_refused``), in ``session``'s transaction: after a single request's rolled
-    back, or within a batch's."""
+    back, or within a batch's. The limit is looked up from its own account, which lists it
+    whoever below it made the request (a member's hold is its pool's, whose listing would not)."""
     limit = refused.fields["limit"]
-    session.execute(
-        _REFUSED, {"spender": refused.spender, "owner": limit["user_id"], "name": limit["name"]}
-    )
+    owner = limit["user_id"]
+    session.execute(_REFUSED, {"spender": owner, "owner": owner, "name": limit["name"]})
 
 
 def limit_out(listed: dict[str, Any]) -> SpendLimitOut:

@@ -65,7 +65,7 @@ def outcome(session: Session, row: Any, *, user_id: str, kind: str, amount: int)
     if row.status == "insufficient":
         raise insufficient_tokens(amount, int(row.available))
     if row.status == "limit":
-        raise limit_exceeded(row.refused, amount, user_id)
+        raise limit_exceeded(row.refused, amount)
     note_balance_change(
         session,
         user_id=row.pool,
