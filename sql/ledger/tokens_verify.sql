@@ -8,8 +8,9 @@ SET work_mem = '64MB' SET jit = off AS $fn$
 -- The chains of p_users (a page of them: one plan, one sort per page), in the contract's order
 -- per user: each entry's prev_hash is the previous entry's hash (zeros for the first), its hash
 -- is recomputed, its balance_before is the previous balance_after (0 for the first); a
--- carried_forward checkpoint, first of its user, is trusted for its hash. Then each account's balance equals the sum of its
--- ledger and its last balance_after. broken: the first p_max problems, by user then order.
+-- carried_forward checkpoint, first of its user, is trusted for its hash. Then each account's
+-- balance equals the sum of its ledger and its last balance_after. broken: the first p_max
+-- problems, by user then order.
 WITH entries AS MATERIALIZED (
     SELECT l AS entry, l.user_id, l.id, l.kind, l.prev_hash, l.hash, l.balance_before,
            l.balance_after, l.tokens_amount, l.created_at,

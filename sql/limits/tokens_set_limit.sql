@@ -5,13 +5,12 @@ CREATE OR REPLACE FUNCTION tokens_set_limit(
 -- Set (p_max NULL: remove) the limit p_name of p_user, under its pool's lock (tokens_lock:
 -- the lock every movement of the tree takes first), so no movement counts meanwhile. When no
 -- limit of p_user read buckets of the limit's width as far back as its window starts, they
--- are made from the ledger over its window: spends made before it was set count too (debits, charges and captures of p_user and
--- the accounts below it, less what was refunded of each). When one did, they are complete
--- (made so, then counted by every movement) and stay: counted again they would forget what
--- entries ledger.delete_old_entries removed had spent in the window. Buckets of widths no
--- limit of p_user reads any more go. limits: the
--- account's limits as listed (tokens_limits). status: 'ok', 'not_found' or 'too_many' (a
--- ninth limit).
+-- are made from the ledger over its window: spends made before it was set count too (debits,
+-- charges and captures of p_user and the accounts below it, less what was refunded of each).
+-- When one did, they are complete (made so, then counted by every movement) and stay: counted
+-- again they would forget what entries ledger.delete_old_entries removed had spent in the
+-- window. Buckets of widths no limit of p_user reads any more go. limits: the account's limits
+-- as listed (tokens_limits). status: 'ok', 'not_found' or 'too_many' (a ninth limit).
 #variable_conflict use_column
 DECLARE
     v_pool text;
