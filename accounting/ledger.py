@@ -20,7 +20,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import aggregate_order_by
 from sqlalchemy.orm import Session
 
-from accounting import grants
+from accounting import grants, months
 from models.schemas import (
     DeletedOut,
     EntriesOut,
@@ -273,8 +273,11 @@ def delete_old_entries_in_chunks(
 ) -> DeletedOut:
     """:func:`delete_old_entries` in one transaction per ``users_per_chunk`` users (in user id
     order), so a large prune holds no lock for long and can report ``progress(users)`` after each
-    commit. The result is the one-transaction prune's."""
-    deleted = 0
+    commit. First, in a transaction of its own, the ledger's months wholly before ``older_than``
+    are dropped whole (:func:`accounting.months.drop_old_months`) where they can be: what is left
+    is pruned entry by entry. The result is the one-transaction prune's."""
+    with sessions() as session, session.begin():
+        _dropped, deleted = months.drop_old_months(session, older_than)
     after: str | None = None
     while True:
         with sessions() as session, session.begin():

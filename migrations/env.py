@@ -5,6 +5,7 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import Connection
 
+from migrations.partitions import include_name, include_object
 from models.tables import Base
 from worker.db import make_engine
 from worker.settings import get_settings
@@ -13,7 +14,13 @@ target_metadata = Base.metadata
 
 
 def run(connection: Connection) -> None:
-    context.configure(connection=connection, target_metadata=target_metadata, compare_type=True)
+    context.configure(
+        connection=connection,
+        target_metadata=target_metadata,
+        compare_type=True,
+        include_name=include_name,
+        include_object=include_object,
+    )
     with context.begin_transaction():
         context.run_migrations()
 

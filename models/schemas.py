@@ -7,6 +7,7 @@ the very classes producers use. Only the sweep's internal fan-out messages are t
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Annotated
 
 from pydantic import Field
@@ -219,3 +220,22 @@ class SweepChunkOut(Result):
     successful: int
     skipped: int
     failed: int
+
+
+class Month(Result):
+    """One of the ledger's partitions (``lower`` None: ``before``, everything before the first
+    month; ``upper`` None: ``after``, everything past the newest month)."""
+
+    name: str
+    lower: datetime | None
+    upper: datetime | None
+    entries: int
+
+
+class MonthsOut(Result):
+    """``ledger.make_months``: the months made (``YYYY_MM``), none when they existed; the end
+    of the newest month; the entries past it (in the partition ``after``)."""
+
+    made: list[str]
+    until: datetime
+    outside: int

@@ -13,6 +13,7 @@ from sqlalchemy import (
     DateTime,
     Dialect,
     ForeignKey,
+    ForeignKeyConstraint,
     Index,
     Integer,
     MetaData,
@@ -114,7 +115,11 @@ class Account(Base):
 
 
 class LedgerEntry(Base):
-    """Append-only: a row is written once, in the transaction that moves the balance."""
+    """Append-only: a row is written once, in the transaction that moves the balance.
+
+    Partitioned by month of ``created_at`` (migration 0036, sql/ledger/tokens_ledger_months.sql),
+    so its key holds ``created_at``; ``id`` alone is unique all the same (one sequence) and is
+    what the ORM identifies an entry by."""
 
     __tablename__ = "ledger_entries"
 
@@ -130,7 +135,7 @@ class LedgerEntry(Base):
     idempotency_key: Mapped[str | None] = mapped_column(String(255))
     original_entry_id: Mapped[int | None] = mapped_column(BigInteger)
     meta: Mapped[dict[str, Any]] = mapped_column("metadata", JSONType, default=dict)
-    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, primary_key=True)
     # The member that made the movement, in its pool's ledger (NULL: the account's own).
     spent_by: Mapped[str | None] = mapped_column(String(128))
     # The user's hash chain (sql/ledger/tokens_chain.sql sets both on insert).
@@ -149,13 +154,18 @@ class LedgerEntry(Base):
         ),
         Index("ix_ledger_entries_user_created", "user_id", "created_at", "id"),
         Index("ix_ledger_entries_type_created", "operation_type", "created_at", "id"),
-        Index("ix_ledger_entries_created", "created_at"),
+        # With id: a key check of entries stamped at one instant (a batch, the checkpoints of a
+        # month dropped) probes one entry, not all of that instant's (PostgreSQL's generic plan
+        # for the splits' foreign key picks this index).
+        Index("ix_ledger_entries_created", "created_at", "id"),
         Index(
             "ix_ledger_entries_original",
             "original_entry_id",
             postgresql_where=text("original_entry_id IS NOT NULL"),
         ),
+        {"postgresql_partition_by": "RANGE (created_at)"},
     )
+    __mapper_args__ = {"primary_key": [id]}  # noqa: RUF012
 
 
 class IdempotencyRecord(Base):
@@ -185,16 +195,23 @@ class RefundTotal(Base):
 
     __tablename__ = "refund_totals"
 
-    # A cap lives as long as its entry: a prune that removes the entry removes its cap.
-    entry_id: Mapped[int] = mapped_column(
-        BigInteger, ForeignKey("ledger_entries.id", ondelete="CASCADE"), primary_key=True
-    )
+    entry_id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    entry_created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     user_id: Mapped[str] = mapped_column(String(128))
     charged: Mapped[int] = mapped_column(BigInteger)
     refunded: Mapped[int] = mapped_column(BigInteger)
 
     __table_args__ = (
         CheckConstraint("refunded >= 0 AND refunded <= charged", name="within_charge"),
+        # A cap lives as long as its entry: a prune that removes the entry removes its cap
+        # (a month dropped whole, tokens_prune_months, removes its caps first).
+        ForeignKeyConstraint(
+            ["entry_id", "entry_created_at"],
+            ["ledger_entries.id", "ledger_entries.created_at"],
+            ondelete="CASCADE",
+            onupdate="CASCADE",
+        ),
+        Index("ix_refund_totals_entry_created_at", "entry_created_at"),
     )
 
 
@@ -362,15 +379,24 @@ class EntryGrant(Base):
 
     __tablename__ = "entry_grants"
 
-    entry_id: Mapped[int] = mapped_column(
-        BigInteger, ForeignKey("ledger_entries.id", ondelete="CASCADE"), primary_key=True
-    )
+    entry_id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
     grant_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("grants.id"), primary_key=True)
     amount: Mapped[int] = mapped_column(BigInteger)
     # The order the entry touched its grants in: a refund puts back the last spent first.
     seq: Mapped[int] = mapped_column(Integer)
+    # The entry's: the split lives in the entry's month (partitioned alike).
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, primary_key=True)
 
-    __table_args__ = (Index("ix_entry_grants_grant", "grant_id"),)
+    __table_args__ = (
+        ForeignKeyConstraint(
+            ["entry_id", "created_at"],
+            ["ledger_entries.id", "ledger_entries.created_at"],
+            ondelete="CASCADE",
+            onupdate="CASCADE",
+        ),
+        Index("ix_entry_grants_grant", "grant_id"),
+        {"postgresql_partition_by": "RANGE (created_at)"},
+    )
 
 
 class ReservationGrant(Base):

@@ -30,8 +30,8 @@ BEGIN
             p_metadata, p_now, p_spent_by)
     RETURNING id INTO entry_id;
     IF cardinality(p_gids) > 0 THEN
-        INSERT INTO entry_grants (entry_id, grant_id, amount, seq)
-        SELECT tokens_write.entry_id, s.gid, s.amount, (s.n - 1)::integer
+        INSERT INTO entry_grants (entry_id, grant_id, amount, seq, created_at)
+        SELECT tokens_write.entry_id, s.gid, s.amount, (s.n - 1)::integer, p_now
         FROM unnest(p_gids, p_amounts) WITH ORDINALITY AS s(gid, amount, n);
     END IF;
     IF p_spent_by IS NOT NULL THEN

@@ -68,8 +68,8 @@ BEGIN
         END IF;
         v_already := NULL;
         IF p_amount <= charged THEN
-            INSERT INTO refund_totals AS t (entry_id, user_id, charged, refunded)
-            VALUES (p_original, pool, tokens_refund.charged, p_amount)
+            INSERT INTO refund_totals AS t (entry_id, entry_created_at, user_id, charged, refunded)
+            VALUES (p_original, v_at, pool, tokens_refund.charged, p_amount)
             ON CONFLICT (entry_id) DO UPDATE SET refunded = t.refunded + p_amount
             WHERE t.refunded + p_amount <= t.charged
             RETURNING t.refunded - p_amount INTO v_already;
@@ -92,10 +92,12 @@ BEGIN
         SELECT 1 AS part, NULL::bigint AS gid,
                coalesce(tokens_refund.charged, 0) + coalesce(sum(eg.amount), 0)::bigint AS took,
                0 AS seq
-        FROM entry_grants eg WHERE eg.entry_id = p_original AND eg.amount < 0
+        FROM entry_grants eg
+        WHERE eg.entry_id = p_original AND eg.created_at = v_at AND eg.amount < 0
         UNION ALL
         SELECT 2, eg.grant_id, -eg.amount, eg.seq
-        FROM entry_grants eg WHERE eg.entry_id = p_original AND eg.amount < 0
+        FROM entry_grants eg
+        WHERE eg.entry_id = p_original AND eg.created_at = v_at AND eg.amount < 0
         UNION ALL
         SELECT 3, NULL, p_amount + v_already, 0
         ORDER BY part, seq DESC

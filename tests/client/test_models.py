@@ -28,7 +28,15 @@ def test_the_worker_validates_with_the_client_classes() -> None:
     assert len(shared) > 40
     for name, cls in shared.items():
         assert getattr(models.schemas, name) is cls, name
-    internal = {"SweepChunkIn", "SweepTotalsIn", "SweepPlanned", "SweepChunkOut"}  # the fan-out's
+    # The sweep's fan-out, and the ledger's months (ledger.make_months, the CLI).
+    internal = {
+        "SweepChunkIn",
+        "SweepTotalsIn",
+        "SweepPlanned",
+        "SweepChunkOut",
+        "Month",
+        "MonthsOut",
+    }
     assert set(models_of(models.schemas)) == internal
 
 

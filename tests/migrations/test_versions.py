@@ -15,9 +15,13 @@ from alembic.migration import MigrationContext
 from sqlalchemy import DateTime, Engine, bindparam, create_engine, text
 from sqlalchemy.orm import Session
 
+from accounting import accounts, chain, movements
 from accounting.ledger import reconcile
+from migrations.partitions import include_name, include_object
 from models.tables import Base
+from tests.accounting.test_against_oracle import RECHAIN
 from tests.devenv import PG_ADMIN_URL
+from tests.layout import month_start
 from tests.support import assert_ledger_consistent
 from worker.db import get_engine
 from worker.migrate import alembic_config, upgrade
@@ -43,7 +47,9 @@ def engine_for(url: str) -> Engine:
 
 def test_the_migrated_schema_is_the_models_schema() -> None:
     with get_engine().connect() as conn:
-        diffs = compare_metadata(MigrationContext.configure(conn), Base.metadata)
+        opts = {"include_name": include_name, "include_object": include_object}
+        context = MigrationContext.configure(conn, opts=opts)
+        diffs = compare_metadata(context, Base.metadata)
     assert diffs == []
 
 
@@ -269,6 +275,16 @@ def test_0004_turns_postgresql_balances_into_grants_and_debt(blank_database: str
             ("tokens_reserve", "tokens_release"),
             ("tokens_claim", "tokens_lock", "tokens_expire_due"),
         ),
+        (
+            "0036",
+            (
+                "tokens_carry",
+                "tokens_ledger_partitions",
+                "tokens_ledger_months",
+                "tokens_prune_months",
+            ),
+            ("tokens_prune", "tokens_write", "tokens_refund", "tokens_entry_hash"),
+        ),
     ],
 )
 def test_a_function_migration_creates_its_functions_and_drops_only_them(
@@ -314,5 +330,93 @@ def test_0011_puts_spend_and_refund_over_the_helpers_and_back(blank_database: st
         assert helpers_used(engine) == {"tokens_spend": True, "tokens_refund": True}
         downgrade(alembic_config(blank_database), "0010")
         assert helpers_used(engine) == {"tokens_spend": False, "tokens_refund": False}
+    finally:
+        engine.dispose()
+
+
+# --- 0036: the ledger by month ----------------------------------------------------------------
+
+LEDGER_ROWS = text(
+    "SELECT id, user_id, kind, tokens_amount, balance_after, created_at, prev_hash, hash"
+    " FROM ledger_entries ORDER BY id"
+)
+SPLIT_ROWS = text("SELECT entry_id, grant_id, amount, seq FROM entry_grants ORDER BY 1, 2")
+CAP_ROWS = text("SELECT entry_id, charged, refunded FROM refund_totals ORDER BY 1")
+
+
+def test_0036_partitions_the_ledger_in_place_and_back(blank_database: str) -> None:
+    """Entries written at 0035 (two moved back months, one stamped next month by a clock ahead)
+    become the first partition, up to the month after the newest; splits and refund caps get
+    their entry's date; the chains, balances and grants still verify, a movement after it
+    works; the downgrade gives back the same rows in plain tables."""
+    upgrade(blank_database, "0035")
+    engine = engine_for(blank_database)
+    try:
+        with Session(engine) as s, s.begin():
+            accounts.open_account(s, "a", initial_balance=100)
+            accounts.open_account(s, "b", initial_balance=40)
+            old = int(movements.debit(s, "a", 30, "image_generation").ledger_entry_id)
+            movements.refund(s, "a", 10, original_entry_id=old)
+            s.execute(
+                text("UPDATE ledger_entries SET created_at = created_at - interval '70 days'")
+            )
+            s.execute(RECHAIN)
+            ahead = month_start(s.connection(), 1) + timedelta(days=5)
+            s.execute(text("UPDATE accounts SET updated_at = :t WHERE user_id = 'b'"), {"t": ahead})
+            movements.debit(s, "b", 5, "image_generation")
+        with engine.connect() as conn:
+            before = [conn.execute(q).all() for q in (LEDGER_ROWS, SPLIT_ROWS, CAP_ROWS)]
+        upgrade(blank_database)
+        with Session(engine) as s:
+            parts = s.execute(text("SELECT * FROM tokens_ledger_partitions()")).all()
+            assert parts[0].name == "ledger_entries_before"
+            # Up to the month after the entry stamped ahead; then the months to three ahead.
+            assert parts[0].upper == month_start(s.connection(), 2)
+            assert [p.lower for p in parts[1:-1]] == [
+                month_start(s.connection(), 2),
+                month_start(s.connection(), 3),
+            ]
+            assert parts[-1].name == "ledger_entries_after"
+            where = (
+                s.execute(text("SELECT DISTINCT tableoid::regclass::text FROM ledger_entries"))
+                .scalars()
+                .all()
+            )
+            assert where == ["ledger_entries_before"]
+            after = [s.execute(q).all() for q in (LEDGER_ROWS, SPLIT_ROWS, CAP_ROWS)]
+            assert after == before
+            stray = (
+                s.execute(
+                    text(
+                        "SELECT count(*) FROM entry_grants g JOIN ledger_entries e"
+                        " ON e.id = g.entry_id WHERE g.created_at <> e.created_at"
+                        " UNION ALL SELECT count(*) FROM refund_totals t JOIN ledger_entries e"
+                        " ON e.id = t.entry_id WHERE t.entry_created_at <> e.created_at"
+                    )
+                )
+                .scalars()
+                .all()
+            )
+            assert stray == [0, 0]
+            assert chain.verify(s, None, 1).broken == []
+            assert reconcile(s).mismatches == []
+            assert_ledger_consistent(s)
+            movements.debit(s, "a", 1, "image_generation")
+            s.commit()
+            assert chain.verify(s, None, 1).broken == []
+            assert_ledger_consistent(s)
+        with engine.connect() as conn:
+            moved = [conn.execute(q).all() for q in (LEDGER_ROWS, SPLIT_ROWS, CAP_ROWS)]
+        downgrade(alembic_config(blank_database), "0035")
+        with engine.connect() as conn:
+            assert [conn.execute(q).all() for q in (LEDGER_ROWS, SPLIT_ROWS, CAP_ROWS)] == moved
+            kind = conn.execute(
+                text("SELECT relkind FROM pg_class WHERE relname = 'ledger_entries'")
+            ).scalar_one()
+            assert kind == "r"
+        with Session(engine) as s, s.begin():
+            movements.debit(s, "a", 1, "image_generation")
+            assert chain.verify(s, None, 1).broken == []
+        upgrade(blank_database)
     finally:
         engine.dispose()

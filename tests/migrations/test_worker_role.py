@@ -56,6 +56,30 @@ def test_the_worker_role_may_never_change_a_ledger_entry(as_worker: Session) -> 
     assert as_worker.execute(text("SELECT count(*) FROM ledger_entries")).scalar_one() == 1
 
 
+def test_the_worker_role_has_no_right_on_any_of_the_ledgers_months(as_worker: Session) -> None:
+    """Migration 0036: a partition named directly is refused, reads included (the parent is the
+    way in), for the months the migration made and for one made later."""
+    accounts.open_account(as_worker, "u", initial_balance=100)
+    as_worker.commit()
+    as_worker.execute(text("SELECT tokens_ledger_months(now() + interval '5 months')"))
+    as_worker.commit()
+    names = as_worker.execute(text("SELECT name FROM tokens_ledger_partitions()")).scalars().all()
+    assert {"ledger_entries_before", "ledger_entries_after"} <= set(names)
+    assert len(names) >= 2 + 5
+    for name in names:
+        for table in (name, name.replace("ledger_entries_", "entry_grants_")):
+            for verb in (
+                "SELECT * FROM {}",
+                "UPDATE {} SET created_at = now()",
+                "DELETE FROM {}",
+                "TRUNCATE {} CASCADE",
+                "INSERT INTO {} SELECT * FROM {}",
+            ):
+                sql = verb.format(table, table)
+                assert "permission denied" in refused(as_worker, sql), sql
+    assert as_worker.execute(text("SELECT count(*) FROM ledger_entries")).scalar_one() == 1
+
+
 def test_everything_the_worker_does_works_as_its_role(as_worker: Session) -> None:
     accounts.open_account(as_worker, "u", initial_balance=100)
     accounts.open_account(as_worker, "m", parent_id="u")
