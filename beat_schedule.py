@@ -7,7 +7,8 @@
 - ``idempotency.prune`` daily at ``TOKENS_IDEMPOTENCY_PRUNE_CRON`` (default ``45 3 * * *``);
 - ``events.prune`` hourly: events past ``TOKENS_EVENTS_RETENTION_DAYS`` that every push channel
   delivered (contract v1.2);
-- ``ledger.verify`` daily at ``TOKENS_VERIFY_CRON`` (default ``15 4 * * *``, contract v1.2).
+- ``ledger.verify`` daily at ``TOKENS_VERIFY_CRON`` (default ``15 4 * * *``, contract v1.2);
+- ``ledger.make_months`` daily at 00:20: the ledger's monthly partitions, three months ahead.
 
 worker/config.py installs it as ``beat_schedule``; with a Redis broker RedBeat keeps it in Redis
 and only the beat holding its lock sends, so several beat processes may run.
@@ -29,6 +30,7 @@ VERIFY = "ledger-verify"
 PRUNE_IDEMPOTENCY = "idempotency-prune"
 EXPIRE_GRANTS = "grants-expire"
 PRUNE_EVENTS = "events-prune"
+MAKE_MONTHS = "ledger-make-months"
 GRANT_EXPIRY_SECONDS = 60
 
 
@@ -69,6 +71,12 @@ def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
         PRUNE_IDEMPOTENCY: {
             "task": "idempotency.prune",
             "schedule": cron(settings.idempotency_prune_cron),
+        },
+        # Runs that piled up are worthless: the next one makes every month missing.
+        MAKE_MONTHS: {
+            "task": "ledger.make_months",
+            "schedule": cron("20 0 * * *"),
+            "options": {"expires": 3600},
         },
         # A missed run is worthless: the next one deletes everything due anyway.
         PRUNE_EVENTS: {

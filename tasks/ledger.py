@@ -20,6 +20,7 @@ from models.schemas import (
     VerifyOut,
 )
 from tasks.base import contract_task
+from worker.db import session_factory
 from worker.settings import get_settings
 
 
@@ -53,8 +54,12 @@ def statistics(session: Session, p: UserPeriodIn, _task_id: str | None) -> Stati
 
 
 @contract_task("ledger.delete_old_entries", DeleteOldEntriesIn)
-def delete_old_entries(session: Session, p: DeleteOldEntriesIn, _task_id: str | None) -> DeletedOut:
-    return ledger.delete_old_entries(session, p.older_than)
+def delete_old_entries(
+    _session: Session, p: DeleteOldEntriesIn, _task_id: str | None
+) -> DeletedOut:
+    # Commits as it goes (whole months dropped first, then users a chunk at a time), so it takes
+    # sessions of its own (as idempotency.prune).
+    return ledger.delete_old_entries_in_chunks(session_factory(), p.older_than)
 
 
 @contract_task("ledger.reconcile", ReconcileIn)

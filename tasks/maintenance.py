@@ -6,8 +6,8 @@ from datetime import timedelta
 
 from sqlalchemy.orm import Session
 
-from accounting import expiry, idempotency
-from models.schemas import DeletedOut, GrantsExpireOut, NoArgsIn
+from accounting import expiry, idempotency, months
+from models.schemas import DeletedOut, GrantsExpireOut, MonthsOut, NoArgsIn
 from tasks.base import contract_task
 from worker.db import session_factory
 from worker.settings import get_settings
@@ -25,3 +25,9 @@ def expire_grants(_session: Session, _p: NoArgsIn, _task_id: str | None) -> Gran
     # One transaction per chunk of due grants (accounting/expiry.py), on sessions of its own.
     expired, tokens = expiry.expire_all(session_factory())
     return GrantsExpireOut(expired=expired, tokens_expired=tokens)
+
+
+@contract_task("ledger.make_months", NoArgsIn)
+def make_months(session: Session, _p: NoArgsIn, _task_id: str | None) -> MonthsOut:
+    # The ledger's partitions, three months ahead (accounting/months.py); usually none to make.
+    return months.keep_ahead(session)

@@ -19,6 +19,7 @@ from celery import Celery
 from beat_schedule import (
     EXPIRE_GRANTS,
     EXPIRE_RESERVATIONS,
+    MAKE_MONTHS,
     PRUNE_EVENTS,
     PRUNE_IDEMPOTENCY,
     RECONCILE,
@@ -46,6 +47,7 @@ def test_default_schedule() -> None:
         VERIFY: "ledger.verify",
         PRUNE_IDEMPOTENCY: "idempotency.prune",
         PRUNE_EVENTS: "events.prune",
+        MAKE_MONTHS: "ledger.make_months",
     }
     sweep, reconcile = schedule[SWEEP]["schedule"], schedule[RECONCILE]["schedule"]
     prune = schedule[PRUNE_IDEMPOTENCY]["schedule"]
@@ -101,6 +103,7 @@ def test_config_uses_redbeat_with_redis_and_celerys_scheduler_embedded() -> None
         VERIFY,
         PRUNE_IDEMPOTENCY,
         PRUNE_EVENTS,
+        MAKE_MONTHS,
     }
     assert redis_config["beat_scheduler"] == "redbeat.RedBeatScheduler"
     assert redis_config["redbeat_redis_url"] == "redis://127.0.0.1:6379/5"
@@ -217,6 +220,7 @@ def test_two_beats_start_with_redbeat_and_one_holds_the_lock(
             VERIFY,
             PRUNE_IDEMPOTENCY,
             PRUNE_EVENTS,
+            MAKE_MONTHS,
         )
         assert scheduled == {f"{prefix}{name}" for name in entries}
         definition = json.loads(str(client.hget(f"{prefix}{SWEEP}", "definition")))

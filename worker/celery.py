@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import logging
 import os
 import re
 import sys
@@ -17,18 +18,22 @@ from celery.signals import (
     worker_process_shutdown,
     worker_ready,
 )
+from sqlalchemy.exc import SQLAlchemyError
 
 import worker.logs  # noqa: F401  (connects the logging hooks)
+from accounting import months
 from token_worker_client.signing import sign_messages
 from worker import coalescer, relay
 from worker.config import celery_config
-from worker.db import dispose_engines, reset_engines_after_fork
+from worker.db import dispose_engines, reset_engines_after_fork, session_factory
 from worker.limits import time_limit_problems
 from worker.preflight import start_problems
 from worker.producers import Producers, unmatched_patterns
 from worker.queues import drop_stale_bindings
 from worker.settings import ConfigurationError, get_settings
 from worker.signals import connect_configured_handlers
+
+log = logging.getLogger(__name__)
 
 TASK_MODULES = [
     "tasks.accounts",
@@ -155,3 +160,17 @@ def _drop_stale_bindings(**_: Any) -> None:
     settings = get_settings()
     if settings.broker_is_redis:
         drop_stale_bindings(settings.broker)
+
+
+@worker_ready.connect  # type: ignore[untyped-decorator]
+def _make_months(**_: Any) -> None:
+    # The ledger's months ahead (beat makes them daily too): a worker started after weeks
+    # without beat finds them made. Failing (a lock held long elsewhere) only defers it.
+    try:
+        with session_factory()() as session, session.begin():
+            made = months.make_months(session)
+    except SQLAlchemyError as exc:
+        log.warning("ledger months not made now: %s", exc.__class__.__name__)
+        return
+    if made:
+        log.info("ledger months made: %s", ", ".join(made))

@@ -83,6 +83,7 @@ INTERNAL = {
     "idempotency.prune",
     "health.noop",
     "events.prune",
+    "ledger.make_months",
 }
 
 

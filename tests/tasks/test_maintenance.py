@@ -51,3 +51,13 @@ def test_grants_expire_writes_the_due_grants_expiry(e2e: Celery) -> None:
     assert call(e2e, "grants.expire", extra=1)["error_code"] == "VALIDATION_ERROR"
     with session_scope() as session:
         assert_ledger_consistent(session)
+
+
+def test_make_months_keeps_the_ledgers_months_ahead(e2e: Celery) -> None:
+    out = call(e2e, "ledger.make_months")
+    assert out["success"] is True and out["outside"] == 0
+    until = datetime.fromisoformat(out["until"])
+    assert until > datetime.now(UTC) + timedelta(days=60)  # three months ahead
+    again = call(e2e, "ledger.make_months")
+    assert (again["made"], again["until"]) == ([], out["until"])
+    assert call(e2e, "ledger.make_months", extra=1)["error_code"] == "VALIDATION_ERROR"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import itertools
 import json
 import os
 import shlex
@@ -908,3 +909,16 @@ def test_grants_shows_a_users_grants_in_burn_order_and_the_debt(session: Session
     assert tokens("grants", "g", "--json") == tokens("grants", "g")  # still accepted
     assert tokens("grants", "ghost", code=1)["error_code"] == "USER_NOT_FOUND"
     assert_ledger_consistent(session)
+
+
+def test_months_lists_the_ledgers_partitions_and_makes_the_missing_ones_ahead() -> None:
+    listed = tokens("months")
+    assert listed["made"] == []
+    names = [m["name"] for m in listed["months"]]
+    assert names[0] == "ledger_entries_before" and names[-1] == "ledger_entries_after"
+    assert listed["months"][0]["lower"] is None and listed["months"][-1]["upper"] is None
+    months = listed["months"][1:-1]
+    assert all(a["upper"] == b["lower"] for a, b in itertools.pairwise(months))
+    grown = tokens("months", "--make", "5")
+    assert len(grown["months"]) == len(names) + len(grown["made"])
+    assert tokens("months", "--make", "5")["made"] == []

@@ -219,6 +219,7 @@ def test_a_known_mix_moves_every_series_exactly(
     assert (swept["successful"], swept["skipped"], swept["failed"]) == (6, 0, 0)
     dbstate.execute("UPDATE accounts SET tokens_balance = 1 WHERE user_id = 'm-odd'")
     assert len(call(app, "ledger.reconcile")["mismatches"]) == 1
+    months = call(app, "ledger.make_months")
 
     after = settled(workers)
     old, new = summed(before), summed(after)
@@ -239,6 +240,7 @@ def test_a_known_mix_moves_every_series_exactly(
         lab(task="renewals.sweep_chunk", operation_type="", outcome="ok"): 1,
         lab(task="renewals.sweep_totals", operation_type="", outcome="ok"): 1,
         lab(task="ledger.reconcile", operation_type="", outcome="ok"): 1,
+        lab(task="ledger.make_months", operation_type="", outcome="ok"): 1,
     }
     assert grew(old, new, "tokens_replays_total") == {
         lab(task="tokens.credit", operation_type="purchase"): 1
@@ -304,6 +306,12 @@ def test_a_known_mix_moves_every_series_exactly(
     # The last full reconcile, as the worker that ran it last reports it.
     latest = max(after, key=lambda s: s.get(("tokens_last_reconcile_timestamp_seconds", ()), 0))
     assert latest[("tokens_reconcile_mismatches", ())] == 1
+    # The ledger's months, as the last ledger.make_months left them.
+    until = ("tokens_ledger_months_until_timestamp_seconds", ())
+    latest = max(after, key=lambda s: s.get(until, 0))
+    assert latest[until] == datetime.fromisoformat(months["until"]).timestamp()
+    assert latest[until] > time.time() + 60 * 86400
+    assert latest[("tokens_ledger_entries_outside_months", ())] == 0
 
     # Multiprocess: each worker's total is the sum of its processes' own files, and both pool
     # processes of each worker counted one of the blocked debits.

@@ -118,6 +118,30 @@ def expire_grants() -> None:
     emit(GrantsExpireOut(expired=expired, tokens_expired=tokens))
 
 
+@main.command("months")
+@click.option(
+    "--make",
+    "ahead",
+    type=click.IntRange(min=0, max=120),
+    default=None,
+    help="First make the missing months up to N ahead (the worker and beat keep three).",
+)
+def months_command(ahead: int | None) -> None:
+    """The ledger's partitions, one per UTC month (entries: the planner's estimate), oldest
+    first: {"success": true, "made": [...], "months": [{name, lower, upper, entries}]}."""
+    from accounting import months
+    from worker.db import session_scope
+
+    ready()
+    made: list[str] = []
+    with session_scope() as session:
+        if ahead is not None:
+            made = months.make_months(session, ahead)
+            session.commit()
+        listed = [m.model_dump(mode="json") for m in months.months(session)]
+    emit({"success": True, "made": made, "months": listed})
+
+
 @task_command(main, "reconcile", Fields("ReconcileIn", helps={"user_id": "Check one user only."}))
 def reconcile(payload: ReconcileIn) -> None:
     """List users whose balance differs from the sum of their ledger (exit 1 if any)."""

@@ -142,6 +142,20 @@ LIMIT_REFUSALS = Counter(
     ["period"],
     registry=None,
 )
+LEDGER_MONTHS_UNTIL = Gauge(
+    "tokens_ledger_months_until_timestamp_seconds",
+    "The end of the ledger's newest monthly partition at the last ledger.make_months (Unix"
+    " time): entries stamped past it all land in one partition, `after`.",
+    registry=None,
+    multiprocess_mode="mostrecent",
+)
+LEDGER_OUTSIDE_MONTHS = Gauge(
+    "tokens_ledger_entries_outside_months",
+    "Ledger entries past the newest month (in the partition `after`) at the last"
+    " ledger.make_months: no month from theirs on can be made while they are there.",
+    registry=None,
+    multiprocess_mode="mostrecent",
+)
 ACTIVE = Gauge(
     "celery_worker_tasks_active",
     "Tasks running now.",
@@ -153,6 +167,7 @@ FILE_METRICS: tuple[Counter | Gauge | Histogram, ...] = (
     OPERATIONS, REPLAYS, MOVED, BATCH_ITEMS, RETRIES, RENEWALS, EXPIRED_TOKENS, EXPIRED_GRANTS,
     REFUSED, UNAUTHORIZED, DURATION,
     RECONCILE_MISMATCHES, LAST_RECONCILE, CHAIN_BROKEN, LAST_VERIFY,
+    LEDGER_MONTHS_UNTIL, LEDGER_OUTSIDE_MONTHS,
     SENT, RECEIVED, STARTED, SUCCEEDED, FAILED, RETRIED,
     RUNTIME, QUEUE_WAIT, ACTIVE, EVENT_DELIVERIES, LIMIT_REFUSALS,
 )  # fmt: skip

@@ -39,6 +39,8 @@ from worker.metrics.definitions import (
     FAILED,
     LAST_RECONCILE,
     LAST_VERIFY,
+    LEDGER_MONTHS_UNTIL,
+    LEDGER_OUTSIDE_MONTHS,
     LIMIT_REFUSALS,
     MOVEMENTS,
     OPERATIONS,
@@ -195,6 +197,9 @@ def on_task_success(sender: Any = None, *, result: Any, runtime: float = 0.0, **
     elif name == "ledger.verify" and kwargs.get("user_id") is None:
         CHAIN_BROKEN.set(len(result.get("broken") or []))
         LAST_VERIFY.set(time.time())
+    elif name == "ledger.make_months":
+        LEDGER_MONTHS_UNTIL.set(datetime.fromisoformat(result["until"]).timestamp())
+        LEDGER_OUTSIDE_MONTHS.set(result["outside"])
 
 
 def _count_batch(items: list[Any], asked: list[Any]) -> None:
