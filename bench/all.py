@@ -52,6 +52,7 @@ BENCHES = (
     Bench("coalescer", quick=("--debits", "400", "--rounds", "1")),
     Bench("brokers", quick=("--tasks", "200", "--rounds", "1")),
     Bench("ledger_reads", quick=("--users", "10000", "--reps", "300")),
+    Bench("ledger_prune", quick=("--users", "10000")),
 )
 
 

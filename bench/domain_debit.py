@@ -1,6 +1,7 @@
 """The domain debit in-process against pgbench running the same statement, in the same run.
 
     python -m bench.domain_debit [--seconds 10] [--users 1000] [--hot-clients 16] [--runs 3]
+                                 [--months N]   # N monthly partitions made first
 
 Measures, each for ``--seconds`` and ``--runs`` times interleaved (medians printed):
 
@@ -99,6 +100,13 @@ def main() -> None:
     parser.add_argument("--users", type=int, default=1000)
     parser.add_argument("--hot-clients", type=int, default=16)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument(
+        "--months",
+        type=int,
+        default=None,
+        help="the ledger's monthly partitions made N months ahead first: as many as a ledger"
+        " that has run N months holds",
+    )
     args = parser.parse_args()
 
     scratch = Scratch("tokens_bench_debit")
@@ -106,7 +114,9 @@ def main() -> None:
     os.environ["TOKENS_DB_POOL_SIZE"] = str(args.hot_clients + 2)
     scratch.create()
     try:
-        _run(scratch.database_url, args.seconds, args.users, args.hot_clients, args.runs)
+        _run(
+            scratch.database_url, args.seconds, args.users, args.hot_clients, args.runs, args.months
+        )
     finally:
         from worker.db import dispose_engines
 
@@ -114,7 +124,9 @@ def main() -> None:
         scratch.destroy()
 
 
-def _run(url: str, seconds: int, users: int, hot_clients: int, runs: int) -> None:
+def _run(
+    url: str, seconds: int, users: int, hot_clients: int, runs: int, months: int | None
+) -> None:
     from sqlalchemy import Engine, create_engine, text
 
     from accounting import accounts, movements
@@ -123,6 +135,10 @@ def _run(url: str, seconds: int, users: int, hot_clients: int, runs: int) -> Non
 
     upgrade()
     with session_scope() as s:
+        if months is not None:
+            from accounting.months import make_months
+
+            print(f"ledger months made: {len(make_months(s, months))}")
         for u in range(users):
             accounts.open_account(s, f"user-{u}", initial_balance=10**12)
         accounts.open_account(s, "hot", initial_balance=10**12)

@@ -117,4 +117,5 @@ def test_make_bench_arguments_are_kept() -> None:
     full = {b.module: b.command(quick=False) for b in bench_all.BENCHES}
     assert full["grant_expiry"] == ["-m", "bench.grant_expiry", "--users", "100000"]
     assert full["ledger_reads"] == ["-m", "bench.ledger_reads"]
-    assert len(full) == 9
+    assert len(full) == 10
+    assert full["ledger_prune"] == ["-m", "bench.ledger_prune"]
