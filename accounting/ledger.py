@@ -107,7 +107,8 @@ def _page(
         select(
             func.json_agg(aggregate_order_by(func.json_build_array(eg.grant_id, eg.amount), eg.seq))
         )
-        .where(eg.entry_id == _e.id)
+        # created_at too: the splits are partitioned by it, so one month's is probed, not all.
+        .where(eg.entry_id == _e.id, eg.created_at == _e.created_at)
         .scalar_subquery()
     )
     stmt = stmt.add_columns(split.label("splits"))

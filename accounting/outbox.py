@@ -27,10 +27,11 @@ from token_worker_client.events import EventOut, EventsOut
 NUMBER_BATCH = 5000
 BALANCE_CHANGED = "balance.changed"
 
+# A balance.changed event's `at` is its entry's created_at, which the splits are partitioned by.
 _COLUMNS = """
     e.id, e.user_id, e.seq, e.type, e.at, e.data, e.pos, e.webhook_attempts, e.webhook_next_at,
     (SELECT json_agg(json_build_array(eg.grant_id, eg.amount) ORDER BY eg.seq)
-     FROM entry_grants eg WHERE eg.entry_id = e.entry_id) AS splits
+     FROM entry_grants eg WHERE eg.entry_id = e.entry_id AND eg.created_at = e.at) AS splits
 """
 
 
