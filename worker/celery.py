@@ -19,13 +19,14 @@ from celery.signals import (
     worker_ready,
 )
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session
 
 import worker.logs  # noqa: F401  (connects the logging hooks)
 from accounting import months
 from token_worker_client.signing import sign_messages
 from worker import coalescer, relay
 from worker.config import celery_config
-from worker.db import dispose_engines, reset_engines_after_fork, session_factory
+from worker.db import dispose_engines, make_engine, reset_engines_after_fork
 from worker.limits import time_limit_problems
 from worker.preflight import start_problems
 from worker.producers import Producers, unmatched_patterns
@@ -165,12 +166,17 @@ def _drop_stale_bindings(**_: Any) -> None:
 @worker_ready.connect  # type: ignore[untyped-decorator]
 def _make_months(**_: Any) -> None:
     # The ledger's months ahead (beat makes them daily too): a worker started after weeks
-    # without beat finds them made. Failing (a lock held long elsewhere) only defers it.
+    # without beat finds them made. Failing (a lock held long elsewhere) only defers it. On an
+    # engine of its own, closed after: no connection of it stays in this process's pool, which
+    # the coalescer and the relay use.
+    engine = make_engine(get_settings().db_url)
     try:
-        with session_factory()() as session, session.begin():
+        with Session(engine) as session, session.begin():
             made = months.make_months(session)
     except SQLAlchemyError as exc:
         log.warning("ledger months not made now: %s", exc.__class__.__name__)
         return
+    finally:
+        engine.dispose()
     if made:
         log.info("ledger months made: %s", ", ".join(made))
