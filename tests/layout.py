@@ -34,21 +34,11 @@ def months_since(conn: Connection, first: datetime) -> int:
         conn.execute(text(f"DROP TABLE {table}_before"))
     lower = month_start(conn, 0, first)
     made = 0
-    for table in ("ledger_entries", "entry_grants"):
-        conn.execute(
-            text(
-                f"CREATE TABLE {table}_before PARTITION OF {table}"
-                f" FOR VALUES FROM (MINVALUE) TO ('{lower.isoformat()}')"
-            )
-        )
+    partition = text("SELECT tokens_ledger_partition(:suffix, :bounds)")
+    conn.execute(partition, {"suffix": "before", "bounds": f"FROM (MINVALUE) TO ('{lower}')"})
     while lower < end:
         upper = month_start(conn, 1, lower)
-        for table in ("ledger_entries", "entry_grants"):
-            conn.execute(
-                text(
-                    f"CREATE TABLE {table}_{lower:%Y_%m} PARTITION OF {table}"
-                    f" FOR VALUES FROM ('{lower.isoformat()}') TO ('{upper.isoformat()}')"
-                )
-            )
+        bounds = f"FROM ('{lower}') TO ('{upper}')"
+        conn.execute(partition, {"suffix": f"{lower:%Y_%m}", "bounds": bounds})
         lower, made = upper, made + 1
     return made

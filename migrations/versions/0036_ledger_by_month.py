@@ -41,7 +41,7 @@ MONTHS_AHEAD = 3
 MADE = (
     "tokens_carry(text[], timestamp with time zone, text, timestamp with time zone)",
     "tokens_ledger_partitions()",
-    "tokens_ledger_private(text)",
+    "tokens_ledger_partition(text, text)",
     "tokens_ledger_months(timestamp with time zone)",
     "tokens_prune_months(timestamp with time zone, text)",
 )
@@ -137,11 +137,8 @@ def upgrade() -> None:
     op.execute("ALTER TABLE ledger_entries_before ALTER COLUMN id DROP DEFAULT")
     _partition("entry_grants", SPLITS, SPLIT_INDEXES, bound)
     # Everything past the months made (tokens_ledger_months makes months out of its front).
-    for table in ("ledger_entries", "entry_grants"):
-        op.execute(
-            f"CREATE TABLE {table}_after PARTITION OF {table}"
-            f" FOR VALUES FROM ('{bound}') TO (MAXVALUE)"
-        )
+    snapshot.apply("0036", "tokens_ledger_partition")
+    op.execute(f"SELECT tokens_ledger_partition('after', 'FROM (''{bound}'') TO (MAXVALUE)')")
     op.create_foreign_key(
         "fk_refund_totals_entry_id_ledger_entries",
         "refund_totals",
@@ -153,14 +150,10 @@ def upgrade() -> None:
     )
     op.create_index("ix_refund_totals_entry_created_at", "refund_totals", ["entry_created_at"])
     _triggers_and_rights()
-    op.execute(
-        "REVOKE ALL ON ledger_entries_before, entry_grants_before, ledger_entries_after,"
-        f" entry_grants_after FROM {ROLE}"
-    )
+    op.execute(f"REVOKE ALL ON ledger_entries_before, entry_grants_before FROM {ROLE}")
     snapshot.apply(
         "0036",
         "tokens_ledger_partitions",
-        "tokens_ledger_private",
         "tokens_ledger_months",
         "tokens_carry",
         "tokens_prune",

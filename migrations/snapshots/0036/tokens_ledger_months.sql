@@ -14,7 +14,7 @@ SET search_path = public, pg_temp SET lock_timeout = '5s' AS $fn$
 -- and the events' triggers off (same rows, same hashes; their events were written already).
 -- The detach locks the parents for a moment, once a month: lock_timeout bounds the wait behind a
 -- long transaction (the next day's call makes what this one could not).
--- SECURITY DEFINER: partitions belong to the tables' owner (tokens_ledger_private).
+-- SECURITY DEFINER: partitions belong to the tables' owner (tokens_ledger_partition).
 DECLARE
     v_from timestamptz;
     v_to timestamptz;
@@ -49,11 +49,7 @@ BEGIN
     WHILE v_from < v_end LOOP
         v_to := (v_from AT TIME ZONE 'UTC' + interval '1 month') AT TIME ZONE 'UTC';
         v_month := to_char(v_from AT TIME ZONE 'UTC', 'YYYY_MM');
-        EXECUTE format('CREATE TABLE %I PARTITION OF ledger_entries FOR VALUES FROM (%L) TO (%L)',
-                       'ledger_entries_' || v_month, v_from, v_to);
-        EXECUTE format('CREATE TABLE %I PARTITION OF entry_grants FOR VALUES FROM (%L) TO (%L)',
-                       'entry_grants_' || v_month, v_from, v_to);
-        PERFORM tokens_ledger_private(v_month);
+        PERFORM tokens_ledger_partition(v_month, format('FROM (%L) TO (%L)', v_from, v_to));
         made := made || v_month;
         v_from := v_to;
     END LOOP;

@@ -47,11 +47,7 @@ BEGIN
         END LOOP;
         -- `before` again, empty, from MINVALUE: the ranges keep covering every instant, so a
         -- user's newest entries are still read months newest first (tokens_ledger_months).
-        EXECUTE format('CREATE TABLE ledger_entries_before PARTITION OF ledger_entries'
-                       ' FOR VALUES FROM (MINVALUE) TO (%L)', v_bound);
-        EXECUTE format('CREATE TABLE entry_grants_before PARTITION OF entry_grants'
-                       ' FOR VALUES FROM (MINVALUE) TO (%L)', v_bound);
-        PERFORM tokens_ledger_private('before');
+        PERFORM tokens_ledger_partition('before', format('FROM (MINVALUE) TO (%L)', v_bound));
     EXCEPTION WHEN lock_not_available THEN
         dropped := '{}';
         deleted := 0;
