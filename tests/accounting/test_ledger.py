@@ -8,7 +8,7 @@ from collections import defaultdict
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
-from sqlalchemy import select, text
+from sqlalchemy import event, select, text
 from sqlalchemy.orm import Session
 
 from accounting import accounts, clock, ledger, movements, reservations
@@ -97,6 +97,49 @@ def test_user_entries_newest_first_with_every_field(session: Session) -> None:
     assert refund.prev_hash == out.entries[3].hash
     assert refund.model_dump(mode="json")["created_at"] == "2026-01-06T00:00:00+00:00"
     assert ledger.user_entries(session, "nobody").entries == []
+
+
+def test_a_page_is_one_statement_when_no_grant_is_due(session: Session) -> None:
+    """Whose ledger it is, the page, its splits and the due-grant probe: one round trip
+    (tokens_page); it was two, the account looked up first."""
+    history(session)
+    seen: list[str] = []
+
+    def count(conn: Any, cursor: Any, statement: str, *_: Any) -> None:
+        seen.append(statement)
+
+    bind = session.get_bind()
+    event.listen(bind, "before_cursor_execute", count)
+    try:
+        assert len(ledger.user_entries(session, "u1", limit=3).entries) == 3
+        assert len(ledger.entries_by_type(session, "image_generation").entries) == 3
+    finally:
+        event.remove(bind, "before_cursor_execute", count)
+    assert len(seen) == 2, seen
+
+
+def test_a_page_gives_back_metadata_as_it_was_written(session: Session) -> None:
+    """The page is JSON rendered by PostgreSQL and parsed by pydantic: text, numbers and
+    nesting come back as the worker read them from rows before."""
+    metadata: dict[str, Any] = {
+        "text": 'é \u2028 "quoted" \\ back\nslash \U0001f600',
+        "big": 2**70,
+        "negative": -(2**63),
+        "float": 0.1,
+        "exp": 1.5e-7,
+        "nested": {"list": [1, None, True, False, "x", {"k": []}]},
+        "": "empty key",
+    }
+    accounts.open_account(session, "u1", initial_balance=10)
+    movements.debit(session, "u1", 1, "chatgpt_message", metadata=metadata)
+    session.commit()
+    [entry, _] = ledger.user_entries(session, "u1").entries
+    assert entry.metadata == metadata
+    assert type(entry.metadata["big"]) is int and type(entry.metadata["float"]) is float
+    written = session.execute(
+        text("SELECT created_at FROM ledger_entries WHERE id = :id"), {"id": int(entry.id)}
+    ).scalar_one()
+    assert entry.created_at == written and entry.created_at.tzinfo == UTC
 
 
 def test_entries_written_at_the_same_instant_are_ordered_by_id(session: Session) -> None:

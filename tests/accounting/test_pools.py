@@ -285,3 +285,19 @@ def test_members_are_never_due_and_renewals_of_a_member_are_refused(session: Ses
     assert (out.total_processed, out.successful) == (1, 1)
     assert grants.list_grants(session, "alice").grants == []
     assert accounts.get_balance(session, "alice").tokens_balance == 100  # the pool's allowance
+
+
+def test_a_members_page_read_while_the_pools_grant_is_due_expires_it(session: Session) -> None:
+    """The due grant is the pool's: a member's page settles the pool (probing the member's own
+    grants would find none, and leave the grant active past its end)."""
+    tree(session, pool_balance=0)
+    movements.credit(session, "pool", 40, "purchase", grant_kind="promo")
+    movements.debit(session, "alice", 5, "image_generation")
+    session.execute(text("UPDATE grants SET expires_at = clock_timestamp() - interval '1 second'"))
+    session.commit()
+    [entry] = ledger.user_entries(session, "alice").entries
+    assert (entry.spent_by, entry.tokens_amount) == ("alice", -5)
+    session.commit()
+    assert session.execute(text("SELECT status FROM grants")).scalar_one() == "expired"
+    assert accounts.get_balance(session, "pool").tokens_balance == 0
+    assert_ledger_consistent(session)
