@@ -56,7 +56,8 @@ def number(session: Session, limit: int = NUMBER_BATCH) -> int:
 
 def _entry(raw: dict[str, Any], splits: list[list[Any]] | None) -> dict[str, Any]:
     """A ledger row as the trigger stored it (``to_jsonb``), as ``ledger.user_entries`` shows
-    it: the same function renders both."""
+    it (rendered there by ``tokens_page``; tests/accounting/test_events.py holds the two
+    equal)."""
     row = SimpleNamespace(**{**raw, "created_at": datetime.fromisoformat(raw["created_at"])})
     split = [EntrySplit(grant_id=str(g), amount=int(a)) for g, a in splits or ()]
     return entry_out(row, split).model_dump(mode="json")

@@ -91,6 +91,9 @@ def test_everything_the_worker_does_works_as_its_role(as_worker: Session) -> Non
     reservations.capture(as_worker, hold.reservation_id, 15)
     renewals.renew_user(as_worker, "u")
     as_worker.commit()
+    assert len(ledger.user_entries(as_worker, "u").entries) == 7  # through tokens_page
+    assert len(ledger.user_entries(as_worker, "m").entries) == 1
+    assert len(ledger.entries_by_type(as_worker, "image_generation").entries) == 2
     last = as_worker.execute(text("SELECT max(created_at) FROM ledger_entries")).scalar_one()
     assert ledger.delete_old_entries(as_worker, last).deleted > 0  # through tokens_prune
     as_worker.commit()
