@@ -17,6 +17,7 @@ from sqlalchemy import (
     Index,
     Integer,
     MetaData,
+    PrimaryKeyConstraint,
     String,
     Table,
     TypeDecorator,
@@ -393,6 +394,14 @@ class EntryGrant(Base):
             ["ledger_entries.id", "ledger_entries.created_at"],
             ondelete="CASCADE",
             onupdate="CASCADE",
+        ),
+        # The page reads an entry's splits from the key alone (migration 0038).
+        PrimaryKeyConstraint(
+            "entry_id",
+            "grant_id",
+            "created_at",
+            name="pk_entry_grants",
+            postgresql_include=["amount", "seq"],
         ),
         Index("ix_entry_grants_grant", "grant_id"),
         {"postgresql_partition_by": "RANGE (created_at)"},

@@ -421,3 +421,45 @@ def test_0036_partitions_the_ledger_in_place_and_back(blank_database: str) -> No
         upgrade(blank_database)
     finally:
         engine.dispose()
+
+
+# --- 0038: a page's splits from their key -------------------------------------------------------
+
+SPLITS_OF_AN_ENTRY = """
+EXPLAIN (COSTS OFF)
+SELECT grant_id, amount, seq FROM entry_grants WHERE entry_id = 1 AND created_at = now()
+"""
+
+
+def test_0038_puts_a_splits_amount_and_order_in_its_key_and_back(blank_database: str) -> None:
+    """The page reads an entry's splits from the key's index alone (an index-only scan, with
+    the table's pages never read once vacuumed); the downgrade builds the plain key again. Each
+    month's key is the parent's, the months made later included."""
+    key = text(
+        "SELECT pg_get_constraintdef(oid) FROM pg_constraint"
+        " WHERE conrelid = 'entry_grants'::regclass AND contype = 'p'"
+    )
+    keyed = text(
+        "SELECT count(*) FROM pg_inherits h JOIN pg_index x ON x.indrelid = h.inhrelid"
+        " WHERE h.inhparent = 'entry_grants'::regclass AND x.indisprimary"
+        " AND x.indnatts = 5 AND x.indnkeyatts = 3"
+    )
+    parts = text("SELECT count(*) FROM pg_inherits WHERE inhparent = 'entry_grants'::regclass")
+    upgrade(blank_database, "0038")
+    engine = engine_for(blank_database)
+    try:
+        with engine.begin() as conn:
+            assert conn.execute(key).scalar_one() == (
+                "PRIMARY KEY (entry_id, grant_id, created_at) INCLUDE (amount, seq)"
+            )
+            conn.execute(text("SELECT tokens_ledger_months(now() + interval '6 months')"))
+            assert conn.execute(keyed).scalar_one() == conn.execute(parts).scalar_one()
+            conn.execute(text("SET LOCAL enable_seqscan = off"))
+            conn.execute(text("SET LOCAL enable_bitmapscan = off"))
+            plan = "\n".join(conn.execute(text(SPLITS_OF_AN_ENTRY)).scalars())
+            assert "Index Only Scan using entry_grants_" in plan, plan
+        downgrade(alembic_config(blank_database), "0037")
+        with engine.connect() as conn:
+            assert conn.execute(key).scalar_one() == "PRIMARY KEY (entry_id, grant_id, created_at)"
+    finally:
+        engine.dispose()
