@@ -192,6 +192,40 @@ def test_user_entries_paging(session: Session) -> None:
     assert ledger.user_entries(session, "u1", offset=6).entries == []
 
 
+def test_every_page_of_a_history_is_its_slice_of_the_whole(session: Session) -> None:
+    """A page further back starts at the entry the offset lands on (found in the index, the
+    entries passed over never read): ties of created_at go by id, a period and a type still
+    narrow it, and a page past the end is empty."""
+    opening_entry(session, "u1", 1000)
+    for n in range(11):
+        movements.debit(session, "u1", n + 1, ("chatgpt_message", "image_generation")[n % 2])
+    session.commit()
+    # Four instants, three entries each: every page boundary below falls inside a tie.
+    session.execute(
+        text(
+            "UPDATE ledger_entries SET created_at = :t0 + make_interval(days => (r / 3)::int)"
+            " FROM (SELECT id AS i, row_number() OVER (ORDER BY id) - 1 AS r"
+            "       FROM ledger_entries) n WHERE id = n.i"
+        ),
+        {"t0": T0},
+    )
+    session.commit()
+    whole = ids_of(ledger.user_entries(session, "u1", limit=1000).entries)
+    assert len(whole) == 12 and whole == sorted(whole, key=int, reverse=True)
+    for limit in (1, 2, 4, 5):
+        for offset in range(14):
+            page = ledger.user_entries(session, "u1", limit=limit, offset=offset)
+            assert ids_of(page.entries) == whole[offset : offset + limit], (limit, offset)
+    period = ledger.user_entries(session, "u1", start_date=day(1), end_date=day(3), offset=2)
+    assert ids_of(period.entries) == whole[3:9][2:]
+    typed = ids_of(ledger.user_entries(session, "u1", "image_generation", limit=1000).entries)
+    assert len(typed) == 5
+    assert (
+        ids_of(ledger.user_entries(session, "u1", "image_generation", offset=3).entries)
+        == (typed[3:])
+    )
+
+
 def test_entries_by_type(session: Session) -> None:
     ids = history(session)
     out = ledger.entries_by_type(session, "image_generation")

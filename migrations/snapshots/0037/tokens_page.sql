@@ -16,6 +16,8 @@ AS $fn$
 DECLARE
     v_pool text;
     v_rows ledger_entries[];
+    v_at timestamptz;
+    v_id bigint;
     v_from timestamptz := coalesce(p_from, '-infinity');
     v_to timestamptz := coalesce(p_to, 'infinity');
 BEGIN
@@ -32,7 +34,18 @@ BEGIN
             WHERE g.user_id = coalesce(v_pool, p_user) AND g.status = 'active'
               AND g.expires_at IS NOT NULL AND g.expires_at <= clock_timestamp()
               AND g.remaining > g.held);
-        IF v_pool IS NULL THEN
+        IF v_pool IS NULL AND p_type IS NULL AND p_offset > 0 THEN
+            -- A page further back: its first entry is found in the index alone (the entries it
+            -- passes over are never read from the table), and the page is read from there.
+            SELECT e.created_at, e.id INTO v_at, v_id FROM ledger_entries e
+            WHERE e.user_id = p_user AND e.created_at >= v_from AND e.created_at < v_to
+            ORDER BY e.created_at DESC, e.id DESC LIMIT 1 OFFSET p_offset;
+            v_rows := ARRAY(
+                SELECT e FROM ledger_entries e
+                WHERE e.user_id = p_user AND e.created_at >= v_from AND e.created_at <= v_at
+                  AND (e.created_at, e.id) <= (v_at, v_id)
+                ORDER BY e.created_at DESC, e.id DESC LIMIT p_limit);
+        ELSIF v_pool IS NULL THEN
             v_rows := ARRAY(
                 SELECT e FROM ledger_entries e
                 WHERE e.user_id = p_user AND (p_type IS NULL OR e.operation_type = p_type)
