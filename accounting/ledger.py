@@ -38,7 +38,7 @@ MAX_MISMATCHES_LISTED = 1000
 
 
 def entry_out(entry: Any, splits: list[EntrySplit] | None = None) -> EntryOut:
-    """An entry for the contract, from a row of :data:`ENTRY_COLUMNS`."""
+    """An entry for the contract, from a row with the entry's columns (an event's stored row)."""
     return EntryOut(
         grants=splits or [],
         id=str(entry.id),
@@ -59,22 +59,6 @@ def entry_out(entry: Any, splits: list[EntrySplit] | None = None) -> EntryOut:
 
 
 _e = LedgerEntry.__table__.c
-# What a page reads of each entry: plain rows, no ORM objects to build and track.
-ENTRY_COLUMNS = (
-    _e.id,
-    _e.user_id,
-    _e.operation_type,
-    _e.tokens_amount,
-    _e.balance_before,
-    _e.balance_after,
-    _e.idempotency_key,
-    _e.original_entry_id,
-    _e.metadata,
-    _e.created_at,
-    _e.spent_by,
-    _e.prev_hash,
-    _e.hash,
-)
 
 
 def _period(start_date: datetime | None, end_date: datetime | None) -> list[ColumnElement[bool]]:

@@ -98,6 +98,22 @@ SEED_SQL = [
     """,
 ]
 TABLES = ("accounts", "grants", "ledger_entries", "entry_grants")
+# What the old pages read of each entry (ledger.entry_out's fields).
+_COLUMNS = (
+    "id",
+    "user_id",
+    "operation_type",
+    "tokens_amount",
+    "balance_before",
+    "balance_after",
+    "idempotency_key",
+    "original_entry_id",
+    "metadata",
+    "created_at",
+    "spent_by",
+    "prev_hash",
+    "hash",
+)
 
 
 def seed(engine: Engine, users: int, per_user: int) -> None:
@@ -263,7 +279,7 @@ def main(argv: list[str] | None = None) -> None:
             who = user()
             grants.settle_reads(s, who)
             rows = s.execute(
-                select(*ledger.ENTRY_COLUMNS)
+                select(*(LedgerEntry.__table__.c[c] for c in _COLUMNS))
                 .where(LedgerEntry.user_id == who)
                 .order_by(LedgerEntry.created_at.desc(), LedgerEntry.id.desc())
                 .limit(50)
@@ -302,7 +318,7 @@ def main(argv: list[str] | None = None) -> None:
                 .scalar_subquery()
             )
             rows = s.execute(
-                select(*ledger.ENTRY_COLUMNS, split.label("splits"))
+                select(*(LedgerEntry.__table__.c[c] for c in _COLUMNS), split.label("splits"))
                 .add_columns(grants.any_due(s, who).label("due"))
                 .where(LedgerEntry.user_id == who)
                 .order_by(LedgerEntry.created_at.desc(), LedgerEntry.id.desc())
