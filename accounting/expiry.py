@@ -61,9 +61,7 @@ _CHUNK = text(
         SELECT a.user_id FROM accounts a
         WHERE a.user_id IN (
             SELECT g.user_id FROM grants g
-            WHERE g.status = 'active' AND g.expires_at IS NOT NULL
-              AND g.expires_at <= statement_timestamp()
-              AND g.remaining > g.held
+            WHERE tokens_grant_due(g, statement_timestamp())
             ORDER BY g.expires_at
             LIMIT :limit
         )

@@ -15,13 +15,9 @@ tokens_write, each the one definition of its step); what is left here are the re
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Any
 
 from sqlalchemy import (
-    ColumnElement,
-    and_,
-    exists,
     func,
     literal,
     select,
@@ -51,16 +47,6 @@ _g = grant_table.c
 BURN_ORDER = func.tokens_burn_order(_g.priority, _g.expires_at, _g.created_at, _g.id)
 
 
-def _due(now: datetime | ColumnElement[datetime]) -> ColumnElement[bool]:
-    """Active, past its end, and with tokens no reservation holds."""
-    return and_(
-        _g.status == ACTIVE,
-        _g.expires_at.is_not(None),
-        _g.expires_at <= now,
-        _g.remaining > _g.held,
-    )
-
-
 _LOCK_CURRENT = text("SELECT * FROM tokens_lock(:user_id)")
 
 
@@ -76,15 +62,18 @@ def lock_current(session: Session, user_id: str) -> None:
     )
 
 
-def any_due(session: Session, user_id: str) -> ColumnElement[bool]:
-    """Whether ``user_id`` has a due grant, as an SQL expression (one index probe)."""
-    return exists().where(_g.user_id == user_id, _due(clock.now_sql()))
+# Whether the user has a grant due to expire (sql/grants/tokens_grant_due.sql), at the moment
+# the row is read: one probe of the user's grants.
+_ANY_DUE = text(
+    "SELECT EXISTS (SELECT FROM grants g"
+    " WHERE g.user_id = :user_id AND tokens_grant_due(g, clock_timestamp()))"
+)
 
 
 def settle_reads(session: Session, user_id: str) -> None:
     """Before a read of one user: expire their due grants, if any, so every read sees a due
     grant as expired (one index probe when none is due; the lock only when one is)."""
-    if session.execute(select(any_due(session, user_id))).scalar_one():
+    if session.execute(_ANY_DUE, {"user_id": user_id}).scalar_one():
         lock_current(session, user_id)
 
 

@@ -286,11 +286,11 @@ def main(argv: list[str] | None = None) -> None:
         def per_call_plan(s: Session) -> Any:
             """The page as 0036 read it: the account looked up, then one statement of the
             page, its splits and the due probe, planned for each call, built row by row."""
-            from sqlalchemy import func, select
+            from sqlalchemy import exists, func, literal_column, select
             from sqlalchemy.dialects.postgresql import aggregate_order_by
 
             from models.schemas import EntriesOut, EntrySplit
-            from models.tables import Account, LedgerEntry, entry_grant_table
+            from models.tables import Account, LedgerEntry, entry_grant_table, grant_table
 
             who = user()
             s.execute(select(Account.pool_id).where(Account.user_id == who)).scalar_one()
@@ -306,7 +306,14 @@ def main(argv: list[str] | None = None) -> None:
             )
             rows = s.execute(
                 select(*(LedgerEntry.__table__.c[c] for c in _COLUMNS), split.label("splits"))
-                .add_columns(grants.any_due(s, who).label("due"))
+                .add_columns(
+                    exists()
+                    .where(
+                        grant_table.c.user_id == who,
+                        func.tokens_grant_due(literal_column("grants"), func.clock_timestamp()),
+                    )
+                    .label("due")
+                )
                 .where(LedgerEntry.user_id == who)
                 .order_by(LedgerEntry.created_at.desc(), LedgerEntry.id.desc())
                 .limit(50)

@@ -10,8 +10,7 @@ BEGIN
     FOR g IN
         SELECT gr.id, gr.remaining - gr.held AS free
         FROM grants gr
-        WHERE gr.user_id = p_user AND gr.status = 'active' AND gr.remaining > gr.held
-          AND gr.expires_at IS NOT NULL AND gr.expires_at <= p_now
+        WHERE gr.user_id = p_user AND tokens_grant_due(gr, p_now)
         ORDER BY gr.expires_at, gr.id
     LOOP
         balances := balances || tokens_expire_grant(p_user, g.id, g.free, p_now);

@@ -31,9 +31,7 @@ BEGIN
         SELECT a.pool_id INTO v_pool FROM accounts a WHERE a.user_id = p_user;
         due := EXISTS (
             SELECT FROM grants g
-            WHERE g.user_id = coalesce(v_pool, p_user) AND g.status = 'active'
-              AND g.expires_at IS NOT NULL AND g.expires_at <= clock_timestamp()
-              AND g.remaining > g.held);
+            WHERE g.user_id = coalesce(v_pool, p_user) AND tokens_grant_due(g, clock_timestamp()));
         IF v_pool IS NULL AND p_type IS NULL AND p_offset > 0 THEN
             -- A page further back: its first entry is found in the index alone (the entries it
             -- passes over are never read from the table), and the page is read from there.

@@ -313,3 +313,15 @@ def test_concurrent_sweeps_and_movements_never_expire_anything_twice(
         assert_ledger_consistent(session)
     # Both sides won some races (a sweep takes one or two users a round, movements the rest).
     assert 0 < swept < ROUNDS * USERS * GRANTS_PER_USER
+
+
+def test_the_chunk_finds_due_grants_through_the_partial_index(session: Session) -> None:
+    """The chunk asks ``tokens_grant_due`` (the one definition of a due grant), which the planner
+    inlines: the partial index on active grants' ends still serves, no function is called per
+    grant. Were it not inlined, the index's condition could not be proved and the sweep would
+    read every grant."""
+    session.execute(text("SET LOCAL enable_seqscan = off"))
+    sql = str(expiry._CHUNK.compile(session.get_bind(), compile_kwargs={"literal_binds": True}))
+    plan = "\n".join(session.execute(text("EXPLAIN " + sql.replace(":limit", "10"))).scalars())
+    assert "ix_grants_active_expiry" in plan, plan
+    assert "tokens_grant_due" not in plan, plan

@@ -286,6 +286,7 @@ def test_0004_turns_postgresql_balances_into_grants_and_debt(blank_database: str
             ("tokens_prune", "tokens_write", "tokens_refund", "tokens_entry_hash"),
         ),
         ("0037", ("tokens_page",), ("tokens_ledger_partition",)),
+        ("0039", ("tokens_grant_due",), ("tokens_expire_due", "tokens_page")),
     ],
 )
 def test_a_function_migration_creates_its_functions_and_drops_only_them(
