@@ -1,6 +1,8 @@
 """The ledger's months: ``ledger_entries`` and ``entry_grants`` are partitioned by UTC month of
-``created_at`` (migration 0036). Months are made ahead (``tokens_ledger_months``) and a prune
-drops the ones wholly before its cutoff (``tokens_prune_months``); both live in sql/ledger/."""
+``created_at`` (migration 0036), and ``events`` by month of ``at`` under the same months (0040).
+Months are made ahead (``tokens_ledger_months``, the events' with the ledger's) and a prune drops
+the ledger's wholly before its cutoff (``tokens_prune_months``); both live in sql/ledger/. The
+events' months are dropped by ``events.prune`` (``accounting.outbox``)."""
 
 from __future__ import annotations
 

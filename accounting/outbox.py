@@ -196,25 +196,36 @@ def replay(session: Session, event_ids: list[int] | None) -> int:
 # --- retention --------------------------------------------------------------------------------
 
 
+# What events.prune may remove is one definition, sql/events/tokens_event_done.sql; the months
+# wholly past the cutoff that hold nothing else are dropped whole first.
+_PRUNE_MONTHS = text(
+    "SELECT * FROM tokens_prune_event_months(:cutoff, CAST(:celery_pos AS bigint), :webhook)"
+)
+_PRUNE_PAGE = text(
+    "DELETE FROM events WHERE (id, at) IN (SELECT e.id, e.at FROM events e"
+    " WHERE tokens_event_done(e, :cutoff, CAST(:celery_pos AS bigint), :webhook)"
+    " ORDER BY e.pos LIMIT :batch)"
+)
+
+
 def prune(session: Session, days: int, celery: bool, webhook: bool, batch: int = 10_000) -> int:
     """Delete events written more than ``days`` ago that every configured push channel has
-    delivered (the Celery channel: up to its place; the webhook: each one); a page at a time.
-    How many went."""
-    conditions = ["e.pos IS NOT NULL", "e.at < clock_timestamp() - make_interval(days => :days)"]
+    delivered (the Celery channel: up to its place; the webhook: each one): the months that
+    hold nothing else are dropped whole, the rest go a page at a time. How many went."""
+    cutoff = session.execute(
+        text("SELECT clock_timestamp() - make_interval(days => :days)"), {"days": days}
+    ).scalar_one()
+    celery_pos = None
     if celery:
-        conditions.append("e.pos <= coalesce((SELECT pos FROM event_channels WHERE name = :ch), 0)")
-    if webhook:
-        conditions.append("e.webhook_done_at IS NOT NULL")
-    total = 0
+        celery_pos = session.execute(
+            text("SELECT coalesce((SELECT pos FROM event_channels WHERE name = :ch), 0)"),
+            {"ch": CELERY},
+        ).scalar_one()
+    args = {"cutoff": cutoff, "celery_pos": celery_pos, "webhook": webhook}
+    total = int(session.execute(_PRUNE_MONTHS, args).one().deleted)
+    session.commit()
     while True:
-        gone = session.execute(
-            text(
-                "DELETE FROM events WHERE id IN (SELECT e.id FROM events e WHERE "
-                + " AND ".join(conditions)
-                + " ORDER BY e.pos LIMIT :batch)"
-            ),
-            {"days": days, "ch": CELERY, "batch": batch},
-        ).rowcount  # type: ignore[attr-defined]
+        gone = session.execute(_PRUNE_PAGE, {**args, "batch": batch}).rowcount  # type: ignore[attr-defined]
         session.commit()
         total += int(gone)
         if gone < batch:

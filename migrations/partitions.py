@@ -1,12 +1,12 @@
-"""The ledger's partitions are not in the models: they are made by month, at run time
-(``sql/ledger/tokens_ledger_months.sql``), under their parents, which are."""
+"""The ledger's and the events' partitions are not in the models: they are made by month, at
+run time (``sql/ledger/tokens_ledger_months.sql``), under their parents, which are."""
 
 from __future__ import annotations
 
 import re
 from typing import Any
 
-PARTITION = re.compile(r"(ledger_entries|entry_grants)_(before|after|\d{4}_\d{2})")
+PARTITION = re.compile(r"(ledger_entries|entry_grants|events)_(before|after|\d{4}_\d{2})")
 
 
 def include_name(name: str | None, type_: str, _parents: Any) -> bool:

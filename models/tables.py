@@ -425,7 +425,12 @@ class ReservationGrant(Base):
 class Event(Base):
     """The outbox: one row per event, written in the transaction of the change it reports
     (``sql/events/``). ``pos``: its place in the global order, given after it committed
-    (``tokens_events_number``); the webhook columns: that channel's delivery of it."""
+    (``tokens_events_number``); the webhook columns: that channel's delivery of it.
+
+    Partitioned by month of ``at``, the ledger's months (migration 0040), so ``events.prune``
+    drops whole months; its key holds ``at``. ``id`` (one sequence), a user's ``seq`` (its
+    account row's counter, tokens_event) and ``pos`` (one numbering at a time) are unique by
+    how they are given; an index across partitions could not hold it without ``at``."""
 
     __tablename__ = "events"
 
@@ -436,7 +441,7 @@ class Event(Base):
     )
     seq: Mapped[int] = mapped_column(BigInteger)
     type: Mapped[str] = mapped_column(String(64))
-    at: Mapped[datetime] = mapped_column(UTCDateTime)
+    at: Mapped[datetime] = mapped_column(UTCDateTime, primary_key=True)
     data: Mapped[dict[str, Any]] = mapped_column(JSONType)
     # balance.changed: the entry (its split is read with the event).
     entry_id: Mapped[int | None] = mapped_column(BigInteger)
@@ -449,8 +454,8 @@ class Event(Base):
     webhook_error: Mapped[str | None] = mapped_column(String(1000))
 
     __table_args__ = (
-        Index("ix_events_user_id_seq", "user_id", "seq", unique=True),
-        Index("ix_events_pos", "pos", unique=True, postgresql_where=text("pos IS NOT NULL")),
+        Index("ix_events_user_id_seq", "user_id", "seq"),
+        Index("ix_events_pos", "pos", postgresql_where=text("pos IS NOT NULL")),
         # What the numbering reads: few rows, each for the moment between commit and number.
         Index("ix_events_unnumbered", "id", postgresql_where=text("pos IS NULL")),
         Index(
@@ -460,6 +465,7 @@ class Event(Base):
                 "pos IS NOT NULL AND webhook_done_at IS NULL AND webhook_dead_at IS NULL"
             ),
         ),
+        {"postgresql_partition_by": "RANGE (at)"},
     )
 
 

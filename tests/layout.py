@@ -1,6 +1,7 @@
 """The ledger's months for a database that has a past: migration 0036 makes one partition for
-everything before next month (a new database's is empty) and the months from there. A test or a
-benchmark whose entries span past months replaces that empty first partition with months."""
+everything before next month (a new database's is empty) and the months from there, and 0040 the
+same for events. A test or a benchmark whose entries span past months replaces that empty first
+partition with months."""
 
 from __future__ import annotations
 
@@ -29,12 +30,15 @@ def months_since(conn: Connection, first: datetime) -> int:
     end = conn.execute(
         text("SELECT upper FROM tokens_ledger_partitions() WHERE name = 'ledger_entries_before'")
     ).scalar_one()
-    for table in ("entry_grants", "ledger_entries"):
+    for table in ("entry_grants", "ledger_entries", "events"):
         conn.execute(text(f"ALTER TABLE {table} DETACH PARTITION {table}_before"))
         conn.execute(text(f"DROP TABLE {table}_before"))
     lower = month_start(conn, 0, first)
     made = 0
-    partition = text("SELECT tokens_ledger_partition(:suffix, :bounds)")
+    partition = text(
+        "SELECT tokens_ledger_partition(:suffix, :bounds),"
+        " tokens_events_partition(:suffix, :bounds)"
+    )
     conn.execute(partition, {"suffix": "before", "bounds": f"FROM (MINVALUE) TO ('{lower}')"})
     while lower < end:
         upper = month_start(conn, 1, lower)

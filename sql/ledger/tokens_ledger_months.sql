@@ -2,7 +2,8 @@ CREATE OR REPLACE FUNCTION tokens_ledger_months(p_until timestamptz) RETURNS tex
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = public, pg_temp SET lock_timeout = '5s' AS $fn$
 -- Make the ledger's monthly partitions (ledger_entries and entry_grants, by created_at, UTC
--- months) from the newest one's end up to the one holding p_until; the suffixes made (YYYY_MM).
+-- months) and the events' (by at) from the newest one's end up to the one holding p_until; the
+-- suffixes made (YYYY_MM).
 -- The worker calls it as it starts and beat daily, three months ahead. Past the newest month the
 -- partition `after` holds everything (up to MAXVALUE, so an entry stamped by a clock far ahead
 -- is written, never refused): it is detached, the months are made, and it is attached again
@@ -11,7 +12,8 @@ SET search_path = public, pg_temp SET lock_timeout = '5s' AS $fn$
 -- partition it would probe every month).
 -- Entries in `after` (rare: a clock far ahead) are moved into their months: taken out with their
 -- splits and refund caps, put back through the parents once the months exist, with the chain's
--- and the events' triggers off (same rows, same hashes; their events were written already).
+-- and the events' triggers off (same rows, same hashes; their events were written already, and
+-- are moved the same way, with their ids and places).
 -- The detach locks the parents for a moment, once a month: lock_timeout bounds the wait behind a
 -- long transaction (the next day's call makes what this one could not).
 -- SECURITY DEFINER: partitions belong to the tables' owner (tokens_ledger_partition).
@@ -32,9 +34,10 @@ BEGIN
     IF v_end = v_from THEN
         RETURN made;
     END IF;
-    v_moving := EXISTS (SELECT 1 FROM ledger_entries_after);
+    v_moving := EXISTS (SELECT 1 FROM ledger_entries_after) OR EXISTS (SELECT 1 FROM events_after);
+    -- Every table the months change, locked at once in the order a movement takes them.
+    LOCK TABLE refund_totals, ledger_entries, events, entry_grants IN ACCESS EXCLUSIVE MODE;
     IF v_moving THEN
-        LOCK TABLE refund_totals, ledger_entries, entry_grants IN ACCESS EXCLUSIVE MODE;
         CREATE TEMP TABLE tokens_moving_entries ON COMMIT DROP AS
             SELECT * FROM ledger_entries_after;
         CREATE TEMP TABLE tokens_moving_splits ON COMMIT DROP AS
@@ -42,14 +45,18 @@ BEGIN
         CREATE TEMP TABLE tokens_moving_caps ON COMMIT DROP AS
             SELECT t.* FROM refund_totals t JOIN ledger_entries_after e
             ON e.id = t.entry_id AND e.created_at = t.entry_created_at;
+        CREATE TEMP TABLE tokens_moving_events ON COMMIT DROP AS SELECT * FROM events_after;
         DELETE FROM ledger_entries_after;  -- their splits and caps with them (ON DELETE CASCADE)
+        DELETE FROM events_after;
     END IF;
+    ALTER TABLE events DETACH PARTITION events_after;
     ALTER TABLE entry_grants DETACH PARTITION entry_grants_after;
     ALTER TABLE ledger_entries DETACH PARTITION ledger_entries_after;
     WHILE v_from < v_end LOOP
         v_to := (v_from AT TIME ZONE 'UTC' + interval '1 month') AT TIME ZONE 'UTC';
         v_month := to_char(v_from AT TIME ZONE 'UTC', 'YYYY_MM');
         PERFORM tokens_ledger_partition(v_month, format('FROM (%L) TO (%L)', v_from, v_to));
+        PERFORM tokens_events_partition(v_month, format('FROM (%L) TO (%L)', v_from, v_to));
         made := made || v_month;
         v_from := v_to;
     END LOOP;
@@ -57,12 +64,15 @@ BEGIN
                    ' FOR VALUES FROM (%L) TO (MAXVALUE)', v_end);
     EXECUTE format('ALTER TABLE entry_grants ATTACH PARTITION entry_grants_after'
                    ' FOR VALUES FROM (%L) TO (MAXVALUE)', v_end);
+    EXECUTE format('ALTER TABLE events ATTACH PARTITION events_after'
+                   ' FOR VALUES FROM (%L) TO (MAXVALUE)', v_end);
     IF v_moving THEN
         ALTER TABLE ledger_entries DISABLE TRIGGER tokens_chain;
         ALTER TABLE ledger_entries DISABLE TRIGGER tokens_entry_event;
         INSERT INTO ledger_entries SELECT * FROM tokens_moving_entries;
         INSERT INTO entry_grants SELECT * FROM tokens_moving_splits;
         INSERT INTO refund_totals SELECT * FROM tokens_moving_caps;
+        INSERT INTO events SELECT * FROM tokens_moving_events;
         ALTER TABLE ledger_entries ENABLE TRIGGER tokens_chain;
         ALTER TABLE ledger_entries ENABLE TRIGGER tokens_entry_event;
     END IF;

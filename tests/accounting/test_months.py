@@ -7,6 +7,7 @@ import itertools
 import threading
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -15,7 +16,7 @@ import pytest
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.orm import Session, sessionmaker
 
-from accounting import accounts, chain, ledger, months, movements
+from accounting import accounts, chain, ledger, months, movements, outbox
 from accounting.errors import DomainError
 from tests.accounting.test_against_oracle import RECHAIN
 from tests.devenv import PG_ADMIN_URL
@@ -45,6 +46,28 @@ def engine() -> Iterator[Engine]:
         engine.dispose()
         with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@contextmanager
+def reading(engine: Engine, table: str) -> Iterator[None]:
+    """A transaction that has read ``table`` stays open (its lock held) for the block."""
+    started = threading.Event()
+    done = threading.Event()
+
+    def reader() -> None:
+        with engine.connect() as conn, conn.begin():
+            conn.execute(text(f"SELECT count(*) FROM {table}")).scalar_one()
+            started.set()
+            done.wait(30)
+
+    held = threading.Thread(target=reader)
+    held.start()
+    try:
+        assert started.wait(10)
+        yield
+    finally:
+        done.set()
+        held.join()
 
 
 def names(session: Session) -> list[str]:
@@ -242,19 +265,7 @@ def test_a_drop_that_cannot_lock_the_ledger_changes_nothing_and_the_prune_still_
     with factory() as s:
         expected = old_part(s, cutoff)
         layout = names(s)
-    reading = threading.Event()
-    done = threading.Event()
-
-    def reader() -> None:
-        with engine.connect() as conn, conn.begin():
-            conn.execute(text("SELECT count(*) FROM ledger_entries")).scalar_one()
-            reading.set()
-            done.wait(30)
-
-    held = threading.Thread(target=reader)
-    held.start()
-    try:
-        assert reading.wait(10)
+    with reading(engine, "ledger_entries"):
         with factory.begin() as s:
             assert months.drop_old_months(s, cutoff) == ([], 0)
         with factory() as s:
@@ -266,9 +277,6 @@ def test_a_drop_that_cannot_lock_the_ledger_changes_nothing_and_the_prune_still_
                 == 0
             )
             assert old_part(s, cutoff) == expected
-    finally:
-        done.set()
-        held.join()
     with factory.begin() as s:
         out = ledger.delete_old_entries(s, cutoff)  # entry by entry, in one transaction
     assert out.deleted == sum(n for _, _, n in expected.values())
@@ -314,3 +322,128 @@ def test_a_splits_key_check_probes_one_entry_whatever_shares_its_instant(session
     session.execute(text("DEALLOCATE key_check"))
     conditions = [line for line in plan.splitlines() if "Index Cond" in line]
     assert conditions and all("id = $1" in c and "created_at = $2" in c for c in conditions), plan
+
+
+# --- events by month (migration 0040) ----------------------------------------------------------
+
+
+def event_names(s: Session) -> list[str]:
+    return list(s.execute(text("SELECT name FROM tokens_partitions('events')")).scalars())
+
+
+def events_in_months(engine: Engine) -> dict[int, datetime]:
+    """u's events (seq 1 to 6): two three months back, two two months back, one last month,
+    one now; all numbered and sent on the Celery channel, all posted by webhook but seq 4 (two
+    months back) and seq 6 (now)."""
+    factory = sessionmaker(engine)
+    with factory() as s:
+        accounts.open_account(s, "u", initial_balance=100)
+        for _ in range(5):
+            movements.debit(s, "u", 1, "image_generation")
+        s.commit()
+        m = {k: month_start(s.connection(), k) for k in (-3, -2, -1, 0)}
+        when = {1: m[-3] + DAY, 2: m[-3] + 2 * DAY, 3: m[-2] + DAY, 4: m[-2] + 2 * DAY}
+        for seq, at in {**when, 5: m[-1] + DAY}.items():
+            s.execute(text("UPDATE events SET at = :t WHERE seq = :q"), {"t": at, "q": seq})
+        s.commit()
+        while outbox.number(s):
+            pass
+        outbox.channel_done(
+            s, outbox.CELERY, s.execute(text("SELECT max(pos) FROM events")).scalar_one()
+        )
+        posted = s.execute(text("SELECT id FROM events WHERE seq NOT IN (4, 6)")).scalars().all()
+        outbox.webhook_delivered(s, list(posted))
+    return m
+
+
+def worker_engine(engine: Engine) -> Engine:
+    """An engine on the same database, logged in as the worker's role."""
+    with engine.begin() as conn:
+        conn.execute(text("ALTER ROLE tokens_worker LOGIN"))
+    url = engine.url.set(username="tokens_worker").render_as_string(hide_password=False)
+    return create_engine(url)
+
+
+def seqs(s: Session) -> list[int]:
+    return list(s.execute(text("SELECT seq FROM events ORDER BY seq")).scalars())
+
+
+def test_make_months_makes_the_events_months_with_the_ledgers(engine: Engine) -> None:
+    with sessionmaker(engine).begin() as s:
+        months.make_months(s, months_ahead=5)
+        assert [n.replace("events_", "") for n in event_names(s)][-7:] == [
+            n.replace("ledger_entries_", "") for n in names(s)
+        ][-7:]
+
+
+def test_events_prune_drops_the_months_whose_every_event_may_go_and_deletes_the_rest(
+    engine: Engine,
+) -> None:
+    """As the worker's role (the drop is the owner's, through SECURITY DEFINER): the months
+    wholly before the cutoff go whole, oldest first, up to one holding an event the webhook has
+    yet to post; the rest past the cutoff go row by row. The ledger's months are not touched."""
+    m = events_in_months(engine)
+    factory = sessionmaker(engine)
+    with factory() as s:
+        ledger_months = names(s)
+    worker = worker_engine(engine)
+    try:
+        with Session(worker) as s:
+            # The cutoff is now: `before` (empty) and three months back go whole (seq 1, 2);
+            # two months back holds seq 4, not posted: it stays, its seq 3 deleted, and last
+            # month's seq 5; seq 6 is not posted either.
+            assert outbox.prune(s, 0, celery=True, webhook=True) == 4
+            assert seqs(s) == [4, 6]
+            assert event_names(s)[:3] == [
+                "events_before",
+                f"events_{m[-2]:%Y_%m}",
+                f"events_{m[-1]:%Y_%m}",
+            ]
+            bounds = s.execute(text("SELECT upper FROM tokens_partitions('events') LIMIT 1"))
+            assert bounds.scalar_one() == m[-2]
+            assert names(s) == ledger_months
+            outbox.webhook_delivered(
+                s, [s.execute(text("SELECT id FROM events WHERE seq = 4")).scalar_one()]
+            )
+            assert outbox.prune(s, 0, celery=True, webhook=True) == 1
+            assert seqs(s) == [6]
+            assert event_names(s)[:2] == ["events_before", f"events_{m[0]:%Y_%m}"]
+            assert names(s) == ledger_months
+            movements.debit(s, "u", 1, "image_generation")
+            s.commit()
+            assert seqs(s) == [6, 7]
+    finally:
+        worker.dispose()
+
+
+def test_an_events_drop_that_cannot_lock_them_drops_nothing_and_the_prune_still_happens(
+    engine: Engine,
+) -> None:
+    """A transaction reading the events holds the drop off: after lock_timeout it gives up and
+    the prune deletes row by row what the drop would have taken."""
+    events_in_months(engine)
+    factory = sessionmaker(engine)
+    with factory() as s:
+        layout = event_names(s)
+    with reading(engine, "events"), factory() as s:
+        assert outbox.prune(s, 0, celery=True, webhook=True) == 4
+        assert event_names(s) == layout
+        assert seqs(s) == [4, 6]
+
+
+def test_an_event_past_every_month_moves_into_its_month_when_made(engine: Engine) -> None:
+    """An entry stamped by a clock far ahead writes its event into `after`; when the months are
+    made, the event moves into its month with its id, seq and place."""
+    with sessionmaker(engine).begin() as s:
+        accounts.open_account(s, "u", initial_balance=10)
+        far = month_start(s.connection(), 5) + DAY
+        s.execute(text("UPDATE accounts SET updated_at = :t"), {"t": far})
+        movements.debit(s, "u", 3, "image_generation")
+        where = text("SELECT tableoid::regclass::text FROM events WHERE seq = 2")
+        assert s.execute(where).scalar_one() == "events_after"
+        rows = s.execute(text("SELECT id, seq, at, pos, data FROM events ORDER BY id")).all()
+        months.keep_ahead(s, months_ahead=7)
+        assert s.execute(where).scalar_one() == f"events_{month_start(s.connection(), 5):%Y_%m}"
+        assert (
+            s.execute(text("SELECT id, seq, at, pos, data FROM events ORDER BY id")).all() == rows
+        )

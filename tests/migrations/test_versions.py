@@ -15,7 +15,7 @@ from alembic.migration import MigrationContext
 from sqlalchemy import DateTime, Engine, bindparam, create_engine, text
 from sqlalchemy.orm import Session
 
-from accounting import accounts, chain, movements
+from accounting import accounts, chain, movements, outbox
 from accounting.ledger import reconcile
 from migrations.partitions import include_name, include_object
 from models.tables import Base
@@ -287,6 +287,11 @@ def test_0004_turns_postgresql_balances_into_grants_and_debt(blank_database: str
         ),
         ("0037", ("tokens_page",), ("tokens_ledger_partition",)),
         ("0039", ("tokens_grant_due",), ("tokens_expire_due", "tokens_page")),
+        (
+            "0040",
+            ("tokens_event_done", "tokens_prune_event_months", "tokens_events_partition"),
+            ("tokens_ledger_months", "tokens_ledger_partitions", "tokens_event"),
+        ),
     ],
 )
 def test_a_function_migration_creates_its_functions_and_drops_only_them(
@@ -462,5 +467,67 @@ def test_0038_puts_a_splits_amount_and_order_in_its_key_and_back(blank_database:
         downgrade(alembic_config(blank_database), "0037")
         with engine.connect() as conn:
             assert conn.execute(key).scalar_one() == "PRIMARY KEY (entry_id, grant_id, created_at)"
+    finally:
+        engine.dispose()
+
+
+# --- 0040: events by month ---------------------------------------------------------------------
+
+EVENT_ROWS = text(
+    "SELECT id, user_id, seq, type, at, data, entry_id, pos, webhook_done_at, webhook_attempts"
+    " FROM events ORDER BY id"
+)
+
+
+def test_0040_partitions_the_events_by_the_ledgers_months_and_back(blank_database: str) -> None:
+    """Events written at 0039 (numbered, one delivered by webhook, one not numbered yet) are in
+    the partitioned table after 0040, the same rows with their ids and places, in the ledger's
+    months; a new event's id and seq go on from the last; the pull cursor still reads them in
+    order. The downgrade gives back the same rows in one table, ids still going on."""
+    upgrade(blank_database, "0039")
+    engine = engine_for(blank_database)
+    ids = text("SELECT max(id) FROM events")
+    try:
+        with Session(engine) as s:
+            with s.begin():
+                accounts.open_account(s, "a", initial_balance=100)
+                movements.debit(s, "a", 30, "image_generation")
+            outbox.number(s)
+            with s.begin():
+                s.execute(text("UPDATE events SET webhook_done_at = now() WHERE seq = 1"))
+                movements.debit(s, "a", 5, "image_generation")  # not numbered
+        with engine.connect() as conn:
+            before = conn.execute(EVENT_ROWS).all()
+            last = conn.execute(ids).scalar_one()
+        assert len(before) == 3 and before[-1].pos is None
+        upgrade(blank_database)
+        with Session(engine) as s:
+            months = s.execute(text("SELECT name, lower, upper FROM tokens_partitions('events')"))
+            ledger = s.execute(text("SELECT name, lower, upper FROM tokens_ledger_partitions()"))
+            assert [(p.name.replace("events_", ""), p.lower, p.upper) for p in months] == [
+                (p.name.replace("ledger_entries_", ""), p.lower, p.upper) for p in ledger
+            ]
+            assert s.execute(EVENT_ROWS).all() == before
+            s.commit()
+            with s.begin():
+                movements.debit(s, "a", 1, "image_generation")
+            new = s.execute(text("SELECT id, seq FROM events ORDER BY id DESC LIMIT 1")).one()
+            assert (new.id, new.seq) == (last + 1, 4)
+            outbox.number(s)
+            page = outbox.list_events(s, None, 10, None)
+            assert [e.seq for e in page.events] == [1, 2, 3, 4]
+        with engine.connect() as conn:
+            moved = conn.execute(EVENT_ROWS).all()
+        downgrade(alembic_config(blank_database), "0039")
+        with engine.connect() as conn:
+            assert conn.execute(EVENT_ROWS).all() == moved
+            kind = conn.execute(
+                text("SELECT relkind FROM pg_class WHERE relname = 'events'")
+            ).scalar_one()
+            assert kind == "r"
+        with Session(engine) as s, s.begin():
+            movements.debit(s, "a", 1, "image_generation")
+            assert s.execute(ids).scalar_one() == last + 2
+        upgrade(blank_database)
     finally:
         engine.dispose()

@@ -11,7 +11,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import ProgrammingError
 from sqlalchemy.orm import Session
 
-from accounting import accounts, chain, ledger, movements, renewals, reservations
+from accounting import accounts, chain, ledger, movements, outbox, renewals, reservations
 from tests.support import assert_ledger_consistent
 from worker.db import get_engine, make_engine
 
@@ -57,8 +57,9 @@ def test_the_worker_role_may_never_change_a_ledger_entry(as_worker: Session) -> 
 
 
 def test_the_worker_role_has_no_right_on_any_of_the_ledgers_months(as_worker: Session) -> None:
-    """Migration 0036: a partition named directly is refused, reads included (the parent is the
-    way in), for the months the migration made and for one made later."""
+    """Migrations 0036 and 0040: a partition named directly (the ledger's, the splits', the
+    events') is refused, reads included (the parent is the way in), for the months the
+    migration made and for one made later."""
     accounts.open_account(as_worker, "u", initial_balance=100)
     as_worker.commit()
     as_worker.execute(text("SELECT tokens_ledger_months(now() + interval '5 months')"))
@@ -67,15 +68,19 @@ def test_the_worker_role_has_no_right_on_any_of_the_ledgers_months(as_worker: Se
     assert {"ledger_entries_before", "ledger_entries_after"} <= set(names)
     assert len(names) >= 2 + 5
     for name in names:
-        for table in (name, name.replace("ledger_entries_", "entry_grants_")):
+        for table, stamp in (
+            (name, "created_at"),
+            (name.replace("ledger_entries_", "entry_grants_"), "created_at"),
+            (name.replace("ledger_entries_", "events_"), "at"),  # 0040: the events' months
+        ):
             for verb in (
-                "SELECT * FROM {}",
-                "UPDATE {} SET created_at = now()",
-                "DELETE FROM {}",
-                "TRUNCATE {} CASCADE",
-                "INSERT INTO {} SELECT * FROM {}",
+                "SELECT * FROM {0}",
+                "UPDATE {0} SET {1} = now()",
+                "DELETE FROM {0}",
+                "TRUNCATE {0} CASCADE",
+                "INSERT INTO {0} SELECT * FROM {0}",
             ):
-                sql = verb.format(table, table)
+                sql = verb.format(table, stamp)
                 assert "permission denied" in refused(as_worker, sql), sql
     assert as_worker.execute(text("SELECT count(*) FROM ledger_entries")).scalar_one() == 1
 
@@ -98,6 +103,9 @@ def test_everything_the_worker_does_works_as_its_role(as_worker: Session) -> Non
     assert ledger.delete_old_entries(as_worker, last).deleted > 0  # through tokens_prune
     as_worker.commit()
     assert chain.verify(as_worker).broken == []
+    while outbox.number(as_worker):
+        pass
+    assert outbox.prune(as_worker, 0, celery=False, webhook=False) > 0  # tokens_prune_event_months
     then = accounts.get_balance(as_worker, "u", as_of=datetime.now(UTC) + timedelta(seconds=1))
     assert then.tokens_balance == accounts.get_balance(as_worker, "u").tokens_balance
     assert_ledger_consistent(as_worker)
