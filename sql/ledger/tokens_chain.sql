@@ -18,7 +18,10 @@ BEGIN
     IF NEW.metadata <> '{}' THEN
         v_metadata := (SELECT o.canonical FROM tokens_canonical_objects(ARRAY[NEW.metadata]) AS o);
     END IF;
-    NEW.hash := tokens_entry_hash(NEW.prev_hash, NEW, v_metadata);
+    NEW.hash := tokens_entry_hash(
+        NEW.prev_hash, NEW.id, NEW.user_id, NEW.operation_type, NEW.tokens_amount,
+        NEW.balance_before, NEW.balance_after, NEW.idempotency_key, NEW.original_entry_id,
+        NEW.created_at, NEW.spent_by, v_metadata);
     RETURN NEW;
 END
 $fn$;

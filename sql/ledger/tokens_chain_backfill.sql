@@ -27,7 +27,9 @@ BEGIN
         END IF;
         e.prev_hash := v_prev;
         v_prev := tokens_entry_hash(
-            v_prev, e, (SELECT o.canonical FROM tokens_canonical_objects(ARRAY[e.metadata]) AS o));
+            v_prev, e.id, e.user_id, e.operation_type, e.tokens_amount, e.balance_before,
+            e.balance_after, e.idempotency_key, e.original_entry_id, e.created_at, e.spent_by,
+            (SELECT o.canonical FROM tokens_canonical_objects(ARRAY[e.metadata]) AS o));
         UPDATE ledger_entries SET prev_hash = e.prev_hash, hash = v_prev WHERE id = e.id;
     END LOOP;
     RETURN v_users[cardinality(v_users)];

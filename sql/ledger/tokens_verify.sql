@@ -12,7 +12,8 @@ SET work_mem = '64MB' SET jit = off AS $fn$
 -- balance equals the sum of its ledger and its last balance_after. broken: the first p_max
 -- problems, by user then order.
 WITH entries AS MATERIALIZED (
-    SELECT l AS entry, l.user_id, l.id, l.kind, l.prev_hash, l.hash, l.balance_before,
+    SELECT l.metadata, l.operation_type, l.idempotency_key, l.original_entry_id, l.spent_by,
+           l.user_id, l.id, l.kind, l.prev_hash, l.hash, l.balance_before,
            l.balance_after, l.tokens_amount, l.created_at,
            lag(l.hash) OVER w AS lag_hash, lag(l.balance_after) OVER w AS lag_after,
            row_number() OVER w AS n, count(*) OVER u AS cnt, sum(l.tokens_amount) OVER u AS total,
@@ -24,7 +25,7 @@ WITH entries AS MATERIALIZED (
 ), chunks AS (
     -- The entries' metadata, 10,000 at a time (one user may have millions), each chunk written
     -- with one call of tokens_canonical_objects (one sort) and matched back by its place.
-    SELECT (e.pos - 1) / 10000 AS chunk, array_agg((e.entry).metadata ORDER BY e.pos) AS metadata
+    SELECT (e.pos - 1) / 10000 AS chunk, array_agg(e.metadata ORDER BY e.pos) AS metadata
     FROM entries e
     GROUP BY 1
 ), metadata AS (
@@ -37,7 +38,10 @@ WITH entries AS MATERIALIZED (
                WHEN e.prev_hash IS DISTINCT FROM coalesce(e.lag_hash, repeat('0', 64))
                    THEN 'prev_hash'
                WHEN e.kind = 'carried_forward' THEN NULL
-               WHEN e.hash IS DISTINCT FROM tokens_entry_hash(e.prev_hash, e.entry, m.canonical)
+               WHEN e.hash IS DISTINCT FROM tokens_entry_hash(
+                       e.prev_hash, e.id, e.user_id, e.operation_type, e.tokens_amount,
+                       e.balance_before, e.balance_after, e.idempotency_key, e.original_entry_id,
+                       e.created_at, e.spent_by, m.canonical)
                    THEN 'hash'
                WHEN e.balance_before <> coalesce(e.lag_after, 0) THEN 'balance_before'
            END AS reason

@@ -200,7 +200,8 @@ SHIFT = [
 # the trigger would have made it, had each entry been written at its moved time (a checkpoint
 # keeps the hash it carries). Since migration 0032 the hash takes the metadata's canonical form
 # as an argument (tokens_canonical_objects, '{}' for empty metadata, as the trigger gives it);
-# before, it took the entry alone. A branch not taken is never planned, so this runs on both.
+# before, it took the entry alone; since 0041 it takes the entry's fields one by one rather than
+# its row. A branch not taken is never planned, so this runs on all three.
 RECHAIN = text(
     """
     DO $$
@@ -208,8 +209,8 @@ RECHAIN = text(
         e ledger_entries;
         v_user text;
         v_prev text;
-        v_canonical boolean := EXISTS (
-            SELECT 1 FROM pg_proc WHERE proname = 'tokens_entry_hash' AND pronargs = 3);
+        v_arguments integer := (
+            SELECT max(pronargs) FROM pg_proc WHERE proname = 'tokens_entry_hash');
         v_metadata text;
     BEGIN
         FOR e IN SELECT * FROM ledger_entries ORDER BY user_id, created_at, id LOOP
@@ -222,12 +223,17 @@ RECHAIN = text(
                 CONTINUE;
             END IF;
             e.prev_hash := v_prev;
-            IF v_canonical THEN
-                v_metadata := '{}';
-                IF e.metadata <> '{}' THEN
-                    v_metadata := (SELECT o.canonical
-                                   FROM tokens_canonical_objects(ARRAY[e.metadata]) AS o);
-                END IF;
+            v_metadata := '{}';
+            IF v_arguments > 2 AND e.metadata <> '{}' THEN
+                v_metadata := (SELECT o.canonical
+                               FROM tokens_canonical_objects(ARRAY[e.metadata]) AS o);
+            END IF;
+            IF v_arguments = 12 THEN
+                v_prev := tokens_entry_hash(
+                    v_prev, e.id, e.user_id, e.operation_type, e.tokens_amount,
+                    e.balance_before, e.balance_after, e.idempotency_key, e.original_entry_id,
+                    e.created_at, e.spent_by, v_metadata);
+            ELSIF v_arguments = 3 THEN
                 v_prev := tokens_entry_hash(v_prev, e, v_metadata);
             ELSE
                 v_prev := tokens_entry_hash(v_prev, e);

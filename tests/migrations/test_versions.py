@@ -531,3 +531,29 @@ def test_0040_partitions_the_events_by_the_ledgers_months_and_back(blank_databas
         upgrade(blank_database)
     finally:
         engine.dispose()
+
+
+def test_0041_hashes_an_entry_from_its_fields_as_from_its_row_and_back(
+    blank_database: str,
+) -> None:
+    """The chain written at 0040 verifies at 0041 and goes on; written at 0041 it verifies
+    after the downgrade and goes on: the same hash from the fields as from the row."""
+    upgrade(blank_database, "0040")
+    engine = engine_for(blank_database)
+    try:
+        with Session(engine) as s, s.begin():
+            accounts.open_account(s, "a", initial_balance=100)
+            movements.debit(s, "a", 30, "image_generation", metadata={"job": "x", "n": 2})
+        upgrade(blank_database)
+        with Session(engine) as s, s.begin():
+            assert chain.verify(s, None, 1).broken == []
+            movements.debit(s, "a", 5, "image_generation", metadata={"é": [1.5, None]})
+            assert chain.verify(s, None, 1).broken == []
+        downgrade(alembic_config(blank_database), "0040")
+        with Session(engine) as s, s.begin():
+            assert chain.verify(s, None, 1).broken == []
+            movements.debit(s, "a", 1, "image_generation")
+            assert chain.verify(s, None, 1).broken == []
+        upgrade(blank_database)
+    finally:
+        engine.dispose()
